@@ -1,0 +1,189 @@
+//! A blocking client for the agent's socket.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::{
+    ClientMessage, EventMessage, FrameError, Registration, ServerMessage, ThresholdBytes, VERSION,
+    decode, read_frame, write_message,
+};
+use amm_ebpf::Level;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error(
+        "cannot connect to the agent at {path}: {source}; is `amm-agent run` running, and may this user open its socket?"
+    )]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// A frame could not be exchanged.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The agent refused a registration.
+    #[error("the agent refused to watch pid {pid}: {reason}")]
+    Refused {
+        /// The pid.
+        pid: u32,
+        /// The agent's reason.
+        reason: String,
+    },
+    /// The agent reported a protocol error and closed.
+    #[error("the agent closed the connection: {0}")]
+    Agent(String),
+    /// The agent answered something unexpected.
+    #[error("unexpected answer from the agent: {0:?}")]
+    Unexpected(Box<ServerMessage>),
+}
+
+/// What the agent answered to a successful registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    /// The process.
+    pub pid: u32,
+    /// Its RSS when the watch started.
+    pub rss_bytes: u64,
+    /// Its level then.
+    pub level: Level,
+    /// Thresholds in bytes.
+    pub thresholds: ThresholdBytes,
+}
+
+/// A connection to the agent that said hello.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    pending: VecDeque<EventMessage>,
+}
+
+impl Client {
+    /// Connects, says hello and waits for the welcome (at most `timeout`).
+    pub fn connect(path: &Path, name: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let stream = crate::connect(path, timeout).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut c = Self {
+            stream,
+            pending: VecDeque::new(),
+        };
+        c.send(&ClientMessage::Hello {
+            version: VERSION,
+            client: name.to_string(),
+        })?;
+        match c.recv()? {
+            ServerMessage::Welcome { .. } => Ok(c),
+            ServerMessage::Error { reason } => Err(ClientError::Agent(reason)),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// The underlying socket (e.g. to poll it).
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    fn send(&mut self, msg: &ClientMessage) -> Result<(), ClientError> {
+        Ok(write_message(&mut self.stream, msg)?)
+    }
+
+    fn recv(&mut self) -> Result<ServerMessage, ClientError> {
+        let body = read_frame(&mut self.stream)?;
+        Ok(decode(&body)?)
+    }
+
+    /// Waits for the answer to a request, queueing events that arrive first.
+    fn answer(&mut self) -> Result<ServerMessage, ClientError> {
+        loop {
+            match self.recv()? {
+                ServerMessage::Event(e) => self.pending.push_back(e),
+                ServerMessage::Error { reason } => return Err(ClientError::Agent(reason)),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Asks the agent to watch `reg.pid`.
+    pub fn register(&mut self, reg: &Registration) -> Result<Registered, ClientError> {
+        self.send(&ClientMessage::Register(reg.clone()))?;
+        match self.answer()? {
+            ServerMessage::Registered {
+                pid,
+                rss_bytes,
+                level,
+                thresholds,
+            } => Ok(Registered {
+                pid,
+                rss_bytes,
+                level,
+                thresholds,
+            }),
+            ServerMessage::Refused { pid, reason } => Err(ClientError::Refused { pid, reason }),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Stops watching `pid`.
+    pub fn unregister(&mut self, pid: u32) -> Result<(), ClientError> {
+        self.send(&ClientMessage::Unregister { pid })?;
+        match self.answer()? {
+            ServerMessage::Unregistered { .. } => Ok(()),
+            ServerMessage::Refused { pid, reason } => Err(ClientError::Refused { pid, reason }),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Round trip to check the agent still serves this connection.
+    pub fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {
+        self.send(&ClientMessage::Ping { nonce })?;
+        match self.answer()? {
+            ServerMessage::Pong { nonce: n } if n == nonce => Ok(()),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// The next event, waiting at most `timeout` (`None`: the socket's own
+    /// timeout). Returns `Ok(None)` when the wait timed out.
+    pub fn next_event(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<EventMessage>, ClientError> {
+        if let Some(e) = self.pending.pop_front() {
+            return Ok(Some(e));
+        }
+        let old = self.stream.read_timeout().map_err(FrameError::from)?;
+        if timeout.is_some() {
+            self.stream
+                .set_read_timeout(timeout)
+                .map_err(FrameError::from)?;
+        }
+        let res = self.recv();
+        if timeout.is_some() {
+            self.stream
+                .set_read_timeout(old)
+                .map_err(FrameError::from)?;
+        }
+        match res {
+            Ok(ServerMessage::Event(e)) => Ok(Some(e)),
+            Ok(ServerMessage::Error { reason }) => Err(ClientError::Agent(reason)),
+            Ok(other) => Err(ClientError::Unexpected(Box::new(other))),
+            Err(ClientError::Frame(FrameError::Io(e)))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! The protocol between amm-agent and its clients on the agent's Unix socket.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of one
+//! JSON message. Frames larger than [`MAX_FRAME`] are refused. The first
+//! message of a client is [`ClientMessage::Hello`] with [`VERSION`]; the agent
+//! answers [`ServerMessage::Welcome`] or [`ServerMessage::Error`] and closes.
+//! A client then registers processes and receives their events as they
+//! happen. Any malformed message closes that one connection.
+//!
+//! This crate never touches BPF: the unprivileged worker links it.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use amm_ebpf::{EventKind, Level};
+use serde::{Deserialize, Serialize};
+
+mod client;
+pub use client::{Client, ClientError};
+
+/// Protocol version spoken by this crate.
+pub const VERSION: u32 = 1;
+
+/// Largest frame either side accepts, in bytes.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Default path of the agent's socket.
+pub const DEFAULT_SOCKET: &str = "/run/amm/agent.sock";
+
+/// Level fractions of the limit; `None` switches a level off. The defaults
+/// are Dask's (target 0.6, spill 0.7, pause 0.8, terminate 0.95).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Fractions {
+    /// Where a raised level re-arms (falls back to below).
+    pub target: Option<f64>,
+    /// Spill level.
+    pub spill: Option<f64>,
+    /// Pause level.
+    pub pause: Option<f64>,
+    /// Terminate level.
+    pub terminate: Option<f64>,
+}
+
+impl Default for Fractions {
+    fn default() -> Self {
+        Self {
+            target: Some(0.6),
+            spill: Some(0.7),
+            pause: Some(0.8),
+            terminate: Some(0.95),
+        }
+    }
+}
+
+/// Thresholds in bytes, as the kernel program uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThresholdBytes {
+    /// The limit the fractions refer to.
+    pub limit: u64,
+    /// Re-arm level ([`amm_ebpf::DISABLED`] if off).
+    pub rearm: u64,
+    /// Spill level.
+    pub spill: u64,
+    /// Pause level.
+    pub pause: u64,
+    /// Terminate level.
+    pub terminate: u64,
+}
+
+/// Why a set of fractions cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ThresholdError {
+    /// A fraction is not in (0, 1].
+    #[error(
+        "threshold {name}={value} is not a fraction in (0, 1]; use e.g. 0.7, or null to switch it off"
+    )]
+    OutOfRange {
+        /// Which threshold.
+        name: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// Levels are not in increasing order.
+    #[error(
+        "thresholds must increase: target <= spill < pause < terminate (got {0:?}); fix the order or switch one off"
+    )]
+    NotIncreasing(Fractions),
+    /// The limit is zero.
+    #[error("the memory limit is 0 bytes; give a limit such as 2GiB")]
+    ZeroLimit,
+}
+
+impl Fractions {
+    /// Checks the fractions and turns them into bytes of `limit`.
+    ///
+    /// The re-arm level is `target` if set, else the lowest enabled level.
+    pub fn to_bytes(&self, limit: u64) -> Result<ThresholdBytes, ThresholdError> {
+        if limit == 0 {
+            return Err(ThresholdError::ZeroLimit);
+        }
+        let named = [
+            ("target", self.target),
+            ("spill", self.spill),
+            ("pause", self.pause),
+            ("terminate", self.terminate),
+        ];
+        for (name, v) in named {
+            if let Some(value) = v
+                && !(value > 0.0 && value <= 1.0)
+            {
+                return Err(ThresholdError::OutOfRange { name, value });
+            }
+        }
+        let levels: Vec<f64> = [self.spill, self.pause, self.terminate]
+            .into_iter()
+            .flatten()
+            .collect();
+        if levels.windows(2).any(|w| w[0] >= w[1])
+            || matches!((self.target, levels.first()), (Some(t), Some(&l)) if t > l)
+        {
+            return Err(ThresholdError::NotIncreasing(*self));
+        }
+        let bytes = |f: Option<f64>| f.map_or(amm_ebpf::DISABLED, |f| (limit as f64 * f) as u64);
+        let rearm = self.target.or(levels.first().copied());
+        Ok(ThresholdBytes {
+            limit,
+            rearm: bytes(rearm),
+            spill: bytes(self.spill),
+            pause: bytes(self.pause),
+            terminate: bytes(self.terminate),
+        })
+    }
+}
+
+/// A request to watch one process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The process: the client itself or a direct child of it.
+    pub pid: u32,
+    /// Its start time in clock ticks after boot (field 22 of
+    /// `/proc/PID/stat`). When given, the agent refuses a pid that now
+    /// names another process (a recycled pid).
+    #[serde(default)]
+    pub start_time: Option<u64>,
+    /// The memory limit the fractions refer to, in bytes.
+    pub limit_bytes: u64,
+    /// Level fractions.
+    #[serde(default)]
+    pub thresholds: Fractions,
+    /// Spike alarm horizon in ms (0 or absent: the agent's default).
+    #[serde(default)]
+    pub spike_horizon_ms: Option<u64>,
+    /// Signal the kernel sends at the page that crosses terminate (e.g. 9
+    /// or 15); absent: no signal, events only.
+    #[serde(default)]
+    pub terminate_signal: Option<i32>,
+}
+
+/// Messages a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message: the protocol version the client speaks.
+    Hello {
+        /// [`VERSION`].
+        version: u32,
+        /// Free text naming the client, for the agent's log.
+        #[serde(default)]
+        client: String,
+    },
+    /// Watch a process.
+    Register(Registration),
+    /// Stop watching a process this client registered.
+    Unregister {
+        /// The process.
+        pid: u32,
+    },
+    /// Liveness check; the agent answers [`ServerMessage::Pong`].
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+}
+
+/// One kernel event, as the agent forwards it and `amm-agent watch --json`
+/// prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventMessage {
+    /// `level`, `spike` or `exit`.
+    pub event: EventKind,
+    /// Kernel time of the update that caused it (CLOCK_MONOTONIC, ns).
+    pub t_ns: u64,
+    /// The watched process.
+    pub pid: u32,
+    /// RSS at that update (FILE + ANON + SHMEM).
+    pub rss_bytes: u64,
+    /// Level after the event.
+    pub level: Level,
+    /// Level before it.
+    pub prev_level: Level,
+    /// Peak RSS so far.
+    pub peak_rss_bytes: u64,
+    /// User page faults so far.
+    pub faults: u64,
+    /// Smoothed growth rate.
+    pub rate_bytes_per_ms: i64,
+    /// Spike: predicted ns until terminate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ns: Option<u64>,
+    /// The update was made by another task (reclaim, exit, process_vm_*).
+    #[serde(default)]
+    pub foreign: bool,
+    /// The kernel signalled the process at this update.
+    #[serde(default)]
+    pub signalled: bool,
+}
+
+impl EventMessage {
+    /// Decodes a kernel record; `None` for an unknown kind or level.
+    pub fn from_kernel(e: &amm_ebpf::Event) -> Option<Self> {
+        Some(Self {
+            event: EventKind::from_raw(e.kind)?,
+            t_ns: e.t_ns,
+            pid: e.tgid,
+            rss_bytes: e.rss_bytes,
+            level: Level::from_raw(e.level)?,
+            prev_level: Level::from_raw(e.prev_level)?,
+            peak_rss_bytes: e.peak_rss_bytes,
+            faults: e.faults,
+            rate_bytes_per_ms: e.rate_bytes_per_ms,
+            eta_ns: (e.kind == 2).then_some(e.eta_ns),
+            foreign: e.flags & amm_ebpf::EVENT_FLAG_FOREIGN != 0,
+            signalled: e.flags & amm_ebpf::EVENT_FLAG_SIGNALLED != 0,
+        })
+    }
+}
+
+/// Messages the agent sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Answer to a good [`ClientMessage::Hello`].
+    Welcome {
+        /// [`VERSION`].
+        version: u32,
+        /// The agent's own version string.
+        agent: String,
+    },
+    /// The process is watched from now on.
+    Registered {
+        /// The process.
+        pid: u32,
+        /// Its RSS when the watch started (from /proc).
+        rss_bytes: u64,
+        /// Its level at that RSS.
+        level: Level,
+        /// The thresholds in bytes the kernel now uses.
+        thresholds: ThresholdBytes,
+    },
+    /// The registration was refused; the connection stays open.
+    Refused {
+        /// The process asked for.
+        pid: u32,
+        /// Why, in words a person can act on.
+        reason: String,
+    },
+    /// The watch is removed.
+    Unregistered {
+        /// The process.
+        pid: u32,
+    },
+    /// A kernel event for a process this client registered.
+    Event(EventMessage),
+    /// Answer to [`ClientMessage::Ping`].
+    Pong {
+        /// The client's nonce.
+        nonce: u64,
+    },
+    /// A protocol error; the agent closes the connection after it.
+    Error {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection between frames.
+    #[error("connection closed")]
+    Closed,
+    /// The peer closed the connection inside a frame.
+    #[error("connection closed in the middle of a frame ({got} of {want} bytes)")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes announced.
+        want: usize,
+    },
+    /// The announced length is over [`MAX_FRAME`].
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The frame is not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// The socket failed (including a read timeout).
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Encodes a message as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes a frame body.
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], want: usize) -> Result<(), FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && want == 0 => return Err(FrameError::Closed),
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    got,
+                    want: buf.len(),
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one frame body from a blocking stream.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    read_full(r, &mut len, 0)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    read_full(r, &mut body, len)?;
+    Ok(body)
+}
+
+/// Writes one message as a frame to a blocking stream.
+pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)?)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Async framing over tokio streams.
+#[cfg(feature = "tokio")]
+pub mod nonblocking {
+    use super::{FrameError, MAX_FRAME, encode};
+    use serde::Serialize;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Reads one frame body. The caller bounds the time it may take.
+    pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            let n = r.read(&mut len[got..]).await?;
+            if n == 0 {
+                return Err(if got == 0 {
+                    FrameError::Closed
+                } else {
+                    FrameError::Truncated { got, want: 4 }
+                });
+            }
+            got += n;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        let mut body = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = r.read(&mut body[got..]).await?;
+            if n == 0 {
+                return Err(FrameError::Truncated { got, want: len });
+            }
+            got += n;
+        }
+        Ok(body)
+    }
+
+    /// Writes one message as a frame.
+    pub async fn write_message<W: AsyncWrite + Unpin, T: Serialize>(
+        w: &mut W,
+        msg: &T,
+    ) -> Result<(), FrameError> {
+        w.write_all(&encode(msg)?).await?;
+        w.flush().await?;
+        Ok(())
+    }
+}
+
+/// Connects to a socket with a timeout on every read and write.
+pub fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let msg = ClientMessage::Ping { nonce: 9 };
+        let bytes = encode(&msg).expect("encodes");
+        let body = read_frame(&mut &bytes[..]).expect("reads");
+        assert_eq!(decode::<ClientMessage>(&body).expect("decodes"), msg);
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        let big = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &big[..]),
+            Err(FrameError::TooLarge(_))
+        ));
+        let half = [0, 0, 0, 10, b'{'];
+        assert!(matches!(
+            read_frame(&mut &half[..]),
+            Err(FrameError::Truncated { got: 1, want: 10 })
+        ));
+        assert!(matches!(read_frame(&mut &[][..]), Err(FrameError::Closed)));
+        assert!(matches!(
+            decode::<ClientMessage>(b"{\"type\":\"nope\"}"),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn default_fractions_become_bytes() {
+        let t = Fractions::default().to_bytes(1000).expect("valid");
+        assert_eq!(
+            (t.rearm, t.spill, t.pause, t.terminate),
+            (600, 700, 800, 950)
+        );
+    }
+
+    #[test]
+    fn bad_fractions_are_refused_with_a_reason() {
+        let mut f = Fractions::default();
+        f.pause = Some(1.5);
+        assert!(matches!(
+            f.to_bytes(1000),
+            Err(ThresholdError::OutOfRange { name: "pause", .. })
+        ));
+        f.pause = Some(0.65);
+        assert!(matches!(
+            f.to_bytes(1000),
+            Err(ThresholdError::NotIncreasing(_))
+        ));
+        f.pause = Some(f64::NAN);
+        assert!(f.to_bytes(1000).is_err());
+        assert_eq!(
+            Fractions::default().to_bytes(0),
+            Err(ThresholdError::ZeroLimit)
+        );
+    }
+
+    #[test]
+    fn disabled_levels_are_skipped_and_rearm_falls_back() {
+        let f = Fractions {
+            target: None,
+            spill: None,
+            pause: Some(0.8),
+            terminate: Some(0.95),
+        };
+        let t = f.to_bytes(1000).expect("valid");
+        assert_eq!(t.spill, amm_ebpf::DISABLED);
+        assert_eq!(t.rearm, 800);
+    }
+}

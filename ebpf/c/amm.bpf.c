@@ -1,0 +1,474 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * amm's kernel side: exact RSS, peak, faults, growth rate and level of every
+ * *watched* process, at the resolution of one RSS update (one page here).
+ *
+ * Attach points are BTF tracepoints (tp_btf): they receive the tracepoint's
+ * raw arguments and do not run the classic event's TP_fast_assign, which for
+ * kmem:rss_stat sums a per-CPU counter under a spin lock on every RSS change
+ * of every process on the node. An unwatched process pays one bitmap test
+ * per hook (benches/RESULTS.md has the numbers).
+ *
+ * The program emits on the `events` ring buffer only when something happens:
+ * a level crossing upward, the fall below the re-arm level, a spike alarm, or
+ * the exit of a watched process. It never acts on a process on its own: the
+ * terminate signal is sent only when userspace set
+ * AMM_WATCH_SIGNAL_ON_TERMINATE for it, which the agent does only for a
+ * process that registered itself.
+ */
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+#include "amm.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/*
+ * The few kernel types the program reads, relocated by CO-RE against the
+ * running kernel's BTF (/sys/kernel/btf/vmlinux), so no vmlinux.h is needed
+ * and the object loads on kernels whose layouts differ.
+ */
+#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+struct percpu_counter {
+	__s64 count;
+	__s32 *counters;
+};
+struct task_struct;
+struct mm_struct {
+	struct percpu_counter rss_stat[AMM_NR_MM_COUNTERS];
+	struct task_struct *owner;
+};
+struct signal_struct {
+	struct {
+		int counter;
+	} live;
+};
+struct task_struct {
+	int tgid;
+	struct mm_struct *mm;
+	struct signal_struct *signal;
+};
+#pragma clang attribute pop
+
+/* Set by the loader before the object is loaded (frozen .rodata). */
+const volatile __u32 nr_cpus = 1;     /* possible CPUs */
+const volatile __u32 page_shift = 12; /* log2(page size) */
+/* Length of one growth-rate window. */
+const volatile __u64 rate_window_ns = 1000000;
+
+/* tgid -> watch (config from userspace, state kept here). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct amm_watch);
+} watches SEC(".maps");
+
+/* One bit per tgid: the cheap test every hook makes first. Userspace sets and
+ * clears the bits; the program only reads them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, AMM_PID_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} watch_bits SEC(".maps");
+
+/* mm_struct address -> tgid, for updates made by another task (curr == 0).
+ * The classic tracepoint calls this key mm_id (a hash of the same address);
+ * a BTF tracepoint has the address itself. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u32);
+} mm_owner SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct amm_stats);
+} stats SEC(".maps");
+
+/*
+ * Per-CPU offsets. An mm's RSS counters are percpu_counters: an exact value
+ * is `count` plus every CPU's unflushed delta, which lives at
+ * `counters + __per_cpu_offset[cpu]`. The kernel BTF does not tag `counters`
+ * as per-CPU, so bpf_per_cpu_ptr() refuses it, and aya resolves no __ksym.
+ * The offsets are learnt from a per-CPU array map instead: its value on CPU c
+ * is at pptr + offset[c], where pptr is the raw per-CPU pointer the map keeps
+ * at the same place as a plain array keeps its first value.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} offset_probe_plain SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} offset_probe_percpu SEC(".maps");
+
+/* Turns a pointer into a number: stored to a map value and read back. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} ptr_scratch SEC(".maps");
+
+__u64 cpu_offset[AMM_MAX_CPUS];
+__u32 cpu_offset_ready;
+
+static __always_inline __u64 addr_of(const void *p)
+{
+	__u32 zero = 0;
+	volatile __u64 *slot = bpf_map_lookup_elem(&ptr_scratch, &zero);
+
+	if (!slot)
+		return 0;
+	*slot = (__u64)p;
+	return *slot;
+}
+
+static __noinline int learn_cpu_offsets(void)
+{
+	__u32 zero = 0;
+	__u64 plain_map, plain_value, percpu_map, pptr = 0;
+	void *v;
+
+	plain_map = addr_of(&offset_probe_plain);
+	v = bpf_map_lookup_elem(&offset_probe_plain, &zero);
+	if (!v)
+		return -1;
+	plain_value = addr_of(v);
+	percpu_map = addr_of(&offset_probe_percpu);
+	if (!plain_map || !plain_value || !percpu_map || plain_value <= plain_map)
+		return -1;
+	if (bpf_probe_read_kernel(&pptr, sizeof(pptr),
+				  (const void *)(percpu_map + (plain_value - plain_map))))
+		return -1;
+	for (__u32 cpu = 0; cpu < AMM_MAX_CPUS; cpu++) {
+		if (cpu >= nr_cpus)
+			break;
+		v = bpf_map_lookup_percpu_elem(&offset_probe_percpu, &zero, cpu);
+		if (!v)
+			return -1;
+		cpu_offset[cpu] = addr_of(v) - pptr;
+	}
+	cpu_offset_ready = 1;
+	return 0;
+}
+
+static __always_inline void stat_add(int field)
+{
+	__u32 zero = 0;
+	struct amm_stats *s = bpf_map_lookup_elem(&stats, &zero);
+
+	if (!s)
+		return;
+	switch (field) {
+	case 0: s->events++; break;
+	case 1: s->dropped++; break;
+	case 2: s->bound++; break;
+	case 3: s->exits++; break;
+	}
+}
+
+static __always_inline int watched_bit(__u32 tgid)
+{
+	__u32 word = tgid >> 6;
+	__u64 *bits = bpf_map_lookup_elem(&watch_bits, &word);
+
+	return bits && ((*bits >> (tgid & 63)) & 1);
+}
+
+/* Exact value of one RSS counter, in pages. */
+static __always_inline __s64 read_counter(struct mm_struct *mm, int member)
+{
+	struct percpu_counter *c;
+	__s64 sum;
+	__u64 base;
+
+	switch (member) {
+	case AMM_MM_FILEPAGES: c = &mm->rss_stat[AMM_MM_FILEPAGES]; break;
+	case AMM_MM_ANONPAGES: c = &mm->rss_stat[AMM_MM_ANONPAGES]; break;
+	case AMM_MM_SHMEMPAGES: c = &mm->rss_stat[AMM_MM_SHMEMPAGES]; break;
+	default: return 0;
+	}
+	sum = c->count;
+	if (!cpu_offset_ready && learn_cpu_offsets())
+		return sum < 0 ? 0 : sum; /* approximate, as get_mm_rss() is */
+	base = (__u64)c->counters;
+	for (__u32 cpu = 0; cpu < AMM_MAX_CPUS; cpu++) {
+		__s32 delta = 0;
+
+		if (cpu >= nr_cpus)
+			break;
+		bpf_probe_read_kernel(&delta, sizeof(delta),
+				      (const void *)(base + cpu_offset[cpu]));
+		sum += delta;
+	}
+	return sum < 0 ? 0 : sum;
+}
+
+static __always_inline __u32 level_of(const struct amm_watch_config *cfg, __u64 rss)
+{
+	if (rss >= cfg->terminate_bytes)
+		return AMM_LEVEL_TERMINATE;
+	if (rss >= cfg->pause_bytes)
+		return AMM_LEVEL_PAUSE;
+	if (rss >= cfg->spill_bytes)
+		return AMM_LEVEL_SPILL;
+	return AMM_LEVEL_BELOW;
+}
+
+static __always_inline void emit(__u32 tgid, struct amm_watch *w, __u32 kind, __u32 level,
+				 __u32 prev, __u64 rss, __u64 eta_ns, __u32 flags, __u64 now)
+{
+	struct amm_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_add(1);
+		return;
+	}
+	e->t_ns = now;
+	e->tgid = tgid;
+	e->kind = kind;
+	e->level = level;
+	e->prev_level = prev;
+	e->rss_bytes = rss;
+	e->peak_rss_bytes = w->state.peak_rss_bytes;
+	e->faults = w->state.faults;
+	e->rate_bytes_per_ms = w->state.rate_bytes_per_ms;
+	e->eta_ns = eta_ns;
+	e->flags = flags;
+	e->cpu = bpf_get_smp_processor_id();
+	bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+	stat_add(0);
+}
+
+/* Signed a * b / c for the rate arithmetic (BPF has no signed division
+ * before ISA v4). */
+static __always_inline __s64 scale(__s64 a, __u64 b, __u64 c)
+{
+	__u64 m;
+
+	if (!c)
+		return 0;
+	if (a < 0) {
+		m = (__u64)(-a) * b / c;
+		return -(__s64)m;
+	}
+	return (__s64)((__u64)a * b / c);
+}
+
+/* Growth rate and spike alarm; called on every update of a watched mm. */
+static __always_inline void update_rate(__u32 tgid, struct amm_watch *w, __u64 rss, __u64 now,
+					__u32 flags)
+{
+	struct amm_watch_config *cfg = &w->config;
+	__u64 start = w->state.window_start_ns;
+	__s64 inst, rate;
+	__u64 horizon = cfg->spike_horizon_ns, eta_ns = AMM_DISABLED;
+
+	if (start == 0) {
+		w->state.window_start_ns = now;
+		w->state.window_start_rss = rss;
+		return;
+	}
+	if (now - start < rate_window_ns)
+		return;
+	inst = scale((__s64)rss - (__s64)w->state.window_start_rss, 1000000, now - start);
+	rate = (w->state.rate_bytes_per_ms + inst) >> 1; /* EWMA, weight 1/2 */
+	w->state.rate_bytes_per_ms = rate;
+	w->state.window_start_ns = now;
+	w->state.window_start_rss = rss;
+
+	if (!horizon || cfg->terminate_bytes == AMM_DISABLED || rss >= cfg->terminate_bytes)
+		return;
+	if (rate > 0)
+		eta_ns = (cfg->terminate_bytes - rss) / (__u64)rate * 1000000;
+	if (eta_ns <= horizon) {
+		if (__sync_val_compare_and_swap(&w->state.spike_active, 0, 1) == 0)
+			emit(tgid, w, AMM_EVENT_SPIKE, w->state.level, w->state.level, rss, eta_ns,
+			     flags, now);
+	} else if (eta_ns > 2 * horizon && w->state.spike_active) {
+		w->state.spike_active = 0; /* re-armed: the growth calmed down */
+	}
+}
+
+static __always_inline void update_level(__u32 tgid, struct amm_watch *w, __u64 rss, __u64 now,
+					 __u32 flags)
+{
+	struct amm_watch_config *cfg = &w->config;
+	__u32 cur = w->state.level;
+	__u32 lvl = level_of(cfg, rss);
+
+	if (lvl > cur) {
+		if (__sync_val_compare_and_swap(&w->state.level, cur, lvl) != cur)
+			return; /* another CPU moved it first and emitted */
+		if (lvl == AMM_LEVEL_TERMINATE && (cfg->flags & AMM_WATCH_SIGNAL_ON_TERMINATE) &&
+		    !(flags & AMM_EVENT_FLAG_FOREIGN) && cfg->signal) {
+			/* current is a thread of the watched process here */
+			if (bpf_send_signal(cfg->signal) == 0)
+				flags |= AMM_EVENT_FLAG_SIGNALLED;
+		}
+		emit(tgid, w, AMM_EVENT_LEVEL, lvl, cur, rss, 0, flags, now);
+	} else if (cur != AMM_LEVEL_BELOW && rss < cfg->rearm_bytes) {
+		if (__sync_val_compare_and_swap(&w->state.level, cur, AMM_LEVEL_BELOW) != cur)
+			return;
+		w->state.spike_active = 0;
+		emit(tgid, w, AMM_EVENT_LEVEL, AMM_LEVEL_BELOW, cur, rss, 0, flags, now);
+	}
+}
+
+static __always_inline void update_peak(struct amm_watch *w, __u64 rss)
+{
+	for (int i = 0; i < 4; i++) {
+		__u64 old = w->state.peak_rss_bytes;
+
+		if (rss <= old)
+			return;
+		if (__sync_val_compare_and_swap(&w->state.peak_rss_bytes, old, rss) == old)
+			return;
+	}
+}
+
+/* Binds a watch to the mm it follows: on its first update, or after exec. */
+static __always_inline void bind_mm(__u32 tgid, struct amm_watch *w, struct mm_struct *mm,
+				    __u64 mm_addr)
+{
+	__u64 old = w->state.mm;
+
+	if (old == mm_addr)
+		return;
+	if (__sync_val_compare_and_swap(&w->state.mm, old, mm_addr) != old)
+		return;
+	if (old)
+		bpf_map_delete_elem(&mm_owner, &old);
+	bpf_map_update_elem(&mm_owner, &mm_addr, &tgid, BPF_ANY);
+	w->state.rss_pages[AMM_MM_FILEPAGES] = read_counter(mm, AMM_MM_FILEPAGES);
+	w->state.rss_pages[AMM_MM_ANONPAGES] = read_counter(mm, AMM_MM_ANONPAGES);
+	w->state.rss_pages[AMM_MM_SHMEMPAGES] = read_counter(mm, AMM_MM_SHMEMPAGES);
+	stat_add(2);
+}
+
+SEC("tp_btf/rss_stat")
+int BPF_PROG(amm_rss_stat, struct mm_struct *mm, int member)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct amm_watch *w;
+	__u32 tgid, flags = 0;
+	__u64 mm_addr, rss, now;
+	__s64 pages;
+
+	if (member == AMM_MM_SWAPENTS)
+		return 0;
+	if (task->mm == mm) {
+		/* curr == 1: the process itself faulted or unmapped */
+		tgid = task->tgid;
+		if (!watched_bit(tgid))
+			return 0;
+	} else {
+		/* curr == 0: reclaim, exit, or another task working on this mm */
+		__u32 *owner;
+
+		mm_addr = addr_of(mm);
+		owner = bpf_map_lookup_elem(&mm_owner, &mm_addr);
+		if (owner) {
+			tgid = *owner;
+		} else {
+			/* not bound yet: the watched process made no update of its own */
+			struct task_struct *o = mm->owner;
+
+			if (!o)
+				return 0;
+			tgid = o->tgid;
+			if (!watched_bit(tgid))
+				return 0;
+		}
+		flags = AMM_EVENT_FLAG_FOREIGN;
+	}
+	w = bpf_map_lookup_elem(&watches, &tgid);
+	if (!w)
+		return 0;
+	mm_addr = addr_of(mm);
+	if (w->state.mm != mm_addr) {
+		/* an update for an mm this watch does not follow (yet) */
+		if (flags & AMM_EVENT_FLAG_FOREIGN && w->state.mm)
+			return 0; /* the mm the process left at exec */
+		bind_mm(tgid, w, mm, mm_addr);
+	}
+	pages = read_counter(mm, member);
+	switch (member) {
+	case AMM_MM_FILEPAGES: w->state.rss_pages[AMM_MM_FILEPAGES] = pages; break;
+	case AMM_MM_ANONPAGES: w->state.rss_pages[AMM_MM_ANONPAGES] = pages; break;
+	case AMM_MM_SHMEMPAGES: w->state.rss_pages[AMM_MM_SHMEMPAGES] = pages; break;
+	}
+	rss = (__u64)(w->state.rss_pages[AMM_MM_FILEPAGES] + w->state.rss_pages[AMM_MM_ANONPAGES] +
+		      w->state.rss_pages[AMM_MM_SHMEMPAGES])
+	      << page_shift;
+	w->state.rss_bytes = rss;
+	__sync_fetch_and_add(&w->state.updates, 1);
+	if (flags & AMM_EVENT_FLAG_FOREIGN)
+		__sync_fetch_and_add(&w->state.foreign_updates, 1);
+	update_peak(w, rss);
+	now = bpf_ktime_get_ns();
+	update_level(tgid, w, rss, now, flags);
+	update_rate(tgid, w, rss, now, flags);
+	return 0;
+}
+
+SEC("tp_btf/page_fault_user")
+int BPF_PROG(amm_page_fault_user, unsigned long address, void *regs, unsigned long error_code)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct amm_watch *w;
+
+	if (!watched_bit(tgid))
+		return 0;
+	w = bpf_map_lookup_elem(&watches, &tgid);
+	if (w)
+		__sync_fetch_and_add(&w->state.faults, 1);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(amm_process_exit, struct task_struct *p)
+{
+	struct amm_watch *w;
+	struct amm_watch copy;
+	__u32 tgid = p->tgid;
+
+	if (!watched_bit(tgid))
+		return 0;
+	/* group_dead: the last thread has left (signal->live already dropped) */
+	if (p->signal->live.counter != 0)
+		return 0;
+	w = bpf_map_lookup_elem(&watches, &tgid);
+	if (!w)
+		return 0;
+	__builtin_memcpy(&copy, w, sizeof(copy));
+	/* whoever deletes the entry emits: a racing thread exit emits nothing */
+	if (bpf_map_delete_elem(&watches, &tgid))
+		return 0;
+	if (copy.state.mm)
+		bpf_map_delete_elem(&mm_owner, &copy.state.mm);
+	stat_add(3);
+	emit(tgid, &copy, AMM_EVENT_EXIT, copy.state.level, copy.state.level, copy.state.rss_bytes,
+	     0, 0, bpf_ktime_get_ns());
+	return 0;
+}

@@ -1,0 +1,1 @@
+//! amm-worker (placeholder): see the issue "amm-worker: allocator-aware memory manager".

@@ -1,0 +1,51 @@
+//! `cargo xtask`: the project's automation, in Rust so it needs nothing but
+//! cargo (the rust-analyzer pattern). Run `cargo xtask --help`.
+
+mod build_ebpf;
+mod run;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "amm's build and test automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile ebpf/c/amm.bpf.c with clang into target/bpf/amm.bpf.o.
+    BuildEbpf,
+    /// Build the BPF object and every binary, then run the whole test suite
+    /// (as root, the BPF tests run against the real kernel).
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--` goes to the harness).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The end-to-end demo: as root, watch a process that spikes its memory
+    /// and print what the kernel saw between polls.
+    Demo,
+    /// Run a benchmark from benches/ (release build): `overhead` or `latency`.
+    Bench {
+        /// Which benchmark.
+        name: String,
+        /// Extra arguments for the benchmark.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::BuildEbpf => build_ebpf::build().map(|path| {
+            println!("{}", path.display());
+        }),
+        Command::Test { args } => run::test(&args),
+        Command::Demo => run::demo(),
+        Command::Bench { name, args } => run::bench(&name, &args),
+    }
+}

@@ -1,0 +1,69 @@
+//! `cargo xtask test | demo | bench`: thin wrappers that build what they need
+//! first, so a newcomer's one command works on a fresh checkout.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::build_ebpf::{build, workspace_root};
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the object and the binaries, then runs every test.
+pub fn test(args: &[String]) -> Result<()> {
+    build()?;
+    let mut b = cargo();
+    b.args(["build", "--workspace", "--bins"]);
+    run(b)?;
+    let mut t = cargo();
+    t.args(["test", "--workspace"]).args(args);
+    run(t)
+}
+
+/// Builds in release and runs the end-to-end demo.
+pub fn demo() -> Result<()> {
+    build()?;
+    let mut b = cargo();
+    b.args(["build", "--release", "--workspace", "--bins"]);
+    run(b)?;
+    let mut d = cargo();
+    d.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "amm-benches",
+        "--bin",
+        "amm-demo",
+    ]);
+    run(d)
+}
+
+/// Builds in release and runs one benchmark.
+pub fn bench(name: &str, args: &[String]) -> Result<()> {
+    build()?;
+    let mut b = cargo();
+    b.args(["build", "--release", "--workspace", "--bins"]);
+    run(b)?;
+    let mut r = cargo();
+    r.args(["run", "--release", "--quiet", "-p", "amm-benches", "--bin"])
+        .arg(format!("bench-{name}"))
+        .arg("--")
+        .args(args);
+    run(r)
+}
