@@ -9,4 +9,8 @@
 //! proven by `SO_PEERCRED`/`SO_PEERPIDFD` and held by a pidfd; or let one
 //! client's bad input harm another client.
 
+pub mod cli;
+pub mod identity;
 pub mod probe;
+pub mod server;
+pub mod watch;

@@ -129,6 +129,10 @@ struct {
 	__type(value, __u64);
 } ptr_scratch SEC(".maps");
 
+/* Keeps struct amm_event in the object's BTF (it is otherwise only used
+ * through a ring-buffer pointer), so the layout test can read it. */
+struct amm_event *amm_event_btf_anchor __attribute__((unused));
+
 __u64 cpu_offset[AMM_MAX_CPUS];
 __u32 cpu_offset_ready;
 
@@ -300,7 +304,7 @@ static __always_inline void update_rate(__u32 tgid, struct amm_watch *w, __u64 r
 	if (!horizon || cfg->terminate_bytes == AMM_DISABLED || rss >= cfg->terminate_bytes)
 		return;
 	if (rate > 0)
-		eta_ns = (cfg->terminate_bytes - rss) / (__u64)rate * 1000000;
+		eta_ns = (cfg->terminate_bytes - rss) * 1000 / (__u64)rate * 1000; /* us resolution */
 	if (eta_ns <= horizon) {
 		if (__sync_val_compare_and_swap(&w->state.spike_active, 0, 1) == 0)
 			emit(tgid, w, AMM_EVENT_SPIKE, w->state.level, w->state.level, rss, eta_ns,

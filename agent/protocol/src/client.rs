@@ -141,6 +141,15 @@ impl Client {
         }
     }
 
+    /// The agent's state.
+    pub fn status(&mut self) -> Result<crate::AgentStatus, ClientError> {
+        self.send(&ClientMessage::Status)?;
+        match self.answer()? {
+            ServerMessage::Status(s) => Ok(s),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
     /// Round trip to check the agent still serves this connection.
     pub fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {
         self.send(&ClientMessage::Ping { nonce })?;

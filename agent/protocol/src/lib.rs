@@ -177,6 +177,8 @@ pub enum ClientMessage {
         /// The process.
         pid: u32,
     },
+    /// Ask for the agent's state; it answers [`ServerMessage::Status`].
+    Status,
     /// Liveness check; the agent answers [`ServerMessage::Pong`].
     Ping {
         /// Echoed back.
@@ -273,6 +275,8 @@ pub enum ServerMessage {
     },
     /// A kernel event for a process this client registered.
     Event(EventMessage),
+    /// Answer to [`ClientMessage::Status`].
+    Status(AgentStatus),
     /// Answer to [`ClientMessage::Ping`].
     Pong {
         /// The client's nonce.
@@ -283,6 +287,51 @@ pub enum ServerMessage {
         /// What was wrong.
         reason: String,
     },
+}
+
+/// The agent's state: its clients, watches and the probe's map entries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Connected clients.
+    pub clients: usize,
+    /// Watched processes, by pid.
+    pub watches: Vec<WatchStatus>,
+    /// Entries in the probe's maps (all zero when nothing is watched).
+    pub map_entries: MapEntries,
+    /// Events the probe submitted since it was loaded.
+    pub events: u64,
+    /// Events lost to a full ring buffer.
+    pub dropped: u64,
+}
+
+/// One watched process in [`AgentStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchStatus {
+    /// The process.
+    pub pid: u32,
+    /// Its limit.
+    pub limit_bytes: u64,
+    /// RSS at its last update.
+    pub rss_bytes: u64,
+    /// Peak RSS.
+    pub peak_rss_bytes: u64,
+    /// Current level.
+    pub level: Level,
+    /// User page faults.
+    pub faults: u64,
+    /// Smoothed growth rate.
+    pub rate_bytes_per_ms: i64,
+}
+
+/// Entry counts of the probe's maps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapEntries {
+    /// `watches` entries.
+    pub watches: usize,
+    /// `mm_owner` entries.
+    pub mm_owner: usize,
+    /// Bits set in `watch_bits`.
+    pub bits: usize,
 }
 
 /// Why a frame could not be read or written.
@@ -371,37 +420,52 @@ pub fn write_message<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), F
 pub mod nonblocking {
     use super::{FrameError, MAX_FRAME, encode};
     use serde::Serialize;
+    use std::time::Duration;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-    /// Reads one frame body. The caller bounds the time it may take.
-    pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    /// Reads one frame body. Waiting for a frame to begin has no limit (an
+    /// idle client is fine); once its first byte is in, the rest must come
+    /// within `frame_timeout`, or the frame fails with `TimedOut` (a client
+    /// that sends half a frame cannot hold the reader).
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        r: &mut R,
+        frame_timeout: Duration,
+    ) -> Result<Vec<u8>, FrameError> {
         let mut len = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            let n = r.read(&mut len[got..]).await?;
-            if n == 0 {
-                return Err(if got == 0 {
-                    FrameError::Closed
-                } else {
-                    FrameError::Truncated { got, want: 4 }
-                });
+        if r.read(&mut len[..1]).await? == 0 {
+            return Err(FrameError::Closed);
+        }
+        let rest = async {
+            let mut got = 1;
+            while got < 4 {
+                let n = r.read(&mut len[got..]).await?;
+                if n == 0 {
+                    return Err(FrameError::Truncated { got, want: 4 });
+                }
+                got += n;
             }
-            got += n;
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge(len));
-        }
-        let mut body = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            let n = r.read(&mut body[got..]).await?;
-            if n == 0 {
-                return Err(FrameError::Truncated { got, want: len });
+            let want = u32::from_be_bytes(len) as usize;
+            if want > MAX_FRAME {
+                return Err(FrameError::TooLarge(want));
             }
-            got += n;
+            let mut body = vec![0u8; want];
+            let mut got = 0;
+            while got < want {
+                let n = r.read(&mut body[got..]).await?;
+                if n == 0 {
+                    return Err(FrameError::Truncated { got, want });
+                }
+                got += n;
+            }
+            Ok(body)
+        };
+        match tokio::time::timeout(frame_timeout, rest).await {
+            Ok(r) => r,
+            Err(_) => Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("frame not completed within {frame_timeout:?}"),
+            ))),
         }
-        Ok(body)
     }
 
     /// Writes one message as a frame.

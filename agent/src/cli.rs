@@ -1,0 +1,242 @@
+//! Command-line interface of `amm-agent`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use amm_protocol::Fractions;
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::probe::Probe;
+use crate::server::{self, ServerConfig};
+use crate::watch::{self, WatchOptions};
+
+/// amm's node agent: kernel-exact memory events for registered workers.
+#[derive(Debug, Parser)]
+#[command(name = "amm-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the privileged daemon: load the probe and serve registrations.
+    Run(RunArgs),
+    /// Watch one running process and print its memory events (no action).
+    Watch(WatchArgs),
+    /// Ask a running agent for its clients and watches.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The agent's socket.
+    #[arg(long, env = "AMM_AGENT_SOCKET", default_value = amm_protocol::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Unix socket to listen on.
+    #[arg(long, env = "AMM_AGENT_SOCKET", default_value = amm_protocol::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Mode of the socket file, in octal.
+    #[arg(long, default_value = "0660", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Group (name or gid) that may connect, when not the agent's own.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// BPF object to load (default: target/bpf/amm.bpf.o, see README).
+    #[arg(long, env = amm_ebpf::OBJECT_ENV)]
+    bpf_object: Option<PathBuf>,
+    /// Spike-alarm horizon for registrations that give none, in ms.
+    #[arg(long, default_value_t = 200)]
+    spike_horizon_ms: u64,
+    /// Most clients connected at once.
+    #[arg(long, default_value_t = 256)]
+    max_clients: usize,
+    /// Time a new client has to send its hello, in ms.
+    #[arg(long, default_value_t = 5000)]
+    hello_timeout_ms: u64,
+    /// Time a frame may take once its first byte arrived, in ms.
+    #[arg(long, default_value_t = 5000)]
+    frame_timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// The process to watch.
+    #[arg(long)]
+    pid: u32,
+    /// Its memory limit: bytes or a size such as 2GiB, 512MiB.
+    #[arg(long, value_parser = parse_size)]
+    limit: u64,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Re-arm fraction: a raised level falls back below this.
+    #[arg(long, default_value_t = 0.6)]
+    target: f64,
+    /// Spill fraction.
+    #[arg(long, default_value_t = 0.7)]
+    spill: f64,
+    /// Pause fraction.
+    #[arg(long, default_value_t = 0.8)]
+    pause: f64,
+    /// Terminate fraction.
+    #[arg(long, default_value_t = 0.95)]
+    terminate: f64,
+    /// Spike alarm when terminate is predicted within this many ms (0: off).
+    #[arg(long, default_value_t = 200)]
+    spike_horizon_ms: u64,
+    /// BPF object to load.
+    #[arg(long, env = amm_ebpf::OBJECT_ENV)]
+    bpf_object: Option<PathBuf>,
+}
+
+/// Parses a size: plain bytes, or a number with a unit (KiB, MiB, GiB, KB, MB, GB, ...).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("{s:?} is negative; give a size such as 2GiB"));
+    }
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    t.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|_| format!("{s:?} is not a size; give bytes or a size such as 512MiB or 2GiB"))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0660"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?} is not a file mode (at most 0777)"));
+    }
+    Ok(m)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+impl Cli {
+    /// Runs the command.
+    pub fn run(self) -> Result<()> {
+        init_logging();
+        match self.command {
+            Command::Run(a) => run(a),
+            Command::Status(a) => status(a),
+            Command::Watch(a) => {
+                let opts = WatchOptions {
+                    pid: a.pid,
+                    limit: a.limit,
+                    fractions: Fractions {
+                        target: Some(a.target),
+                        spill: Some(a.spill),
+                        pause: Some(a.pause),
+                        terminate: Some(a.terminate),
+                    },
+                    spike_horizon: Duration::from_millis(a.spike_horizon_ms),
+                    json: a.json,
+                    object: a.bpf_object,
+                };
+                let stdout = std::io::stdout();
+                let mut out = stdout.lock();
+                watch::watch(&opts, &mut out)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let mut client =
+        amm_protocol::Client::connect(&a.socket, "amm-agent status", Duration::from_secs(5))?;
+    let s = client.status()?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let iec = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
+    println!(
+        "{} client(s), {} watch(es); probe: {} events, {} dropped; map entries: {} watches, {} mm, {} bits",
+        s.clients,
+        s.watches.len(),
+        s.events,
+        s.dropped,
+        s.map_entries.watches,
+        s.map_entries.mm_owner,
+        s.map_entries.bits
+    );
+    for w in &s.watches {
+        println!(
+            "  pid {:>7}  {:<9}  rss {:>10}  peak {:>10}  limit {:>10}  faults {}",
+            w.pid,
+            w.level.name(),
+            iec(w.rss_bytes),
+            iec(w.peak_rss_bytes),
+            iec(w.limit_bytes),
+            w.faults
+        );
+    }
+    Ok(())
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    if a.spike_horizon_ms == 0 {
+        bail!("--spike-horizon-ms must be above 0");
+    }
+    let config = ServerConfig {
+        socket: a.socket,
+        socket_mode: a.socket_mode,
+        socket_group: a
+            .socket_group
+            .as_deref()
+            .map(server::group_id)
+            .transpose()?,
+        max_clients: a.max_clients,
+        hello_timeout: Duration::from_millis(a.hello_timeout_ms.max(1)),
+        frame_timeout: Duration::from_millis(a.frame_timeout_ms.max(1)),
+        default_spike_horizon: Duration::from_millis(a.spike_horizon_ms),
+        ..ServerConfig::default()
+    };
+    let probe = Probe::load(a.bpf_object.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(server::run(config, probe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_bananas_do_not() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
+        assert!(parse_size("banana").unwrap_err().contains("not a size"));
+        assert!(parse_size("-1GiB").unwrap_err().contains("negative"));
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_mode("9").is_err());
+        assert!(parse_mode("01777").is_err());
+    }
+}

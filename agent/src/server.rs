@@ -1,0 +1,661 @@
+//! `amm-agent run`: the socket server, the registry of watched processes and
+//! the relay of kernel events to the clients that registered them.
+//!
+//! One task per client reads its requests; one writer task per client sends
+//! its answers and events from a bounded queue, so a client that stops
+//! reading loses its connection instead of stalling anyone else. One task
+//! drains the BPF ring buffer and routes each event by pid. One task per
+//! watch waits on the process's pidfd, the backstop for an exit the ring
+//! buffer did not report.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use amm_ebpf::{EventKind, Level, WatchConfig};
+use amm_protocol::{
+    AgentStatus, ClientMessage, EventMessage, FrameError, MapEntries, Registration, ServerMessage,
+    VERSION, WatchStatus, decode, nonblocking,
+};
+use anyhow::{Context, Result, bail};
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use crate::identity::{self, Peer};
+use crate::probe::{EventReader, Probe};
+
+/// Settings of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Socket file mode (0660 by default).
+    pub socket_mode: u32,
+    /// Group owning the socket, if not the agent's.
+    pub socket_group: Option<u32>,
+    /// Most clients connected at once.
+    pub max_clients: usize,
+    /// Time a new client has to say hello.
+    pub hello_timeout: Duration,
+    /// Time a frame may take once its first byte arrived.
+    pub frame_timeout: Duration,
+    /// Time one write to a client may take.
+    pub write_timeout: Duration,
+    /// Spike horizon for registrations that give none.
+    pub default_spike_horizon: Duration,
+    /// Messages queued per client before it counts as not reading.
+    pub client_queue: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(amm_protocol::DEFAULT_SOCKET),
+            socket_mode: 0o660,
+            socket_group: None,
+            max_clients: 256,
+            hello_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            default_spike_horizon: Duration::from_millis(200),
+            client_queue: 1024,
+        }
+    }
+}
+
+/// One connected client, as others see it.
+struct ClientHandle {
+    id: u64,
+    tx: mpsc::Sender<ServerMessage>,
+    /// Set when the connection must close; the client task wakes on it.
+    close: Notify,
+    reason: Mutex<Option<String>>,
+}
+
+impl ClientHandle {
+    fn close(&self, reason: String) {
+        let mut r = lock(&self.reason);
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.close.notify_one();
+    }
+
+    /// Queues a message; a full queue means the client is not reading.
+    fn send(&self, msg: ServerMessage) {
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close("not reading its events (queue full)".into())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+struct WatchEntry {
+    client: Arc<ClientHandle>,
+    exit_task: Option<AbortHandle>,
+}
+
+struct Shared {
+    probe: Mutex<Probe>,
+    watches: Mutex<HashMap<u32, WatchEntry>>,
+    config: ServerConfig,
+    next_client: AtomicU64,
+    clients: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // a panic while holding a lock leaves plain data behind; keep serving
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Routes one kernel event to the client that registered its pid.
+    fn dispatch(&self, raw: amm_ebpf::Event) {
+        let Some(msg) = EventMessage::from_kernel(&raw) else {
+            warn!(?raw, "unknown event record from the probe");
+            return;
+        };
+        let pid = msg.pid;
+        let mut watches = lock(&self.watches);
+        let client = if msg.event == EventKind::Exit {
+            let Some(entry) = watches.remove(&pid) else {
+                return;
+            };
+            if let Some(t) = entry.exit_task {
+                t.abort();
+            }
+            if let Err(e) = lock(&self.probe).unwatch(pid) {
+                warn!(pid, "cannot clear the watch after exit: {e}");
+            }
+            info!(
+                pid,
+                peak = msg.peak_rss_bytes,
+                faults = msg.faults,
+                "watched process exited"
+            );
+            entry.client
+        } else {
+            match watches.get(&pid) {
+                Some(entry) => entry.client.clone(),
+                None => return,
+            }
+        };
+        drop(watches);
+        debug!(pid, event = ?msg.event, level = %msg.level, rss = msg.rss_bytes, "event");
+        client.send(ServerMessage::Event(msg));
+    }
+
+    /// The agent's state for a status request.
+    fn status(&self) -> AgentStatus {
+        let pids: Vec<u32> = lock(&self.watches).keys().copied().collect();
+        let probe = lock(&self.probe);
+        let mut watches: Vec<WatchStatus> = pids
+            .into_iter()
+            .filter_map(|pid| {
+                let w = probe.watch_of(pid)?;
+                Some(WatchStatus {
+                    pid,
+                    limit_bytes: w.config.limit_bytes,
+                    rss_bytes: w.state.rss_bytes,
+                    peak_rss_bytes: w.state.peak_rss_bytes,
+                    level: Level::from_raw(w.state.level).unwrap_or(Level::Below),
+                    faults: w.state.faults,
+                    rate_bytes_per_ms: w.state.rate_bytes_per_ms,
+                })
+            })
+            .collect();
+        watches.sort_by_key(|w| w.pid);
+        let map_entries = probe
+            .entry_counts()
+            .map(|(watches, mm_owner, bits)| MapEntries {
+                watches,
+                mm_owner,
+                bits,
+            })
+            .unwrap_or_default();
+        let stats = probe.stats().unwrap_or_default();
+        AgentStatus {
+            clients: self.clients.load(Ordering::SeqCst),
+            watches,
+            map_entries,
+            events: stats.events,
+            dropped: stats.dropped,
+        }
+    }
+
+    /// Removes a watch of `client` (all of them with `pid == None`).
+    fn forget(&self, client: u64, pid: Option<u32>) -> Vec<u32> {
+        let mut watches = lock(&self.watches);
+        let pids: Vec<u32> = watches
+            .iter()
+            .filter(|(p, e)| e.client.id == client && pid.is_none_or(|x| x == **p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &pids {
+            if let Some(entry) = watches.remove(p)
+                && let Some(t) = entry.exit_task
+            {
+                t.abort();
+            }
+            if let Err(e) = lock(&self.probe).unwatch(*p) {
+                warn!(pid = p, "cannot remove the watch: {e}");
+            }
+        }
+        pids
+    }
+
+    /// The process behind a watch exited but the ring buffer said nothing
+    /// (it was full, or the exit raced the registration): close the watch
+    /// from the map's last state.
+    fn exited_without_event(&self, pid: u32, client: u64) {
+        let mut watches = lock(&self.watches);
+        if !watches.get(&pid).is_some_and(|e| e.client.id == client) {
+            return;
+        }
+        let Some(entry) = watches.remove(&pid) else {
+            return;
+        };
+        drop(watches);
+        let mut probe = lock(&self.probe);
+        let state = probe.watch_of(pid).map(|w| w.state).unwrap_or_default();
+        if let Err(e) = probe.unwatch(pid) {
+            warn!(pid, "cannot remove the watch: {e}");
+        }
+        drop(probe);
+        warn!(pid, "watched process exited without a kernel exit event");
+        entry.client.send(ServerMessage::Event(EventMessage {
+            event: EventKind::Exit,
+            t_ns: monotonic_ns(),
+            pid,
+            rss_bytes: state.rss_bytes,
+            level: Level::from_raw(state.level).unwrap_or(Level::Below),
+            prev_level: Level::from_raw(state.level).unwrap_or(Level::Below),
+            peak_rss_bytes: state.peak_rss_bytes,
+            faults: state.faults,
+            rate_bytes_per_ms: state.rate_bytes_per_ms,
+            eta_ns: None,
+            foreign: false,
+            signalled: false,
+        }));
+    }
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock of the kernel's event stamps).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid for writes; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Binds the socket: refuses to steal one another agent serves, removes a
+/// stale one, sets mode and group.
+fn bind(config: &ServerConfig) -> Result<UnixListener> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another agent already listens on {}; stop it or choose another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    if let Some(gid) = config.socket_group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: ServerConfig, mut probe: Probe) -> Result<()> {
+    let reader = probe
+        .take_events()
+        .context("the probe's event ring buffer was already taken")?;
+    let listener = bind(&config)?;
+    info!(
+        socket = %config.socket.display(),
+        object = %probe.object_path().display(),
+        "amm-agent listening"
+    );
+    let shared = Arc::new(Shared {
+        probe: Mutex::new(probe),
+        watches: Mutex::new(HashMap::new()),
+        config,
+        next_client: AtomicU64::new(1),
+        clients: AtomicUsize::new(0),
+    });
+    let pump = tokio::spawn(pump_events(shared.clone(), reader));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    let result = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => accept(&shared, stream),
+                Err(e) => warn!("accept failed: {e}"),
+            },
+            r = tokio::signal::ctrl_c() => break r.context("cannot wait for SIGINT"),
+            _ = term.recv() => break Ok(()),
+        }
+    };
+    pump.abort();
+    info!("amm-agent stopping");
+    let _ = std::fs::remove_file(&shared.config.socket);
+    result
+}
+
+fn accept(shared: &Arc<Shared>, stream: UnixStream) {
+    let n = shared.clients.fetch_add(1, Ordering::SeqCst);
+    let id = shared.next_client.fetch_add(1, Ordering::SeqCst);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if n >= shared.config.max_clients {
+            let (_, mut wr) = stream.into_split();
+            let msg = ServerMessage::Error {
+                reason: format!(
+                    "the agent serves at most {} clients at once; try again later",
+                    shared.config.max_clients
+                ),
+            };
+            let _ = tokio::time::timeout(
+                shared.config.write_timeout,
+                nonblocking::write_message(&mut wr, &msg),
+            )
+            .await;
+            warn!(client = id, "refused a client: too many clients");
+        } else {
+            serve_client(&shared, stream, id).await;
+        }
+        shared.clients.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+async fn pump_events(shared: Arc<Shared>, reader: EventReader) {
+    // SAFETY: the reader owns the ring buffer's fd and keeps it open and
+    // unchanged for as long as the AsyncFd holds it.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(reader, tokio::io::Interest::READABLE) };
+    let mut afd = match registered {
+        Ok(a) => a,
+        Err(e) => {
+            warn!("cannot poll the probe's ring buffer: {e}; no events will be relayed");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match afd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!("polling the ring buffer failed: {e}");
+                return;
+            }
+        };
+        // clear first, then drain: a record submitted after the drain sets
+        // readiness again, so none waits for the next one
+        guard.clear_ready();
+        while let Some(ev) = guard.get_inner_mut().next() {
+            shared.dispatch(ev);
+        }
+    }
+}
+
+async fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
+    let peer = match identity::peer_of(&stream) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(
+                client = id,
+                "cannot read the peer's credentials: {e}; closing"
+            );
+            return;
+        }
+    };
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel(shared.config.client_queue);
+    let handle = Arc::new(ClientHandle {
+        id,
+        tx,
+        close: Notify::new(),
+        reason: Mutex::new(None),
+    });
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        handle.clone(),
+        shared.config.write_timeout,
+    ));
+    info!(
+        client = id,
+        pid = peer.pid,
+        uid = peer.uid,
+        "client connected"
+    );
+
+    let outcome = client_session(shared, &peer, &handle, &mut rd).await;
+    let reason = match outcome {
+        Ok(()) => lock(&handle.reason)
+            .clone()
+            .unwrap_or_else(|| "closed".into()),
+        Err(reason) => {
+            // tell the client why, best effort, before closing
+            let _ = handle.tx.try_send(ServerMessage::Error {
+                reason: reason.clone(),
+            });
+            reason
+        }
+    };
+    let forgotten = shared.forget(id, None);
+    // let the writer flush the last message, then stop it
+    drop(handle);
+    let _ = tokio::time::timeout(shared.config.write_timeout, writer).await;
+    info!(client = id, pid = peer.pid, watches_removed = forgotten.len(), %reason, "client gone");
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<ServerMessage>,
+    handle: Arc<ClientHandle>,
+    timeout: Duration,
+) {
+    while let Some(msg) = rx.recv().await {
+        match tokio::time::timeout(timeout, nonblocking::write_message(&mut wr, &msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                handle.close(format!("write failed: {e}"));
+                return;
+            }
+            Err(_) => {
+                handle.close(format!("not reading: a write took over {timeout:?}"));
+                return;
+            }
+        }
+    }
+}
+
+/// The request loop of one client. `Err` carries the reason to log and send.
+async fn client_session(
+    shared: &Arc<Shared>,
+    peer: &Peer,
+    handle: &Arc<ClientHandle>,
+    rd: &mut OwnedReadHalf,
+) -> Result<(), String> {
+    let cfg = &shared.config;
+    let hello = tokio::time::timeout(
+        cfg.hello_timeout,
+        nonblocking::read_frame(rd, cfg.frame_timeout),
+    )
+    .await
+    .map_err(|_| format!("no hello within {:?}", cfg.hello_timeout))?
+    .map_err(|e| format!("bad hello: {e}"))?;
+    match decode::<ClientMessage>(&hello).map_err(|e| format!("bad hello: {e}"))? {
+        ClientMessage::Hello { version, client } if version == VERSION => {
+            debug!(client = handle.id, name = %client, "hello");
+            handle.send(ServerMessage::Welcome {
+                version: VERSION,
+                agent: concat!("amm-agent ", env!("CARGO_PKG_VERSION")).into(),
+            });
+        }
+        ClientMessage::Hello { version, .. } => {
+            return Err(format!(
+                "protocol version {version} is not supported; this agent speaks version {VERSION}"
+            ));
+        }
+        other => return Err(format!("the first message must be hello, got {other:?}")),
+    }
+    loop {
+        let frame = tokio::select! {
+            _ = handle.close.notified() => return Ok(()),
+            f = nonblocking::read_frame(rd, cfg.frame_timeout) => f,
+        };
+        let body = match frame {
+            Ok(b) => b,
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let msg: ClientMessage = decode(&body).map_err(|e| e.to_string())?;
+        let answer = match msg {
+            ClientMessage::Hello { .. } => return Err("hello sent twice".into()),
+            ClientMessage::Ping { nonce } => ServerMessage::Pong { nonce },
+            ClientMessage::Status => ServerMessage::Status(shared.status()),
+            ClientMessage::Register(reg) => register(shared, peer, handle, &reg),
+            ClientMessage::Unregister { pid } => {
+                if shared.forget(handle.id, Some(pid)).is_empty() {
+                    ServerMessage::Refused {
+                        pid,
+                        reason: "this connection did not register that pid".into(),
+                    }
+                } else {
+                    info!(client = handle.id, pid, "unregistered");
+                    ServerMessage::Unregistered { pid }
+                }
+            }
+        };
+        handle.send(answer);
+    }
+}
+
+fn register(
+    shared: &Arc<Shared>,
+    peer: &Peer,
+    handle: &Arc<ClientHandle>,
+    reg: &Registration,
+) -> ServerMessage {
+    let refuse = |reason: String| {
+        info!(client = handle.id, peer = peer.pid, pid = reg.pid, %reason, "registration refused");
+        ServerMessage::Refused {
+            pid: reg.pid,
+            reason,
+        }
+    };
+    let thresholds = match reg.thresholds.to_bytes(reg.limit_bytes) {
+        Ok(t) => t,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let (flags, signal) = match reg.terminate_signal {
+        None => (0, 0),
+        Some(sig) if (1..=64).contains(&sig) => (amm_ebpf::WATCH_SIGNAL_ON_TERMINATE, sig as u32),
+        Some(sig) => {
+            return refuse(format!(
+                "terminate_signal {sig} is not a signal number (1..=64)"
+            ));
+        }
+    };
+    let verified = match identity::verify(peer, reg.pid, reg.start_time) {
+        Ok(v) => v,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let horizon = reg
+        .spike_horizon_ms
+        .filter(|&ms| ms > 0)
+        .map_or(shared.config.default_spike_horizon, Duration::from_millis);
+    let config = WatchConfig {
+        limit_bytes: thresholds.limit,
+        rearm_bytes: thresholds.rearm,
+        spill_bytes: thresholds.spill,
+        pause_bytes: thresholds.pause,
+        terminate_bytes: thresholds.terminate,
+        spike_horizon_ns: horizon.as_nanos().min(u64::MAX as u128) as u64,
+        flags,
+        signal,
+    };
+    let mut watches = lock(&shared.watches);
+    if let Some(e) = watches.get(&reg.pid) {
+        return refuse(if e.client.id == handle.id {
+            "already registered on this connection".into()
+        } else {
+            "already watched for another client".into()
+        });
+    }
+    if let Err(e) = lock(&shared.probe).watch(reg.pid, config) {
+        return refuse(format!("the probe cannot watch it: {e}"));
+    }
+    let exit_task = spawn_exit_watch(shared.clone(), reg.pid, handle.id, verified.pidfd);
+    watches.insert(
+        reg.pid,
+        WatchEntry {
+            client: handle.clone(),
+            exit_task,
+        },
+    );
+    drop(watches);
+    let rss = verified.info.rss_bytes;
+    let level = level_of(&thresholds, rss);
+    info!(client = handle.id, pid = reg.pid, limit = thresholds.limit, rss, %level, "registered");
+    ServerMessage::Registered {
+        pid: reg.pid,
+        rss_bytes: rss,
+        level,
+        thresholds,
+    }
+}
+
+/// The level of `rss` under `t` (as the kernel program computes it).
+pub fn level_of(t: &amm_protocol::ThresholdBytes, rss: u64) -> Level {
+    if rss >= t.terminate {
+        Level::Terminate
+    } else if rss >= t.pause {
+        Level::Pause
+    } else if rss >= t.spill {
+        Level::Spill
+    } else {
+        Level::Below
+    }
+}
+
+fn spawn_exit_watch(
+    shared: Arc<Shared>,
+    pid: u32,
+    client: u64,
+    pidfd: OwnedFd,
+) -> Option<AbortHandle> {
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open
+    // and unchanged until it is dropped.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+    let afd = match registered {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(
+                pid,
+                "cannot poll the pidfd: {e}; relying on the kernel's exit event"
+            );
+            return None;
+        }
+    };
+    let task = tokio::spawn(async move {
+        if afd.readable().await.is_err() {
+            return;
+        }
+        // the kernel's exit event (with the peak) normally arrives first
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shared.exited_without_event(pid, client);
+    });
+    Some(task.abort_handle())
+}
+
+/// Resolves a group name or number.
+pub fn group_id(group: &str) -> Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").context("cannot read /etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .with_context(|| format!("no group named {group:?}; create it or give a gid"))
+}
