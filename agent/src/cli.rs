@@ -229,8 +229,16 @@ mod tests {
         assert_eq!(parse_size("1024"), Ok(1024));
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
-        assert!(parse_size("banana").unwrap_err().contains("not a size"));
-        assert!(parse_size("-1GiB").unwrap_err().contains("negative"));
+        assert!(
+            parse_size("banana")
+                .expect_err("banana")
+                .contains("not a size")
+        );
+        assert!(
+            parse_size("-1GiB")
+                .expect_err("negative")
+                .contains("negative")
+        );
     }
 
     #[test]

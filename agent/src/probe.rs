@@ -33,7 +33,7 @@ pub enum ProbeError {
         path: PathBuf,
         /// aya's error.
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     /// A program is missing from the object or would not load or attach.
     #[error("BPF program {name}: {detail}")]
@@ -174,7 +174,7 @@ impl Probe {
             .load_file(&path)
             .map_err(|source| ProbeError::Load {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         for (name, tracepoint) in PROGRAMS {
             let prog: &mut BtfTracePoint = ebpf
@@ -387,7 +387,7 @@ fn verifier_detail(e: &aya::programs::ProgramError) -> String {
     }
 }
 
-/// The event ring buffer: poll its fd, then drain it with [`Self::next`].
+/// The event ring buffer: poll its fd, then drain it with [`Self::next_event`].
 pub struct EventReader {
     ring: RingBuf<MapData>,
 }
@@ -401,7 +401,7 @@ impl std::fmt::Debug for EventReader {
 impl EventReader {
     /// The next record, if one is ready. Records too short to be an event
     /// are skipped (they cannot come from this object).
-    pub fn next(&mut self) -> Option<Event> {
+    pub fn next_event(&mut self) -> Option<Event> {
         loop {
             let item = self.ring.next()?;
             if let Some(e) = Event::from_bytes(&item) {

@@ -71,22 +71,34 @@ impl Default for ServerConfig {
     }
 }
 
-/// One connected client, as others see it.
-struct ClientHandle {
-    id: u64,
-    tx: mpsc::Sender<ServerMessage>,
-    /// Set when the connection must close; the client task wakes on it.
-    close: Notify,
+/// Tells a client's task that its connection must close, and why.
+#[derive(Default)]
+struct Closer {
+    notify: Notify,
     reason: Mutex<Option<String>>,
 }
 
-impl ClientHandle {
+impl Closer {
     fn close(&self, reason: String) {
         let mut r = lock(&self.reason);
         if r.is_none() {
             *r = Some(reason);
         }
-        self.close.notify_one();
+        self.notify.notify_one();
+    }
+}
+
+/// One connected client, as others see it. The queue closes (and with it
+/// the writer and the socket) when the last handle is dropped.
+struct ClientHandle {
+    id: u64,
+    tx: mpsc::Sender<ServerMessage>,
+    closer: Arc<Closer>,
+}
+
+impl ClientHandle {
+    fn close(&self, reason: String) {
+        self.closer.close(reason);
     }
 
     /// Queues a message; a full queue means the client is not reading.
@@ -220,7 +232,7 @@ impl Shared {
     /// from the map's last state.
     fn exited_without_event(&self, pid: u32, client: u64) {
         let mut watches = lock(&self.watches);
-        if !watches.get(&pid).is_some_and(|e| e.client.id == client) {
+        if watches.get(&pid).is_none_or(|e| e.client.id != client) {
             return;
         }
         let Some(entry) = watches.remove(&pid) else {
@@ -382,7 +394,7 @@ async fn pump_events(shared: Arc<Shared>, reader: EventReader) {
         // clear first, then drain: a record submitted after the drain sets
         // readiness again, so none waits for the next one
         guard.clear_ready();
-        while let Some(ev) = guard.get_inner_mut().next() {
+        while let Some(ev) = guard.get_inner_mut().next_event() {
             shared.dispatch(ev);
         }
     }
@@ -401,18 +413,13 @@ async fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
     };
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(shared.config.client_queue);
+    let closer = Arc::new(Closer::default());
     let handle = Arc::new(ClientHandle {
         id,
         tx,
-        close: Notify::new(),
-        reason: Mutex::new(None),
+        closer: closer.clone(),
     });
-    let writer = tokio::spawn(write_loop(
-        wr,
-        rx,
-        handle.clone(),
-        shared.config.write_timeout,
-    ));
+    let writer = tokio::spawn(write_loop(wr, rx, closer, shared.config.write_timeout));
     info!(
         client = id,
         pid = peer.pid,
@@ -422,7 +429,7 @@ async fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
 
     let outcome = client_session(shared, &peer, &handle, &mut rd).await;
     let reason = match outcome {
-        Ok(()) => lock(&handle.reason)
+        Ok(()) => lock(&handle.closer.reason)
             .clone()
             .unwrap_or_else(|| "closed".into()),
         Err(reason) => {
@@ -443,18 +450,18 @@ async fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<ServerMessage>,
-    handle: Arc<ClientHandle>,
+    closer: Arc<Closer>,
     timeout: Duration,
 ) {
     while let Some(msg) = rx.recv().await {
         match tokio::time::timeout(timeout, nonblocking::write_message(&mut wr, &msg)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                handle.close(format!("write failed: {e}"));
+                closer.close(format!("write failed: {e}"));
                 return;
             }
             Err(_) => {
-                handle.close(format!("not reading: a write took over {timeout:?}"));
+                closer.close(format!("not reading: a write took over {timeout:?}"));
                 return;
             }
         }
@@ -493,7 +500,7 @@ async fn client_session(
     }
     loop {
         let frame = tokio::select! {
-            _ = handle.close.notified() => return Ok(()),
+            _ = handle.closer.notify.notified() => return Ok(()),
             f = nonblocking::read_frame(rd, cfg.frame_timeout) => f,
         };
         let body = match frame {

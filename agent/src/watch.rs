@@ -88,7 +88,7 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
     let mut exited_at: Option<std::time::Instant> = None;
     loop {
         let ready = poll2(&reader, &pidfd, Duration::from_millis(100))?;
-        while let Some(raw) = reader.next() {
+        while let Some(raw) = reader.next_event() {
             let Some(msg) = EventMessage::from_kernel(&raw) else {
                 continue;
             };

@@ -48,7 +48,7 @@ fn collect(
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     loop {
-        while let Some(raw) = reader.next() {
+        while let Some(raw) = reader.next_event() {
             if let Some(m) = EventMessage::from_kernel(&raw)
                 && m.pid == pid
             {

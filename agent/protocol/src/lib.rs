@@ -529,8 +529,10 @@ mod tests {
 
     #[test]
     fn bad_fractions_are_refused_with_a_reason() {
-        let mut f = Fractions::default();
-        f.pause = Some(1.5);
+        let mut f = Fractions {
+            pause: Some(1.5),
+            ..Fractions::default()
+        };
         assert!(matches!(
             f.to_bytes(1000),
             Err(ThresholdError::OutOfRange { name: "pause", .. })
