@@ -59,6 +59,11 @@ struct RunArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = 256)]
     max_clients: usize,
+    /// Real-time (SCHED_FIFO) priority of the agent, 1-99, so an event is
+    /// relayed the moment it happens even when every CPU is busy; 0 keeps
+    /// the normal scheduler.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=99))]
+    realtime_priority: u8,
     /// Time a new client has to send its hello, in ms.
     #[arg(long, default_value_t = 5000)]
     hello_timeout_ms: u64,
@@ -193,6 +198,24 @@ fn status(a: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// Moves the agent to SCHED_FIFO; logs and carries on if the kernel says no.
+fn set_realtime(priority: u8) {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: param is a valid sched_param; pid 0 is this thread, which is
+    // the one the current-thread runtime runs on.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        tracing::info!(priority, "running under SCHED_FIFO");
+    } else {
+        tracing::warn!(
+            "cannot switch to SCHED_FIFO priority {priority} ({}); events may wait for a busy CPU",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn run(a: RunArgs) -> Result<()> {
     if a.spike_horizon_ms == 0 {
         bail!("--spike-horizon-ms must be above 0");
@@ -212,8 +235,12 @@ fn run(a: RunArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let probe = Probe::load(a.bpf_object.as_deref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    if a.realtime_priority > 0 {
+        set_realtime(a.realtime_priority);
+    }
+    // one thread: an event goes from the ring buffer to the client's socket
+    // without waking another thread on the way
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -32,12 +32,18 @@ fn host_triple() -> String {
     format!("{}-linux-gnu", std::env::consts::ARCH)
 }
 
-/// Checks the tools and headers, compiles, and returns the object's path.
+/// The objects built: the agent's probe, and a classic-tracepoint variant
+/// the overhead benchmark compares it with.
+const OBJECTS: [(&str, &str); 2] = [
+    ("amm.bpf.c", "amm.bpf.o"),
+    ("classic.bpf.c", "classic.bpf.o"),
+];
+
+/// Checks the tools and headers, compiles every object, and returns the
+/// probe's path (target/bpf/amm.bpf.o).
 pub fn build() -> Result<PathBuf> {
     let root = workspace_root();
-    let src = root.join("ebpf/c/amm.bpf.c");
     let out_dir = root.join("target/bpf");
-    let out = out_dir.join("amm.bpf.o");
 
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
     match Command::new(&clang).arg("--version").output() {
@@ -67,20 +73,33 @@ pub fn build() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let status = Command::new(&clang)
+    for (src, obj) in OBJECTS {
+        compile(
+            &clang,
+            &arch_inc,
+            &root,
+            &root.join("ebpf/c").join(src),
+            &out_dir.join(obj),
+        )?;
+    }
+    Ok(out_dir.join(OBJECTS[0].1))
+}
+
+fn compile(clang: &str, arch_inc: &Path, root: &Path, src: &Path, out: &Path) -> Result<()> {
+    let status = Command::new(clang)
         .args([
             "-target", "bpf", "-O2", "-g", "-mcpu=v3", "-Wall", "-Werror",
         ])
         .arg(format!("-I{}", arch_inc.display()))
         .arg(format!("-I{}", root.join("ebpf/c").display()))
         .arg("-c")
-        .arg(&src)
+        .arg(src)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .status()
         .with_context(|| format!("cannot run {clang}"))?;
     if !status.success() {
         bail!("clang failed to compile {} ({status})", src.display());
     }
-    Ok(out)
+    Ok(())
 }

@@ -1,0 +1,227 @@
+//! Event latency: from the kernel's timestamp of the RSS update that crosses
+//! a level to the moment a client holds the event, over many crossings.
+//!
+//! Two paths, measured side by side in one run:
+//! - `agent`: the real `amm-agent run` relays the event over its socket to
+//!   this process, which registered its child (the path workers use);
+//! - `ring`: this process loads the probe itself and reads the ring buffer
+//!   (the floor: no agent, no socket).
+//!
+//! Each trial makes the child touch enough memory to cross spill, then free
+//! it to fall below the re-arm level: two level events per trial. Run as
+//! root: `cargo xtask bench latency`.
+
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amm_agent::probe::Probe;
+use amm_benches::{
+    Toucher, monotonic_ns, percentiles, profile_dir, settle, target_dir, toucher_main,
+};
+use amm_ebpf::{EventKind, WatchConfig};
+use amm_protocol::{Client, EventMessage, Fractions, Registration};
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+/// Event latency benchmark.
+#[derive(Parser)]
+struct Args {
+    /// Crossing pairs (up + down) per path.
+    #[arg(long, default_value_t = 60)]
+    trials: usize,
+    /// Run as the child toucher (internal).
+    #[arg(long, hide = true)]
+    child: bool,
+}
+
+const TOUCH_MIB: usize = 80;
+
+/// A limit whose spill level (70 %) sits at 90 % of the touch and whose
+/// pause level (80 %) lies beyond it: one up-crossing per touch.
+fn limit_for(base: u64) -> u64 {
+    ((base + (TOUCH_MIB as u64 * 9 / 10 << 20)) as f64 / 0.7) as u64
+}
+
+struct AgentProc {
+    child: Child,
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent() -> Result<AgentProc> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("agent.sock");
+    let child = Command::new(profile_dir().join("amm-agent"))
+        .arg("run")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--bpf-object")
+        .arg(target_dir().join("bpf/amm.bpf.o"))
+        .env("AMM_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start amm-agent (cargo xtask bench builds it)")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(AgentProc {
+                child,
+                _dir: dir,
+                socket,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("amm-agent did not start listening")
+}
+
+/// RSS of the toucher once it is up and idle.
+fn base_rss(toucher: &mut Toucher) -> Result<u64> {
+    toucher.cmd("free")?;
+    Ok(amm_agent::identity::proc_info(toucher.pid())?.rss_bytes)
+}
+
+/// Runs the trials, getting each level event through `next`; returns the
+/// latencies in µs. `next` waits at most the given time (zero: only what
+/// is already there).
+fn trials(
+    n: usize,
+    toucher: &mut Toucher,
+    mut next: impl FnMut(Duration) -> Result<Option<EventMessage>>,
+) -> Result<Vec<f64>> {
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        for cmd in [format!("touch {TOUCH_MIB}"), "free".to_string()] {
+            // the event is read while the child is still touching
+            toucher.send(&cmd)?;
+            loop {
+                let e = next(Duration::from_secs(10))?.context("no event within 10 s")?;
+                let at = monotonic_ns();
+                if e.event == EventKind::Level {
+                    lat.push(at.saturating_sub(e.t_ns) as f64 / 1e3);
+                    break;
+                }
+            }
+            toucher.wait_ok(&cmd)?;
+            settle();
+            // a stale event would be measured as the next trial's
+            while let Some(e) = next(Duration::ZERO)? {
+                if e.event == EventKind::Level {
+                    bail!("more than one level crossing per step: {e:?}");
+                }
+            }
+        }
+    }
+    Ok(lat)
+}
+
+fn via_agent(n: usize) -> Result<Vec<f64>> {
+    let agent = start_agent()?;
+    let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
+    let limit = limit_for(base_rss(&mut toucher)?);
+    let mut client = Client::connect(&agent.socket, "bench-latency", Duration::from_secs(10))?;
+    client.register(&Registration {
+        pid: toucher.pid(),
+        start_time: None,
+        limit_bytes: limit,
+        thresholds: Fractions::default(),
+        spike_horizon_ms: None,
+        terminate_signal: None,
+    })?;
+    trials(n, &mut toucher, |wait| {
+        Ok(client.next_event(Some(wait.max(Duration::from_micros(1))))?)
+    })
+}
+
+fn via_ring(n: usize) -> Result<Vec<f64>> {
+    let mut probe = Probe::load(Some(&target_dir().join("bpf/amm.bpf.o")))?;
+    let mut reader = probe.take_events().context("ring buffer")?;
+    let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
+    let pid = toucher.pid();
+    let limit = limit_for(base_rss(&mut toucher)?);
+    let t = Fractions::default().to_bytes(limit)?;
+    probe.watch(
+        pid,
+        WatchConfig {
+            limit_bytes: limit,
+            rearm_bytes: t.rearm,
+            spill_bytes: t.spill,
+            pause_bytes: t.pause,
+            terminate_bytes: t.terminate,
+            spike_horizon_ns: 200_000_000,
+            flags: 0,
+            signal: 0,
+        },
+    )?;
+    trials(n, &mut toucher, |wait| {
+        loop {
+            if let Some(raw) = reader.next_event()
+                && let Some(m) = EventMessage::from_kernel(&raw)
+            {
+                return Ok(Some(m));
+            }
+            let mut fds = libc::pollfd {
+                fd: reader.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut fds, 1, wait.as_millis() as libc::c_int) } == 0 {
+                return Ok(None);
+            }
+        }
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.child {
+        toucher_main();
+    }
+    if !amm_agent::probe::is_root() {
+        bail!("the latency benchmark loads BPF: run it as root");
+    }
+    // warm-up: fault the memory once so the first trials are not slower
+    let _ = via_ring(3)?;
+    let mut agent = Vec::new();
+    let mut ring = Vec::new();
+    // interleave the two paths in blocks so drift hits both
+    let block = 10;
+    let mut left = args.trials;
+    while left > 0 {
+        let k = block.min(left);
+        agent.extend(via_agent(k)?);
+        ring.extend(via_ring(k)?);
+        left -= k;
+    }
+    println!(
+        "event latency, kernel timestamp -> client holds the event ({} level crossings per path; kernel {})",
+        agent.len(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!();
+    println!("| path | median µs | p99 µs | max µs |");
+    println!("| --- | --- | --- | --- |");
+    for (name, v) in [
+        (
+            "agent relay (ring buffer -> agent -> Unix socket -> client)",
+            &mut agent,
+        ),
+        ("ring buffer read directly by the client process", &mut ring),
+    ] {
+        let (m, p99, max) = percentiles(v);
+        println!("| {name} | {m:.1} | {p99:.1} | {max:.1} |");
+    }
+    Ok(())
+}

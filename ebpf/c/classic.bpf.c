@@ -1,0 +1,54 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Benchmark-only: the same first test as amm.bpf.c (is this tgid watched?)
+ * on the *classic* tracepoints, so benches/ can show what the tracepoint
+ * flavour costs an unwatched process. Never loaded by the agent.
+ */
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+
+#include "amm.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, AMM_PID_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} watch_bits SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} hits SEC(".maps");
+
+static __always_inline int watched(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 word = tgid >> 6, zero = 0;
+	__u64 *bits = bpf_map_lookup_elem(&watch_bits, &word);
+	__u64 *n;
+
+	if (!bits || !((*bits >> (tgid & 63)) & 1))
+		return 0;
+	n = bpf_map_lookup_elem(&hits, &zero);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	return 0;
+}
+
+SEC("tracepoint/kmem/rss_stat")
+int classic_rss_stat(void *ctx)
+{
+	return watched();
+}
+
+SEC("tracepoint/exceptions/page_fault_user")
+int classic_page_fault_user(void *ctx)
+{
+	return watched();
+}
