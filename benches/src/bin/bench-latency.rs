@@ -40,7 +40,7 @@ const TOUCH_MIB: usize = 80;
 /// A limit whose spill level (70 %) sits at 90 % of the touch and whose
 /// pause level (80 %) lies beyond it: one up-crossing per touch.
 fn limit_for(base: u64) -> u64 {
-    ((base + (TOUCH_MIB as u64 * 9 / 10 << 20)) as f64 / 0.7) as u64
+    ((base + ((TOUCH_MIB as u64 * 9 / 10) << 20)) as f64 / 0.7) as u64
 }
 
 struct AgentProc {
