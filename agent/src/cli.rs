@@ -234,7 +234,9 @@ fn run(a: RunArgs) -> Result<()> {
         default_spike_horizon: Duration::from_millis(a.spike_horizon_ms),
         ..ServerConfig::default()
     };
-    let probe = Probe::load(a.bpf_object.as_deref())?;
+    // loaded now (so a broken object fails at start), attached with the
+    // first watch
+    let probe = Probe::load_detached(a.bpf_object.as_deref())?;
     if a.realtime_priority > 0 {
         set_realtime(a.realtime_priority);
     }

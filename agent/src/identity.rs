@@ -95,6 +95,8 @@ pub struct ProcInfo {
     pub start_time: u64,
     /// RSS in bytes: RssAnon + RssFile + RssShmem.
     pub rss_bytes: u64,
+    /// Page faults of the whole process: minflt + majflt.
+    pub faults: u64,
 }
 
 /// Reads /proc/PID/status and /proc/PID/stat.
@@ -132,17 +134,20 @@ pub fn proc_info(pid: u32) -> io::Result<ProcInfo> {
         }
     }
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // comm may hold spaces and parentheses: fields resume after the last ')'.
-    let start_time = stat
+    // comm may hold spaces and parentheses: fields resume after the last
+    // ')', at field 3 (state)
+    let fields: Vec<&str> = stat
         .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-        .and_then(|s| s.parse().ok());
-    match (ppid, uids, start_time) {
-        (Some(ppid), Some(uids), Some(start_time)) => Ok(ProcInfo {
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|s| s.parse::<u64>().ok());
+    match (ppid, uids, field(22), field(10), field(12)) {
+        (Some(ppid), Some(uids), Some(start_time), Some(min_flt), Some(maj_flt)) => Ok(ProcInfo {
             ppid,
             uids,
             start_time,
             rss_bytes: rss,
+            faults: min_flt + maj_flt,
         }),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,

@@ -265,6 +265,11 @@ impl Probe {
         Ok(())
     }
 
+    /// True when every program is attached.
+    pub fn is_attached(&self) -> bool {
+        self.links.len() == PROGRAMS.len()
+    }
+
     /// Detaches every program; the maps and watches stay.
     pub fn detach(&mut self) -> Result<(), ProbeError> {
         for (name, link) in std::mem::take(&mut self.links) {

@@ -132,6 +132,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Attaches the programs while something is watched and detaches them
+    /// when nothing is: a node with no registered worker pays nothing.
+    fn follow_watches(&self, watched: usize) {
+        let mut probe = lock(&self.probe);
+        let r = if watched == 0 && probe.is_attached() {
+            info!("nothing watched: detaching the probe");
+            probe.detach()
+        } else if watched > 0 && !probe.is_attached() {
+            info!("first watch: attaching the probe");
+            probe.attach()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = r {
+            warn!("cannot attach or detach the probe: {e}");
+        }
+    }
+
     /// Routes one kernel event to the client that registered its pid.
     fn dispatch(&self, raw: amm_ebpf::Event) {
         let Some(msg) = EventMessage::from_kernel(&raw) else {
@@ -150,6 +168,7 @@ impl Shared {
             if let Err(e) = lock(&self.probe).unwatch(pid) {
                 warn!(pid, "cannot clear the watch after exit: {e}");
             }
+            self.follow_watches(watches.len());
             info!(
                 pid,
                 peak = msg.peak_rss_bytes,
@@ -182,7 +201,7 @@ impl Shared {
                     rss_bytes: w.state.rss_bytes,
                     peak_rss_bytes: w.state.peak_rss_bytes,
                     level: Level::from_raw(w.state.level).unwrap_or(Level::Below),
-                    faults: w.state.faults,
+                    faults: identity::proc_info(pid).map_or(0, |i| i.faults),
                     rate_bytes_per_ms: w.state.rate_bytes_per_ms,
                 })
             })
@@ -224,13 +243,14 @@ impl Shared {
                 warn!(pid = p, "cannot remove the watch: {e}");
             }
         }
+        self.follow_watches(watches.len());
         pids
     }
 
     /// The process behind a watch exited but the ring buffer said nothing
     /// (it was full, or the exit raced the registration): close the watch
     /// from the map's last state.
-    fn exited_without_event(&self, pid: u32, client: u64) {
+    fn exited_without_event(&self, pid: u32, client: u64, faults: Option<u64>) {
         let mut watches = lock(&self.watches);
         if watches.get(&pid).is_none_or(|e| e.client.id != client) {
             return;
@@ -238,6 +258,7 @@ impl Shared {
         let Some(entry) = watches.remove(&pid) else {
             return;
         };
+        let left = watches.len();
         drop(watches);
         let mut probe = lock(&self.probe);
         let state = probe.watch_of(pid).map(|w| w.state).unwrap_or_default();
@@ -245,6 +266,7 @@ impl Shared {
             warn!(pid, "cannot remove the watch: {e}");
         }
         drop(probe);
+        self.follow_watches(left);
         warn!(pid, "watched process exited without a kernel exit event");
         entry.client.send(ServerMessage::Event(EventMessage {
             event: EventKind::Exit,
@@ -254,7 +276,7 @@ impl Shared {
             level: Level::from_raw(state.level).unwrap_or(Level::Below),
             prev_level: Level::from_raw(state.level).unwrap_or(Level::Below),
             peak_rss_bytes: state.peak_rss_bytes,
-            faults: state.faults,
+            faults,
             rate_bytes_per_ms: state.rate_bytes_per_ms,
             eta_ns: None,
             foreign: false,
@@ -582,7 +604,9 @@ fn register(
             "already watched for another client".into()
         });
     }
+    shared.follow_watches(watches.len() + 1);
     if let Err(e) = lock(&shared.probe).watch(reg.pid, config) {
+        shared.follow_watches(watches.len());
         return refuse(format!("the probe cannot watch it: {e}"));
     }
     let exit_task = spawn_exit_watch(shared.clone(), reg.pid, handle.id, verified.pidfd);
@@ -642,9 +666,11 @@ fn spawn_exit_watch(
         if afd.readable().await.is_err() {
             return;
         }
+        // the zombie still shows its fault counts, until its parent reaps it
+        let faults = identity::proc_info(pid).ok().map(|i| i.faults);
         // the kernel's exit event (with the peak) normally arrives first
         tokio::time::sleep(Duration::from_millis(100)).await;
-        shared.exited_without_event(pid, client);
+        shared.exited_without_event(pid, client, faults);
     });
     Some(task.abort_handle())
 }

@@ -86,6 +86,7 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
     }
     let mut events = Vec::new();
     let mut exited_at: Option<std::time::Instant> = None;
+    let mut zombie_faults = None;
     loop {
         let ready = poll2(&reader, &pidfd, Duration::from_millis(100))?;
         while let Some(raw) = reader.next_event() {
@@ -108,6 +109,8 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
         }
         if ready.1 && exited_at.is_none() {
             exited_at = Some(std::time::Instant::now());
+            // the zombie still shows its fault counts, until it is reaped
+            zombie_faults = identity::proc_info(opts.pid).ok().map(|i| i.faults);
         }
         // the pidfd said it exited but no exit event came: the process
         // exited before the watch was in place, or the ring buffer was full
@@ -126,7 +129,7 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
                 level,
                 prev_level: level,
                 peak_rss_bytes: state.peak_rss_bytes,
-                faults: state.faults,
+                faults: zombie_faults,
                 rate_bytes_per_ms: state.rate_bytes_per_ms,
                 eta_ns: None,
                 foreign: false,
@@ -216,6 +219,7 @@ impl Printer {
                     ByteSize(m.peak_rss_bytes).display().iec(),
                     pct(m.peak_rss_bytes),
                     m.faults
+                        .map_or_else(|| "unknown".to_string(), |f| f.to_string())
                 ),
             };
             writeln!(out, "{t:>12.3} ms  pid {}  {what}", m.pid)?;

@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * amm's kernel side: exact RSS, peak, faults, growth rate and level of every
- * *watched* process, at the resolution of one RSS update (one page here).
+ * amm's kernel side: exact RSS, peak, growth rate, level and (at exit) page
+ * faults of every *watched* process, at the resolution of one RSS update
+ * (one page here).
  *
- * Attach points are BTF tracepoints (tp_btf): they receive the tracepoint's
- * raw arguments and do not run the classic event's TP_fast_assign, which for
- * kmem:rss_stat sums a per-CPU counter under a spin lock on every RSS change
- * of every process on the node. An unwatched process pays one bitmap test
- * per hook (benches/RESULTS.md has the numbers).
+ * Attach points are BTF tracepoints (tp_btf) on kmem:rss_stat and
+ * sched:sched_process_exit: they receive the tracepoint's raw arguments and
+ * do not run the classic event's TP_fast_assign, which for rss_stat sums a
+ * per-CPU counter under a spin lock on every RSS change of every process on
+ * the node. An unwatched process pays one bitmap test per RSS change
+ * (benches/RESULTS.md has the numbers).
  *
  * The program emits on the `events` ring buffer only when something happens:
  * a level crossing upward, the fall below the re-arm level, a spike alarm, or
@@ -45,11 +47,16 @@ struct signal_struct {
 	struct {
 		int counter;
 	} live;
+	unsigned long min_flt;
+	unsigned long maj_flt;
 };
 struct task_struct {
 	int tgid;
 	struct mm_struct *mm;
 	struct signal_struct *signal;
+	struct task_struct *group_leader;
+	unsigned long min_flt;
+	unsigned long maj_flt;
 };
 #pragma clang attribute pop
 
@@ -436,18 +443,24 @@ int BPF_PROG(amm_rss_stat, struct mm_struct *mm, int member)
 	return 0;
 }
 
-SEC("tp_btf/page_fault_user")
-int BPF_PROG(amm_page_fault_user, unsigned long address, void *regs, unsigned long error_code)
+/*
+ * Page faults of the whole process as the kernel counts them (minflt +
+ * majflt, what getrusage and /proc/PID/stat report), read when its last
+ * thread exits: threads already gone are summed in signal_struct, the last
+ * thread and a zombie group leader still hold their own. A thread exiting
+ * in the same instant may not be summed yet. Counting faults on
+ * exceptions:page_fault_user instead would cost every process on the node
+ * a hook per fault (benches/RESULTS.md).
+ */
+static __always_inline __u64 exit_faults(struct task_struct *p)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct amm_watch *w;
+	struct signal_struct *sig = p->signal;
+	struct task_struct *leader = p->group_leader;
+	__u64 n = sig->min_flt + sig->maj_flt + p->min_flt + p->maj_flt;
 
-	if (!watched_bit(tgid))
-		return 0;
-	w = bpf_map_lookup_elem(&watches, &tgid);
-	if (w)
-		__sync_fetch_and_add(&w->state.faults, 1);
-	return 0;
+	if (leader && leader != p)
+		n += leader->min_flt + leader->maj_flt;
+	return n;
 }
 
 SEC("tp_btf/sched_process_exit")
@@ -466,6 +479,7 @@ int BPF_PROG(amm_process_exit, struct task_struct *p)
 	if (!w)
 		return 0;
 	__builtin_memcpy(&copy, w, sizeof(copy));
+	copy.state.faults = exit_faults(p);
 	/* whoever deletes the entry emits: a racing thread exit emits nothing */
 	if (bpf_map_delete_elem(&watches, &tgid))
 		return 0;

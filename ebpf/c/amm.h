@@ -70,7 +70,7 @@ struct amm_watch_state {
 	__s64 rss_pages[AMM_NR_MM_COUNTERS];   /* exact per-member counters */
 	__u64 rss_bytes;                       /* FILE + ANON + SHMEM */
 	__u64 peak_rss_bytes;
-	__u64 faults;                          /* exceptions:page_fault_user hits */
+	__u64 faults;                          /* minflt + majflt, set at exit */
 	__s64 rate_bytes_per_ms;               /* smoothed growth rate */
 	__u64 window_start_ns;                 /* start of the current rate window */
 	__u64 window_start_rss;
@@ -95,7 +95,7 @@ struct amm_event {
 	__u32 prev_level;         /* level before it */
 	__u64 rss_bytes;
 	__u64 peak_rss_bytes;
-	__u64 faults;
+	__u64 faults;             /* EXIT: minflt + majflt of the process */
 	__s64 rate_bytes_per_ms;
 	__u64 eta_ns;             /* SPIKE: predicted time to terminate */
 	__u32 flags;              /* AMM_EVENT_FLAG_* */

@@ -39,9 +39,8 @@ pub const EVENT_FLAG_FOREIGN: u32 = 1 << 0;
 pub const EVENT_FLAG_SIGNALLED: u32 = 1 << 1;
 
 /// Names of the programs in the object, with the tracepoint each attaches to.
-pub const PROGRAMS: [(&str, &str); 3] = [
+pub const PROGRAMS: [(&str, &str); 2] = [
     ("amm_rss_stat", "rss_stat"),
-    ("amm_page_fault_user", "page_fault_user"),
     ("amm_process_exit", "sched_process_exit"),
 ];
 
@@ -175,7 +174,7 @@ pub struct WatchState {
     pub rss_bytes: u64,
     /// Highest `rss_bytes` seen.
     pub peak_rss_bytes: u64,
-    /// User page faults counted.
+    /// minflt + majflt of the process, set at exit.
     pub faults: u64,
     /// Smoothed growth rate.
     pub rate_bytes_per_ms: i64,
@@ -221,7 +220,7 @@ pub struct Event {
     pub rss_bytes: u64,
     /// Peak RSS so far.
     pub peak_rss_bytes: u64,
-    /// User page faults so far.
+    /// Exit: minflt + majflt of the whole process.
     pub faults: u64,
     /// Smoothed growth rate.
     pub rate_bytes_per_ms: i64,

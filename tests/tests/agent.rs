@@ -228,9 +228,35 @@ fn closed_with(s: &mut UnixStream) -> Option<String> {
                 }
             }
             Err(amm_protocol::FrameError::Closed) => return reason,
+            // closing a socket with unread input resets it; the reason sent
+            // just before may be lost with it (the agent's log keeps it)
+            Err(amm_protocol::FrameError::Io(e))
+                if e.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                return reason;
+            }
             Err(e) => panic!("the agent did not close the connection: {e}"),
         }
     }
+}
+
+/// The connection is closed, and the reason (sent to the client, or at
+/// least logged by the agent) mentions `needle`.
+fn expect_closed(agent: &Agent, s: &mut UnixStream, needle: &str) {
+    if closed_with(s).is_some_and(|r| r.contains(needle)) {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if agent.log().contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "no reason mentioning {needle:?}; agent log:\n{}",
+        agent.log()
+    );
 }
 
 #[test]

@@ -32,12 +32,9 @@ fn host_triple() -> String {
     format!("{}-linux-gnu", std::env::consts::ARCH)
 }
 
-/// The objects built: the agent's probe, and a classic-tracepoint variant
-/// the overhead benchmark compares it with.
-const OBJECTS: [(&str, &str); 2] = [
-    ("amm.bpf.c", "amm.bpf.o"),
-    ("classic.bpf.c", "classic.bpf.o"),
-];
+/// The objects built: the agent's probe, and the benchmark-only programs
+/// the overhead benchmark compares it with (bench.bpf.o).
+const OBJECTS: [(&str, &str); 2] = [("amm.bpf.c", "amm.bpf.o"), ("bench.bpf.c", "bench.bpf.o")];
 
 /// Checks the tools and headers, compiles every object, and returns the
 /// probe's path (target/bpf/amm.bpf.o).

@@ -204,8 +204,9 @@ pub struct EventMessage {
     pub prev_level: Level,
     /// Peak RSS so far.
     pub peak_rss_bytes: u64,
-    /// User page faults so far.
-    pub faults: u64,
+    /// Exit: page faults of the whole process (minflt + majflt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<u64>,
     /// Smoothed growth rate.
     pub rate_bytes_per_ms: i64,
     /// Spike: predicted ns until terminate.
@@ -230,7 +231,7 @@ impl EventMessage {
             level: Level::from_raw(e.level)?,
             prev_level: Level::from_raw(e.prev_level)?,
             peak_rss_bytes: e.peak_rss_bytes,
-            faults: e.faults,
+            faults: (e.kind == 3).then_some(e.faults),
             rate_bytes_per_ms: e.rate_bytes_per_ms,
             eta_ns: (e.kind == 2).then_some(e.eta_ns),
             foreign: e.flags & amm_ebpf::EVENT_FLAG_FOREIGN != 0,
@@ -317,7 +318,7 @@ pub struct WatchStatus {
     pub peak_rss_bytes: u64,
     /// Current level.
     pub level: Level,
-    /// User page faults.
+    /// Page faults so far (minflt + majflt from /proc).
     pub faults: u64,
     /// Smoothed growth rate.
     pub rate_bytes_per_ms: i64,

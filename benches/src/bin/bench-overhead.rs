@@ -1,7 +1,9 @@
 //! What the probe costs a page-fault-heavy process: touch fresh anonymous
 //! pages, release them with MADV_DONTNEED, repeat, with the probe detached,
-//! attached (process unwatched), attached and watching this process, and a
-//! classic-tracepoint program with the same filter for comparison.
+//! attached (process unwatched), attached and watching this process; and,
+//! for comparison, the same filter on a per-fault BTF hook (what counting
+//! faults on exceptions:page_fault_user would add) and on the classic
+//! tracepoints.
 //!
 //! Modes are interleaved round by round (order rotated each round) after a
 //! warm-up, and each mode's cost is reported as the median over rounds of
@@ -14,8 +16,9 @@ use amm_agent::probe::Probe;
 use amm_benches::{Region, percentiles, pin_to_cpu, target_dir};
 use amm_ebpf::WatchConfig;
 use anyhow::{Context, Result, bail};
-use aya::programs::TracePoint;
+use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::trace_point::TracePointLinkId;
+use aya::programs::{BtfTracePoint, TracePoint};
 use clap::Parser;
 
 /// Probe overhead on a page-fault loop.
@@ -38,35 +41,43 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Detached,
-    BtfUnwatched,
-    BtfRssOnlyUnwatched,
-    BtfWatched,
-    ClassicUnwatched,
+    Unwatched,
+    Watched,
+    UnwatchedWithFaultHook,
+    Classic,
 }
 
 impl Mode {
     const ALL: [Mode; 5] = [
         Mode::Detached,
-        Mode::BtfUnwatched,
-        Mode::BtfRssOnlyUnwatched,
-        Mode::BtfWatched,
-        Mode::ClassicUnwatched,
+        Mode::Unwatched,
+        Mode::Watched,
+        Mode::UnwatchedWithFaultHook,
+        Mode::Classic,
     ];
 
     fn label(self) -> &'static str {
         match self {
             Mode::Detached => "probe detached",
-            Mode::BtfUnwatched => "tp_btf attached (3 programs), process unwatched",
-            Mode::BtfRssOnlyUnwatched => "tp_btf rss_stat only, process unwatched",
-            Mode::BtfWatched => "tp_btf attached, process watched",
-            Mode::ClassicUnwatched => "classic tracepoints (same filter), unwatched",
+            Mode::Unwatched => {
+                "probe attached (tp_btf rss_stat + sched_process_exit), process unwatched"
+            }
+            Mode::Watched => "probe attached, process watched",
+            Mode::UnwatchedWithFaultHook => {
+                "probe + a tp_btf page_fault_user hook (not used by amm), unwatched"
+            }
+            Mode::Classic => {
+                "classic tracepoints rss_stat + page_fault_user (same filter), unwatched"
+            }
         }
     }
 }
 
-struct Classic {
-    _ebpf: aya::Ebpf,
-    links: Vec<TracePointLinkId>,
+/// The benchmark-only programs of bench.bpf.o.
+struct Others {
+    ebpf: aya::Ebpf,
+    classic: Vec<TracePointLinkId>,
+    fault_hook: Option<BtfTracePointLinkId>,
 }
 
 fn ensure_tracefs() -> Result<()> {
@@ -83,49 +94,67 @@ fn ensure_tracefs() -> Result<()> {
     Ok(())
 }
 
-impl Classic {
+impl Others {
     fn load() -> Result<Self> {
         ensure_tracefs()?;
-        let path = target_dir().join("bpf/classic.bpf.o");
+        let path = target_dir().join("bpf/bench.bpf.o");
+        let btf = aya::Btf::from_sys_fs()?;
         let mut ebpf = aya::Ebpf::load_file(&path)
             .with_context(|| format!("load {} (cargo xtask build-ebpf)", path.display()))?;
-        for name in ["classic_rss_stat", "classic_page_fault_user"] {
+        for name in CLASSIC.map(|(n, _, _)| n) {
             let p: &mut TracePoint = ebpf
                 .program_mut(name)
                 .context("program missing")?
                 .try_into()?;
             p.load()?;
         }
+        let p: &mut BtfTracePoint = ebpf
+            .program_mut("btf_page_fault_user")
+            .context("program missing")?
+            .try_into()?;
+        p.load("page_fault_user", &btf)?;
         Ok(Self {
-            _ebpf: ebpf,
-            links: Vec::new(),
+            ebpf,
+            classic: Vec::new(),
+            fault_hook: None,
         })
     }
 
-    fn attach(&mut self) -> Result<()> {
-        for (name, cat, ev) in [
-            ("classic_rss_stat", "kmem", "rss_stat"),
-            ("classic_page_fault_user", "exceptions", "page_fault_user"),
-        ] {
+    fn attach_classic(&mut self) -> Result<()> {
+        for (name, cat, ev) in CLASSIC {
             let p: &mut TracePoint = self
-                ._ebpf
+                .ebpf
                 .program_mut(name)
                 .context("program missing")?
                 .try_into()?;
-            self.links.push(p.attach(cat, ev)?);
+            self.classic.push(p.attach(cat, ev)?);
         }
         Ok(())
     }
 
+    fn attach_fault_hook(&mut self) -> Result<()> {
+        let p: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut("btf_page_fault_user")
+            .context("program missing")?
+            .try_into()?;
+        self.fault_hook = Some(p.attach()?);
+        Ok(())
+    }
+
     fn detach(&mut self) -> Result<()> {
-        let links = std::mem::take(&mut self.links);
-        for (link, name) in links
-            .into_iter()
-            .zip(["classic_rss_stat", "classic_page_fault_user"])
-        {
+        for (link, (name, _, _)) in std::mem::take(&mut self.classic).into_iter().zip(CLASSIC) {
             let p: &mut TracePoint = self
-                ._ebpf
+                .ebpf
                 .program_mut(name)
+                .context("program missing")?
+                .try_into()?;
+            p.detach(link)?;
+        }
+        if let Some(link) = self.fault_hook.take() {
+            let p: &mut BtfTracePoint = self
+                .ebpf
+                .program_mut("btf_page_fault_user")
                 .context("program missing")?
                 .try_into()?;
             p.detach(link)?;
@@ -134,12 +163,20 @@ impl Classic {
     }
 }
 
-fn set_mode(mode: Mode, probe: &mut Probe, classic: &mut Classic, me: u32) -> Result<()> {
+const CLASSIC: [(&str, &str, &str); 2] = [
+    ("classic_rss_stat", "kmem", "rss_stat"),
+    ("classic_page_fault_user", "exceptions", "page_fault_user"),
+];
+
+fn set_mode(mode: Mode, probe: &mut Probe, others: &mut Others, me: u32) -> Result<()> {
     match mode {
         Mode::Detached => {}
-        Mode::BtfUnwatched => probe.attach()?,
-        Mode::BtfRssOnlyUnwatched => probe.attach_only(&["amm_rss_stat"])?,
-        Mode::BtfWatched => {
+        Mode::Unwatched => probe.attach()?,
+        Mode::UnwatchedWithFaultHook => {
+            probe.attach()?;
+            others.attach_fault_hook()?;
+        }
+        Mode::Watched => {
             probe.attach()?;
             probe.watch(
                 me,
@@ -155,22 +192,17 @@ fn set_mode(mode: Mode, probe: &mut Probe, classic: &mut Classic, me: u32) -> Re
                 },
             )?;
         }
-        Mode::ClassicUnwatched => classic.attach()?,
+        Mode::Classic => others.attach_classic()?,
     }
     Ok(())
 }
 
-fn clear_mode(mode: Mode, probe: &mut Probe, classic: &mut Classic, me: u32) -> Result<()> {
-    match mode {
-        Mode::Detached => {}
-        Mode::BtfUnwatched | Mode::BtfRssOnlyUnwatched => probe.detach()?,
-        Mode::BtfWatched => {
-            probe.unwatch(me)?;
-            probe.detach()?;
-        }
-        Mode::ClassicUnwatched => classic.detach()?,
+fn clear_mode(mode: Mode, probe: &mut Probe, others: &mut Others, me: u32) -> Result<()> {
+    if mode == Mode::Watched {
+        probe.unwatch(me)?;
     }
-    Ok(())
+    probe.detach()?;
+    others.detach()
 }
 
 fn main() -> Result<()> {
@@ -181,7 +213,7 @@ fn main() -> Result<()> {
     pin_to_cpu(1);
     let me = std::process::id();
     let mut probe = Probe::load_detached(Some(&target_dir().join("bpf/amm.bpf.o")))?;
-    let mut classic = Classic::load()?;
+    let mut others = Others::load()?;
     let region = Region::new(args.region_mib << 20)?;
     let pages = region.pages() as f64;
     let run = |n: usize| {
@@ -201,9 +233,9 @@ fn main() -> Result<()> {
         for k in 0..Mode::ALL.len() {
             let i = (k + round) % Mode::ALL.len();
             let mode = Mode::ALL[i];
-            set_mode(mode, &mut probe, &mut classic, me)?;
+            set_mode(mode, &mut probe, &mut others, me)?;
             this_round[i] = run(args.iters);
-            clear_mode(mode, &mut probe, &mut classic, me)?;
+            clear_mode(mode, &mut probe, &mut others, me)?;
         }
         for i in 0..Mode::ALL.len() {
             per_mode[i].push(this_round[i]);

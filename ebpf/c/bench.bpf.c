@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Benchmark-only: the same first test as amm.bpf.c (is this tgid watched?)
- * on the *classic* tracepoints, so benches/ can show what the tracepoint
- * flavour costs an unwatched process. Never loaded by the agent.
+ * Benchmark-only programs, never loaded by the agent: the same first test as
+ * amm.bpf.c (is this tgid watched?) on other attach points, so benches/ can
+ * show what each choice would cost an unwatched process:
+ * - the classic tracepoints kmem:rss_stat and exceptions:page_fault_user;
+ * - a BTF tracepoint on page_fault_user (a per-fault hook for fault counts).
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
 
 #include "amm.h"
 
@@ -49,6 +52,12 @@ int classic_rss_stat(void *ctx)
 
 SEC("tracepoint/exceptions/page_fault_user")
 int classic_page_fault_user(void *ctx)
+{
+	return watched();
+}
+
+SEC("tp_btf/page_fault_user")
+int BPF_PROG(btf_page_fault_user, unsigned long address, void *regs, unsigned long error_code)
 {
 	return watched();
 }
