@@ -23,13 +23,14 @@ use amm_protocol::{
 };
 use anyhow::{Context, Result, bail};
 use tokio::io::unix::AsyncFd;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::identity::{self, Peer};
+use crate::outbox::Outbox;
 use crate::probe::{EventReader, Probe};
 
 /// Settings of the server.
@@ -51,8 +52,8 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// Spike horizon for registrations that give none.
     pub default_spike_horizon: Duration,
-    /// Messages queued per client before it counts as not reading.
-    pub client_queue: usize,
+    /// Bytes queued per client before it counts as not reading.
+    pub client_queue_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -66,7 +67,7 @@ impl Default for ServerConfig {
             frame_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
             default_spike_horizon: Duration::from_millis(200),
-            client_queue: 1024,
+            client_queue_bytes: 1 << 20,
         }
     }
 }
@@ -88,11 +89,10 @@ impl Closer {
     }
 }
 
-/// One connected client, as others see it. The queue closes (and with it
-/// the writer and the socket) when the last handle is dropped.
+/// One connected client, as others see it.
 struct ClientHandle {
     id: u64,
-    tx: mpsc::Sender<ServerMessage>,
+    outbox: Arc<Outbox>,
     closer: Arc<Closer>,
 }
 
@@ -101,14 +101,13 @@ impl ClientHandle {
         self.closer.close(reason);
     }
 
-    /// Queues a message; a full queue means the client is not reading.
+    /// Sends (or queues) a message; a client that is not reading is closed.
     fn send(&self, msg: ServerMessage) {
-        match self.tx.try_send(msg) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close("not reading its events (queue full)".into())
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        let pushed = amm_protocol::encode(&msg)
+            .map_err(|e| format!("cannot encode {msg:?}: {e}"))
+            .and_then(|frame| self.outbox.push(frame));
+        if let Err(reason) = pushed {
+            self.close(reason);
         }
     }
 }
@@ -183,7 +182,14 @@ impl Shared {
             }
         };
         drop(watches);
-        debug!(pid, event = ?msg.event, level = %msg.level, rss = msg.rss_bytes, "event");
+        debug!(
+            pid,
+            event = ?msg.event,
+            level = %msg.level,
+            rss = msg.rss_bytes,
+            delay_us = monotonic_ns().saturating_sub(msg.t_ns) / 1000,
+            "event"
+        );
         client.send(ServerMessage::Event(msg));
     }
 
@@ -434,14 +440,19 @@ async fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
         }
     };
     let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel(shared.config.client_queue);
+    let outbox = Arc::new(Outbox::new(wr, shared.config.client_queue_bytes));
     let closer = Arc::new(Closer::default());
     let handle = Arc::new(ClientHandle {
         id,
-        tx,
+        outbox: outbox.clone(),
         closer: closer.clone(),
     });
-    let writer = tokio::spawn(write_loop(wr, rx, closer, shared.config.write_timeout));
+    let timeout = shared.config.write_timeout;
+    let writer = tokio::spawn(async move {
+        if let Err(reason) = outbox.run(timeout).await {
+            closer.close(reason);
+        }
+    });
     info!(
         client = id,
         pid = peer.pid,
@@ -456,7 +467,7 @@ async fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
             .unwrap_or_else(|| "closed".into()),
         Err(reason) => {
             // tell the client why, best effort, before closing
-            let _ = handle.tx.try_send(ServerMessage::Error {
+            handle.send(ServerMessage::Error {
                 reason: reason.clone(),
             });
             reason
@@ -464,30 +475,10 @@ async fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
     };
     let forgotten = shared.forget(id, None);
     // let the writer flush the last message, then stop it
+    handle.outbox.finish();
     drop(handle);
     let _ = tokio::time::timeout(shared.config.write_timeout, writer).await;
     info!(client = id, pid = peer.pid, watches_removed = forgotten.len(), %reason, "client gone");
-}
-
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<ServerMessage>,
-    closer: Arc<Closer>,
-    timeout: Duration,
-) {
-    while let Some(msg) = rx.recv().await {
-        match tokio::time::timeout(timeout, nonblocking::write_message(&mut wr, &msg)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                closer.close(format!("write failed: {e}"));
-                return;
-            }
-            Err(_) => {
-                closer.close(format!("not reading: a write took over {timeout:?}"));
-                return;
-            }
-        }
-    }
 }
 
 /// The request loop of one client. `Err` carries the reason to log and send.

@@ -18,6 +18,7 @@ use amm_ebpf::{EventKind, Level};
 use serde::{Deserialize, Serialize};
 
 mod client;
+pub mod sched;
 pub use client::{Client, ClientError};
 
 /// Protocol version spoken by this crate.

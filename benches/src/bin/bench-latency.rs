@@ -30,6 +30,9 @@ struct Args {
     /// Crossing pairs (up + down) per path.
     #[arg(long, default_value_t = 60)]
     trials: usize,
+    /// Also print every sample (µs), sorted.
+    #[arg(long)]
+    dump: bool,
     /// Run as the child toucher (internal).
     #[arg(long, hide = true)]
     child: bool,
@@ -66,7 +69,10 @@ fn start_agent() -> Result<AgentProc> {
         .arg(&socket)
         .arg("--bpf-object")
         .arg(target_dir().join("bpf/amm.bpf.o"))
-        .env("AMM_LOG", "warn")
+        .env(
+            "AMM_LOG",
+            std::env::var("AMM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stderr(Stdio::inherit())
         .spawn()
         .context("start amm-agent (cargo xtask bench builds it)")?;
@@ -90,6 +96,20 @@ fn base_rss(toucher: &mut Toucher) -> Result<u64> {
     Ok(amm_agent::identity::proc_info(toucher.pid())?.rss_bytes)
 }
 
+/// Latencies in µs of upward and downward crossings.
+#[derive(Default)]
+struct Samples {
+    up: Vec<f64>,
+    down: Vec<f64>,
+}
+
+impl Samples {
+    fn extend(&mut self, other: Samples) {
+        self.up.extend(other.up);
+        self.down.extend(other.down);
+    }
+}
+
 /// Runs the trials, getting each level event through `next`; returns the
 /// latencies in µs. `next` waits at most the given time (zero: only what
 /// is already there).
@@ -97,17 +117,21 @@ fn trials(
     n: usize,
     toucher: &mut Toucher,
     mut next: impl FnMut(Duration) -> Result<Option<EventMessage>>,
-) -> Result<Vec<f64>> {
-    let mut lat = Vec::new();
+) -> Result<Samples> {
+    let mut lat = Samples::default();
     for _ in 0..n {
-        for cmd in [format!("touch {TOUCH_MIB}"), "free".to_string()] {
+        for (up, cmd) in [
+            (true, format!("touch {TOUCH_MIB}")),
+            (false, "free".to_string()),
+        ] {
             // the event is read while the child is still touching
             toucher.send(&cmd)?;
             loop {
                 let e = next(Duration::from_secs(10))?.context("no event within 10 s")?;
                 let at = monotonic_ns();
                 if e.event == EventKind::Level {
-                    lat.push(at.saturating_sub(e.t_ns) as f64 / 1e3);
+                    let us = at.saturating_sub(e.t_ns) as f64 / 1e3;
+                    if up { &mut lat.up } else { &mut lat.down }.push(us);
                     break;
                 }
             }
@@ -124,7 +148,7 @@ fn trials(
     Ok(lat)
 }
 
-fn via_agent(n: usize) -> Result<Vec<f64>> {
+fn via_agent(n: usize) -> Result<Samples> {
     let agent = start_agent()?;
     let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
     let limit = limit_for(base_rss(&mut toucher)?);
@@ -142,7 +166,7 @@ fn via_agent(n: usize) -> Result<Vec<f64>> {
     })
 }
 
-fn via_ring(n: usize) -> Result<Vec<f64>> {
+fn via_ring(n: usize) -> Result<Samples> {
     let mut probe = Probe::load(Some(&target_dir().join("bpf/amm.bpf.o")))?;
     let mut reader = probe.take_events().context("ring buffer")?;
     let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
@@ -190,10 +214,15 @@ fn main() -> Result<()> {
     if !amm_agent::probe::is_root() {
         bail!("the latency benchmark loads BPF: run it as root");
     }
+    // the thread that waits for events asks for a short slice, as a worker's
+    // event thread does: woken, it preempts instead of waiting a tick
+    if let Err(e) = amm_protocol::sched::request_short_slice(Duration::from_micros(100)) {
+        eprintln!("cannot request a short slice ({e}); latencies will include scheduler waits");
+    }
     // warm-up: fault the memory once so the first trials are not slower
     let _ = via_ring(3)?;
-    let mut agent = Vec::new();
-    let mut ring = Vec::new();
+    let mut agent = Samples::default();
+    let mut ring = Samples::default();
     // interleave the two paths in blocks so drift hits both
     let block = 10;
     let mut left = args.trials;
@@ -204,24 +233,30 @@ fn main() -> Result<()> {
         left -= k;
     }
     println!(
-        "event latency, kernel timestamp -> client holds the event ({} level crossings per path; kernel {})",
-        agent.len(),
+        "event latency, kernel timestamp of the crossing -> the client holds the event; {} trials per path, each one crossing up (while touching {TOUCH_MIB} MiB) and one down (inside the munmap of it); kernel {}",
+        agent.up.len(),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
     );
     println!();
-    println!("| path | median µs | p99 µs | max µs |");
-    println!("| --- | --- | --- | --- |");
-    for (name, v) in [
+    println!("| path | crossing | median µs | p99 µs | max µs |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, s) in [
         (
             "agent relay (ring buffer -> agent -> Unix socket -> client)",
             &mut agent,
         ),
         ("ring buffer read directly by the client process", &mut ring),
     ] {
-        let (m, p99, max) = percentiles(v);
-        println!("| {name} | {m:.1} | {p99:.1} | {max:.1} |");
+        let mut all: Vec<f64> = s.up.iter().chain(&s.down).copied().collect();
+        for (dir, v) in [("up", &mut s.up), ("down", &mut s.down), ("all", &mut all)] {
+            let (m, p99, max) = percentiles(v);
+            println!("| {name} | {dir} | {m:.1} | {p99:.1} | {max:.1} |");
+            if args.dump {
+                eprintln!("{name} {dir}: {v:.0?}");
+            }
+        }
     }
     Ok(())
 }
