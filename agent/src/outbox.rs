@@ -6,15 +6,21 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+/// A frame, and the fd to attach to its first byte if it carries one (until
+/// that byte is sent).
+type Frame = (Vec<u8>, Option<OwnedFd>);
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<Frame>,
     /// Bytes of the front frame already written.
     offset: usize,
     /// Bytes queued.
@@ -46,9 +52,31 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes what the socket takes now; the fd goes with the first byte.
+    fn write_some(&self, buf: &[u8], fd: &mut Option<OwnedFd>) -> io::Result<usize> {
+        let n = match fd.as_ref() {
+            None => self.wr.try_write(buf)?,
+            Some(f) => {
+                let sock = self.wr.as_ref();
+                sock.try_io(Interest::WRITABLE, || {
+                    amm_protocol::fdpass::send_with_fd(
+                        sock.as_raw_fd(),
+                        buf,
+                        f.as_fd(),
+                        libc::MSG_DONTWAIT,
+                    )
+                })?
+            }
+        };
+        if n > 0 {
+            *fd = None; // delivered with the first byte
+        }
+        Ok(n)
+    }
+
     /// Sends a frame now if the socket takes it, else queues it. `Err` says
     /// why the client must be dropped.
-    pub fn push(&self, frame: Vec<u8>) -> Result<(), String> {
+    pub fn push(&self, frame: Vec<u8>, mut fd: Option<OwnedFd>) -> Result<(), String> {
         let mut st = self.state();
         if st.finished {
             return Ok(());
@@ -56,7 +84,7 @@ impl Outbox {
         let mut written = 0;
         if st.queue.is_empty() {
             while written < frame.len() {
-                match self.wr.try_write(&frame[written..]) {
+                match self.write_some(&frame[written..], &mut fd) {
                     Ok(n) => written += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(format!("write failed: {e}")),
@@ -75,7 +103,7 @@ impl Outbox {
         if st.queue.is_empty() {
             st.offset = written;
         }
-        st.queue.push_back(frame);
+        st.queue.push_back((frame, fd));
         drop(st);
         self.wake.notify_one();
         Ok(())
@@ -112,9 +140,10 @@ impl Outbox {
                 }
             }
             let mut st = self.state();
-            while let Some(front) = st.queue.front() {
+            let st = &mut *st;
+            while let Some((front, fd)) = st.queue.front_mut() {
                 let len = front.len();
-                match self.wr.try_write(&front[st.offset..]) {
+                match self.write_some(&front[st.offset..], fd) {
                     Ok(n) => {
                         st.offset += n;
                         if st.offset == len {

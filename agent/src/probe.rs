@@ -1,11 +1,11 @@
 //! The BPF side seen from userspace: load the object, attach its BTF
 //! tracepoints, and read and write its maps.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use amm_ebpf::{Event, PROGRAMS, Stats, Watch, WatchConfig, WatchState, globals, maps};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, HashOfMaps, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
 use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -124,6 +124,7 @@ pub struct Probe {
     watches: HashMap<MapData, u32, Watch>,
     bits: Array<MapData, u64>,
     mm_owner: HashMap<MapData, u64, u32>,
+    client_rings: HashOfMaps<MapData, u32>,
     stats: PerCpuArray<MapData, Stats>,
     events: Option<RingBuf<MapData>>,
     links: Vec<(&'static str, BtfTracePointLinkId)>,
@@ -210,6 +211,10 @@ impl Probe {
             maps::STATS,
             PerCpuArray::try_from(take_map(&mut ebpf, maps::STATS)?),
         )?;
+        let client_rings = typed(
+            maps::CLIENT_RINGS,
+            HashOfMaps::try_from(take_map(&mut ebpf, maps::CLIENT_RINGS)?),
+        )?;
         let events = typed(
             maps::EVENTS,
             RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?),
@@ -220,6 +225,7 @@ impl Probe {
             watches,
             bits,
             mm_owner,
+            client_rings,
             stats,
             events: Some(events),
             links: Vec::new(),
@@ -316,10 +322,31 @@ impl Probe {
         Ok(())
     }
 
+    /// Gives `tgid` a ring buffer of its own, which the program fills with
+    /// the same events as the agent's; returns its fd, for the client.
+    /// Removed by [`Self::unwatch`].
+    pub fn client_ring(&mut self, tgid: u32) -> Result<OwnedFd, ProbeError> {
+        bit_of(tgid)?;
+        let def = aya_obj::Map::new_from_params(
+            aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+            0,
+            0,
+            amm_ebpf::CLIENT_RING_BYTES,
+            0,
+        );
+        let ring = MapData::create(def, "amm_client_ring", None)?;
+        self.client_rings.insert(tgid, &ring, 0)?;
+        ring.fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| ProbeError::System(format!("cannot duplicate the ring's fd: {e}")))
+    }
+
     /// Stops watching `tgid`: clears its bit and removes its entries if the
     /// program has not already done so at exit. Idempotent.
     pub fn unwatch(&mut self, tgid: u32) -> Result<(), ProbeError> {
         let (word, mask) = bit_of(tgid)?;
+        ignore_missing(self.client_rings.remove(&tgid))?;
         let bits = self.bits.get(&word, 0)?;
         if bits & mask != 0 {
             self.bits.set(word, bits & !mask, 0)?;
@@ -338,16 +365,17 @@ impl Probe {
         self.watches.get(&tgid, 0).ok()
     }
 
-    /// Entries in (watches, mm_owner, set bits): all zero when nothing is
-    /// watched, whatever happened before.
-    pub fn entry_counts(&self) -> Result<(usize, usize, usize), ProbeError> {
+    /// Entries in (watches, mm_owner, client_rings, set bits): all zero
+    /// when nothing is watched, whatever happened before.
+    pub fn entry_counts(&self) -> Result<(usize, usize, usize, usize), ProbeError> {
         let w = self.watches.keys().filter(Result::is_ok).count();
         let m = self.mm_owner.keys().filter(Result::is_ok).count();
+        let r = self.client_rings.keys().filter(Result::is_ok).count();
         let mut b = 0usize;
         for word in self.bits.iter() {
             b += word?.count_ones() as usize;
         }
-        Ok((w, m, b))
+        Ok((w, m, r, b))
     }
 
     /// The program's own counters, summed over CPUs.

@@ -103,9 +103,14 @@ impl ClientHandle {
 
     /// Sends (or queues) a message; a client that is not reading is closed.
     fn send(&self, msg: ServerMessage) {
+        self.send_with_fd(msg, None);
+    }
+
+    /// Sends a message with an fd attached (SCM_RIGHTS).
+    fn send_with_fd(&self, msg: ServerMessage, fd: Option<OwnedFd>) {
         let pushed = amm_protocol::encode(&msg)
             .map_err(|e| format!("cannot encode {msg:?}: {e}"))
-            .and_then(|frame| self.outbox.push(frame));
+            .and_then(|frame| self.outbox.push(frame, fd));
         if let Err(reason) = pushed {
             self.close(reason);
         }
@@ -215,9 +220,10 @@ impl Shared {
         watches.sort_by_key(|w| w.pid);
         let map_entries = probe
             .entry_counts()
-            .map(|(watches, mm_owner, bits)| MapEntries {
+            .map(|(watches, mm_owner, client_rings, bits)| MapEntries {
                 watches,
                 mm_owner,
+                client_rings,
                 bits,
             })
             .unwrap_or_default();
@@ -399,6 +405,10 @@ fn accept(shared: &Arc<Shared>, stream: UnixStream) {
     });
 }
 
+/// How often the agent drains its ring buffer without being woken: events
+/// already delivered on a client's own ring do not wake it.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 async fn pump_events(shared: Arc<Shared>, reader: EventReader) {
     // SAFETY: the reader owns the ring buffer's fd and keeps it open and
     // unchanged for as long as the AsyncFd holds it.
@@ -411,19 +421,29 @@ async fn pump_events(shared: Arc<Shared>, reader: EventReader) {
             return;
         }
     };
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match afd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!("polling the ring buffer failed: {e}");
-                return;
+        tokio::select! {
+            ready = afd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    // clear first, then drain: a record submitted after the
+                    // drain sets readiness again, so none waits for the next
+                    guard.clear_ready();
+                    while let Some(ev) = guard.get_inner_mut().next_event() {
+                        shared.dispatch(ev);
+                    }
+                }
+                Err(e) => {
+                    warn!("polling the ring buffer failed: {e}");
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                while let Some(ev) = afd.get_mut().next_event() {
+                    shared.dispatch(ev);
+                }
             }
-        };
-        // clear first, then drain: a record submitted after the drain sets
-        // readiness again, so none waits for the next one
-        guard.clear_ready();
-        while let Some(ev) = guard.get_inner_mut().next_event() {
-            shared.dispatch(ev);
         }
     }
 }
@@ -526,7 +546,11 @@ async fn client_session(
             ClientMessage::Hello { .. } => return Err("hello sent twice".into()),
             ClientMessage::Ping { nonce } => ServerMessage::Pong { nonce },
             ClientMessage::Status => ServerMessage::Status(shared.status()),
-            ClientMessage::Register(reg) => register(shared, peer, handle, &reg),
+            ClientMessage::Register(reg) => {
+                let (answer, ring) = register(shared, peer, handle, &reg);
+                handle.send_with_fd(answer, ring);
+                continue;
+            }
             ClientMessage::Unregister { pid } => {
                 if shared.forget(handle.id, Some(pid)).is_empty() {
                     ServerMessage::Refused {
@@ -543,18 +567,23 @@ async fn client_session(
     }
 }
 
+/// Answers a registration; with `direct`, also the fd of the process's own
+/// ring buffer, to send with the answer.
 fn register(
     shared: &Arc<Shared>,
     peer: &Peer,
     handle: &Arc<ClientHandle>,
     reg: &Registration,
-) -> ServerMessage {
+) -> (ServerMessage, Option<OwnedFd>) {
     let refuse = |reason: String| {
         info!(client = handle.id, peer = peer.pid, pid = reg.pid, %reason, "registration refused");
-        ServerMessage::Refused {
-            pid: reg.pid,
-            reason,
-        }
+        (
+            ServerMessage::Refused {
+                pid: reg.pid,
+                reason,
+            },
+            None,
+        )
     };
     let thresholds = match reg.thresholds.to_bytes(reg.limit_bytes) {
         Ok(t) => t,
@@ -596,10 +625,26 @@ fn register(
         });
     }
     shared.follow_watches(watches.len() + 1);
-    if let Err(e) = lock(&shared.probe).watch(reg.pid, config) {
-        shared.follow_watches(watches.len());
-        return refuse(format!("the probe cannot watch it: {e}"));
-    }
+    let watched = {
+        let mut probe = lock(&shared.probe);
+        // the ring first: no event may come before it is in place
+        let ring = if reg.direct {
+            probe.client_ring(reg.pid).map(Some)
+        } else {
+            Ok(None)
+        };
+        ring.and_then(|ring| probe.watch(reg.pid, config).map(|()| ring))
+            .inspect_err(|_| {
+                let _ = probe.unwatch(reg.pid);
+            })
+    };
+    let ring = match watched {
+        Ok(ring) => ring,
+        Err(e) => {
+            shared.follow_watches(watches.len());
+            return refuse(format!("the probe cannot watch it: {e}"));
+        }
+    };
     let exit_task = spawn_exit_watch(shared.clone(), reg.pid, handle.id, verified.pidfd);
     watches.insert(
         reg.pid,
@@ -611,13 +656,19 @@ fn register(
     drop(watches);
     let rss = verified.info.rss_bytes;
     let level = level_of(&thresholds, rss);
-    info!(client = handle.id, pid = reg.pid, limit = thresholds.limit, rss, %level, "registered");
-    ServerMessage::Registered {
-        pid: reg.pid,
-        rss_bytes: rss,
-        level,
-        thresholds,
-    }
+    info!(client = handle.id, pid = reg.pid, limit = thresholds.limit, rss, %level, direct = reg.direct, "registered");
+    (
+        ServerMessage::Registered {
+            pid: reg.pid,
+            rss_bytes: rss,
+            level,
+            thresholds,
+            ring_bytes: ring
+                .is_some()
+                .then_some(u64::from(amm_ebpf::CLIENT_RING_BYTES)),
+        },
+        ring,
+    )
 }
 
 /// The level of `rss` under `t` (as the kernel program computes it).

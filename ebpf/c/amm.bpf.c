@@ -98,6 +98,19 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+/* tgid -> a ring buffer of the client's own (created by the agent, its fd
+ * handed to the client that registered the tgid): the client reads its
+ * events without waiting for the agent to relay them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__array(values, struct {
+		__uint(type, BPF_MAP_TYPE_RINGBUF);
+		__uint(max_entries, AMM_CLIENT_RING_BYTES);
+	});
+} client_rings SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -246,29 +259,40 @@ static __always_inline __u32 level_of(const struct amm_watch_config *cfg, __u64 
 	return AMM_LEVEL_BELOW;
 }
 
+/* One event to the client's own ring (if it asked for one) first, then to
+ * the agent's. When the client has it already, the agent is not woken for a
+ * level or spike event (it would compete with the client for a CPU at the
+ * worst moment); it drains its ring on its own timer. Exits always wake it. */
 static __always_inline void emit(__u32 tgid, struct amm_watch *w, __u32 kind, __u32 level,
 				 __u32 prev, __u64 rss, __u64 eta_ns, __u32 flags, __u64 now)
 {
-	struct amm_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct amm_event e = {
+		.t_ns = now,
+		.tgid = tgid,
+		.kind = kind,
+		.level = level,
+		.prev_level = prev,
+		.rss_bytes = rss,
+		.peak_rss_bytes = w->state.peak_rss_bytes,
+		.faults = w->state.faults,
+		.rate_bytes_per_ms = w->state.rate_bytes_per_ms,
+		.eta_ns = eta_ns,
+		.flags = flags,
+		.cpu = bpf_get_smp_processor_id(),
+	};
+	void *ring = bpf_map_lookup_elem(&client_rings, &tgid);
+	__u64 wake = BPF_RB_FORCE_WAKEUP;
 
-	if (!e) {
-		stat_add(1);
-		return;
+	if (ring) {
+		if (bpf_ringbuf_output(ring, &e, sizeof(e), BPF_RB_FORCE_WAKEUP))
+			stat_add(1);
+		else if (kind != AMM_EVENT_EXIT)
+			wake = BPF_RB_NO_WAKEUP;
 	}
-	e->t_ns = now;
-	e->tgid = tgid;
-	e->kind = kind;
-	e->level = level;
-	e->prev_level = prev;
-	e->rss_bytes = rss;
-	e->peak_rss_bytes = w->state.peak_rss_bytes;
-	e->faults = w->state.faults;
-	e->rate_bytes_per_ms = w->state.rate_bytes_per_ms;
-	e->eta_ns = eta_ns;
-	e->flags = flags;
-	e->cpu = bpf_get_smp_processor_id();
-	bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
-	stat_add(0);
+	if (bpf_ringbuf_output(&events, &e, sizeof(e), wake))
+		stat_add(1);
+	else
+		stat_add(0);
 }
 
 /* Signed a * b / c for the rate arithmetic (BPF has no signed division

@@ -49,6 +49,9 @@
 /* Words in the watched-tgid bitmap: PID_MAX_LIMIT (4 Mi) bits. */
 #define AMM_PID_WORDS 65536
 
+/* Size of the ring buffer each client may get for its own events. */
+#define AMM_CLIENT_RING_BYTES (64 * 1024)
+
 /* Most possible CPUs the program sums per-CPU counters over. */
 #define AMM_MAX_CPUS 512
 

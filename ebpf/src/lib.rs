@@ -26,6 +26,9 @@ pub const DISABLED: u64 = u64::MAX;
 /// kernel's `PID_MAX_LIMIT`.
 pub const PID_WORDS: u32 = 65536;
 
+/// Size of a client's own ring buffer (`AMM_CLIENT_RING_BYTES`).
+pub const CLIENT_RING_BYTES: u32 = 64 * 1024;
+
 /// Most possible CPUs the program sums per-CPU counters over.
 pub const MAX_CPUS: u32 = 512;
 
@@ -54,6 +57,8 @@ pub mod maps {
     pub const MM_OWNER: &str = "mm_owner";
     /// Ring buffer of [`crate::Event`].
     pub const EVENTS: &str = "events";
+    /// tgid → the registering client's own ring buffer.
+    pub const CLIENT_RINGS: &str = "client_rings";
     /// Per-CPU [`crate::Stats`].
     pub const STATS: &str = "stats";
 }

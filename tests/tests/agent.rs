@@ -8,23 +8,12 @@ use std::time::{Duration, Instant};
 use amm_ebpf::{EventKind, Level};
 use amm_integration_tests::{Agent, Faulter, require_root};
 use amm_protocol::{
-    ClientError, ClientMessage, Fractions, MapEntries, Registration, ServerMessage, VERSION,
-    decode, encode, read_frame,
+    ClientError, ClientMessage, MapEntries, Registration, ServerMessage, VERSION, decode, encode,
+    read_frame,
 };
 
 const MIB: u64 = 1 << 20;
 const NOBODY: u32 = 65534;
-
-fn registration(pid: u32, limit: u64) -> Registration {
-    Registration {
-        pid,
-        start_time: None,
-        limit_bytes: limit,
-        thresholds: Fractions::default(),
-        spike_horizon_ms: None,
-        terminate_signal: None,
-    }
-}
 
 fn start_time_of(pid: u32) -> u64 {
     amm_agent::identity::proc_info(pid)
@@ -42,7 +31,7 @@ fn a_registered_child_s_events_reach_its_client() {
     let mut f = Faulter::spawn().expect("child");
     let (_, rss0) = f.hwm_rss().expect("status");
     let limit = rss0 + 200 * MIB;
-    let mut reg = registration(f.pid(), limit);
+    let mut reg = Registration::new(f.pid(), limit);
     reg.start_time = Some(start_time_of(f.pid()));
     let r = client.register(&reg).expect("a child of ours is accepted");
     assert_eq!(r.level, Level::Below);
@@ -85,6 +74,68 @@ fn a_registered_child_s_events_reach_its_client() {
 }
 
 #[test]
+fn a_direct_client_reads_its_own_ring_buffer() {
+    if !require_root("a_direct_client_reads_its_own_ring_buffer") {
+        return;
+    }
+    let agent = Agent::start().expect("agent");
+    let mut client = agent.client().expect("client");
+    let mut f = Faulter::spawn().expect("child");
+    let (_, rss0) = f.hwm_rss().expect("status");
+    let r = client
+        .register(&Registration {
+            direct: true,
+            ..Registration::new(f.pid(), rss0 + 200 * MIB)
+        })
+        .expect("register");
+    let mut ring = r.ring.expect("a ring buffer came with the answer");
+    assert_eq!(client.status().expect("status").map_entries.client_rings, 1);
+    f.cmd("touch 150").expect("touch");
+    let mut from_ring = Vec::new();
+    while let Some(raw) = ring.recv(Some(Duration::from_secs(2))).expect("ring") {
+        from_ring.push(amm_protocol::EventMessage::from_kernel(&raw).expect("known event"));
+        if from_ring.iter().any(|e| e.event == EventKind::Level) {
+            break;
+        }
+    }
+    let up = from_ring
+        .iter()
+        .find(|e| e.event == EventKind::Level)
+        .expect("the level event on the client's own ring");
+    assert_eq!((up.pid, up.level), (f.pid(), Level::Spill));
+    // the same event also came over the socket
+    let mut from_socket = Vec::new();
+    while let Some(e) = client
+        .next_event(Some(Duration::from_secs(2)))
+        .expect("socket")
+    {
+        let done = e.event == EventKind::Level;
+        from_socket.push(e);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(from_socket.last(), Some(up));
+    f.exit().expect("exit");
+    let exit = loop {
+        let raw = ring
+            .recv(Some(Duration::from_secs(10)))
+            .expect("ring")
+            .expect("the exit on the ring");
+        let e = amm_protocol::EventMessage::from_kernel(&raw).expect("known");
+        if e.event == EventKind::Exit {
+            break e;
+        }
+    };
+    assert!(exit.faults.is_some());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.status().expect("status").map_entries != MapEntries::default() {
+        assert!(Instant::now() < deadline, "the ring was not removed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn registrations_that_prove_no_right_are_refused() {
     if !require_root("registrations_that_prove_no_right_are_refused") {
         return;
@@ -97,7 +148,7 @@ fn registrations_that_prove_no_right_are_refused() {
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() } as u32;
     for pid in [1, parent] {
-        match client.register(&registration(pid, 1 << 30)) {
+        match client.register(&Registration::new(pid, 1 << 30)) {
             Err(ClientError::Refused { reason, .. }) => {
                 assert!(reason.contains("neither you"), "{reason}")
             }
@@ -105,14 +156,14 @@ fn registrations_that_prove_no_right_are_refused() {
         }
     }
     // a pid no process has
-    match client.register(&registration(4_000_000, 1 << 30)) {
+    match client.register(&Registration::new(4_000_000, 1 << 30)) {
         Err(ClientError::Refused { reason, .. }) => {
             assert!(reason.contains("no process"), "{reason}")
         }
         other => panic!("a missing pid was not refused: {other:?}"),
     }
     // bad thresholds
-    let mut bad = registration(std::process::id(), 1 << 30);
+    let mut bad = Registration::new(std::process::id(), 1 << 30);
     bad.thresholds.pause = Some(2.0);
     assert!(matches!(
         client.register(&bad),
@@ -141,12 +192,19 @@ fn registrations_that_prove_no_right_are_refused() {
         reply.starts_with("err") && reply.contains("neither you"),
         "{reply}"
     );
-    // ... while the same client may register itself
+    // ... while the same client may register itself, with a ring buffer of
+    // its own that it maps and reads without privileges
     let own = nobody.cmd("pid").expect("pid");
     let own_pid = own.split_whitespace().next().expect("pid");
-    nobody
-        .cmd(&format!("register {own_pid}"))
-        .expect("an unprivileged client may register itself");
+    let rss: u64 = nobody
+        .cmd(&format!("register-direct {own_pid} 200"))
+        .expect("an unprivileged client may register itself")
+        .parse()
+        .expect("rss");
+    assert!(rss < 100 * MIB);
+    nobody.cmd("touch 180").expect("touch");
+    let e = nobody.cmd("ring-event").expect("an event on its own ring");
+    assert!(e.contains(r#""pid":"#) && e.contains(own_pid), "{e}");
 
     // the good client still works after all that
     client.ping(7).expect("ping");
@@ -180,7 +238,7 @@ fn a_recycled_pid_is_refused() {
     // the tick counter must move so the new process has another start time
     std::thread::sleep(Duration::from_millis(50));
     let second = spawn_with_pid(pid).expect("the pid could be reused through ns_last_pid");
-    let mut reg = registration(pid, 1 << 30);
+    let mut reg = Registration::new(pid, 1 << 30);
     reg.start_time = Some(start);
     match client.register(&reg) {
         Err(ClientError::Refused { reason, .. }) => {
@@ -268,7 +326,7 @@ fn hostile_clients_lose_their_connection_and_nobody_else_notices() {
     let mut good = agent.client().expect("client");
     let mut f = Faulter::spawn().expect("child");
     let (_, rss0) = f.hwm_rss().expect("status");
-    good.register(&registration(f.pid(), rss0 + 200 * MIB))
+    good.register(&Registration::new(f.pid(), rss0 + 200 * MIB))
         .expect("register");
 
     // garbage with a huge length prefix
@@ -338,9 +396,9 @@ fn a_disconnect_removes_the_client_s_watches() {
     let f = Faulter::spawn().expect("child");
     {
         let mut c = agent.client().expect("client");
-        c.register(&registration(f.pid(), 1 << 30))
+        c.register(&Registration::new(f.pid(), 1 << 30))
             .expect("register");
-        c.register(&registration(std::process::id(), 1 << 30))
+        c.register(&Registration::new(std::process::id(), 1 << 30))
             .expect("register self");
         assert_eq!(c.status().expect("status").map_entries.watches, 2);
     }
@@ -358,7 +416,7 @@ fn a_disconnect_removes_the_client_s_watches() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // an explicit unregister works too, and only for one's own pids
-    c.register(&registration(f.pid(), 1 << 30))
+    c.register(&Registration::new(f.pid(), 1 << 30))
         .expect("register");
     c.unregister(f.pid()).expect("unregister");
     assert!(matches!(
@@ -377,7 +435,7 @@ fn a_thousand_short_lived_processes_leave_no_map_entries() {
     let mut exits = 0;
     for _ in 0..1000 {
         let mut f = Faulter::spawn().expect("child");
-        c.register(&registration(f.pid(), 1 << 30))
+        c.register(&Registration::new(f.pid(), 1 << 30))
             .expect("register");
         f.cmd("touch 1").expect("touch");
         f.exit().expect("exit");

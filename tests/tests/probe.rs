@@ -144,7 +144,7 @@ fn events_carry_the_right_rss_and_the_peak_is_vmhwm() {
     // the program removed its entries itself at exit
     assert!(probe.watch_of(pid).is_none());
     probe.unwatch(pid).expect("clear the bit");
-    assert_eq!(probe.entry_counts().expect("counts"), (0, 0, 0));
+    assert_eq!(probe.entry_counts().expect("counts"), (0, 0, 0, 0));
 }
 
 #[test]

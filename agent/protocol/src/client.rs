@@ -2,13 +2,15 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::ring::RingReader;
 use crate::{
-    ClientMessage, EventMessage, FrameError, Registration, ServerMessage, ThresholdBytes, VERSION,
-    decode, read_frame, write_message,
+    ClientMessage, EventMessage, FrameError, MAX_FRAME, Registration, ServerMessage,
+    ThresholdBytes, VERSION, decode, write_message,
 };
 use amm_ebpf::Level;
 
@@ -45,7 +47,7 @@ pub enum ClientError {
 }
 
 /// What the agent answered to a successful registration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Registered {
     /// The process.
     pub pid: u32,
@@ -55,6 +57,8 @@ pub struct Registered {
     pub level: Level,
     /// Thresholds in bytes.
     pub thresholds: ThresholdBytes,
+    /// With [`Registration::direct`]: the process's own ring buffer.
+    pub ring: Option<RingReader>,
 }
 
 /// A connection to the agent that said hello.
@@ -62,6 +66,7 @@ pub struct Registered {
 pub struct Client {
     stream: UnixStream,
     pending: VecDeque<EventMessage>,
+    fds: Vec<OwnedFd>,
 }
 
 impl Client {
@@ -74,6 +79,7 @@ impl Client {
         let mut c = Self {
             stream,
             pending: VecDeque::new(),
+            fds: Vec::new(),
         };
         c.send(&ClientMessage::Hello {
             version: VERSION,
@@ -95,8 +101,39 @@ impl Client {
         Ok(write_message(&mut self.stream, msg)?)
     }
 
+    /// Fills `buf` from the socket, keeping any fd that comes along.
+    fn read_exact(&mut self, buf: &mut [u8], frame_start: bool) -> Result<(), FrameError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match crate::fdpass::recv_with_fds(
+                self.stream.as_raw_fd(),
+                &mut buf[got..],
+                &mut self.fds,
+            ) {
+                Ok(0) if got == 0 && frame_start => return Err(FrameError::Closed),
+                Ok(0) => {
+                    return Err(FrameError::Truncated {
+                        got,
+                        want: buf.len(),
+                    });
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     fn recv(&mut self) -> Result<ServerMessage, ClientError> {
-        let body = read_frame(&mut self.stream)?;
+        let mut len = [0u8; 4];
+        self.read_exact(&mut len, true)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len).into());
+        }
+        let mut body = vec![0u8; len];
+        self.read_exact(&mut body, false)?;
         Ok(decode(&body)?)
     }
 
@@ -120,12 +157,28 @@ impl Client {
                 rss_bytes,
                 level,
                 thresholds,
-            } => Ok(Registered {
-                pid,
-                rss_bytes,
-                level,
-                thresholds,
-            }),
+                ring_bytes,
+            } => {
+                let ring = match ring_bytes {
+                    None => None,
+                    Some(bytes) => {
+                        if self.fds.is_empty() {
+                            return Err(ClientError::Agent(
+                                "the answer announced a ring buffer but carried no fd".into(),
+                            ));
+                        }
+                        let fd = self.fds.remove(0);
+                        Some(RingReader::new(fd, bytes as usize).map_err(FrameError::from)?)
+                    }
+                };
+                Ok(Registered {
+                    pid,
+                    rss_bytes,
+                    level,
+                    thresholds,
+                    ring,
+                })
+            }
             ServerMessage::Refused { pid, reason } => Err(ClientError::Refused { pid, reason }),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }

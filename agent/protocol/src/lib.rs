@@ -18,6 +18,8 @@ use amm_ebpf::{EventKind, Level};
 use serde::{Deserialize, Serialize};
 
 mod client;
+pub mod fdpass;
+pub mod ring;
 pub mod sched;
 pub use client::{Client, ClientError};
 
@@ -157,6 +159,27 @@ pub struct Registration {
     /// or 15); absent: no signal, events only.
     #[serde(default)]
     pub terminate_signal: Option<i32>,
+    /// Also deliver the events on a ring buffer of the client's own, whose
+    /// fd comes with the answer: read without the agent in the way.
+    #[serde(default)]
+    pub direct: bool,
+}
+
+impl Registration {
+    /// A registration of `pid` with `limit_bytes` and the defaults: Dask's
+    /// thresholds, the agent's spike horizon, no signal, events on the
+    /// socket only.
+    pub fn new(pid: u32, limit_bytes: u64) -> Self {
+        Self {
+            pid,
+            start_time: None,
+            limit_bytes,
+            thresholds: Fractions::default(),
+            spike_horizon_ms: None,
+            terminate_signal: None,
+            direct: false,
+        }
+    }
 }
 
 /// Messages a client sends.
@@ -262,6 +285,10 @@ pub enum ServerMessage {
         level: Level,
         /// The thresholds in bytes the kernel now uses.
         thresholds: ThresholdBytes,
+        /// With `direct`: the data size of the ring buffer whose fd is
+        /// attached to this frame (SCM_RIGHTS).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ring_bytes: Option<u64>,
     },
     /// The registration was refused; the connection stays open.
     Refused {
@@ -332,6 +359,8 @@ pub struct MapEntries {
     pub watches: usize,
     /// `mm_owner` entries.
     pub mm_owner: usize,
+    /// `client_rings` entries.
+    pub client_rings: usize,
     /// Bits set in `watch_bits`.
     pub bits: usize,
 }

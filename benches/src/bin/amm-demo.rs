@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use amm_benches::{Toucher, monotonic_ns, profile_dir, target_dir, toucher_main};
 use amm_ebpf::EventKind;
-use amm_protocol::{Client, EventMessage, Fractions, Registration};
+use amm_protocol::{Client, EventMessage, Registration};
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 use clap::Parser;
@@ -66,14 +66,7 @@ fn main() -> Result<()> {
     let mut child = Toucher::spawn(&std::env::current_exe()?)?;
     child.cmd("free")?;
     let limit = args.limit_mib << 20;
-    let reg = client.register(&Registration {
-        pid: child.pid(),
-        start_time: None,
-        limit_bytes: limit,
-        thresholds: Fractions::default(),
-        spike_horizon_ms: None,
-        terminate_signal: None,
-    })?;
+    let reg = client.register(&Registration::new(child.pid(), limit))?;
     let t = reg.thresholds;
 
     println!(

@@ -1,26 +1,25 @@
 //! Event latency: from the kernel's timestamp of the RSS update that crosses
 //! a level to the moment a client holds the event, over many crossings.
 //!
-//! Two paths, measured side by side in one run:
-//! - `agent`: the real `amm-agent run` relays the event over its socket to
-//!   this process, which registered its child (the path workers use);
-//! - `ring`: this process loads the probe itself and reads the ring buffer
-//!   (the floor: no agent, no socket).
+//! Two paths through the real `amm-agent run`, measured side by side in one
+//! run; this process registers its child either way:
+//! - `socket`: the agent reads its ring buffer and relays each event over
+//!   the Unix socket;
+//! - `direct`: the registration asks for a ring buffer of its own, whose fd
+//!   comes with the answer; this process reads it directly.
 //!
 //! Each trial makes the child touch enough memory to cross spill, then free
 //! it to fall below the re-arm level: two level events per trial. Run as
 //! root: `cargo xtask bench latency`.
 
-use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amm_agent::probe::Probe;
 use amm_benches::{
     Toucher, monotonic_ns, percentiles, profile_dir, settle, target_dir, toucher_main,
 };
-use amm_ebpf::{EventKind, WatchConfig};
-use amm_protocol::{Client, EventMessage, Fractions, Registration};
+use amm_ebpf::EventKind;
+use amm_protocol::{Client, EventMessage, Registration};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
@@ -153,56 +152,26 @@ fn via_agent(n: usize) -> Result<Samples> {
     let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
     let limit = limit_for(base_rss(&mut toucher)?);
     let mut client = Client::connect(&agent.socket, "bench-latency", Duration::from_secs(10))?;
-    client.register(&Registration {
-        pid: toucher.pid(),
-        start_time: None,
-        limit_bytes: limit,
-        thresholds: Fractions::default(),
-        spike_horizon_ms: None,
-        terminate_signal: None,
-    })?;
+    client.register(&Registration::new(toucher.pid(), limit))?;
     trials(n, &mut toucher, |wait| {
         Ok(client.next_event(Some(wait.max(Duration::from_micros(1))))?)
     })
 }
 
 fn via_ring(n: usize) -> Result<Samples> {
-    let mut probe = Probe::load(Some(&target_dir().join("bpf/amm.bpf.o")))?;
-    let mut reader = probe.take_events().context("ring buffer")?;
+    let agent = start_agent()?;
     let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
-    let pid = toucher.pid();
     let limit = limit_for(base_rss(&mut toucher)?);
-    let t = Fractions::default().to_bytes(limit)?;
-    probe.watch(
-        pid,
-        WatchConfig {
-            limit_bytes: limit,
-            rearm_bytes: t.rearm,
-            spill_bytes: t.spill,
-            pause_bytes: t.pause,
-            terminate_bytes: t.terminate,
-            spike_horizon_ns: 200_000_000,
-            flags: 0,
-            signal: 0,
-        },
-    )?;
+    let mut client = Client::connect(&agent.socket, "bench-latency", Duration::from_secs(10))?;
+    let reg = client.register(&Registration {
+        direct: true,
+        ..Registration::new(toucher.pid(), limit)
+    })?;
+    let mut ring = reg.ring.context("the agent sent no ring buffer")?;
     trials(n, &mut toucher, |wait| {
-        loop {
-            if let Some(raw) = reader.next_event()
-                && let Some(m) = EventMessage::from_kernel(&raw)
-            {
-                return Ok(Some(m));
-            }
-            let mut fds = libc::pollfd {
-                fd: reader.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut fds, 1, wait.as_millis() as libc::c_int) } == 0 {
-                return Ok(None);
-            }
-        }
+        Ok(ring
+            .recv(Some(wait))?
+            .and_then(|raw| EventMessage::from_kernel(&raw)))
     })
 }
 
@@ -244,10 +213,10 @@ fn main() -> Result<()> {
     println!("| --- | --- | --- | --- | --- |");
     for (name, s) in [
         (
-            "agent relay (ring buffer -> agent -> Unix socket -> client)",
+            "socket: kernel -> agent -> Unix socket -> client",
             &mut agent,
         ),
-        ("ring buffer read directly by the client process", &mut ring),
+        ("direct: kernel -> the client's own ring buffer", &mut ring),
     ] {
         let mut all: Vec<f64> = s.up.iter().chain(&s.down).copied().collect();
         for (dir, v) in [("up", &mut s.up), ("down", &mut s.down), ("all", &mut all)] {

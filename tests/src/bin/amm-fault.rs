@@ -11,14 +11,17 @@
 //! - `pid`: `ok PID START_TIME`
 //! - `connect SOCKET`: connect to an agent; `ok`
 //! - `register PID [START_TIME]`: register with limit 1 GiB; `ok RSS` or `err REASON`
+//! - `register-direct PID LIMIT_MIB`: register with a ring buffer of our own
+//!   and a limit in MiB; `ok RSS` or `err REASON`
 //! - `event`: wait up to 10 s for one event; `ok JSON` or `err ...`
+//! - `ring-event`: wait up to 10 s for one event on our own ring; `ok JSON`
 //! - `exit`: exit 0
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use amm_protocol::{Client, Fractions, Registration};
+use amm_protocol::{Client, Registration};
 
 fn page() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -101,6 +104,7 @@ fn main() {
     let mut out = std::io::stdout();
     let mut regions: Vec<(usize, usize)> = Vec::new();
     let mut client: Option<Client> = None;
+    let mut ring: Option<amm_protocol::ring::RingReader> = None;
     for line in stdin.lock().lines() {
         let Ok(line) = line else { break };
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -150,12 +154,8 @@ fn main() {
             ["register", pid, rest @ ..] => match (client.as_mut(), pid.parse::<u32>()) {
                 (Some(c), Ok(pid)) => {
                     let reg = Registration {
-                        pid,
                         start_time: rest.first().and_then(|s| s.parse().ok()),
-                        limit_bytes: 1 << 30,
-                        thresholds: Fractions::default(),
-                        spike_horizon_ms: None,
-                        terminate_signal: None,
+                        ..Registration::new(pid, 1 << 30)
                     };
                     match c.register(&reg) {
                         Ok(r) => format!("ok {}", r.rss_bytes),
@@ -163,6 +163,39 @@ fn main() {
                     }
                 }
                 _ => "err connect first, and give a pid".into(),
+            },
+            ["register-direct", pid, limit_mib] => {
+                match (
+                    client.as_mut(),
+                    pid.parse::<u32>(),
+                    limit_mib.parse::<u64>(),
+                ) {
+                    (Some(c), Ok(pid), Ok(mib)) => {
+                        let reg = Registration {
+                            direct: true,
+                            ..Registration::new(pid, mib << 20)
+                        };
+                        match c.register(&reg) {
+                            Ok(r) => {
+                                ring = r.ring;
+                                format!("ok {}", r.rss_bytes)
+                            }
+                            Err(e) => format!("err {e}"),
+                        }
+                    }
+                    _ => "err connect first, and give a pid and a limit".into(),
+                }
+            }
+            ["ring-event"] => match ring.as_mut() {
+                Some(r) => match r.recv(Some(Duration::from_secs(10))) {
+                    Ok(Some(raw)) => match amm_protocol::EventMessage::from_kernel(&raw) {
+                        Some(e) => format!("ok {}", serde_json::to_string(&e).unwrap_or_default()),
+                        None => "err unknown record".into(),
+                    },
+                    Ok(None) => "err no event within 10 s".into(),
+                    Err(e) => format!("err {e}"),
+                },
+                None => "err no ring".into(),
             },
             ["event"] => match client.as_mut() {
                 Some(c) => match c.next_event(Some(Duration::from_secs(10))) {
