@@ -61,3 +61,10 @@ int BPF_PROG(btf_page_fault_user, unsigned long address, void *regs, unsigned lo
 {
 	return watched();
 }
+
+/* The floor: what attaching any program to rss_stat costs. */
+SEC("tp_btf/rss_stat")
+int BPF_PROG(btf_rss_stat_empty, void *mm, int member)
+{
+	return 0;
+}

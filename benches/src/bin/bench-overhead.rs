@@ -41,6 +41,7 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Detached,
+    EmptyProgram,
     Unwatched,
     Watched,
     UnwatchedWithFaultHook,
@@ -48,8 +49,9 @@ enum Mode {
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 6] = [
         Mode::Detached,
+        Mode::EmptyProgram,
         Mode::Unwatched,
         Mode::Watched,
         Mode::UnwatchedWithFaultHook,
@@ -59,6 +61,7 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Mode::Detached => "probe detached",
+            Mode::EmptyProgram => "an empty tp_btf program on rss_stat (the floor)",
             Mode::Unwatched => {
                 "probe attached (tp_btf rss_stat + sched_process_exit), process unwatched"
             }
@@ -78,6 +81,7 @@ struct Others {
     ebpf: aya::Ebpf,
     classic: Vec<TracePointLinkId>,
     fault_hook: Option<BtfTracePointLinkId>,
+    empty: Option<BtfTracePointLinkId>,
 }
 
 fn ensure_tracefs() -> Result<()> {
@@ -108,15 +112,21 @@ impl Others {
                 .try_into()?;
             p.load()?;
         }
-        let p: &mut BtfTracePoint = ebpf
-            .program_mut("btf_page_fault_user")
-            .context("program missing")?
-            .try_into()?;
-        p.load("page_fault_user", &btf)?;
+        for (name, tp) in [
+            ("btf_page_fault_user", "page_fault_user"),
+            ("btf_rss_stat_empty", "rss_stat"),
+        ] {
+            let p: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .context("program missing")?
+                .try_into()?;
+            p.load(tp, &btf)?;
+        }
         Ok(Self {
             ebpf,
             classic: Vec::new(),
             fault_hook: None,
+            empty: None,
         })
     }
 
@@ -132,13 +142,24 @@ impl Others {
         Ok(())
     }
 
-    fn attach_fault_hook(&mut self) -> Result<()> {
+    fn attach_btf(&mut self, name: &str) -> Result<BtfTracePointLinkId> {
         let p: &mut BtfTracePoint = self
             .ebpf
-            .program_mut("btf_page_fault_user")
+            .program_mut(name)
             .context("program missing")?
             .try_into()?;
-        self.fault_hook = Some(p.attach()?);
+        Ok(p.attach()?)
+    }
+
+    fn detach_btf(&mut self, name: &str, link: Option<BtfTracePointLinkId>) -> Result<()> {
+        if let Some(link) = link {
+            let p: &mut BtfTracePoint = self
+                .ebpf
+                .program_mut(name)
+                .context("program missing")?
+                .try_into()?;
+            p.detach(link)?;
+        }
         Ok(())
     }
 
@@ -151,15 +172,9 @@ impl Others {
                 .try_into()?;
             p.detach(link)?;
         }
-        if let Some(link) = self.fault_hook.take() {
-            let p: &mut BtfTracePoint = self
-                .ebpf
-                .program_mut("btf_page_fault_user")
-                .context("program missing")?
-                .try_into()?;
-            p.detach(link)?;
-        }
-        Ok(())
+        let (hook, empty) = (self.fault_hook.take(), self.empty.take());
+        self.detach_btf("btf_page_fault_user", hook)?;
+        self.detach_btf("btf_rss_stat_empty", empty)
     }
 }
 
@@ -171,10 +186,11 @@ const CLASSIC: [(&str, &str, &str); 2] = [
 fn set_mode(mode: Mode, probe: &mut Probe, others: &mut Others, me: u32) -> Result<()> {
     match mode {
         Mode::Detached => {}
+        Mode::EmptyProgram => others.empty = Some(others.attach_btf("btf_rss_stat_empty")?),
         Mode::Unwatched => probe.attach()?,
         Mode::UnwatchedWithFaultHook => {
             probe.attach()?;
-            others.attach_fault_hook()?;
+            others.fault_hook = Some(others.attach_btf("btf_page_fault_user")?);
         }
         Mode::Watched => {
             probe.attach()?;
