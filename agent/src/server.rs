@@ -8,7 +8,7 @@
 //! watch waits on the process's pidfd, the backstop for an exit the ring
 //! buffer did not report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use amm_ebpf::{EventKind, Level, WatchConfig};
 use amm_protocol::{
-    AgentStatus, ClientMessage, EventMessage, FrameError, MapEntries, Registration, ServerMessage,
-    VERSION, WatchStatus, decode, nonblocking,
+    AgentStatus, ClientMessage, EventMessage, FrameError, MapEntries, Registration, Sample,
+    SampleKind, ServerMessage, Split, TerminateBy, VERSION, WatchStatus, decode, nonblocking,
 };
 use anyhow::{Context, Result, bail};
 use tokio::io::unix::AsyncFd;
@@ -117,14 +117,83 @@ impl ClientHandle {
     }
 }
 
+/// Samples kept per watched process.
+const TIMELINE_CAP: usize = 4096;
+/// Ended watches whose timeline `status` still shows.
+const ENDED_KEPT: usize = 16;
+
 struct WatchEntry {
     client: Arc<ClientHandle>,
     exit_task: Option<AbortHandle>,
+    /// Pins the process; the agent's terminate signal goes through it.
+    pidfd: Arc<OwnedFd>,
+    /// Signal the agent sends itself at terminate (`terminate_by: agent`).
+    agent_signal: Option<i32>,
+    limit: u64,
+    timeline: VecDeque<Sample>,
+}
+
+impl WatchEntry {
+    fn record(&mut self, sample: Sample) {
+        if self.timeline.len() == TIMELINE_CAP {
+            self.timeline.pop_front();
+        }
+        self.timeline.push_back(sample);
+    }
+
+    /// What `status` shows of a watch that has ended.
+    fn ended(self, pid: u32, faults: u64) -> WatchStatus {
+        let last = self.timeline.back();
+        let peak = self
+            .timeline
+            .iter()
+            .filter_map(|s| match s.what {
+                SampleKind::Exit { peak_rss_bytes } => Some(peak_rss_bytes),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        WatchStatus {
+            pid,
+            limit_bytes: self.limit,
+            rss_bytes: last.map_or(0, |s| s.rss_bytes),
+            peak_rss_bytes: peak,
+            level: Level::Below,
+            faults,
+            rate_bytes_per_ms: 0,
+            timeline: self.timeline.into(),
+        }
+    }
+}
+
+/// The sample a kernel event leaves in a timeline.
+fn sample_of(m: &EventMessage) -> Sample {
+    let what = match m.event {
+        EventKind::Level => SampleKind::Level {
+            from: m.prev_level,
+            to: m.level,
+            foreign: m.foreign,
+            signalled: m.signalled,
+        },
+        EventKind::Spike => SampleKind::Spike {
+            eta_ns: m.eta_ns.unwrap_or(0),
+            rate_bytes_per_ms: m.rate_bytes_per_ms,
+        },
+        EventKind::Exit => SampleKind::Exit {
+            peak_rss_bytes: m.peak_rss_bytes,
+        },
+    };
+    Sample {
+        t_ns: m.t_ns,
+        rss_bytes: m.rss_bytes,
+        what,
+    }
 }
 
 struct Shared {
     probe: Mutex<Probe>,
     watches: Mutex<HashMap<u32, WatchEntry>>,
+    ended: Mutex<VecDeque<WatchStatus>>,
     config: ServerConfig,
     next_client: AtomicU64,
     clients: AtomicUsize,
@@ -163,12 +232,13 @@ impl Shared {
         let pid = msg.pid;
         let mut watches = lock(&self.watches);
         let client = if msg.event == EventKind::Exit {
-            let Some(entry) = watches.remove(&pid) else {
+            let Some(mut entry) = watches.remove(&pid) else {
                 return;
             };
-            if let Some(t) = entry.exit_task {
+            if let Some(t) = entry.exit_task.take() {
                 t.abort();
             }
+            entry.record(sample_of(&msg));
             if let Err(e) = lock(&self.probe).unwatch(pid) {
                 warn!(pid, "cannot clear the watch after exit: {e}");
             }
@@ -179,12 +249,33 @@ impl Shared {
                 faults = msg.faults,
                 "watched process exited"
             );
-            entry.client
+            let client = entry.client.clone();
+            self.keep_ended(entry.ended(pid, msg.faults.unwrap_or(0)));
+            client
         } else {
-            match watches.get(&pid) {
-                Some(entry) => entry.client.clone(),
-                None => return,
+            let Some(entry) = watches.get_mut(&pid) else {
+                return;
+            };
+            entry.record(sample_of(&msg));
+            if msg.event == EventKind::Level
+                && msg.level == Level::Terminate
+                && msg.level > msg.prev_level
+                && let Some(sig) = entry.agent_signal
+            {
+                let t_ns = monotonic_ns();
+                match identity::pidfd_send_signal(&entry.pidfd, sig) {
+                    Ok(()) => {
+                        info!(pid, signal = sig, "terminate: signalled through the pidfd");
+                        entry.record(Sample {
+                            t_ns,
+                            rss_bytes: msg.rss_bytes,
+                            what: SampleKind::AgentSignal { signal: sig },
+                        });
+                    }
+                    Err(e) => warn!(pid, "cannot signal through the pidfd: {e}"),
+                }
             }
+            entry.client.clone()
         };
         drop(watches);
         debug!(
@@ -198,13 +289,38 @@ impl Shared {
         client.send(ServerMessage::Event(msg));
     }
 
+    fn keep_ended(&self, w: WatchStatus) {
+        let mut ended = lock(&self.ended);
+        if ended.len() == ENDED_KEPT {
+            ended.pop_front();
+        }
+        ended.push_back(w);
+    }
+
+    /// Records a worker's accounting in its timeline, if `client` owns it.
+    fn accounting(&self, client: u64, pid: u32, t_ns: u64, split: Split) {
+        let mut watches = lock(&self.watches);
+        if let Some(entry) = watches.get_mut(&pid)
+            && entry.client.id == client
+        {
+            entry.record(Sample {
+                t_ns,
+                rss_bytes: split.process,
+                what: SampleKind::Accounting(split),
+            });
+        }
+    }
+
     /// The agent's state for a status request.
     fn status(&self) -> AgentStatus {
-        let pids: Vec<u32> = lock(&self.watches).keys().copied().collect();
+        let timelines: Vec<(u32, Vec<Sample>)> = lock(&self.watches)
+            .iter()
+            .map(|(pid, e)| (*pid, e.timeline.iter().cloned().collect()))
+            .collect();
         let probe = lock(&self.probe);
-        let mut watches: Vec<WatchStatus> = pids
+        let mut watches: Vec<WatchStatus> = timelines
             .into_iter()
-            .filter_map(|pid| {
+            .filter_map(|(pid, timeline)| {
                 let w = probe.watch_of(pid)?;
                 Some(WatchStatus {
                     pid,
@@ -214,6 +330,7 @@ impl Shared {
                     level: Level::from_raw(w.state.level).unwrap_or(Level::Below),
                     faults: identity::proc_info(pid).map_or(0, |i| i.faults),
                     rate_bytes_per_ms: w.state.rate_bytes_per_ms,
+                    timeline,
                 })
             })
             .collect();
@@ -231,6 +348,7 @@ impl Shared {
         AgentStatus {
             clients: self.clients.load(Ordering::SeqCst),
             watches,
+            ended: lock(&self.ended).iter().cloned().collect(),
             map_entries,
             events: stats.events,
             dropped: stats.dropped,
@@ -246,10 +364,11 @@ impl Shared {
             .map(|(p, _)| *p)
             .collect();
         for p in &pids {
-            if let Some(entry) = watches.remove(p)
-                && let Some(t) = entry.exit_task
-            {
-                t.abort();
+            if let Some(mut entry) = watches.remove(p) {
+                if let Some(t) = entry.exit_task.take() {
+                    t.abort();
+                }
+                self.keep_ended(entry.ended(*p, 0));
             }
             if let Err(e) = lock(&self.probe).unwatch(*p) {
                 warn!(pid = p, "cannot remove the watch: {e}");
@@ -267,7 +386,7 @@ impl Shared {
         if watches.get(&pid).is_none_or(|e| e.client.id != client) {
             return;
         }
-        let Some(entry) = watches.remove(&pid) else {
+        let Some(mut entry) = watches.remove(&pid) else {
             return;
         };
         let left = watches.len();
@@ -280,7 +399,7 @@ impl Shared {
         drop(probe);
         self.follow_watches(left);
         warn!(pid, "watched process exited without a kernel exit event");
-        entry.client.send(ServerMessage::Event(EventMessage {
+        let msg = EventMessage {
             event: EventKind::Exit,
             t_ns: monotonic_ns(),
             pid,
@@ -293,7 +412,11 @@ impl Shared {
             eta_ns: None,
             foreign: false,
             signalled: false,
-        }));
+        };
+        entry.record(sample_of(&msg));
+        let client = entry.client.clone();
+        self.keep_ended(entry.ended(pid, faults.unwrap_or(0)));
+        client.send(ServerMessage::Event(msg));
     }
 }
 
@@ -356,6 +479,7 @@ pub async fn run(config: ServerConfig, mut probe: Probe) -> Result<()> {
     let shared = Arc::new(Shared {
         probe: Mutex::new(probe),
         watches: Mutex::new(HashMap::new()),
+        ended: Mutex::new(VecDeque::new()),
         config,
         next_client: AtomicU64::new(1),
         clients: AtomicUsize::new(0),
@@ -546,6 +670,10 @@ async fn client_session(
             ClientMessage::Hello { .. } => return Err("hello sent twice".into()),
             ClientMessage::Ping { nonce } => ServerMessage::Pong { nonce },
             ClientMessage::Status => ServerMessage::Status(shared.status()),
+            ClientMessage::Accounting { pid, t_ns, split } => {
+                shared.accounting(handle.id, pid, t_ns, split);
+                continue;
+            }
             ClientMessage::Register(reg) => {
                 let (answer, ring) = register(shared, peer, handle, &reg);
                 handle.send_with_fd(answer, ring);
@@ -589,14 +717,15 @@ fn register(
         Ok(t) => t,
         Err(e) => return refuse(e.to_string()),
     };
-    let (flags, signal) = match reg.terminate_signal {
-        None => (0, 0),
-        Some(sig) if (1..=64).contains(&sig) => (amm_ebpf::WATCH_SIGNAL_ON_TERMINATE, sig as u32),
-        Some(sig) => {
+    let (flags, signal, agent_signal) = match (reg.terminate_signal, reg.terminate_by) {
+        (None, _) => (0, 0, None),
+        (Some(sig), _) if !(1..=64).contains(&sig) => {
             return refuse(format!(
                 "terminate_signal {sig} is not a signal number (1..=64)"
             ));
         }
+        (Some(sig), TerminateBy::Kernel) => (amm_ebpf::WATCH_SIGNAL_ON_TERMINATE, sig as u32, None),
+        (Some(sig), TerminateBy::Agent) => (0, 0, Some(sig)),
     };
     let verified = match identity::verify(peer, reg.pid, reg.start_time) {
         Ok(v) => v,
@@ -645,12 +774,17 @@ fn register(
             return refuse(format!("the probe cannot watch it: {e}"));
         }
     };
-    let exit_task = spawn_exit_watch(shared.clone(), reg.pid, handle.id, verified.pidfd);
+    let pidfd = Arc::new(verified.pidfd);
+    let exit_task = spawn_exit_watch(shared.clone(), reg.pid, handle.id, pidfd.clone());
     watches.insert(
         reg.pid,
         WatchEntry {
             client: handle.clone(),
             exit_task,
+            pidfd,
+            agent_signal,
+            limit: thresholds.limit,
+            timeline: VecDeque::new(),
         },
     );
     drop(watches);
@@ -688,7 +822,7 @@ fn spawn_exit_watch(
     shared: Arc<Shared>,
     pid: u32,
     client: u64,
-    pidfd: OwnedFd,
+    pidfd: Arc<OwnedFd>,
 ) -> Option<AbortHandle> {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open
     // and unchanged until it is dropped.

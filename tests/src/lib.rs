@@ -180,36 +180,61 @@ impl Agent {
         let dir = tempfile::tempdir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let socket = dir.path().join("agent.sock");
-        let log = std::fs::File::create(dir.path().join("agent.log"))?;
-        let child = Command::new(bin("amm-agent"))
+        let child = Self::spawn(&socket)?;
+        let mut agent = Self {
+            child,
+            socket,
+            _dir: dir,
+        };
+        agent.wait_listening()?;
+        Ok(agent)
+    }
+
+    /// Kills the agent with SIGKILL (no clean-up: its socket file stays).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a new agent on the same socket (after [`Self::kill`]).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.child = Self::spawn(&self.socket)?;
+        self.wait_listening()
+    }
+
+    fn spawn(socket: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(socket.with_file_name("agent.log"))?;
+        Command::new(bin("amm-agent"))
             .arg("run")
             .arg("--socket")
-            .arg(&socket)
+            .arg(socket)
             .args(["--socket-mode", "0666", "--hello-timeout-ms", "1000"])
             .args(["--frame-timeout-ms", "500", "--bpf-object"])
             .arg(bpf_object())
             .env("AMM_LOG", "debug")
             .stderr(log)
             .spawn()
-            .context("cannot start amm-agent")?;
-        let mut agent = Self {
-            child,
-            socket,
-            _dir: dir,
-        };
+            .context("cannot start amm-agent")
+    }
+
+    fn wait_listening(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&agent.socket).is_ok() {
-                return Ok(agent);
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
             }
-            if let Some(status) = agent.child.try_wait()? {
-                bail!("amm-agent exited ({status}); its log:\n{}", agent.log());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("amm-agent exited ({status}); its log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!(
             "amm-agent did not listen within 20 s; its log:\n{}",
-            agent.log()
+            self.log()
         )
     }
 

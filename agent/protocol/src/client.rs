@@ -101,6 +101,11 @@ impl Client {
         Ok(write_message(&mut self.stream, msg)?)
     }
 
+    /// Sends a message that has no answer (e.g. accounting).
+    pub fn send_message(&mut self, msg: &ClientMessage) -> Result<(), ClientError> {
+        self.send(msg)
+    }
+
     /// Fills `buf` from the socket, keeping any fd that comes along.
     fn read_exact(&mut self, buf: &mut [u8], frame_start: bool) -> Result<(), FrameError> {
         let mut got = 0;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 mod client;
 pub mod fdpass;
+pub mod link;
 pub mod ring;
 pub mod sched;
 pub use client::{Client, ClientError};
@@ -159,10 +160,95 @@ pub struct Registration {
     /// or 15); absent: no signal, events only.
     #[serde(default)]
     pub terminate_signal: Option<i32>,
+    /// Who sends `terminate_signal`: the kernel program, at the faulting
+    /// page itself (default), or the agent through its pidfd when it reads
+    /// the event (kept to measure the difference; slower).
+    #[serde(default)]
+    pub terminate_by: TerminateBy,
     /// Also deliver the events on a ring buffer of the client's own, whose
     /// fd comes with the answer: read without the agent in the way.
     #[serde(default)]
     pub direct: bool,
+}
+
+/// Who enforces the terminate level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TerminateBy {
+    /// The BPF program, `bpf_send_signal` in the faulting task.
+    #[default]
+    Kernel,
+    /// The agent, `pidfd_send_signal` when the event reaches it.
+    Agent,
+}
+
+/// A worker's accounting split (DESIGN.md's vocabulary), in bytes, pushed
+/// to the agent so one place holds the node's millisecond picture.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// RSS as the kernel counts it.
+    pub process: u64,
+    /// sizeof of the values held in memory.
+    pub managed: u64,
+    /// Live heap bytes that are not managed.
+    pub unmanaged_live: u64,
+    /// Allocator-resident bytes that hold no live allocation.
+    pub hoarded: u64,
+    /// RSS outside the allocator.
+    pub non_heap: u64,
+    /// Managed bytes on disk.
+    pub spilled: u64,
+    /// Unmanaged memory younger than recent-to-old-time.
+    pub unmanaged_recent: u64,
+}
+
+/// One entry of a worker's timeline at the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// CLOCK_MONOTONIC ns (kernel time for kernel events, the agent's or the
+    /// worker's clock otherwise).
+    pub t_ns: u64,
+    /// RSS at that moment.
+    pub rss_bytes: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub what: SampleKind,
+}
+
+/// What a [`Sample`] records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "sample", rename_all = "snake_case")]
+pub enum SampleKind {
+    /// A level change seen by the kernel.
+    Level {
+        /// Before.
+        from: Level,
+        /// After.
+        to: Level,
+        /// Made by another task (reclaim, exit).
+        foreign: bool,
+        /// The kernel signalled the process at this page.
+        signalled: bool,
+    },
+    /// A spike alarm.
+    Spike {
+        /// Predicted ns until terminate.
+        eta_ns: u64,
+        /// Growth rate then.
+        rate_bytes_per_ms: i64,
+    },
+    /// The agent signalled the process through its pidfd.
+    AgentSignal {
+        /// The signal.
+        signal: i32,
+    },
+    /// The worker's own accounting.
+    Accounting(Split),
+    /// The process exited.
+    Exit {
+        /// Peak RSS.
+        peak_rss_bytes: u64,
+    },
 }
 
 impl Registration {
@@ -177,6 +263,7 @@ impl Registration {
             thresholds: Fractions::default(),
             spike_horizon_ms: None,
             terminate_signal: None,
+            terminate_by: TerminateBy::Kernel,
             direct: false,
         }
     }
@@ -203,6 +290,16 @@ pub enum ClientMessage {
     },
     /// Ask for the agent's state; it answers [`ServerMessage::Status`].
     Status,
+    /// The worker's accounting split for a pid this client registered (no
+    /// answer; refused silently if the pid is not the client's).
+    Accounting {
+        /// The watched process.
+        pid: u32,
+        /// The client's CLOCK_MONOTONIC ns when the split was computed.
+        t_ns: u64,
+        /// The split.
+        split: Split,
+    },
     /// Liveness check; the agent answers [`ServerMessage::Pong`].
     Ping {
         /// Echoed back.
@@ -325,6 +422,10 @@ pub struct AgentStatus {
     pub clients: usize,
     /// Watched processes, by pid.
     pub watches: Vec<WatchStatus>,
+    /// The last watches that ended (process exit or disconnect), oldest
+    /// first, with their timelines.
+    #[serde(default)]
+    pub ended: Vec<WatchStatus>,
     /// Entries in the probe's maps (all zero when nothing is watched).
     pub map_entries: MapEntries,
     /// Events the probe submitted since it was loaded.
@@ -350,6 +451,9 @@ pub struct WatchStatus {
     pub faults: u64,
     /// Smoothed growth rate.
     pub rate_bytes_per_ms: i64,
+    /// The newest samples of its timeline, oldest first.
+    #[serde(default)]
+    pub timeline: Vec<Sample>,
 }
 
 /// Entry counts of the probe's maps.

@@ -1,0 +1,255 @@
+//! A worker's lasting link to the agent: register, read events as they
+//! come, and when the agent is absent, dies or restarts, say so once and
+//! register again when it is back. The worker never depends on it: without
+//! the agent it polls, as Dask does.
+//!
+//! One thread owns the connection. It registers with `direct: true` and
+//! reads the process's own ring buffer (one wake-up from the faulting CPU);
+//! the socket carries the worker's accounting to the agent and tells when
+//! the agent goes away.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::ring::RingReader;
+use crate::{ClientMessage, EventMessage, Registration, Split, ThresholdBytes};
+
+/// What the link reports to its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    /// Registered (again); events flow from now on.
+    Connected {
+        /// The thresholds the kernel uses.
+        thresholds: ThresholdBytes,
+        /// RSS at registration.
+        rss_bytes: u64,
+    },
+    /// A kernel event for the registered process.
+    Event(EventMessage),
+    /// The agent could not be reached or went away; the link retries.
+    /// Reported once per outage.
+    Lost(String),
+    /// The agent refused the registration (it will not change its mind by
+    /// itself: the link stops).
+    Refused(String),
+}
+
+/// Settings of a link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// The agent's socket.
+    pub socket: PathBuf,
+    /// What to register (`direct` is forced on).
+    pub registration: Registration,
+    /// Name in the agent's log.
+    pub name: String,
+    /// Time between reconnection attempts.
+    pub retry: Duration,
+    /// Ask the kernel for a short time slice for the link thread, so an
+    /// event is read the moment it is written (Linux 6.12+; harmless
+    /// elsewhere).
+    pub short_slice: bool,
+}
+
+enum Outgoing {
+    Accounting { t_ns: u64, split: Split },
+    Stop,
+}
+
+/// The running link; dropping it stops the thread.
+#[derive(Debug)]
+pub struct Link {
+    tx: mpsc::Sender<Outgoing>,
+    wake: std::os::unix::net::UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Link {
+    /// Starts the link thread; `on_event` runs on it for every report.
+    pub fn spawn(
+        config: LinkConfig,
+        on_event: impl FnMut(LinkEvent) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let (wake, wake_rx) = std::os::unix::net::UnixStream::pair()?;
+        wake_rx.set_nonblocking(true)?;
+        let thread = std::thread::Builder::new()
+            .name("amm-agent-link".into())
+            .spawn(move || run(config, rx, wake_rx, on_event))?;
+        Ok(Self {
+            tx,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends the worker's accounting to the agent (dropped while the agent
+    /// is away).
+    pub fn report(&self, t_ns: u64, split: Split) {
+        if self.tx.send(Outgoing::Accounting { t_ns, split }).is_ok() {
+            let _ = std::io::Write::write(&mut &self.wake, &[1]);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Outgoing::Stop);
+        let _ = std::io::Write::write(&mut &self.wake, &[1]);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why a session ended.
+enum End {
+    Stop,
+    Lost(String),
+    Refused(String),
+}
+
+fn run(
+    config: LinkConfig,
+    rx: mpsc::Receiver<Outgoing>,
+    wake: std::os::unix::net::UnixStream,
+    mut on_event: impl FnMut(LinkEvent),
+) {
+    if config.short_slice {
+        let _ = crate::sched::request_short_slice(Duration::from_micros(100));
+    }
+    // one report per outage: set when reported, cleared by a registration
+    let mut lost = false;
+    loop {
+        let mut connected = false;
+        let end = session(&config, &rx, &wake, &mut |e: LinkEvent| {
+            connected |= matches!(e, LinkEvent::Connected { .. });
+            on_event(e)
+        });
+        if connected {
+            lost = false;
+        }
+        match end {
+            End::Stop => return,
+            End::Refused(reason) => {
+                on_event(LinkEvent::Refused(reason));
+                return;
+            }
+            End::Lost(reason) => {
+                if !lost {
+                    on_event(LinkEvent::Lost(reason));
+                    lost = true;
+                }
+            }
+        }
+        // wait before retrying, but stop at once when asked
+        if wait_readable(&[wake.as_raw_fd()], Some(config.retry)).is_some_and(|r| r[0]) {
+            drain(&wake);
+            if rx.try_iter().any(|m| matches!(m, Outgoing::Stop)) {
+                return;
+            }
+        }
+    }
+}
+
+fn session(
+    config: &LinkConfig,
+    rx: &mpsc::Receiver<Outgoing>,
+    wake: &std::os::unix::net::UnixStream,
+    on_event: &mut dyn FnMut(LinkEvent),
+) -> End {
+    let mut client = match Client::connect(&config.socket, &config.name, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => return End::Lost(e.to_string()),
+    };
+    let reg = Registration {
+        direct: true,
+        ..config.registration.clone()
+    };
+    let registered = match client.register(&reg) {
+        Ok(r) => r,
+        Err(crate::ClientError::Refused { reason, .. }) => return End::Refused(reason),
+        Err(e) => return End::Lost(e.to_string()),
+    };
+    on_event(LinkEvent::Connected {
+        thresholds: registered.thresholds,
+        rss_bytes: registered.rss_bytes,
+    });
+    let Some(mut ring) = registered.ring else {
+        return End::Lost("the agent sent no ring buffer".into());
+    };
+    let pid = reg.pid;
+    loop {
+        while let Some(raw) = ring.next_event() {
+            if let Some(m) = EventMessage::from_kernel(&raw) {
+                on_event(LinkEvent::Event(m));
+            }
+        }
+        let fds = [
+            ring_fd(&ring),
+            client.stream().as_raw_fd(),
+            wake.as_raw_fd(),
+        ];
+        let Some(ready) = wait_readable(&fds, None) else {
+            return End::Lost("poll failed".into());
+        };
+        if ready[1] {
+            // the agent only writes events we already have from the ring,
+            // answers, or closes: read to notice a close
+            match client.next_event(Some(Duration::from_millis(1))) {
+                Ok(_) => {}
+                Err(e) => return End::Lost(format!("the agent went away: {e}")),
+            }
+        }
+        if ready[2] {
+            drain(wake);
+            for m in rx.try_iter() {
+                match m {
+                    Outgoing::Stop => return End::Stop,
+                    Outgoing::Accounting { t_ns, split } => {
+                        let msg = ClientMessage::Accounting { pid, t_ns, split };
+                        if let Err(e) = client.send_message(&msg) {
+                            return End::Lost(format!("the agent went away: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ring_fd(ring: &RingReader) -> i32 {
+    std::os::fd::AsFd::as_fd(ring).as_raw_fd()
+}
+
+fn drain(s: &std::os::unix::net::UnixStream) {
+    let mut buf = [0u8; 64];
+    while matches!(std::io::Read::read(&mut &*s, &mut buf), Ok(n) if n > 0) {}
+}
+
+/// poll(2) for readability; `None` on error.
+fn wait_readable(fds: &[i32], timeout: Option<Duration>) -> Option<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: pfds is a valid array of pollfd for the call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if rc >= 0 {
+            return Some(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return None;
+        }
+    }
+}
