@@ -19,7 +19,7 @@ use amm_benches::{
     Toucher, monotonic_ns, percentiles, profile_dir, settle, target_dir, toucher_main,
 };
 use amm_ebpf::EventKind;
-use amm_protocol::{Client, EventMessage, Registration};
+use amm_protocol::{Client, EventMessage, Registration, TerminateBy};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
@@ -29,6 +29,10 @@ struct Args {
     /// Crossing pairs (up + down) per path.
     #[arg(long, default_value_t = 60)]
     trials: usize,
+    /// Terminate trials per enforcer (kernel signal at the page, agent
+    /// signal through the pidfd).
+    #[arg(long, default_value_t = 30)]
+    terminate_trials: usize,
     /// Also print every sample (µs), sorted.
     #[arg(long)]
     dump: bool,
@@ -175,6 +179,37 @@ fn via_ring(n: usize) -> Result<Samples> {
     })
 }
 
+/// One terminate trial: the child allocates past its limit until killed.
+/// Returns (µs from the terminate crossing to the exit, bytes past the
+/// terminate level at the peak).
+fn terminate_trial(agent: &AgentProc, by: TerminateBy) -> Result<(f64, f64)> {
+    let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
+    let base = base_rss(&mut toucher)?;
+    let limit = base + (200 << 20);
+    let mut client = Client::connect(&agent.socket, "bench-terminate", Duration::from_secs(10))?;
+    let reg = client.register(&Registration {
+        terminate_signal: Some(libc::SIGKILL),
+        terminate_by: by,
+        ..Registration::new(toucher.pid(), limit)
+    })?;
+    toucher.send("touch 400")?;
+    let mut crossed = None;
+    loop {
+        let e = client
+            .next_event(Some(Duration::from_secs(10)))?
+            .context("no event within 10 s")?;
+        match e.event {
+            EventKind::Level if e.level == amm_ebpf::Level::Terminate => crossed = Some(e.t_ns),
+            EventKind::Exit => {
+                let crossed = crossed.context("exit without a terminate crossing")?;
+                let over = e.peak_rss_bytes.saturating_sub(reg.thresholds.terminate);
+                return Ok((e.t_ns.saturating_sub(crossed) as f64 / 1e3, over as f64));
+            }
+            _ => {}
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.child {
@@ -201,6 +236,21 @@ fn main() -> Result<()> {
         ring.extend(via_ring(k)?);
         left -= k;
     }
+    let agent_proc = start_agent()?;
+    let mut term: Vec<(TerminateBy, Vec<f64>, Vec<f64>)> = vec![
+        (TerminateBy::Kernel, Vec::new(), Vec::new()),
+        (TerminateBy::Agent, Vec::new(), Vec::new()),
+    ];
+    for _ in 0..args.terminate_trials {
+        for (by, delay, over) in term.iter_mut() {
+            let (d, o) = terminate_trial(&agent_proc, *by)?;
+            delay.push(d);
+            over.push(o);
+            settle();
+        }
+    }
+    drop(agent_proc);
+
     println!(
         "event latency, kernel timestamp of the crossing -> the client holds the event; {} trials per path, each one crossing up (while touching {TOUCH_MIB} MiB) and one down (inside the munmap of it); kernel {}",
         agent.up.len(),
@@ -226,6 +276,29 @@ fn main() -> Result<()> {
                 eprintln!("{name} {dir}: {v:.0?}");
             }
         }
+    }
+    println!();
+    println!(
+        "terminate enforcement: a child allocates 400 MiB at full speed under a 200 MiB limit with terminate_signal SIGKILL; {} trials each, interleaved",
+        args.terminate_trials
+    );
+    println!();
+    println!(
+        "| signalled by | crossing -> exit, median µs | p99 µs | past terminate at the peak, median KiB | max KiB |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (by, delay, over) in term.iter_mut() {
+        let (dm, dp99, _) = percentiles(delay);
+        let (om, _, omax) = percentiles(over);
+        let name = match by {
+            TerminateBy::Kernel => "kernel (bpf_send_signal at the page)",
+            TerminateBy::Agent => "agent (pidfd_send_signal on the event)",
+        };
+        println!(
+            "| {name} | {dm:.0} | {dp99:.0} | {:.1} | {:.1} |",
+            om / 1024.0,
+            omax / 1024.0
+        );
     }
     Ok(())
 }
