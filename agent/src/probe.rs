@@ -62,6 +62,26 @@ pub enum ProbeError {
     System(String),
 }
 
+/// The program's watch configuration for thresholds in bytes, a spike
+/// horizon, and the terminate-signal flags (`0, 0` for none).
+pub fn watch_config(
+    t: &amm_protocol::ThresholdBytes,
+    spike_horizon: std::time::Duration,
+    flags: u32,
+    signal: u32,
+) -> WatchConfig {
+    WatchConfig {
+        limit_bytes: t.limit,
+        rearm_bytes: t.rearm,
+        spill_bytes: t.spill,
+        pause_bytes: t.pause,
+        terminate_bytes: t.terminate,
+        spike_horizon_ns: spike_horizon.as_nanos().min(u64::MAX as u128) as u64,
+        flags,
+        signal,
+    }
+}
+
 /// True when the process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use amm_ebpf::{EventKind, Level, WatchConfig};
+use amm_ebpf::{EventKind, Level};
 use amm_protocol::{
     AgentStatus, ClientMessage, EventMessage, FrameError, MapEntries, Registration, Sample,
     SampleKind, ServerMessage, Split, TerminateBy, VERSION, WatchStatus, decode, nonblocking,
@@ -735,16 +735,7 @@ fn register(
         .spike_horizon_ms
         .filter(|&ms| ms > 0)
         .map_or(shared.config.default_spike_horizon, Duration::from_millis);
-    let config = WatchConfig {
-        limit_bytes: thresholds.limit,
-        rearm_bytes: thresholds.rearm,
-        spill_bytes: thresholds.spill,
-        pause_bytes: thresholds.pause,
-        terminate_bytes: thresholds.terminate,
-        spike_horizon_ns: horizon.as_nanos().min(u64::MAX as u128) as u64,
-        flags,
-        signal,
-    };
+    let config = crate::probe::watch_config(&thresholds, horizon, flags, signal);
     let mut watches = lock(&shared.watches);
     if let Some(e) = watches.get(&reg.pid) {
         return refuse(if e.client.id == handle.id {

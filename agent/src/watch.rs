@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use amm_ebpf::{EventKind, Level, WatchConfig};
+use amm_ebpf::{EventKind, Level};
 use amm_protocol::{EventMessage, Fractions, ThresholdBytes};
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
@@ -55,16 +55,7 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
     let mut reader = probe
         .take_events()
         .context("the probe's ring buffer was already taken")?;
-    let config = WatchConfig {
-        limit_bytes: thresholds.limit,
-        rearm_bytes: thresholds.rearm,
-        spill_bytes: thresholds.spill,
-        pause_bytes: thresholds.pause,
-        terminate_bytes: thresholds.terminate,
-        spike_horizon_ns: opts.spike_horizon.as_nanos().min(u64::MAX as u128) as u64,
-        flags: 0,
-        signal: 0,
-    };
+    let config = crate::probe::watch_config(&thresholds, opts.spike_horizon, 0, 0);
     probe.watch(opts.pid, config)?;
     let start = monotonic_ns();
     let printer = Printer {

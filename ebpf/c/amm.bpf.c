@@ -25,6 +25,7 @@
 #include <bpf/bpf_core_read.h>
 
 #include "amm.h"
+#include "watched.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -73,15 +74,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct amm_watch);
 } watches SEC(".maps");
-
-/* One bit per tgid: the cheap test every hook makes first. Userspace sets and
- * clears the bits; the program only reads them. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, AMM_PID_WORDS);
-	__type(key, __u32);
-	__type(value, __u64);
-} watch_bits SEC(".maps");
 
 /* mm_struct address -> tgid, for updates made by another task (curr == 0).
  * The classic tracepoint calls this key mm_id (a hash of the same address);
@@ -209,14 +201,6 @@ static __always_inline void stat_add(int field)
 	case 2: s->bound++; break;
 	case 3: s->exits++; break;
 	}
-}
-
-static __always_inline int watched_bit(__u32 tgid)
-{
-	__u32 word = tgid >> 6;
-	__u64 *bits = bpf_map_lookup_elem(&watch_bits, &word);
-
-	return bits && ((*bits >> (tgid & 63)) & 1);
 }
 
 /* Exact value of one RSS counter, in pages. */

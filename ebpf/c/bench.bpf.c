@@ -12,15 +12,9 @@
 #include <bpf/bpf_tracing.h>
 
 #include "amm.h"
+#include "watched.h"
 
 char LICENSE[] SEC("license") = "GPL";
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, AMM_PID_WORDS);
-	__type(key, __u32);
-	__type(value, __u64);
-} watch_bits SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -31,12 +25,10 @@ struct {
 
 static __always_inline int watched(void)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u32 word = tgid >> 6, zero = 0;
-	__u64 *bits = bpf_map_lookup_elem(&watch_bits, &word);
+	__u32 zero = 0;
 	__u64 *n;
 
-	if (!bits || !((*bits >> (tgid & 63)) & 1))
+	if (!watched_bit(bpf_get_current_pid_tgid() >> 32))
 		return 0;
 	n = bpf_map_lookup_elem(&hits, &zero);
 	if (n)

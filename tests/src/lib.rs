@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod region;
+
 /// True when this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -39,15 +41,17 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
-/// The cargo target directory these tests were built into
-/// (`target/<profile>`).
+/// The cargo target directory this executable was built into
+/// (`target/<profile>`), for a test (`target/<profile>/deps/NAME`) or a
+/// binary (`target/<profile>/NAME`).
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary; panics with the command to build it.
@@ -72,6 +76,26 @@ pub fn bpf_object() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The next event on `client` that `pred` accepts, skipping others;
+/// panics (naming `what`) if none comes within 10 s.
+pub fn event_where(
+    client: &mut amm_protocol::Client,
+    what: &str,
+    pred: impl Fn(&amm_protocol::EventMessage) -> bool,
+) -> amm_protocol::EventMessage {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_event(Some(left.max(Duration::from_millis(1)))) {
+            Ok(Some(e)) if pred(&e) => return e,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("no {what} within 10 s"),
+            Err(e) => panic!("waiting for {what}: {e}"),
+        }
+        assert!(Instant::now() < deadline, "no {what} within 10 s");
+    }
 }
 
 /// A running `amm-fault` child driven line by line.
@@ -117,7 +141,14 @@ impl Faulter {
 
     /// Sends a command and returns the text after `ok ` (errors on `err`).
     pub fn cmd(&mut self, line: &str) -> Result<String> {
-        let reply = self.try_cmd(line)?;
+        self.send(line)?;
+        self.wait_ok(line)
+    }
+
+    /// Waits for the answer to `line` (sent with [`Self::send`]): the text
+    /// after `ok `, or an error on `err`.
+    pub fn wait_ok(&mut self, line: &str) -> Result<String> {
+        let reply = self.reply(line)?;
         match reply.strip_prefix("ok") {
             Some(rest) => Ok(rest.trim().to_string()),
             None => bail!("amm-fault `{line}` answered: {reply}"),
@@ -126,8 +157,20 @@ impl Faulter {
 
     /// Sends a command and returns the raw reply line.
     pub fn try_cmd(&mut self, line: &str) -> Result<String> {
+        self.send(line)?;
+        self.reply(line)
+    }
+
+    /// Sends a command without waiting for its answer (read it with
+    /// [`Self::reply`]).
+    pub fn send(&mut self, line: &str) -> Result<()> {
         writeln!(self.stdin, "{line}").context("amm-fault is gone")?;
         self.stdin.flush()?;
+        Ok(())
+    }
+
+    /// The raw reply line to the command `line` sent before.
+    pub fn reply(&mut self, line: &str) -> Result<String> {
         let mut reply = String::new();
         if self.stdout.read_line(&mut reply)? == 0 {
             bail!("amm-fault closed its output after `{line}`");

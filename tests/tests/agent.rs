@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use amm_ebpf::{EventKind, Level};
-use amm_integration_tests::{Agent, Faulter, require_root};
+use amm_integration_tests::{Agent, Faulter, event_where, require_root};
 use amm_protocol::{
     ClientError, ClientMessage, MapEntries, Registration, ServerMessage, VERSION, decode, encode,
     read_frame,
@@ -40,16 +40,9 @@ fn a_registered_child_s_events_reach_its_client() {
     f.cmd("touch 150").expect("touch");
     // a spike alarm may come first: 150 MiB at full speed predicts
     // terminate within the default 200 ms horizon
-    let e = loop {
-        let e = client
-            .next_event(Some(Duration::from_secs(10)))
-            .expect("event")
-            .expect("an event within 10 s");
-        if e.event == EventKind::Level {
-            break e;
-        }
-        assert_eq!(e.event, EventKind::Spike);
-    };
+    let e = event_where(&mut client, "a level event", |e| {
+        e.event == EventKind::Level
+    });
     assert_eq!((e.prev_level, e.level), (Level::Below, Level::Spill));
     assert!(e.rss_bytes >= r.thresholds.spill);
     let status = client.status().expect("status");
@@ -58,15 +51,7 @@ fn a_registered_child_s_events_reach_its_client() {
 
     let (hwm, _) = f.hwm_rss().expect("status");
     f.exit().expect("exit");
-    let e = loop {
-        let e = client
-            .next_event(Some(Duration::from_secs(10)))
-            .expect("event")
-            .expect("the exit within 10 s");
-        if e.event == EventKind::Exit {
-            break e;
-        }
-    };
+    let e = event_where(&mut client, "the exit", |e| e.event == EventKind::Exit);
     assert!(e.peak_rss_bytes >= hwm && e.peak_rss_bytes - hwm < 64 * 4096);
     let status = client.status().expect("status");
     assert!(status.watches.is_empty());

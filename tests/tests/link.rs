@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use amm_ebpf::{EventKind, Level};
-use amm_integration_tests::{Agent, Faulter, require_root};
+use amm_integration_tests::{Agent, Faulter, event_where, require_root};
 use amm_protocol::link::{Link, LinkConfig, LinkEvent};
 use amm_protocol::{Registration, SampleKind, Split, TerminateBy};
 
@@ -139,15 +139,7 @@ fn terminate_is_enforced_at_the_crossing_page() {
         // asks for far more than the limit; it must die on the way
         let reply = f.try_cmd("touch 400");
         assert!(reply.is_err(), "{by:?}: the child survived: {reply:?}");
-        let exit = loop {
-            let e = client
-                .next_event(Some(Duration::from_secs(10)))
-                .expect("event")
-                .expect("the exit within 10 s");
-            if e.event == EventKind::Exit {
-                break e;
-            }
-        };
+        let exit = event_where(&mut client, "the exit", |e| e.event == EventKind::Exit);
         let over = exit.peak_rss_bytes.saturating_sub(reg.thresholds.terminate);
         eprintln!("{by:?}: peak {} bytes past terminate", over);
         if by == TerminateBy::Kernel {

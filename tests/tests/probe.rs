@@ -20,16 +20,7 @@ fn config(limit: u64) -> WatchConfig {
     let t = Fractions::default()
         .to_bytes(limit)
         .expect("valid thresholds");
-    WatchConfig {
-        limit_bytes: limit,
-        rearm_bytes: t.rearm,
-        spill_bytes: t.spill,
-        pause_bytes: t.pause,
-        terminate_bytes: t.terminate,
-        spike_horizon_ns: 0,
-        flags: 0,
-        signal: 0,
-    }
+    amm_agent::probe::watch_config(&t, Duration::ZERO, 0, 0)
 }
 
 fn load() -> (Probe, EventReader) {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::ring::RingReader;
 use crate::{
-    ClientMessage, EventMessage, FrameError, MAX_FRAME, Registration, ServerMessage,
-    ThresholdBytes, VERSION, decode, write_message,
+    ClientMessage, EventMessage, FrameError, Registration, ServerMessage, ThresholdBytes, VERSION,
+    decode, write_message,
 };
 use amm_ebpf::Level;
 
@@ -106,39 +106,11 @@ impl Client {
         self.send(msg)
     }
 
-    /// Fills `buf` from the socket, keeping any fd that comes along.
-    fn read_exact(&mut self, buf: &mut [u8], frame_start: bool) -> Result<(), FrameError> {
-        let mut got = 0;
-        while got < buf.len() {
-            match crate::fdpass::recv_with_fds(
-                self.stream.as_raw_fd(),
-                &mut buf[got..],
-                &mut self.fds,
-            ) {
-                Ok(0) if got == 0 && frame_start => return Err(FrameError::Closed),
-                Ok(0) => {
-                    return Err(FrameError::Truncated {
-                        got,
-                        want: buf.len(),
-                    });
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
     fn recv(&mut self) -> Result<ServerMessage, ClientError> {
-        let mut len = [0u8; 4];
-        self.read_exact(&mut len, true)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge(len).into());
-        }
-        let mut body = vec![0u8; len];
-        self.read_exact(&mut body, false)?;
+        let fd = self.stream.as_raw_fd();
+        let fds = &mut self.fds;
+        // recvmsg, so an fd that comes with a frame is kept
+        let body = crate::read_frame_with(|buf| crate::fdpass::recv_with_fds(fd, buf, fds))?;
         Ok(decode(&body)?)
     }
 

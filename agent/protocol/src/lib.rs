@@ -511,11 +511,17 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     Ok(serde_json::from_slice(body)?)
 }
 
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8], want: usize) -> Result<(), FrameError> {
+/// Fills `buf` from `read`; `frame_start` says a clean end here is a close
+/// between frames rather than a truncated one.
+fn read_full(
+    read: &mut impl FnMut(&mut [u8]) -> io::Result<usize>,
+    buf: &mut [u8],
+    frame_start: bool,
+) -> Result<(), FrameError> {
     let mut got = 0;
     while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) if got == 0 && want == 0 => return Err(FrameError::Closed),
+        match read(&mut buf[got..]) {
+            Ok(0) if got == 0 && frame_start => return Err(FrameError::Closed),
             Ok(0) => {
                 return Err(FrameError::Truncated {
                     got,
@@ -530,17 +536,25 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], want: usize) -> Result<(), Fram
     Ok(())
 }
 
-/// Reads one frame body from a blocking stream.
-pub fn read_frame<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+/// Reads one frame body through `read` (a `read(2)`-like function: the
+/// blocking client passes one that also collects passed fds).
+pub fn read_frame_with(
+    mut read: impl FnMut(&mut [u8]) -> io::Result<usize>,
+) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 4];
-    read_full(r, &mut len, 0)?;
+    read_full(&mut read, &mut len, true)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    read_full(r, &mut body, len)?;
+    read_full(&mut read, &mut body, false)?;
     Ok(body)
+}
+
+/// Reads one frame body from a blocking stream.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
+    read_frame_with(|buf| r.read(buf))
 }
 
 /// Writes one message as a frame to a blocking stream.

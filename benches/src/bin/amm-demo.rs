@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use amm_benches::{Toucher, monotonic_ns, profile_dir, target_dir, toucher_main};
+use amm_benches::{Faulter, monotonic_ns, profile_dir, target_dir};
 use amm_ebpf::EventKind;
 use amm_protocol::{Client, EventMessage, Registration};
 use anyhow::{Context, Result, bail};
@@ -21,9 +21,6 @@ struct Args {
     /// How much it allocates, MiB.
     #[arg(long, default_value_t = 1200)]
     alloc_mib: u64,
-    /// Run as the child (internal).
-    #[arg(long, hide = true)]
-    child: bool,
 }
 
 fn iec(b: u64) -> String {
@@ -36,9 +33,6 @@ fn rss_of(pid: u32) -> u64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.child {
-        toucher_main();
-    }
     if !amm_agent::probe::is_root() {
         bail!("the demo starts amm-agent, which loads BPF: run it as root (sudo cargo xtask demo)");
     }
@@ -63,7 +57,7 @@ fn main() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut child = Toucher::spawn(&std::env::current_exe()?)?;
+    let mut child = Faulter::spawn()?;
     child.cmd("free")?;
     let limit = args.limit_mib << 20;
     let reg = client.register(&Registration::new(child.pid(), limit))?;

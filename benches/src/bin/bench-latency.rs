@@ -15,9 +15,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amm_benches::{
-    Toucher, monotonic_ns, percentiles, profile_dir, settle, target_dir, toucher_main,
-};
+use amm_benches::{Faulter, monotonic_ns, percentiles, profile_dir, settle, target_dir};
 use amm_ebpf::EventKind;
 use amm_protocol::{Client, EventMessage, Registration, TerminateBy};
 use anyhow::{Context, Result, bail};
@@ -36,9 +34,6 @@ struct Args {
     /// Also print every sample (µs), sorted.
     #[arg(long)]
     dump: bool,
-    /// Run as the child toucher (internal).
-    #[arg(long, hide = true)]
-    child: bool,
 }
 
 const TOUCH_MIB: usize = 80;
@@ -94,7 +89,7 @@ fn start_agent() -> Result<AgentProc> {
 }
 
 /// RSS of the toucher once it is up and idle.
-fn base_rss(toucher: &mut Toucher) -> Result<u64> {
+fn base_rss(toucher: &mut Faulter) -> Result<u64> {
     toucher.cmd("free")?;
     Ok(amm_agent::identity::proc_info(toucher.pid())?.rss_bytes)
 }
@@ -118,7 +113,7 @@ impl Samples {
 /// is already there).
 fn trials(
     n: usize,
-    toucher: &mut Toucher,
+    toucher: &mut Faulter,
     mut next: impl FnMut(Duration) -> Result<Option<EventMessage>>,
 ) -> Result<Samples> {
     let mut lat = Samples::default();
@@ -153,7 +148,7 @@ fn trials(
 
 fn via_agent(n: usize) -> Result<Samples> {
     let agent = start_agent()?;
-    let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
+    let mut toucher = Faulter::spawn()?;
     let limit = limit_for(base_rss(&mut toucher)?);
     let mut client = Client::connect(&agent.socket, "bench-latency", Duration::from_secs(10))?;
     client.register(&Registration::new(toucher.pid(), limit))?;
@@ -164,7 +159,7 @@ fn via_agent(n: usize) -> Result<Samples> {
 
 fn via_ring(n: usize) -> Result<Samples> {
     let agent = start_agent()?;
-    let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
+    let mut toucher = Faulter::spawn()?;
     let limit = limit_for(base_rss(&mut toucher)?);
     let mut client = Client::connect(&agent.socket, "bench-latency", Duration::from_secs(10))?;
     let reg = client.register(&Registration {
@@ -183,7 +178,7 @@ fn via_ring(n: usize) -> Result<Samples> {
 /// Returns (µs from the terminate crossing to the exit, bytes past the
 /// terminate level at the peak).
 fn terminate_trial(agent: &AgentProc, by: TerminateBy) -> Result<(f64, f64)> {
-    let mut toucher = Toucher::spawn(&std::env::current_exe()?)?;
+    let mut toucher = Faulter::spawn()?;
     let base = base_rss(&mut toucher)?;
     let limit = base + (200 << 20);
     let mut client = Client::connect(&agent.socket, "bench-terminate", Duration::from_secs(10))?;
@@ -212,9 +207,6 @@ fn terminate_trial(agent: &AgentProc, by: TerminateBy) -> Result<(f64, f64)> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.child {
-        toucher_main();
-    }
     if !amm_agent::probe::is_root() {
         bail!("the latency benchmark loads BPF: run it as root");
     }

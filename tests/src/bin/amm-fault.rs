@@ -21,40 +21,8 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Duration;
 
+use amm_integration_tests::region::{Region, page_size as page};
 use amm_protocol::{Client, Registration};
-
-fn page() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
-
-fn reserve(mib: usize) -> Result<(usize, usize), String> {
-    let len = mib << 20;
-    // SAFETY: anonymous private mapping, no address hint.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-    }
-    Ok((p as usize, len))
-}
-
-fn touch(mib: usize) -> Result<(usize, usize), String> {
-    let (base, len) = reserve(mib)?;
-    for off in (0..len).step_by(page()) {
-        // SAFETY: off < len, inside the mapping just made writable.
-        unsafe { std::ptr::write_volatile((base + off) as *mut u8, 1) };
-    }
-    Ok((base, len))
-}
 
 fn map_file(path: &str, mib: usize) -> Result<(usize, usize), String> {
     let f = std::fs::File::open(path).map_err(|e| format!("open {path}: {e}"))?;
@@ -102,32 +70,32 @@ fn start_time() -> u64 {
 fn main() {
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
-    let mut regions: Vec<(usize, usize)> = Vec::new();
+    let mut regions: Vec<Region> = Vec::new();
     let mut client: Option<Client> = None;
     let mut ring: Option<amm_protocol::ring::RingReader> = None;
     for line in stdin.lock().lines() {
         let Ok(line) = line else { break };
         let words: Vec<&str> = line.split_whitespace().collect();
         let reply = match words.as_slice() {
-            ["touch", mib] => match mib.parse().map_err(|e| format!("{e}")).and_then(touch) {
-                Ok(r) => {
-                    regions.push(r);
-                    format!("ok {}", r.0)
+            [cmd @ ("touch" | "reserve"), mib] => {
+                let made = mib
+                    .parse::<usize>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| Region::new(m << 20).map_err(|e| e.to_string()));
+                match made {
+                    Ok(r) => {
+                        if *cmd == "touch" {
+                            r.touch();
+                        }
+                        let addr = r.addr();
+                        regions.push(r);
+                        format!("ok {addr}")
+                    }
+                    Err(e) => format!("err {e}"),
                 }
-                Err(e) => format!("err {e}"),
-            },
-            ["reserve", mib] => match mib.parse().map_err(|e| format!("{e}")).and_then(reserve) {
-                Ok(r) => {
-                    regions.push(r);
-                    format!("ok {}", r.0)
-                }
-                Err(e) => format!("err {e}"),
-            },
+            }
             ["free"] => {
-                for (base, len) in regions.drain(..) {
-                    // SAFETY: unmapping a region this process mapped.
-                    unsafe { libc::munmap(base as *mut libc::c_void, len) };
-                }
+                regions.clear();
                 "ok".into()
             }
             ["file", path, mib] => {
