@@ -1,6 +1,8 @@
-//! The task threads: `--nthreads` threads take tasks from one FIFO queue;
-//! each passes the pause [`Gate`] before it starts a task, so a paused worker
-//! starts nothing new while running tasks finish.
+//! The task threads: `--nthreads` threads take tasks from the queued
+//! batches, round-robin between batches (so concurrent operations of a phase
+//! share the threads fairly) and in order within a batch; each thread passes
+//! the pause [`Gate`] before it starts a task, so a paused worker starts
+//! nothing new while running tasks finish.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -16,8 +18,8 @@ struct Batch {
     done: Condvar,
 }
 
-/// Queued tasks with their batch, and whether the pool is shutting down.
-type Jobs = (VecDeque<(Task, Arc<Batch>)>, bool);
+/// Batches with their queued tasks, and whether the pool is shutting down.
+type Jobs = (VecDeque<(Arc<Batch>, VecDeque<Task>)>, bool);
 
 struct Queue {
     jobs: Mutex<Jobs>,
@@ -61,9 +63,7 @@ impl Pool {
         });
         {
             let mut jobs = self.queue.jobs.lock().unwrap_or_else(|e| e.into_inner());
-            for t in tasks {
-                jobs.0.push_back((t, batch.clone()));
-            }
+            jobs.0.push_back((batch.clone(), tasks.into()));
         }
         self.queue.ready.notify_all();
         let mut r = batch.remaining.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,8 +79,13 @@ fn worker_loop(q: &Queue, gate: &Gate) {
         let (task, batch) = {
             let mut jobs = q.jobs.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                if let Some(j) = jobs.0.pop_front() {
-                    break j;
+                if let Some((batch, mut queue)) = jobs.0.pop_front()
+                    && let Some(task) = queue.pop_front()
+                {
+                    if !queue.is_empty() {
+                        jobs.0.push_back((batch.clone(), queue));
+                    }
+                    break (task, batch);
                 }
                 if jobs.1 {
                     return;

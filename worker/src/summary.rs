@@ -81,6 +81,10 @@ pub struct Summary {
     pub max_identity_error_bytes: u64,
     /// The exit code this worker ends with.
     pub exit_code: i32,
+    /// The effective memory configuration (after file, env and flags).
+    pub memory_config: Option<crate::config::MemoryConfig>,
+    /// `MALLOC_TRIM_THRESHOLD_` as this worker's environment had it.
+    pub malloc_trim_threshold_env: Option<String>,
 }
 
 impl Summary {

@@ -131,6 +131,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         nthreads: opts.nthreads,
         limit_bytes: limit.bytes,
         limit_source: limit.source.clone(),
+        memory_config: Some(opts.memory.clone()),
+        malloc_trim_threshold_env: std::env::var("MALLOC_TRIM_THRESHOLD_").ok(),
         ..Summary::default()
     };
     let shared = Arc::new(Mutex::new(base));
