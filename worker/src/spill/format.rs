@@ -141,12 +141,12 @@ pub fn write_value(path: &Path, key: &str, value: &Value, opts: WriteOptions) ->
         f.sync_data()?;
     }
     if opts.drop_cache {
-        if let Some((poff, plen)) = pending {
-            sync_range(&f, poff, plen, true);
-            drop_range(&f, poff, plen);
-        }
-        sync_range(&f, 0, hlen, true);
-        drop_range(&f, 0, hlen);
+        // The whole file, not just the last chunk and the header: the page
+        // cache uses large folios, and DONTNEED skips a folio that is only
+        // partly inside the range (the header's, or one across a chunk
+        // boundary). Length 0 means "to the end of the file".
+        sync_range(&f, 0, 0, true);
+        drop_range(&f, 0, 0);
     }
     Ok(off)
 }
@@ -301,6 +301,10 @@ pub fn read_value(path: &Path, key: &str, drop_cache: bool) -> Result<Value, Spi
             off += chunk.len() as u64;
         }
         parts.push(part);
+    }
+    if drop_cache {
+        // Folios across chunk boundaries were skipped above.
+        drop_range(&f, 0, 0);
     }
     if crc.finalize() != payload_crc {
         return Err(corrupt("payload checksum mismatch".into()));
