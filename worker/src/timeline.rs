@@ -10,7 +10,8 @@
 //!   arena residency and `malloc_info` per arena).
 //! * `{"t_ms": .., "kind": "event", "event": NAME, ...}` for `spill`,
 //!   `spill_failed`, `purge` (with what it returned), `pause`, `unpause`,
-//!   `terminate`, and workload events (`phase`, `check`).
+//!   `terminate`, and workload events (`phase` at each phase's start, `check`,
+//!   `end` when the workload is over).
 //!
 //! Lines are flushed as written so a reader can follow a live worker.
 

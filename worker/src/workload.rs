@@ -539,6 +539,9 @@ impl Runner {
                 }
             }
         }
+        if let Some(t) = &self.state.timeline {
+            t.event("end", json!({"errors": errors.len()}));
+        }
         Outcome {
             checks: self
                 .state

@@ -293,3 +293,8 @@ pub fn purge_all() -> io::Result<()> {
 pub fn opt_isize(name: &str) -> io::Result<isize> {
     read_named::<isize>(name)
 }
+
+/// A boolean jemalloc option (`opt.cache_oblivious`, ...).
+pub fn opt_bool(name: &str) -> io::Result<bool> {
+    read_named::<bool>(name)
+}
