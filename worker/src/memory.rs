@@ -18,8 +18,8 @@
 //!
 //! **Event seam.** The manager polls, as Dask does. A faster source (the
 //! amm agent's eBPF level events) calls [`ManagerHandle::on_level_event`]:
-//! `Pause` pauses at once; `Spill` and `Terminate` wake the manager, which
-//! acts in the same instant instead of at its next poll.
+//! the manager wakes and acts on that level in the same instant instead of
+//! at its next poll.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -326,7 +326,6 @@ pub struct MemoryManager {
 /// The running manager.
 pub struct ManagerHandle {
     shared: Arc<Shared>,
-    gate: Arc<Gate>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -376,7 +375,6 @@ impl MemoryManager {
     /// Starts polling on a thread of its own.
     pub fn spawn(mut self) -> std::io::Result<ManagerHandle> {
         let shared = self.shared.clone();
-        let gate = self.gate.clone();
         let thread = std::thread::Builder::new()
             .name("amm-memory".into())
             .spawn(move || {
@@ -394,7 +392,6 @@ impl MemoryManager {
             })?;
         Ok(ManagerHandle {
             shared,
-            gate,
             thread: Some(thread),
         })
     }
@@ -626,8 +623,7 @@ impl MemoryManager {
             let before = self.buffer.stats();
             let result = self.buffer.evict_until(target);
             let after = self.buffer.stats();
-            let n = after.spill_count - before.spill_count;
-            if n > 0 || result.is_ok() {
+            if after.managed < before.managed {
                 self.event(
                     "spill",
                     json!({"reason": "target", "values": after.spill_count - before.spill_count,
@@ -703,12 +699,13 @@ impl MemoryManager {
 
 impl ManagerHandle {
     /// The seam for a faster event source (the agent): a level crossing
-    /// observed elsewhere. `Pause` pauses at once; every level wakes the
-    /// manager, which measures and acts now rather than at its next poll.
+    /// observed elsewhere. It wakes the manager, which runs a tick at once
+    /// and acts on the level even if its own measurement is still below it:
+    /// `Pause` pauses (until a tick finds the process below pause) and
+    /// `Terminate` terminates on the event's word; `Spill` makes the tick
+    /// spill down to target as far as its own measurement shows the process
+    /// above target.
     pub fn on_level_event(&self, level: Level) {
-        if level == Level::Pause {
-            self.gate.set_paused(true);
-        }
         self.shared.hint.fetch_max(level as u8, Ordering::SeqCst);
         self.shared.wake();
     }
@@ -765,6 +762,61 @@ mod tests {
             ..MemoryConfig::default()
         };
         assert!(Levels::new(&cfg, Some(1000)).pause.is_none());
+    }
+
+    #[test]
+    fn level_events_act_without_waiting_for_the_poll() {
+        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
+        use std::sync::atomic::AtomicBool;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let buffer = Arc::new(SpillBuffer::new(
+            SpillDir::open(tmp.path(), "ev").expect("dir"),
+            SpillOptions {
+                target: None,
+                max_spill: None,
+                write: WriteOptions {
+                    fsync: false,
+                    drop_cache: true,
+                },
+            },
+        ));
+        let gate = Arc::new(Gate::default());
+        let terminated = Arc::new(AtomicBool::new(false));
+        let t = terminated.clone();
+        let cfg = MemoryConfig {
+            // A poll so slow that only the events can explain the actions.
+            monitor_interval: Duration::from_secs(3600),
+            ..MemoryConfig::default()
+        };
+        let m = MemoryManager::new(
+            cfg,
+            Some(1 << 50),
+            buffer,
+            gate.clone(),
+            None,
+            Box::new(move |_| t.store(true, Ordering::SeqCst)),
+        )
+        .spawn()
+        .expect("spawn");
+        let wait = |f: &dyn Fn() -> bool| {
+            let start = Instant::now();
+            while !f() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            f()
+        };
+        // Let the first tick pass, then send the events.
+        assert!(wait(&|| m.stats().ticks >= 1));
+        m.on_level_event(Level::Pause);
+        assert!(wait(&|| gate.is_paused()), "a pause event did not pause");
+        m.on_level_event(Level::Terminate);
+        assert!(
+            wait(&|| terminated.load(Ordering::SeqCst)),
+            "a terminate event did not terminate"
+        );
+        let stats = m.stop();
+        assert!(stats.terminated && stats.pauses >= 1);
+        assert!(!gate.is_paused(), "a stopped manager leaves the gate open");
     }
 
     #[test]
