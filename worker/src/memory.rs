@@ -508,12 +508,22 @@ impl MemoryManager {
         self.publish();
     }
 
-    /// Spills until the process is at most `goal` bytes (reclaiming what the
-    /// allocator hoards as values leave); returns the RSS after.
+    /// Spills until the process is at most `goal` bytes; returns the RSS
+    /// after. Allocator-aware: when RSS has not fallen by at least half of
+    /// what the last batch of evictions freed, the allocator kept it
+    /// (jemalloc's dirty pages, glibc chunks below its mmap threshold), so
+    /// it is purged/trimmed before deciding to spill more. Batches are 1 MiB
+    /// for jemalloc (a purge of little is cheap) and 16 MiB for glibc
+    /// (`malloc_trim` walks the whole heap).
     fn spill_process(&mut self, mut rss: u64, goal: u64) -> std::io::Result<u64> {
         let start = Instant::now();
         let before = rss;
-        let (mut values, mut bytes, mut unpurged) = (0u64, 0u64, 0u64);
+        let batch: u64 = match self.allocator {
+            Allocator::Jemalloc => 1 << 20,
+            Allocator::System => 16 << 20,
+        };
+        let (mut values, mut bytes, mut unpurged, mut purges) = (0u64, 0u64, 0u64, 0u64);
+        let mut batch_rss = rss;
         let mut error = None;
         while rss > goal {
             match self.buffer.evict() {
@@ -529,13 +539,26 @@ impl MemoryManager {
                     break;
                 }
             }
-            // jemalloc keeps freed extents as dirty pages: give them back so
-            // that RSS shows the spill (cheap: only what was just freed).
-            if self.allocator == Allocator::Jemalloc && unpurged >= 1 << 20 {
-                let _ = alloc::jemalloc::purge_all();
-                unpurged = 0;
-            }
             rss = proc::rss_bytes()?;
+            if unpurged >= batch {
+                if batch_rss.saturating_sub(rss) < unpurged / 2 {
+                    let t = Instant::now();
+                    match self.allocator {
+                        Allocator::Jemalloc => {
+                            let _ = alloc::jemalloc::purge_all();
+                        }
+                        Allocator::System => alloc::glibc::trim(),
+                    }
+                    let after = proc::rss_bytes()?;
+                    purges += 1;
+                    self.stats.purge_count += 1;
+                    self.stats.purged_bytes_total += rss.saturating_sub(after);
+                    self.stats.purge_us_total += t.elapsed().as_micros() as u64;
+                    rss = after;
+                }
+                unpurged = 0;
+                batch_rss = rss;
+            }
             if let Some(t) = self.levels.terminate
                 && rss > t
             {
@@ -543,7 +566,7 @@ impl MemoryManager {
             }
         }
         if rss > goal
-            && (unpurged > 0 || self.allocator == Allocator::System)
+            && unpurged > 0
             && let Some(r) = self.purge("spill")
         {
             rss = r.rss_after;
@@ -560,7 +583,7 @@ impl MemoryManager {
                 "spill",
                 json!({"reason": "process", "values": values, "bytes": bytes,
                        "process_before": before, "process_after": rss, "goal": goal,
-                       "ms": start.elapsed().as_millis() as u64}),
+                       "purges": purges, "ms": start.elapsed().as_millis() as u64}),
             );
         }
         Ok(rss)

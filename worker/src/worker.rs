@@ -69,7 +69,10 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     let host = HostMemory::current()?;
     let limit = limit::resolve(opts.limit, &host)?;
     tracing::info!("memory limit: {limit}");
-    let check = alloc::verify_serving(8 << 20).context("cannot read allocator statistics")?;
+    // 96 KiB: above jemalloc's thread-cache sizes (so its counter moves at
+    // once) and below glibc's mmap threshold (freeing an mmapped chunk would
+    // raise glibc's dynamic threshold and change how this worker allocates).
+    let check = alloc::verify_serving(96 << 10).context("cannot read allocator statistics")?;
     tracing::info!(
         allocator = %allocator,
         jemalloc_delta = check.jemalloc_allocated_delta,
