@@ -27,7 +27,10 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var("AMM_REQUIRE_ROOT").as_deref() == Ok("1") {
         panic!("{test} needs root and AMM_REQUIRE_ROOT=1 forbids skipping it");
     }
-    println!("SKIPPED: {test} needs root");
+    // Straight to the stderr handle: the test harness captures println!
+    // and eprintln!, and this line must be seen.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test} needs root");
     false
 }
 
