@@ -130,14 +130,12 @@ pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
                 }
             })
         });
-        let mut forwarded = false;
         let (ending, maxrss) = loop {
             if let Some(sig) = signals::take() {
                 tracing::warn!(signal = sig, pid, "nanny: forwarding signal to the worker");
                 // SAFETY: pid is our child, not yet reaped.
                 unsafe { libc::kill(pid, sig) };
                 stopped_by = Some(sig);
-                forwarded = true;
             }
             if let Some(r) = wait_child(pid)? {
                 break r;
@@ -147,7 +145,6 @@ pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
         if let Some(r) = reader {
             let _ = r.join();
         }
-        let _ = forwarded;
         peak = peak.max(maxrss);
         last_summary = summary.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(p) = last_summary

@@ -20,7 +20,8 @@
 //! keep = "managed"                 # managed (SpillBuffer values under key/N) |
 //!                                  # unmanaged (held under key) | task (freed when the task ends)
 //! key = "data"
-//! tasks = 64                       # default: one per 8 MiB (keep = "task": 1)
+//! tasks = 64                       # default: one per 8 MiB or per chunk if larger
+//!                                  # (keep = "task": 1)
 //! delay = "5ms"                    # between two chunks of a task
 //! hold = "1s"                      # before a task ends
 //!
@@ -39,18 +40,18 @@
 //! [[phase.op]]
 //! op = "matmul"                    # blocked (A @ A.T).sum(), blocks managed
 //! key = "mm"
-//! n = 6144
+//! n = 8192
 //! block = 512
 //! [[phase.op]]
 //! op = "sparse"                    # single-cell-like CSR pipeline, blocks managed
 //! key = "sc"
-//! cells = 120000
+//! cells = 200000
 //! genes = 20000
 //! density = 0.012
-//! blocks = 40
+//! blocks = 50
 //! hvg = 1000
-//! min-genes = 150
-//! min-cells = 20
+//! min-genes = 120
+//! min-cells = 650
 //! [[phase.op]]
 //! op = "sleep"
 //! duration = "1s"
