@@ -11,7 +11,7 @@
 //! If spilling fails (disk full, `max-spill`) while process memory is above
 //! spill, the manager pauses instead of dying, and retries every tick.
 //!
-//! For a jemalloc worker, the hoard (`stats.resident - stats.allocated`) is
+//! For a jemalloc worker, the purgeable hoard (dirty + muzzy pages) is
 //! purged once it passes `trim-threshold` (the number Dask's nanny puts in
 //! `MALLOC_TRIM_THRESHOLD_`), at most once per `purge-interval` and only
 //! while purging has taken under [`PURGE_BUDGET`] of the run.
@@ -701,10 +701,12 @@ impl MemoryManager {
             self.set_paused(false, "below pause", rss);
         }
 
-        // threshold purge of jemalloc's hoard, rate-limited
-        if self.allocator == Allocator::Jemalloc
+        // threshold purge of jemalloc's hoard, rate-limited; what a purge
+        // can return is the dirty and muzzy pages (slab slack and metadata,
+        // also in `hoarded`, stay)
+        if let HeapStats::Jemalloc(je) = &heap
             && let Some(threshold) = self.cfg.trim_threshold
-            && acc.hoarded > threshold
+            && je.dirty_bytes + je.muzzy_bytes > threshold
         {
             let since_ok = self
                 .last_purge
