@@ -13,7 +13,9 @@
 //!   `terminate`, and workload events (`phase` at each phase's start, `check`,
 //!   `end` when the workload is over).
 //!
-//! Lines are flushed as written so a reader can follow a live worker.
+//! Lines are flushed as written so a reader can follow a live worker. A
+//! worker restarted by its nanny appends to the same file after a `start`
+//! event (`attempt`, `pid`).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -31,9 +33,19 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    /// Creates (truncates) the file.
-    pub fn create(path: &Path) -> std::io::Result<Timeline> {
-        let f = File::create(path).map_err(|e| {
+    /// Creates (truncates) the file, or appends to it for a restarted
+    /// worker (`append`), so one file holds every attempt; each attempt
+    /// starts with a `start` event and its own `t_ms` clock.
+    pub fn create(path: &Path, append: bool) -> std::io::Result<Timeline> {
+        let f = if append {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        } else {
+            File::create(path)
+        }
+        .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("cannot create timeline {}: {e}", path.display()),

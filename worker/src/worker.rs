@@ -121,7 +121,15 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         },
     ));
     let timeline = match &opts.timeline {
-        Some(p) => Some(Arc::new(Timeline::create(p)?)),
+        Some(p) => {
+            let t = Timeline::create(p, opts.attempt > 0)?;
+            t.event(
+                "start",
+                serde_json::json!({"attempt": opts.attempt, "pid": std::process::id(),
+                                   "allocator": allocator, "limit": limit.bytes}),
+            );
+            Some(Arc::new(t))
+        }
         None => None,
     };
     let gate = Arc::new(Gate::default());

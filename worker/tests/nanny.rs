@@ -26,6 +26,7 @@ delay = "8ms"
 fn nanny_restarts_a_terminated_worker_and_gives_up_after_the_bound() {
     let s = Scratch::new();
     let w = s.workload("ramp", RAMP);
+    let tl = s.path("tl.jsonl");
     let r = run(worker_cmd(
         &s,
         &w,
@@ -40,6 +41,8 @@ fn nanny_restarts_a_terminated_worker_and_gives_up_after_the_bound() {
             "50ms",
             "--name",
             "giveup",
+            "--timeline",
+            tl.to_str().expect("utf8"),
         ],
     ));
     assert_eq!(
@@ -65,6 +68,14 @@ fn nanny_restarts_a_terminated_worker_and_gives_up_after_the_bound() {
         tail(&r.stderr, 2000)
     );
     assert!(!s.path("spill").join("amm-spill-giveup").exists());
+    // One timeline holds all three attempts, each ending in a terminate.
+    let t = timeline(&tl);
+    let starts: Vec<u64> = events(&t, "start")
+        .iter()
+        .map(|e| u(e, "attempt"))
+        .collect();
+    assert_eq!(starts, vec![0, 1, 2]);
+    assert_eq!(events(&t, "terminate").len(), 3);
 }
 
 #[test]
