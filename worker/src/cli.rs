@@ -1,0 +1,364 @@
+//! The command line: `amm-worker run | limit | workloads | check-allocator`.
+//!
+//! `--allocator` is honoured before any work: the nanny puts the choice in
+//! its worker's environment; a process that must itself run on another
+//! allocator than the one its first allocation picked (`--no-nanny`,
+//! `check-allocator`) re-executes itself with `AMM_ALLOCATOR` set.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::alloc::{self, ALLOCATOR_ENV, Allocator};
+use crate::config::{Loader, MemoryConfig, Raw};
+use crate::limit::{self, HostMemory, LimitSpec};
+use crate::nanny::{self, ATTEMPT_ENV, NAME_ENV, NannyOptions};
+use crate::units::parse_duration;
+use crate::worker::{self, WorkerOptions};
+use crate::workload::{BUILTINS, Workload};
+
+/// Guards against re-exec loops.
+const REEXEC_ENV: &str = "AMM_REEXECED";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "amm-worker",
+    version,
+    about = "A data-processing worker that stays alive under memory pressure: Dask's \
+             target/spill/pause/terminate, allocator-aware (jemalloc or glibc)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a workload (a built-in name or a TOML file) under the memory
+    /// manager; logs go to stderr, a JSON summary to stdout.
+    Run(Box<RunArgs>),
+    /// Print the effective memory limit and where it comes from.
+    Limit {
+        /// auto | available | SIZE (4GiB) | FRACTION (0.5) | 0 (none).
+        #[arg(long, default_value = "auto", allow_hyphen_values = true)]
+        memory_limit: String,
+        /// Read /proc and /sys below this directory (for fixtures).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// List the built-in workloads.
+    Workloads,
+    /// Show which allocator serves this binary: allocate a block and report
+    /// which allocator's counters grew (JSON).
+    CheckAllocator {
+        /// jemalloc | system (default: $AMM_ALLOCATOR, else system).
+        #[arg(long)]
+        allocator: Option<String>,
+        /// Size of the probe allocation.
+        #[arg(long, default_value = "64MiB")]
+        bytes: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// A built-in workload (see `amm-worker workloads`) or a TOML file.
+    workload: String,
+    /// jemalloc | system (default: $AMM_ALLOCATOR, else system).
+    #[arg(long)]
+    allocator: Option<String>,
+    /// auto | available | SIZE (4GiB) | FRACTION (0.5) | 0 (no limit).
+    #[arg(long, default_value = "auto", allow_hyphen_values = true)]
+    memory_limit: String,
+    /// Task threads.
+    #[arg(long, default_value_t = 2)]
+    nthreads: usize,
+    /// Where the spill directory (amm-spill-<name>) goes [default: the temp dir].
+    #[arg(long)]
+    local_directory: Option<PathBuf>,
+    /// Worker name [default: from the nanny, else worker-<pid>].
+    #[arg(long)]
+    name: Option<String>,
+    /// TOML config file with Dask's keys ([worker.memory] target = 0.6 ...).
+    #[arg(long, env = "AMM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Write one JSON line per monitor tick (and events) to this file.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
+    /// worker.memory.target: fraction of the limit, or false.
+    #[arg(long)]
+    target: Option<String>,
+    /// worker.memory.spill: fraction, or false.
+    #[arg(long)]
+    spill: Option<String>,
+    /// worker.memory.pause: fraction, or false.
+    #[arg(long)]
+    pause: Option<String>,
+    /// worker.memory.terminate: fraction, or false.
+    #[arg(long)]
+    terminate: Option<String>,
+    /// worker.memory.monitor-interval (e.g. 200ms).
+    #[arg(long)]
+    monitor_interval: Option<String>,
+    /// worker.memory.recent-to-old-time (e.g. 30s).
+    #[arg(long)]
+    recent_to_old_time: Option<String>,
+    /// worker.memory.max-spill: size, or false.
+    #[arg(long)]
+    max_spill: Option<String>,
+    /// worker.memory.trim-threshold: MALLOC_TRIM_THRESHOLD_ (system) / purge
+    /// threshold (jemalloc), or false.
+    #[arg(long)]
+    trim_threshold: Option<String>,
+    /// worker.memory.purge-interval: least time between threshold purges.
+    #[arg(long)]
+    purge_interval: Option<String>,
+    /// fdatasync every spilled value.
+    #[arg(long)]
+    spill_fsync: bool,
+    /// Leave spilled bytes in the page cache (for comparison only).
+    #[arg(long)]
+    no_drop_cache: bool,
+    /// Run the worker in this process, without a nanny.
+    #[arg(long)]
+    no_nanny: bool,
+    /// Nanny: most restarts before giving up.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
+    /// Nanny: first back-off before a restart (doubles each time, at most 10s).
+    #[arg(long, default_value = "500ms")]
+    restart_backoff: String,
+}
+
+fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
+    let mut l = Loader::new();
+    if let Some(p) = &a.config {
+        l.file(p).map_err(anyhow::Error::msg)?;
+    }
+    l.env(std::env::vars()).map_err(anyhow::Error::msg)?;
+    let flags: [(&str, &Option<String>, &str); 9] = [
+        ("worker.memory.target", &a.target, "--target"),
+        ("worker.memory.spill", &a.spill, "--spill"),
+        ("worker.memory.pause", &a.pause, "--pause"),
+        ("worker.memory.terminate", &a.terminate, "--terminate"),
+        (
+            "worker.memory.monitor-interval",
+            &a.monitor_interval,
+            "--monitor-interval",
+        ),
+        (
+            "worker.memory.recent-to-old-time",
+            &a.recent_to_old_time,
+            "--recent-to-old-time",
+        ),
+        ("worker.memory.max-spill", &a.max_spill, "--max-spill"),
+        (
+            "worker.memory.trim-threshold",
+            &a.trim_threshold,
+            "--trim-threshold",
+        ),
+        (
+            "worker.memory.purge-interval",
+            &a.purge_interval,
+            "--purge-interval",
+        ),
+    ];
+    for (key, value, flag) in flags {
+        if let Some(v) = value {
+            l.set(key, Raw::from_text(v), &format!("flag {flag}"))
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    if a.spill_fsync {
+        l.set(
+            "worker.memory.spill-fsync",
+            Raw::Bool(true),
+            "flag --spill-fsync",
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    if a.no_drop_cache {
+        l.set(
+            "worker.memory.spill-drop-cache",
+            Raw::Bool(false),
+            "flag --no-drop-cache",
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    l.build().map_err(anyhow::Error::msg)
+}
+
+/// The allocator asked for: the flag, else `$AMM_ALLOCATOR`, else system.
+fn wanted_allocator(flag: Option<&str>) -> anyhow::Result<Allocator> {
+    if let Some(f) = flag {
+        return f.parse().map_err(anyhow::Error::msg);
+    }
+    match std::env::var(ALLOCATOR_ENV) {
+        Ok(v) => v
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{ALLOCATOR_ENV}: {e}")),
+        Err(_) => Ok(Allocator::System),
+    }
+}
+
+/// Replaces this process with itself on `want` if it runs on the other one.
+fn ensure_allocator(want: Allocator) -> anyhow::Result<()> {
+    if alloc::active() == want {
+        return Ok(());
+    }
+    if std::env::var_os(REEXEC_ENV).is_some() {
+        bail!(
+            "re-executed with {ALLOCATOR_ENV}={want} but still running on {}",
+            alloc::active()
+        );
+    }
+    let exe = std::env::current_exe().context("cannot find the amm-worker binary")?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let err = std::process::Command::new(exe)
+        .args(args)
+        .env(ALLOCATOR_ENV, want.name())
+        .env(REEXEC_ENV, "1")
+        .exec();
+    Err(err).context("cannot re-execute amm-worker on the chosen allocator")
+}
+
+/// stderr that never fails: a log line to a closed pipe (the nanny or a
+/// test harness gone) is dropped instead of panicking the logging thread.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| LogWriter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+fn run(a: RunArgs) -> anyhow::Result<i32> {
+    let want = wanted_allocator(a.allocator.as_deref())?;
+    let memory = memory_config(&a)?;
+    let spec: LimitSpec = a.memory_limit.parse()?;
+    // Check the limit before spawning anything: a bad value fails once.
+    let host = HostMemory::current()?;
+    limit::resolve(spec, &host)?;
+    let workload = Workload::load(&a.workload)?;
+    let local_directory = a.local_directory.clone().unwrap_or_else(std::env::temp_dir);
+    if a.nthreads == 0 {
+        bail!("--nthreads must be at least 1");
+    }
+    if !a.no_nanny {
+        let name = a
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("nanny-{}", std::process::id()));
+        let backoff = parse_duration(&a.restart_backoff)
+            .map_err(|e| anyhow::anyhow!("--restart-backoff: {e}"))?;
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        return nanny::run(
+            args,
+            NannyOptions {
+                allocator: want,
+                trim_threshold: memory.trim_threshold,
+                name,
+                local_directory,
+                max_restarts: a.max_restarts,
+                backoff,
+            },
+        );
+    }
+    ensure_allocator(want)?;
+    let name = a
+        .name
+        .clone()
+        .or_else(|| std::env::var(NAME_ENV).ok())
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    let attempt = std::env::var(ATTEMPT_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    worker::run(WorkerOptions {
+        workload,
+        limit: spec,
+        nthreads: a.nthreads,
+        local_directory,
+        name,
+        memory,
+        timeline: a.timeline.clone(),
+        attempt,
+    })
+}
+
+fn print_limit(spec: &str, root: &Path) -> anyhow::Result<i32> {
+    let spec: LimitSpec = spec.parse()?;
+    let rlimit = if root == Path::new("/") {
+        limit::rlimit_rss()
+    } else {
+        None
+    };
+    let host = HostMemory::read(root, rlimit)?;
+    let l = limit::resolve(spec, &host)?;
+    eprintln!("memory limit: {l}");
+    println!(
+        "{}",
+        serde_json::json!({"limit_bytes": l.bytes, "source": l.source, "host": host})
+    );
+    Ok(0)
+}
+
+fn check_allocator(flag: Option<&str>, bytes: &str) -> anyhow::Result<i32> {
+    let want = wanted_allocator(flag)?;
+    ensure_allocator(want)?;
+    let n = crate::units::parse_bytes(bytes).map_err(anyhow::Error::msg)?;
+    let c = alloc::verify_serving(n as usize)?;
+    println!("{}", serde_json::to_string(&c)?);
+    Ok(if c.verified { 0 } else { 1 })
+}
+
+/// Parses the command line and runs it; the binary's `main`.
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(*a),
+        Command::Limit { memory_limit, root } => print_limit(&memory_limit, &root),
+        Command::Workloads => {
+            for (name, _) in BUILTINS {
+                match Workload::load(name) {
+                    Ok(w) => println!("{name:10} {}", w.description.unwrap_or_default()),
+                    Err(e) => println!("{name:10} (broken: {e:#})"),
+                }
+            }
+            Ok(0)
+        }
+        Command::CheckAllocator { allocator, bytes } => {
+            check_allocator(allocator.as_deref(), &bytes)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("amm-worker: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

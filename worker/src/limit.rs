@@ -1,0 +1,304 @@
+//! The worker's memory limit: `--memory-limit auto|available|SIZE|FRACTION|0`.
+//!
+//! * `auto`: the smallest of total RAM, the cgroup limits of the process's own
+//!   memory cgroup and its ancestors (v2 `memory.max`/`memory.high`, v1
+//!   `memory.limit_in_bytes`/`memory.soft_limit_in_bytes`) and `RLIMIT_RSS`.
+//! * `available`: `MemAvailable` at start (what Coiled sets as the limit).
+//! * `SIZE` (`4GiB`, `512MB`, `1073741824`): that many bytes; more than the
+//!   machine's RAM is an error.
+//! * `FRACTION` (`0.5`, a number with a decimal point in (0, 1]): that part of
+//!   the `auto` limit.
+//! * `0`: no limit (every threshold is then off).
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::cgroup::{self, CgroupLimit};
+use crate::proc::kb_field;
+use crate::units::{format_bytes, parse_bytes};
+
+/// What the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LimitSpec {
+    /// The minimum of what the host and cgroups allow.
+    Auto,
+    /// `MemAvailable` at start.
+    Available,
+    /// A size in bytes.
+    Bytes(u64),
+    /// A fraction of the `auto` limit.
+    Fraction(f64),
+    /// No limit.
+    Unlimited,
+}
+
+/// Why a limit could not be set.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum LimitError {
+    /// The text is neither a keyword, a size nor a fraction.
+    #[error(
+        "invalid memory limit {0:?}: expected `auto`, `available`, a size such as `4GiB`, a fraction in (0, 1] such as `0.5`, or `0` for no limit"
+    )]
+    Invalid(String),
+    /// A negative number.
+    #[error("invalid memory limit {0:?}: a memory limit cannot be negative")]
+    Negative(String),
+    /// A fraction above 1.
+    #[error(
+        "invalid memory limit {0:?}: a fraction must be in (0, 1]; for a size give a unit (e.g. `2GiB`)"
+    )]
+    FractionTooLarge(String),
+    /// More than the machine has.
+    #[error("memory limit {asked} is more than this machine's RAM ({ram})")]
+    OverRam {
+        /// The limit asked for, formatted.
+        asked: String,
+        /// Total RAM, formatted.
+        ram: String,
+    },
+    /// The host's memory could not be read.
+    #[error("cannot read the host's memory: {0}")]
+    Host(String),
+}
+
+impl FromStr for LimitSpec {
+    type Err = LimitError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let s = text.trim();
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => return Ok(LimitSpec::Auto),
+            "available" => return Ok(LimitSpec::Available),
+            "0" | "none" | "false" => return Ok(LimitSpec::Unlimited),
+            _ => {}
+        }
+        if s.starts_with('-') {
+            return Err(LimitError::Negative(text.to_string()));
+        }
+        let plain_number = !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.');
+        if plain_number && s.contains('.') {
+            let f: f64 = s
+                .parse()
+                .map_err(|_| LimitError::Invalid(text.to_string()))?;
+            if f == 0.0 {
+                return Ok(LimitSpec::Unlimited);
+            }
+            if f > 1.0 {
+                return Err(LimitError::FractionTooLarge(text.to_string()));
+            }
+            return Ok(LimitSpec::Fraction(f));
+        }
+        if plain_number && s == "1" {
+            return Ok(LimitSpec::Fraction(1.0));
+        }
+        match parse_bytes(s) {
+            Ok(0) => Ok(LimitSpec::Unlimited),
+            Ok(b) => Ok(LimitSpec::Bytes(b)),
+            Err(_) => Err(LimitError::Invalid(text.to_string())),
+        }
+    }
+}
+
+/// The facts `auto` and `available` are made of.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostMemory {
+    /// `MemTotal`.
+    pub total_ram: u64,
+    /// `MemAvailable` now.
+    pub available: u64,
+    /// The cgroup limits that apply (may be empty).
+    pub cgroup: Vec<CgroupLimit>,
+    /// `RLIMIT_RSS` if set.
+    pub rlimit_rss: Option<u64>,
+}
+
+impl HostMemory {
+    /// Reads `<root>/proc/meminfo` and the cgroup files below `root`;
+    /// `rlimit_rss` is given by the caller (see [`rlimit_rss`]).
+    pub fn read(root: &Path, rlimit_rss: Option<u64>) -> Result<HostMemory, LimitError> {
+        let meminfo_path = root.join("proc/meminfo");
+        let meminfo = std::fs::read_to_string(&meminfo_path)
+            .map_err(|e| LimitError::Host(format!("{}: {e}", meminfo_path.display())))?;
+        let total_ram = kb_field(&meminfo, "MemTotal").ok_or_else(|| {
+            LimitError::Host(format!("no MemTotal in {}", meminfo_path.display()))
+        })?;
+        let available = kb_field(&meminfo, "MemAvailable").unwrap_or(total_ram);
+        let cgroup = match cgroup::find(root).map_err(|e| LimitError::Host(e.to_string()))? {
+            Some(cg) => cg.limits().map_err(LimitError::Host)?,
+            None => Vec::new(),
+        };
+        Ok(HostMemory {
+            total_ram,
+            available,
+            cgroup,
+            rlimit_rss,
+        })
+    }
+
+    /// This machine, this process.
+    pub fn current() -> Result<HostMemory, LimitError> {
+        HostMemory::read(Path::new("/"), rlimit_rss())
+    }
+}
+
+/// `RLIMIT_RSS` of this process, `None` when unlimited.
+pub fn rlimit_rss() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: r is a valid rlimit to fill.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_RSS, &mut r) };
+    if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
+        None
+    } else {
+        Some(r.rlim_cur)
+    }
+}
+
+/// The effective limit and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limit {
+    /// Bytes, or `None` for no limit.
+    pub bytes: Option<u64>,
+    /// Where the number came from (`cgroup v1 /sys/fs/cgroup/memory/x/memory.limit_in_bytes`, ...).
+    pub source: String,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.bytes {
+            Some(b) => write!(f, "{} ({b} bytes) from {}", format_bytes(b), self.source),
+            None => write!(f, "none ({})", self.source),
+        }
+    }
+}
+
+/// The `auto` limit: the smallest candidate, with its source.
+pub fn auto(host: &HostMemory) -> Limit {
+    let mut best = (host.total_ram, "total RAM (MemTotal)".to_string());
+    for c in &host.cgroup {
+        if c.bytes < best.0 {
+            best = (c.bytes, format!("cgroup {}", c.file.display()));
+        }
+    }
+    if let Some(r) = host.rlimit_rss
+        && r < best.0
+    {
+        best = (r, "RLIMIT_RSS".to_string());
+    }
+    Limit {
+        bytes: Some(best.0),
+        source: best.1,
+    }
+}
+
+/// Turns a spec into the effective limit.
+pub fn resolve(spec: LimitSpec, host: &HostMemory) -> Result<Limit, LimitError> {
+    match spec {
+        LimitSpec::Unlimited => Ok(Limit {
+            bytes: None,
+            source: "--memory-limit 0 (no limit)".to_string(),
+        }),
+        LimitSpec::Auto => Ok(auto(host)),
+        LimitSpec::Available => Ok(Limit {
+            bytes: Some(host.available),
+            source: "MemAvailable at start".to_string(),
+        }),
+        LimitSpec::Bytes(b) => {
+            if b > host.total_ram {
+                return Err(LimitError::OverRam {
+                    asked: format_bytes(b),
+                    ram: format_bytes(host.total_ram),
+                });
+            }
+            Ok(Limit {
+                bytes: Some(b),
+                source: "--memory-limit".to_string(),
+            })
+        }
+        LimitSpec::Fraction(f) => {
+            let base = auto(host);
+            let total = base.bytes.unwrap_or(host.total_ram);
+            Ok(Limit {
+                bytes: Some((total as f64 * f) as u64),
+                source: format!("{f} x auto limit, which is {base}"),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!("auto".parse(), Ok(LimitSpec::Auto));
+        assert_eq!("AVAILABLE".parse(), Ok(LimitSpec::Available));
+        assert_eq!("0".parse(), Ok(LimitSpec::Unlimited));
+        assert_eq!("0.5".parse(), Ok(LimitSpec::Fraction(0.5)));
+        assert_eq!("1".parse(), Ok(LimitSpec::Fraction(1.0)));
+        assert_eq!("4GiB".parse(), Ok(LimitSpec::Bytes(4 << 30)));
+        assert_eq!("4 GB".parse(), Ok(LimitSpec::Bytes(4_000_000_000)));
+        assert_eq!("1073741824".parse(), Ok(LimitSpec::Bytes(1 << 30)));
+        assert!(matches!(
+            "banana".parse::<LimitSpec>(),
+            Err(LimitError::Invalid(_))
+        ));
+        assert!(matches!(
+            "-1GiB".parse::<LimitSpec>(),
+            Err(LimitError::Negative(_))
+        ));
+        assert!(matches!(
+            "-0.5".parse::<LimitSpec>(),
+            Err(LimitError::Negative(_))
+        ));
+        assert!(matches!(
+            "1.5".parse::<LimitSpec>(),
+            Err(LimitError::FractionTooLarge(_))
+        ));
+    }
+
+    fn host() -> HostMemory {
+        HostMemory {
+            total_ram: 24 << 30,
+            available: 20 << 30,
+            cgroup: vec![],
+            rlimit_rss: None,
+        }
+    }
+
+    #[test]
+    fn over_ram_is_an_error() {
+        let e = resolve(LimitSpec::Bytes(100 << 30), &host()).expect_err("must fail");
+        assert!(
+            e.to_string().contains("more than this machine's RAM"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn auto_takes_the_minimum_and_names_it() {
+        let mut h = host();
+        assert_eq!(auto(&h).bytes, Some(24 << 30));
+        assert!(auto(&h).source.contains("MemTotal"));
+        h.cgroup.push(CgroupLimit {
+            bytes: 8 << 30,
+            file: "/x/memory.max".into(),
+        });
+        h.rlimit_rss = Some(16 << 30);
+        assert_eq!(auto(&h).bytes, Some(8 << 30));
+        assert!(auto(&h).source.contains("memory.max"));
+        h.rlimit_rss = Some(4 << 30);
+        assert_eq!(auto(&h).bytes, Some(4 << 30));
+        assert_eq!(auto(&h).source, "RLIMIT_RSS");
+        let half = resolve(LimitSpec::Fraction(0.5), &h).expect("fraction");
+        assert_eq!(half.bytes, Some(2 << 30));
+        let avail = resolve(LimitSpec::Available, &h).expect("available");
+        assert_eq!(avail.bytes, Some(20 << 30));
+    }
+}

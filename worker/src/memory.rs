@@ -1,0 +1,857 @@
+//! MemoryManager: measures the process every `monitor-interval`, splits its
+//! memory into the accounting of DESIGN.md, and acts on the thresholds:
+//!
+//! | level | measured on | action |
+//! | --- | --- | --- |
+//! | target | managed | spill LRU values until managed <= target |
+//! | spill | process | purge/trim the allocator's hoard, then spill until process <= target |
+//! | pause | process | no new task starts (running ones go on); unpause below pause |
+//! | terminate | process | exit with [`TERMINATE_EXIT_CODE`]; the nanny restarts the worker |
+//!
+//! If spilling fails (disk full, `max-spill`) while process memory is above
+//! spill, the manager pauses instead of dying, and retries every tick.
+//!
+//! For a jemalloc worker, the purgeable hoard (dirty + muzzy pages) is
+//! purged once it passes `trim-threshold` (the number Dask's nanny puts in
+//! `MALLOC_TRIM_THRESHOLD_`), at most once per `purge-interval` and only
+//! while purging has taken under [`PURGE_BUDGET`] of the run.
+//!
+//! **Event seam.** The manager polls, as Dask does. A faster source (the
+//! amm agent's eBPF level events) calls [`ManagerHandle::on_level_event`]:
+//! the manager wakes and acts on that level in the same instant instead of
+//! at its next poll.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::alloc::{self, Allocator, Detail, HeapStats};
+use crate::cgroup::{CgroupUsage, MemoryCgroup};
+use crate::config::MemoryConfig;
+use crate::proc;
+use crate::spill::SpillBuffer;
+use crate::timeline::Timeline;
+
+/// Exit code of a worker that hit the terminate threshold.
+pub const TERMINATE_EXIT_CODE: i32 = 75;
+
+/// Most of the run's wall time that threshold purges may take.
+pub const PURGE_BUDGET: f64 = 0.02;
+
+/// A memory level, as the agent's BPF program reports it (`amm_ebpf::Level`
+/// maps one to one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Below spill.
+    Below = 0,
+    /// At or above spill.
+    Spill = 1,
+    /// At or above pause.
+    Pause = 2,
+    /// At or above terminate.
+    Terminate = 3,
+}
+
+impl Level {
+    fn from_u8(v: u8) -> Level {
+        match v {
+            1 => Level::Spill,
+            2 => Level::Pause,
+            3 => Level::Terminate,
+            _ => Level::Below,
+        }
+    }
+}
+
+/// Thresholds in bytes (`None`: disabled, or no limit).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Levels {
+    /// Managed bytes to stay under.
+    pub target: Option<u64>,
+    /// Process bytes above which to spill.
+    pub spill: Option<u64>,
+    /// Process bytes above which to pause.
+    pub pause: Option<u64>,
+    /// Process bytes above which to exit.
+    pub terminate: Option<u64>,
+}
+
+impl Levels {
+    /// The configured fractions of `limit`.
+    pub fn new(cfg: &MemoryConfig, limit: Option<u64>) -> Levels {
+        let at = |f: Option<f64>| Some((limit? as f64 * f?) as u64);
+        Levels {
+            target: at(cfg.target),
+            spill: at(cfg.spill),
+            pause: at(cfg.pause),
+            terminate: at(cfg.terminate),
+        }
+    }
+}
+
+/// The pause gate task threads pass before starting a task.
+#[derive(Debug, Default)]
+pub struct Gate {
+    paused: Mutex<bool>,
+    cv: Condvar,
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl Gate {
+    /// Blocks while paused, then counts a task start.
+    pub fn wait_to_start(&self) {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while *p {
+            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        self.started.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts a task end.
+    pub fn finished(&self) {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Pauses or unpauses; returns whether that changed anything, with the
+    /// counts of started and finished tasks at that instant.
+    pub fn set_paused(&self, paused: bool) -> Option<(u64, u64)> {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if *p == paused {
+            return None;
+        }
+        *p = paused;
+        let counts = (
+            self.started.load(Ordering::SeqCst),
+            self.finished.load(Ordering::SeqCst),
+        );
+        drop(p);
+        if !paused {
+            self.cv.notify_all();
+        }
+        Some(counts)
+    }
+
+    /// Whether new tasks are held back.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tasks started so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Tasks finished so far.
+    pub fn finished_count(&self) -> u64 {
+        self.finished.load(Ordering::SeqCst)
+    }
+}
+
+/// One tick's split of process memory (bytes). `process = managed +
+/// unmanaged_live + hoarded + non_heap` whenever no part had to be clamped at
+/// zero; [`Accounting::identity_error`] says by how much it misses.
+/// `unmanaged_recent` overlaps the unmanaged parts (it is the part of
+/// `process - managed` that appeared within `recent-to-old-time`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Accounting {
+    /// RSS (FILE + ANON + SHMEM).
+    pub process: u64,
+    /// Anonymous RSS.
+    pub rss_anon: u64,
+    /// File-backed and shared RSS.
+    pub rss_file_shmem: u64,
+    /// Sum of `sizeof` of values in memory.
+    pub managed: u64,
+    /// `heap_live - managed`, at least 0.
+    pub unmanaged_live: u64,
+    /// Allocator-resident bytes holding nothing live.
+    pub hoarded: u64,
+    /// `process - allocator resident`, at least 0.
+    pub non_heap: u64,
+    /// Bytes of values only on disk.
+    pub spilled: u64,
+    /// Unmanaged memory younger than `recent-to-old-time`.
+    pub unmanaged_recent: u64,
+    /// Allocator's live bytes.
+    pub heap_live: u64,
+    /// Allocator's resident bytes.
+    pub allocator_resident: u64,
+}
+
+impl Accounting {
+    /// `(managed + unmanaged_live + hoarded + non_heap) - process`.
+    pub fn identity_error(&self) -> i64 {
+        (self.managed + self.unmanaged_live + self.hoarded + self.non_heap) as i64
+            - self.process as i64
+    }
+
+    /// Splits a measurement.
+    pub fn split(statm: proc::Statm, managed: u64, spilled: u64, heap: &HeapStats) -> Accounting {
+        let live = heap.live();
+        let resident = heap.resident();
+        Accounting {
+            process: statm.resident,
+            rss_anon: statm.anon(),
+            rss_file_shmem: statm.shared,
+            managed,
+            unmanaged_live: live.saturating_sub(managed),
+            hoarded: resident.saturating_sub(live),
+            non_heap: statm.resident.saturating_sub(resident),
+            spilled,
+            unmanaged_recent: 0,
+            heap_live: live,
+            allocator_resident: resident,
+        }
+    }
+}
+
+/// Sliding-window minimum of `process - managed`, for `unmanaged_recent`.
+#[derive(Debug, Default)]
+struct RecentWindow {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RecentWindow {
+    fn push(&mut self, now: Instant, value: u64, window: Duration) -> u64 {
+        while self.samples.back().is_some_and(|&(_, v)| v >= value) {
+            self.samples.pop_back();
+        }
+        self.samples.push_back((now, value));
+        while self
+            .samples
+            .front()
+            .is_some_and(|&(t, _)| now.duration_since(t) > window)
+        {
+            self.samples.pop_front();
+        }
+        let old = self.samples.front().map_or(value, |&(_, v)| v);
+        value.saturating_sub(old)
+    }
+}
+
+/// What the manager did over the run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ManagerStats {
+    /// Ticks run.
+    pub ticks: u64,
+    /// Time spent paused, ms.
+    pub paused_ms: u64,
+    /// Times paused.
+    pub pauses: u64,
+    /// Purges/trims run.
+    pub purge_count: u64,
+    /// Bytes the purges/trims gave back (kernel RSS drop).
+    pub purged_bytes_total: u64,
+    /// Time the purges/trims took, microseconds.
+    pub purge_us_total: u64,
+    /// Ticks where process memory passed spill.
+    pub spill_ticks: u64,
+    /// Whether the terminate threshold was hit.
+    pub terminated: bool,
+    /// Largest RSS a tick saw.
+    pub peak_tick_rss: u64,
+    /// Largest |identity error| a tick saw.
+    pub max_identity_error: u64,
+}
+
+/// What [`MemoryManager`] hands its terminate action.
+#[derive(Debug, Clone, Copy)]
+pub struct TerminateInfo {
+    /// The measurement that crossed the threshold.
+    pub accounting: Accounting,
+    /// The threshold in bytes (0 when an event asked for it).
+    pub threshold: u64,
+    /// The manager's counters at that point.
+    pub stats: ManagerStats,
+}
+
+/// What runs when the terminate threshold is crossed. The worker's action
+/// cleans the spill directory, prints its summary and exits with
+/// [`TERMINATE_EXIT_CODE`]; a library user may do something else.
+pub type TerminateAction = Box<dyn FnMut(&TerminateInfo) + Send>;
+
+#[derive(Debug, Default)]
+struct Shared {
+    wake: Mutex<bool>,
+    cv: Condvar,
+    stop: AtomicBool,
+    hint: AtomicU8,
+    stats: Mutex<ManagerStats>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        let mut w = self.wake.lock().unwrap_or_else(|e| e.into_inner());
+        *w = true;
+        self.cv.notify_all();
+    }
+
+    fn sleep(&self, d: Duration) {
+        let w = self.wake.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut w, _) = self
+            .cv
+            .wait_timeout_while(w, d, |woken| !*woken)
+            .unwrap_or_else(|e| e.into_inner());
+        *w = false;
+    }
+}
+
+/// The monitor. Build it, then [`MemoryManager::spawn`] it on its own thread.
+pub struct MemoryManager {
+    cfg: MemoryConfig,
+    limit: Option<u64>,
+    levels: Levels,
+    allocator: Allocator,
+    buffer: Arc<SpillBuffer>,
+    gate: Arc<Gate>,
+    timeline: Option<Arc<Timeline>>,
+    cgroup: Option<MemoryCgroup>,
+    shared: Arc<Shared>,
+    on_terminate: TerminateAction,
+    recent: RecentWindow,
+    start: Instant,
+    last_purge: Option<Instant>,
+    paused_since: Option<Instant>,
+    spill_failing: bool,
+    stats: ManagerStats,
+}
+
+/// The running manager.
+pub struct ManagerHandle {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MemoryManager {
+    /// A manager for `buffer` under `limit` (bytes; `None`: no limit, so only
+    /// the threshold purge acts).
+    pub fn new(
+        cfg: MemoryConfig,
+        limit: Option<u64>,
+        buffer: Arc<SpillBuffer>,
+        gate: Arc<Gate>,
+        timeline: Option<Arc<Timeline>>,
+        on_terminate: TerminateAction,
+    ) -> MemoryManager {
+        let levels = Levels::new(&cfg, limit);
+        let shared = Arc::new(Shared::default());
+        let waker = shared.clone();
+        buffer.set_pressure_hook(Box::new(move || waker.wake()));
+        let cgroup = crate::cgroup::find(std::path::Path::new("/"))
+            .ok()
+            .flatten();
+        MemoryManager {
+            cfg,
+            limit,
+            levels,
+            allocator: alloc::active(),
+            buffer,
+            gate,
+            timeline,
+            cgroup,
+            shared,
+            on_terminate,
+            recent: RecentWindow::default(),
+            start: Instant::now(),
+            last_purge: None,
+            paused_since: None,
+            spill_failing: false,
+            stats: ManagerStats::default(),
+        }
+    }
+
+    /// The thresholds in bytes.
+    pub fn levels(&self) -> Levels {
+        self.levels
+    }
+
+    /// Starts polling on a thread of its own.
+    pub fn spawn(mut self) -> std::io::Result<ManagerHandle> {
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("amm-memory".into())
+            .spawn(move || {
+                while !self.shared.stop.load(Ordering::SeqCst) {
+                    if let Err(e) = self.tick() {
+                        tracing::warn!("memory monitor tick failed: {e}");
+                    }
+                    self.shared.sleep(self.cfg.monitor_interval);
+                }
+                // One last tick so the timeline ends with the final state.
+                if let Err(e) = self.tick() {
+                    tracing::warn!("memory monitor tick failed: {e}");
+                }
+                self.unpause_for_exit();
+            })?;
+        Ok(ManagerHandle {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn event(&self, name: &str, fields: serde_json::Value) {
+        if let Some(t) = &self.timeline {
+            t.event(name, fields);
+        }
+    }
+
+    fn fraction(&self, bytes: u64) -> f64 {
+        match self.limit {
+            Some(l) if l > 0 => bytes as f64 / l as f64,
+            _ => 0.0,
+        }
+    }
+
+    /// Measures the process and splits its memory.
+    pub fn measure(&mut self, detail: Detail) -> std::io::Result<(Accounting, HeapStats)> {
+        let heap = alloc::heap_stats(detail)?;
+        let statm = proc::statm()?;
+        let s = self.buffer.stats();
+        let mut acc = Accounting::split(statm, s.managed, s.spilled, &heap);
+        acc.unmanaged_recent = self.recent.push(
+            Instant::now(),
+            acc.process.saturating_sub(acc.managed),
+            self.cfg.recent_to_old_time,
+        );
+        Ok((acc, heap))
+    }
+
+    fn purge(&mut self, reason: &str) -> Option<alloc::PurgeReport> {
+        match alloc::reclaim(reason) {
+            Ok(r) => {
+                self.last_purge = Some(Instant::now());
+                self.stats.purge_count += 1;
+                self.stats.purged_bytes_total += r.returned_bytes;
+                self.stats.purge_us_total += r.duration_us;
+                tracing::debug!(
+                    reason,
+                    returned = r.returned_bytes,
+                    us = r.duration_us,
+                    "purged the allocator's hoard"
+                );
+                self.event(
+                    "purge",
+                    serde_json::to_value(&r).unwrap_or(serde_json::Value::Null),
+                );
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!("purge failed: {e}");
+                None
+            }
+        }
+    }
+
+    fn terminate(&mut self, acc: &Accounting, threshold: u64) {
+        self.stats.terminated = true;
+        tracing::error!(
+            process = acc.process,
+            threshold,
+            fraction = self.fraction(acc.process),
+            "process memory passed the terminate threshold: exiting with code {TERMINATE_EXIT_CODE}"
+        );
+        self.event(
+            "terminate",
+            json!({"process": acc.process, "threshold": threshold,
+                   "fraction": self.fraction(acc.process), "exit_code": TERMINATE_EXIT_CODE}),
+        );
+        if let Some(t) = &self.timeline {
+            t.flush();
+        }
+        self.publish();
+        let info = TerminateInfo {
+            accounting: *acc,
+            threshold,
+            stats: self.stats,
+        };
+        (self.on_terminate)(&info);
+    }
+
+    fn publish(&self) {
+        let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        *s = self.stats;
+        if let Some(since) = self.paused_since {
+            s.paused_ms += since.elapsed().as_millis() as u64;
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool, reason: &str, process: u64) {
+        if let Some((started, finished)) = self.gate.set_paused(paused) {
+            let name = if paused { "pause" } else { "unpause" };
+            if paused {
+                self.paused_since = Some(Instant::now());
+                self.stats.pauses += 1;
+                tracing::warn!(reason, process, "paused: no new task starts");
+            } else {
+                if let Some(s) = self.paused_since.take() {
+                    self.stats.paused_ms += s.elapsed().as_millis() as u64;
+                }
+                tracing::info!(process, "unpaused");
+            }
+            self.event(
+                name,
+                json!({"reason": reason, "process": process, "fraction": self.fraction(process),
+                       "tasks_started": started, "tasks_finished": finished}),
+            );
+        }
+    }
+
+    fn unpause_for_exit(&mut self) {
+        self.set_paused(false, "exit", 0);
+        self.publish();
+    }
+
+    /// Spills until the process is at most `goal` bytes; returns the RSS
+    /// after. Allocator-aware: when RSS has not fallen by at least half of
+    /// what the last batch of evictions freed, the allocator kept it
+    /// (jemalloc's dirty pages, glibc chunks below its mmap threshold), so
+    /// it is purged/trimmed before deciding to spill more. Batches are 1 MiB
+    /// for jemalloc (a purge of little is cheap) and 16 MiB for glibc
+    /// (`malloc_trim` walks the whole heap).
+    fn spill_process(&mut self, mut rss: u64, goal: u64) -> std::io::Result<u64> {
+        let start = Instant::now();
+        let before = rss;
+        let batch: u64 = match self.allocator {
+            Allocator::Jemalloc => 1 << 20,
+            Allocator::System => 16 << 20,
+        };
+        let (mut values, mut bytes, mut unpurged, mut purges) = (0u64, 0u64, 0u64, 0u64);
+        let mut batch_rss = rss;
+        let mut error = None;
+        while rss > goal {
+            match self.buffer.evict() {
+                Ok(Some(n)) => {
+                    values += 1;
+                    bytes += n;
+                    unpurged += n;
+                    self.spill_failing = false;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            }
+            rss = proc::rss_bytes()?;
+            if unpurged >= batch {
+                if batch_rss.saturating_sub(rss) < unpurged / 2 {
+                    let t = Instant::now();
+                    match self.allocator {
+                        Allocator::Jemalloc => {
+                            let _ = alloc::jemalloc::purge_all();
+                        }
+                        Allocator::System => alloc::glibc::trim(),
+                    }
+                    let after = proc::rss_bytes()?;
+                    purges += 1;
+                    self.stats.purge_count += 1;
+                    self.stats.purged_bytes_total += rss.saturating_sub(after);
+                    self.stats.purge_us_total += t.elapsed().as_micros() as u64;
+                    rss = after;
+                }
+                unpurged = 0;
+                batch_rss = rss;
+            }
+            if let Some(t) = self.levels.terminate
+                && rss > t
+            {
+                break;
+            }
+        }
+        if rss > goal
+            && unpurged > 0
+            && let Some(r) = self.purge("spill")
+        {
+            rss = r.rss_after;
+        }
+        if let Some(e) = &error {
+            if !self.spill_failing {
+                tracing::error!("spilling failed, pausing until it works again: {e}");
+            }
+            self.spill_failing = true;
+            self.event("spill_failed", json!({"error": e, "process": rss}));
+        }
+        if values > 0 {
+            self.event(
+                "spill",
+                json!({"reason": "process", "values": values, "bytes": bytes,
+                       "process_before": before, "process_after": rss, "goal": goal,
+                       "purges": purges, "ms": start.elapsed().as_millis() as u64}),
+            );
+        }
+        Ok(rss)
+    }
+
+    /// One monitor tick: measure, act, record. Public so tests and a future
+    /// event source can drive it synchronously.
+    pub fn tick(&mut self) -> std::io::Result<Accounting> {
+        let detail = if self.timeline.is_some() {
+            Detail::Full
+        } else {
+            Detail::Totals
+        };
+        let (acc, heap) = self.measure(detail)?;
+        self.stats.ticks += 1;
+        self.stats.peak_tick_rss = self.stats.peak_tick_rss.max(acc.process);
+        self.stats.max_identity_error = self
+            .stats
+            .max_identity_error
+            .max(acc.identity_error().unsigned_abs());
+        let hint = Level::from_u8(self.shared.hint.swap(Level::Below as u8, Ordering::SeqCst));
+        let cgroup_usage: Option<CgroupUsage> = if self.timeline.is_some() {
+            self.cgroup.as_ref().and_then(|c| c.usage())
+        } else {
+            None
+        };
+        // The tick line holds the measurement the decisions start from.
+        if let Some(t) = &self.timeline {
+            t.tick(&json!({
+                "process": acc.process, "managed": acc.managed,
+                "unmanaged_live": acc.unmanaged_live, "hoarded": acc.hoarded,
+                "non_heap": acc.non_heap, "spilled": acc.spilled,
+                "unmanaged_recent": acc.unmanaged_recent, "heap_live": acc.heap_live,
+                "allocator_resident": acc.allocator_resident, "rss_anon": acc.rss_anon,
+                "rss_file_shmem": acc.rss_file_shmem, "identity_error": acc.identity_error(),
+                "limit": self.limit, "fraction": self.fraction(acc.process),
+                "paused": self.gate.is_paused(), "tasks_started": self.gate.started(),
+                "tasks_finished": self.gate.finished_count(),
+                "spill": self.buffer.stats(), "cgroup": cgroup_usage, "heap": heap,
+            }));
+        }
+
+        // terminate
+        if let Some(t) = self.levels.terminate
+            && acc.process > t
+        {
+            self.terminate(&acc, t);
+            return Ok(acc);
+        }
+        if hint == Level::Terminate {
+            self.terminate(&acc, 0);
+            return Ok(acc);
+        }
+
+        // target: managed memory
+        if let Some(target) = self.levels.target
+            && self.buffer.managed() > target
+        {
+            let start = Instant::now();
+            let before = self.buffer.stats();
+            let result = self.buffer.evict_until(target);
+            let after = self.buffer.stats();
+            if after.managed < before.managed {
+                self.event(
+                    "spill",
+                    json!({"reason": "target", "values": after.spill_count - before.spill_count,
+                           "bytes": before.managed.saturating_sub(after.managed),
+                           "managed_before": before.managed, "managed_after": after.managed,
+                           "target": target, "ms": start.elapsed().as_millis() as u64}),
+                );
+            }
+            if let Err(e) = result {
+                self.event(
+                    "spill_failed",
+                    json!({"reason": "target", "error": e.to_string()}),
+                );
+                tracing::warn!("spilling to target failed: {e}");
+            }
+        }
+
+        // spill: process memory
+        let mut rss = acc.process;
+        if let Some(spill) = self.levels.spill
+            && (rss > spill || hint == Level::Spill)
+        {
+            self.stats.spill_ticks += 1;
+            // Allocator-aware: what the allocator hoards goes back first.
+            let threshold = self.cfg.trim_threshold.unwrap_or(0);
+            if acc.hoarded > threshold.max(1 << 20)
+                && let Some(r) = self.purge("pressure")
+            {
+                rss = r.rss_after;
+            }
+            let goal = self.levels.target.unwrap_or(spill).min(spill);
+            if rss > spill || hint == Level::Spill {
+                rss = self.spill_process(rss, goal)?;
+            }
+        } else if self.levels.target.is_none_or(|t| rss <= t) {
+            self.spill_failing = false;
+        }
+
+        // pause
+        let over_pause = self.levels.pause.is_some_and(|p| rss > p);
+        let stuck = self.spill_failing && self.levels.spill.is_some_and(|s| rss > s);
+        if over_pause || stuck || hint == Level::Pause {
+            let reason = if over_pause {
+                "pause threshold"
+            } else if stuck {
+                "spilling failed above the spill threshold"
+            } else {
+                "level event"
+            };
+            self.set_paused(true, reason, rss);
+        } else {
+            self.set_paused(false, "below pause", rss);
+        }
+
+        // threshold purge of jemalloc's hoard, rate-limited; what a purge
+        // can return is the dirty and muzzy pages (slab slack and metadata,
+        // also in `hoarded`, stay)
+        if let HeapStats::Jemalloc(je) = &heap
+            && let Some(threshold) = self.cfg.trim_threshold
+            && je.dirty_bytes + je.muzzy_bytes > threshold
+        {
+            let since_ok = self
+                .last_purge
+                .is_none_or(|t| t.elapsed() >= self.cfg.purge_interval);
+            let elapsed_us = self.start.elapsed().as_micros() as f64;
+            let budget_ok = (self.stats.purge_us_total as f64) <= PURGE_BUDGET * elapsed_us;
+            if since_ok && budget_ok {
+                self.purge("threshold");
+            }
+        }
+        self.publish();
+        Ok(acc)
+    }
+}
+
+impl ManagerHandle {
+    /// The seam for a faster event source (the agent): a level crossing
+    /// observed elsewhere. It wakes the manager, which runs a tick at once
+    /// and acts on the level even if its own measurement is still below it:
+    /// `Pause` pauses (until a tick finds the process below pause) and
+    /// `Terminate` terminates on the event's word; `Spill` makes the tick
+    /// spill down to target as far as its own measurement shows the process
+    /// above target.
+    pub fn on_level_event(&self, level: Level) {
+        self.shared.hint.fetch_max(level as u8, Ordering::SeqCst);
+        self.shared.wake();
+    }
+
+    /// Wakes the manager for an immediate tick.
+    pub fn wake(&self) {
+        self.shared.wake();
+    }
+
+    /// The manager's counters so far.
+    pub fn stats(&self) -> ManagerStats {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops the manager after one last tick and returns its counters.
+    pub fn stop(mut self) -> ManagerStats {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_is_growth_over_the_window_minimum() {
+        let mut w = RecentWindow::default();
+        let t0 = Instant::now();
+        let win = Duration::from_secs(30);
+        assert_eq!(w.push(t0, 100, win), 0);
+        assert_eq!(w.push(t0 + Duration::from_secs(1), 150, win), 50);
+        assert_eq!(w.push(t0 + Duration::from_secs(2), 120, win), 20);
+        // 100 is older than the window at t0+31s: the minimum is now 120.
+        assert_eq!(w.push(t0 + Duration::from_secs(31), 130, win), 10);
+    }
+
+    #[test]
+    fn levels_are_fractions_of_the_limit() {
+        let cfg = MemoryConfig::default();
+        let l = Levels::new(&cfg, Some(1000));
+        assert_eq!(l.target, Some(600));
+        assert_eq!(l.spill, Some(700));
+        assert_eq!(l.pause, Some(800));
+        assert_eq!(l.terminate, Some(950));
+        let none = Levels::new(&cfg, None);
+        assert!(none.target.is_none() && none.terminate.is_none());
+        let cfg = MemoryConfig {
+            pause: None,
+            ..MemoryConfig::default()
+        };
+        assert!(Levels::new(&cfg, Some(1000)).pause.is_none());
+    }
+
+    #[test]
+    fn level_events_act_without_waiting_for_the_poll() {
+        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
+        use std::sync::atomic::AtomicBool;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let buffer = Arc::new(SpillBuffer::new(
+            SpillDir::open(tmp.path(), "ev").expect("dir"),
+            SpillOptions {
+                target: None,
+                max_spill: None,
+                write: WriteOptions {
+                    fsync: false,
+                    drop_cache: true,
+                },
+            },
+        ));
+        let gate = Arc::new(Gate::default());
+        let terminated = Arc::new(AtomicBool::new(false));
+        let t = terminated.clone();
+        let cfg = MemoryConfig {
+            // A poll so slow that only the events can explain the actions.
+            monitor_interval: Duration::from_secs(3600),
+            ..MemoryConfig::default()
+        };
+        let m = MemoryManager::new(
+            cfg,
+            Some(1 << 50),
+            buffer,
+            gate.clone(),
+            None,
+            Box::new(move |_| t.store(true, Ordering::SeqCst)),
+        )
+        .spawn()
+        .expect("spawn");
+        let wait = |f: &dyn Fn() -> bool| {
+            let start = Instant::now();
+            while !f() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            f()
+        };
+        // Let the first tick pass, then send the events.
+        assert!(wait(&|| m.stats().ticks >= 1));
+        m.on_level_event(Level::Pause);
+        assert!(wait(&|| gate.is_paused()), "a pause event did not pause");
+        m.on_level_event(Level::Terminate);
+        assert!(
+            wait(&|| terminated.load(Ordering::SeqCst)),
+            "a terminate event did not terminate"
+        );
+        let stats = m.stop();
+        assert!(stats.terminated && stats.pauses >= 1);
+        assert!(!gate.is_paused(), "a stopped manager leaves the gate open");
+    }
+
+    #[test]
+    fn gate_counts_and_reports_transitions() {
+        let g = Gate::default();
+        g.wait_to_start();
+        assert_eq!(g.set_paused(true), Some((1, 0)));
+        assert_eq!(g.set_paused(true), None);
+        g.finished();
+        assert_eq!(g.set_paused(false), Some((1, 1)));
+        assert!(!g.is_paused());
+    }
+}

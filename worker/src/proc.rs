@@ -1,0 +1,112 @@
+//! Reading this process's memory as the kernel counts it (`/proc/self`).
+
+use std::io;
+use std::sync::OnceLock;
+
+use serde::Serialize;
+
+/// The kernel's page size.
+pub fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if p > 0 { p as u64 } else { 4096 }
+    })
+}
+
+/// Resident set size in bytes (`/proc/self/statm` field 2: FILE + ANON +
+/// SHMEM pages). Cheap enough to call after every eviction.
+pub fn rss_bytes() -> io::Result<u64> {
+    Ok(statm()?.resident)
+}
+
+/// `/proc/self/statm` in bytes.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Statm {
+    /// Resident bytes (FILE + ANON + SHMEM).
+    pub resident: u64,
+    /// Resident file-backed and shared-memory bytes (FILE + SHMEM).
+    pub shared: u64,
+}
+
+impl Statm {
+    /// Resident anonymous bytes (ANON).
+    pub fn anon(&self) -> u64 {
+        self.resident.saturating_sub(self.shared)
+    }
+}
+
+/// Reads `/proc/self/statm`.
+pub fn statm() -> io::Result<Statm> {
+    let text = std::fs::read_to_string("/proc/self/statm")?;
+    parse_statm(&text, page_size())
+        .ok_or_else(|| io::Error::other(format!("cannot parse /proc/self/statm: {text:?}")))
+}
+
+fn parse_statm(text: &str, page: u64) -> Option<Statm> {
+    let mut it = text.split_ascii_whitespace().skip(1);
+    let resident: u64 = it.next()?.parse().ok()?;
+    let shared: u64 = it.next()?.parse().ok()?;
+    Some(Statm {
+        resident: resident * page,
+        shared: shared * page,
+    })
+}
+
+/// A `kB` field of `/proc/self/status` (e.g. `VmHWM`), in bytes.
+pub fn status_field(name: &str) -> io::Result<Option<u64>> {
+    let text = std::fs::read_to_string("/proc/self/status")?;
+    Ok(kb_field(&text, name))
+}
+
+/// Finds `Name:   123 kB` in `/proc/.../status` or `/proc/meminfo` text and
+/// returns it in bytes.
+pub fn kb_field(text: &str, name: &str) -> Option<u64> {
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(name)
+            && let Some(rest) = rest.strip_prefix(':')
+        {
+            let mut it = rest.split_ascii_whitespace();
+            let v: u64 = it.next()?.parse().ok()?;
+            return Some(match it.next() {
+                Some("kB") => v * 1024,
+                _ => v,
+            });
+        }
+    }
+    None
+}
+
+/// The peak RSS of this process (`VmHWM`), which the kernel keeps exactly,
+/// spikes between two polls included.
+pub fn peak_rss_bytes() -> io::Result<u64> {
+    status_field("VmHWM")?.ok_or_else(|| io::Error::other("no VmHWM in /proc/self/status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_statm() {
+        let s = parse_statm("1000 250 50 10 0 300 0\n", 4096).expect("parse");
+        assert_eq!(s.resident, 250 * 4096);
+        assert_eq!(s.shared, 50 * 4096);
+        assert_eq!(s.anon(), 200 * 4096);
+    }
+
+    #[test]
+    fn parses_kb_fields() {
+        let t = "VmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nThreads:\t3\n";
+        assert_eq!(kb_field(t, "VmHWM"), Some(2048 * 1024));
+        assert_eq!(kb_field(t, "Threads"), Some(3));
+        assert_eq!(kb_field(t, "VmRSS"), None);
+    }
+
+    #[test]
+    fn this_process_has_rss() {
+        assert!(rss_bytes().expect("statm") > 0);
+        assert!(peak_rss_bytes().expect("hwm") >= rss_bytes().expect("statm") / 2);
+    }
+}

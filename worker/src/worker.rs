@@ -1,0 +1,255 @@
+//! One worker process, end to end: resolve the limit, open the spill
+//! directory, start the MemoryManager, run the workload on the task threads,
+//! print the summary, clean up. On the terminate threshold or SIGINT/SIGTERM
+//! it prints what it has, removes its spill files and exits at once.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::alloc::{self, Allocator};
+use crate::config::MemoryConfig;
+use crate::limit::{self, HostMemory, LimitSpec};
+use crate::memory::{Gate, Levels, MemoryManager, TERMINATE_EXIT_CODE, TerminateInfo};
+use crate::spill::{SpillBuffer, SpillDir, SpillOptions, WriteOptions};
+use crate::summary::{RESULT_FAILED, Summary};
+use crate::timeline::Timeline;
+use crate::units::format_bytes;
+use crate::workload::{Runner, Workload};
+use crate::{proc, signals};
+
+/// Everything a worker needs to run.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The workload.
+    pub workload: Workload,
+    /// `--memory-limit`.
+    pub limit: LimitSpec,
+    /// Task threads.
+    pub nthreads: usize,
+    /// Where the spill directory goes.
+    pub local_directory: PathBuf,
+    /// Worker name (spill directory `amm-spill-<name>`).
+    pub name: String,
+    /// Memory settings.
+    pub memory: MemoryConfig,
+    /// `--timeline` file.
+    pub timeline: Option<PathBuf>,
+    /// Attempt number given by the nanny (0 for the first).
+    pub attempt: u32,
+}
+
+fn fill_from_buffer(s: &mut Summary, buffer: &SpillBuffer) {
+    let st = buffer.stats();
+    s.spilled_bytes_total = st.spilled_bytes_total;
+    s.spill_count = st.spill_count;
+    s.written_bytes_total = st.written_bytes_total;
+    s.unspilled_bytes_total = st.unspilled_bytes_total;
+    s.unspill_count = st.unspill_count;
+    s.spill_failures = st.spill_failures;
+}
+
+fn fill_from_manager(s: &mut Summary, m: &crate::memory::ManagerStats) {
+    s.paused_ms = m.paused_ms;
+    s.pauses = m.pauses;
+    s.purge_count += m.purge_count;
+    s.purged_bytes_total += m.purged_bytes_total;
+    s.ticks = m.ticks;
+    s.max_identity_error_bytes = m.max_identity_error;
+}
+
+/// Runs the worker; returns its exit code (terminate and signals exit from
+/// inside and never return).
+pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
+    let start = Instant::now();
+    signals::install().context("cannot install signal handlers")?;
+    let allocator = alloc::active();
+    let host = HostMemory::current()?;
+    let limit = limit::resolve(opts.limit, &host)?;
+    tracing::info!("memory limit: {limit}");
+    // 96 KiB: above jemalloc's thread-cache sizes (so its counter moves at
+    // once) and below glibc's mmap threshold (freeing an mmapped chunk would
+    // raise glibc's dynamic threshold and change how this worker allocates).
+    let check = alloc::verify_serving(96 << 10).context("cannot read allocator statistics")?;
+    tracing::info!(
+        allocator = %allocator,
+        jemalloc_delta = check.jemalloc_allocated_delta,
+        glibc_delta = check.glibc_live_delta,
+        verified = check.verified,
+        "allocator serving this worker"
+    );
+    if allocator == Allocator::Jemalloc {
+        let dirty = alloc::jemalloc::opt_isize("opt.dirty_decay_ms").unwrap_or(-1);
+        let muzzy = alloc::jemalloc::opt_isize("opt.muzzy_decay_ms").unwrap_or(-1);
+        tracing::info!(
+            dirty_decay_ms = dirty,
+            muzzy_decay_ms = muzzy,
+            "jemalloc options"
+        );
+    } else if let Ok(t) = std::env::var("MALLOC_TRIM_THRESHOLD_") {
+        tracing::info!("MALLOC_TRIM_THRESHOLD_={t}");
+    }
+    let levels = Levels::new(&opts.memory, limit.bytes);
+    let fmt = |b: Option<u64>| b.map_or("off".to_string(), format_bytes);
+    tracing::info!(
+        target = %fmt(levels.target),
+        spill = %fmt(levels.spill),
+        pause = %fmt(levels.pause),
+        terminate = %fmt(levels.terminate),
+        interval_ms = opts.memory.monitor_interval.as_millis() as u64,
+        "thresholds"
+    );
+
+    let dir = SpillDir::open(&opts.local_directory, &opts.name).with_context(|| {
+        format!(
+            "cannot open the spill directory in {}",
+            opts.local_directory.display()
+        )
+    })?;
+    tracing::info!(dir = %dir.path().display(), "spill directory");
+    let buffer = Arc::new(SpillBuffer::new(
+        dir,
+        SpillOptions {
+            target: levels.target,
+            max_spill: opts.memory.max_spill,
+            write: WriteOptions {
+                fsync: opts.memory.spill_fsync,
+                drop_cache: opts.memory.spill_drop_cache,
+            },
+        },
+    ));
+    let timeline = match &opts.timeline {
+        Some(p) => {
+            let t = Timeline::create(p, opts.attempt > 0)?;
+            t.event(
+                "start",
+                serde_json::json!({"attempt": opts.attempt, "pid": std::process::id(),
+                                   "allocator": allocator, "limit": limit.bytes}),
+            );
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    let gate = Arc::new(Gate::default());
+
+    let base = Summary {
+        workload: opts.workload.name.clone().unwrap_or_default(),
+        name: opts.name.clone(),
+        allocator: allocator.to_string(),
+        allocator_verified: check.verified,
+        nthreads: opts.nthreads,
+        limit_bytes: limit.bytes,
+        limit_source: limit.source.clone(),
+        memory_config: Some(opts.memory.clone()),
+        malloc_trim_threshold_env: std::env::var("MALLOC_TRIM_THRESHOLD_").ok(),
+        ..Summary::default()
+    };
+    let shared = Arc::new(Mutex::new(base));
+
+    // Terminate: report, remove spill files, exit. Nothing slow.
+    let on_terminate = {
+        let (buffer, shared, gate, timeline) = (
+            buffer.clone(),
+            shared.clone(),
+            gate.clone(),
+            timeline.clone(),
+        );
+        Box::new(move |info: &TerminateInfo| {
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            fill_from_buffer(&mut s, &buffer);
+            fill_from_manager(&mut s, &info.stats);
+            s.peak_rss_bytes = proc::peak_rss_bytes().unwrap_or(info.stats.peak_tick_rss);
+            s.terminations = 1;
+            s.result_ok = false;
+            s.tasks = gate.started();
+            s.wall_ms = start.elapsed().as_millis() as u64;
+            s.errors.push(format!(
+                "terminated: process memory {} passed the terminate threshold {}",
+                format_bytes(info.accounting.process),
+                format_bytes(info.threshold)
+            ));
+            s.exit_code = TERMINATE_EXIT_CODE;
+            s.print();
+            if let Some(t) = &timeline {
+                t.flush();
+            }
+            buffer.cleanup();
+            std::process::exit(TERMINATE_EXIT_CODE);
+        })
+    };
+    let manager = MemoryManager::new(
+        opts.memory.clone(),
+        limit.bytes,
+        buffer.clone(),
+        gate.clone(),
+        timeline.clone(),
+        on_terminate,
+    )
+    .spawn()
+    .context("cannot start the memory manager")?;
+
+    // SIGINT/SIGTERM: clean up and leave.
+    {
+        let (buffer, shared, gate) = (buffer.clone(), shared.clone(), gate.clone());
+        std::thread::Builder::new()
+            .name("amm-signals".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if let Some(sig) = signals::peek() {
+                        tracing::warn!(signal = sig, "stopping on signal");
+                        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        fill_from_buffer(&mut s, &buffer);
+                        s.peak_rss_bytes = proc::peak_rss_bytes().unwrap_or(0);
+                        s.tasks = gate.started();
+                        s.wall_ms = start.elapsed().as_millis() as u64;
+                        s.errors.push(format!("stopped by signal {sig}"));
+                        s.exit_code = 128 + sig;
+                        s.print();
+                        buffer.cleanup();
+                        std::process::exit(128 + sig);
+                    }
+                }
+            })
+            .context("cannot start the signal thread")?;
+    }
+
+    let runner = Runner::new(
+        opts.nthreads,
+        buffer.clone(),
+        gate.clone(),
+        timeline.clone(),
+        opts.attempt,
+    )?;
+    let outcome = runner.run(&opts.workload);
+    drop(runner);
+    let mstats = manager.stop();
+
+    let mut s = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    fill_from_buffer(&mut s, &buffer);
+    fill_from_manager(&mut s, &mstats);
+    s.purge_count += outcome.purges;
+    s.purged_bytes_total += outcome.purged_bytes;
+    s.peak_rss_bytes = proc::peak_rss_bytes()?;
+    s.result_ok = outcome.result_ok();
+    s.checks = outcome.checks.clone();
+    s.errors = outcome.errors.clone();
+    s.tasks = gate.started();
+    s.wall_ms = start.elapsed().as_millis() as u64;
+    s.exit_code = if s.result_ok { 0 } else { RESULT_FAILED };
+    s.print();
+    if let Some(t) = &timeline {
+        t.flush();
+    }
+    buffer.cleanup();
+    tracing::info!(
+        result_ok = s.result_ok,
+        wall_ms = s.wall_ms,
+        peak_rss = %format_bytes(s.peak_rss_bytes),
+        spilled = %format_bytes(s.spilled_bytes_total),
+        "done"
+    );
+    Ok(s.exit_code)
+}
