@@ -411,10 +411,18 @@ impl MemoryManager {
 
     /// Measures the process and splits its memory.
     pub fn measure(&mut self, detail: Detail) -> std::io::Result<(Accounting, HeapStats)> {
+        // Task threads put and spill values while the allocator is read. A
+        // value's memory is allocated before it counts as managed and freed
+        // after it stops counting, so the managed bytes present both before
+        // and after the heap read are inside the heap read: take the smaller
+        // of the two sums (a value put during the read would otherwise count
+        // as managed without being in `heap_live`).
+        let before = self.buffer.stats();
         let heap = alloc::heap_stats(detail)?;
         let statm = proc::statm()?;
         let s = self.buffer.stats();
-        let mut acc = Accounting::split(statm, s.managed, s.spilled, &heap);
+        let managed = s.managed.min(before.managed);
+        let mut acc = Accounting::split(statm, managed, s.spilled, &heap);
         acc.unmanaged_recent = self.recent.push(
             Instant::now(),
             acc.process.saturating_sub(acc.managed),
