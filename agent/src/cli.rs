@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use amm_protocol::Fractions;
+use amm_protocol::{Fractions, SampleKind};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
@@ -37,6 +37,10 @@ struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Include every sample of each timeline (paged from the agent), not
+    /// only the newest.
+    #[arg(long)]
+    timeline: bool,
 }
 
 #[derive(Debug, Args)]
@@ -168,32 +172,80 @@ impl Cli {
 fn status(a: StatusArgs) -> Result<()> {
     let mut client =
         amm_protocol::Client::connect(&a.socket, "amm-agent status", Duration::from_secs(5))?;
-    let s = client.status()?;
+    let mut s = client.status()?;
+    if a.timeline {
+        for w in s.watches.iter_mut().chain(s.ended.iter_mut()) {
+            w.timeline = client.timeline(w.pid)?;
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
     let iec = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
     println!(
-        "{} client(s), {} watch(es); probe: {} events, {} dropped; map entries: {} watches, {} mm, {} bits",
+        "{} client(s), {} watch(es); probe: {} events, {} dropped; map entries: {} watches, {} mm, {} rings, {} bits",
         s.clients,
         s.watches.len(),
         s.events,
         s.dropped,
         s.map_entries.watches,
         s.map_entries.mm_owner,
+        s.map_entries.client_rings,
         s.map_entries.bits
     );
-    for w in &s.watches {
-        println!(
-            "  pid {:>7}  {:<9}  rss {:>10}  peak {:>10}  limit {:>10}  faults {}",
-            w.pid,
-            w.level.name(),
-            iec(w.rss_bytes),
-            iec(w.peak_rss_bytes),
-            iec(w.limit_bytes),
-            w.faults
-        );
+    let now = crate::server::monotonic_ns();
+    for (title, list) in [("watched", &s.watches), ("ended", &s.ended)] {
+        for w in list {
+            println!(
+                "{title} pid {:>7}  {:<9}  rss {:>10}  peak {:>10}  limit {:>10}  faults {}  ({} samples)",
+                w.pid,
+                w.level.name(),
+                iec(w.rss_bytes),
+                iec(w.peak_rss_bytes),
+                iec(w.limit_bytes),
+                w.faults,
+                w.timeline_len
+            );
+            for sample in &w.timeline {
+                let ago = now.saturating_sub(sample.t_ns) as f64 / 1e9;
+                let what = match &sample.what {
+                    SampleKind::Level {
+                        from,
+                        to,
+                        foreign,
+                        signalled,
+                    } => format!(
+                        "level {from} -> {to}{}{}",
+                        if *foreign { " (another task)" } else { "" },
+                        if *signalled {
+                            " [kernel signalled]"
+                        } else {
+                            ""
+                        }
+                    ),
+                    SampleKind::Spike { eta_ns, .. } => {
+                        format!("spike: terminate in {:.0} ms", *eta_ns as f64 / 1e6)
+                    }
+                    SampleKind::AgentSignal { signal } => format!("agent sent signal {signal}"),
+                    SampleKind::Accounting(sp) => format!(
+                        "managed {} unmanaged {} hoarded {} non-heap {} spilled {}",
+                        iec(sp.managed),
+                        iec(sp.unmanaged_live),
+                        iec(sp.hoarded),
+                        iec(sp.non_heap),
+                        iec(sp.spilled)
+                    ),
+                    SampleKind::Exit { peak_rss_bytes } => {
+                        format!("exit, peak {}", iec(*peak_rss_bytes))
+                    }
+                };
+                println!(
+                    "    {ago:>9.3} s ago  rss {:>10}  {what}",
+                    iec(sample.rss_bytes)
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -141,7 +141,8 @@ impl WatchEntry {
         self.timeline.push_back(sample);
     }
 
-    /// What `status` shows of a watch that has ended.
+    /// What `status` shows of a watch that has ended (with its whole
+    /// timeline; `status` trims it).
     fn ended(self, pid: u32, faults: u64) -> WatchStatus {
         let last = self.timeline.back();
         let peak = self
@@ -161,9 +162,16 @@ impl WatchEntry {
             level: Level::Below,
             faults,
             rate_bytes_per_ms: 0,
+            timeline_len: self.timeline.len(),
             timeline: self.timeline.into(),
         }
     }
+}
+
+/// The newest samples a status answer carries.
+fn newest<'a>(samples: impl ExactSizeIterator<Item = &'a Sample>) -> Vec<Sample> {
+    let skip = samples.len().saturating_sub(amm_protocol::STATUS_SAMPLES);
+    samples.skip(skip).cloned().collect()
 }
 
 /// The sample a kernel event leaves in a timeline.
@@ -297,6 +305,31 @@ impl Shared {
         ended.push_back(w);
     }
 
+    /// A page of the timeline of `pid` (watched, or recently ended).
+    fn timeline_page(&self, pid: u32, from: usize, max: usize) -> ServerMessage {
+        let max = max.min(amm_protocol::TIMELINE_PAGE);
+        let page = |all: &mut dyn ExactSizeIterator<Item = &Sample>| {
+            let total = all.len();
+            let samples = all.skip(from).take(max).cloned().collect();
+            ServerMessage::Timeline {
+                pid,
+                from,
+                total,
+                samples,
+            }
+        };
+        if let Some(e) = lock(&self.watches).get(&pid) {
+            return page(&mut e.timeline.iter());
+        }
+        if let Some(w) = lock(&self.ended).iter().rev().find(|w| w.pid == pid) {
+            return page(&mut w.timeline.iter());
+        }
+        ServerMessage::Refused {
+            pid,
+            reason: "the agent holds no timeline for this pid".into(),
+        }
+    }
+
     /// Records a worker's accounting in its timeline, if `client` owns it.
     fn accounting(&self, client: u64, pid: u32, t_ns: u64, split: Split) {
         let mut watches = lock(&self.watches);
@@ -313,14 +346,14 @@ impl Shared {
 
     /// The agent's state for a status request.
     fn status(&self) -> AgentStatus {
-        let timelines: Vec<(u32, Vec<Sample>)> = lock(&self.watches)
+        let timelines: Vec<(u32, Vec<Sample>, usize)> = lock(&self.watches)
             .iter()
-            .map(|(pid, e)| (*pid, e.timeline.iter().cloned().collect()))
+            .map(|(pid, e)| (*pid, newest(e.timeline.iter()), e.timeline.len()))
             .collect();
         let probe = lock(&self.probe);
         let mut watches: Vec<WatchStatus> = timelines
             .into_iter()
-            .filter_map(|(pid, timeline)| {
+            .filter_map(|(pid, timeline, timeline_len)| {
                 let w = probe.watch_of(pid)?;
                 Some(WatchStatus {
                     pid,
@@ -331,6 +364,7 @@ impl Shared {
                     faults: identity::proc_info(pid).map_or(0, |i| i.faults),
                     rate_bytes_per_ms: w.state.rate_bytes_per_ms,
                     timeline,
+                    timeline_len,
                 })
             })
             .collect();
@@ -348,7 +382,13 @@ impl Shared {
         AgentStatus {
             clients: self.clients.load(Ordering::SeqCst),
             watches,
-            ended: lock(&self.ended).iter().cloned().collect(),
+            ended: lock(&self.ended)
+                .iter()
+                .map(|w| WatchStatus {
+                    timeline: newest(w.timeline.iter()),
+                    ..w.clone()
+                })
+                .collect(),
             map_entries,
             events: stats.events,
             dropped: stats.dropped,
@@ -670,6 +710,7 @@ async fn client_session(
             ClientMessage::Hello { .. } => return Err("hello sent twice".into()),
             ClientMessage::Ping { nonce } => ServerMessage::Pong { nonce },
             ClientMessage::Status => ServerMessage::Status(shared.status()),
+            ClientMessage::Timeline { pid, from, max } => shared.timeline_page(pid, from, max),
             ClientMessage::Accounting { pid, t_ns, split } => {
                 shared.accounting(handle.id, pid, t_ns, split);
                 continue;

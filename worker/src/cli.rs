@@ -124,6 +124,14 @@ struct RunArgs {
     /// Leave spilled bytes in the page cache (for comparison only).
     #[arg(long)]
     no_drop_cache: bool,
+    /// worker.agent.socket: register with the amm-agent on this socket, so
+    /// the kernel's events reach the worker between polls.
+    #[arg(long)]
+    agent: Option<String>,
+    /// worker.agent.terminate-signal: what the kernel sends at the page that
+    /// crosses terminate (SIGKILL, SIGTERM, a number), or false.
+    #[arg(long)]
+    agent_terminate_signal: Option<String>,
     /// Run the worker in this process, without a nanny.
     #[arg(long)]
     no_nanny: bool,
@@ -141,7 +149,13 @@ fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
         l.file(p).map_err(anyhow::Error::msg)?;
     }
     l.env(std::env::vars()).map_err(anyhow::Error::msg)?;
-    let flags: [(&str, &Option<String>, &str); 9] = [
+    let flags: [(&str, &Option<String>, &str); 11] = [
+        ("worker.agent.socket", &a.agent, "--agent"),
+        (
+            "worker.agent.terminate-signal",
+            &a.agent_terminate_signal,
+            "--agent-terminate-signal",
+        ),
         ("worker.memory.target", &a.target, "--target"),
         ("worker.memory.spill", &a.spill, "--spill"),
         ("worker.memory.pause", &a.pause, "--pause"),
@@ -283,6 +297,7 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
                 local_directory,
                 max_restarts: a.max_restarts,
                 backoff,
+                agent: memory.agent_socket.clone(),
             },
         );
     }

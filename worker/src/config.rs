@@ -14,6 +14,11 @@
 //! purge-interval = "1s"     # least time between two threshold purges
 //! spill-fsync = false       # fdatasync every spilled value
 //! spill-drop-cache = true   # write back and drop spilled bytes from the page cache
+//!
+//! [worker.agent]
+//! socket = "/run/amm/agent.sock"  # register with amm-agent (absent: poll only)
+//! terminate-signal = "SIGKILL"    # the kernel sends it at the page crossing
+//!                                 # terminate; false: the worker's own tick terminates
 //! ```
 //!
 //! A key may also be written with Dask's `distributed.` prefix. In the
@@ -42,6 +47,8 @@ pub const KEYS: &[&str] = &[
     "worker.memory.purge-interval",
     "worker.memory.spill-fsync",
     "worker.memory.spill-drop-cache",
+    "worker.agent.socket",
+    "worker.agent.terminate-signal",
 ];
 
 /// The effective memory settings.
@@ -73,6 +80,11 @@ pub struct MemoryConfig {
     pub spill_fsync: bool,
     /// Write back spilled bytes and drop them from the page cache.
     pub spill_drop_cache: bool,
+    /// The amm-agent socket to register with (`None`: poll only).
+    pub agent_socket: Option<std::path::PathBuf>,
+    /// Signal the kernel sends at the page that crosses terminate when the
+    /// agent watches this worker (`None`: the worker's own tick terminates).
+    pub agent_terminate_signal: Option<i32>,
 }
 
 mod millis {
@@ -97,6 +109,8 @@ impl Default for MemoryConfig {
             purge_interval: Duration::from_secs(1),
             spill_fsync: false,
             spill_drop_cache: true,
+            agent_socket: None,
+            agent_terminate_signal: Some(libc::SIGKILL),
         }
     }
 }
@@ -249,6 +263,10 @@ impl Loader {
                 "worker.memory.spill-drop-cache" => {
                     c.spill_drop_cache = boolean(raw).map_err(bad)?
                 }
+                "worker.agent.socket" => c.agent_socket = path_or_false(raw).map_err(bad)?,
+                "worker.agent.terminate-signal" => {
+                    c.agent_terminate_signal = signal_or_false(raw).map_err(bad)?
+                }
                 _ => return Err(unknown(key, origin)),
             }
         }
@@ -302,6 +320,41 @@ fn bytes_or_false(raw: &Raw) -> Result<Option<u64>, String> {
         Raw::Num(n) if *n < 0.0 => Err("a size cannot be negative".into()),
         Raw::Num(n) => Ok(Some(*n as u64)),
         Raw::Str(s) => parse_bytes(s).map(Some),
+    }
+}
+
+fn path_or_false(raw: &Raw) -> Result<Option<std::path::PathBuf>, String> {
+    match raw {
+        Raw::Bool(false) => Ok(None),
+        Raw::Str(s) if !s.trim().is_empty() => Ok(Some(std::path::PathBuf::from(s.trim()))),
+        _ => Err("expected a socket path, or false".into()),
+    }
+}
+
+/// A signal by number (1-64) or name (`SIGKILL`, `KILL`, `SIGTERM`, ...).
+fn signal_or_false(raw: &Raw) -> Result<Option<i32>, String> {
+    let named = |s: &str| -> Option<i32> {
+        let s = s.trim().to_ascii_uppercase();
+        let s = s.strip_prefix("SIG").unwrap_or(&s);
+        Some(match s {
+            "KILL" => libc::SIGKILL,
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            "QUIT" => libc::SIGQUIT,
+            "ABRT" => libc::SIGABRT,
+            "USR1" => libc::SIGUSR1,
+            "USR2" => libc::SIGUSR2,
+            other => other.parse().ok()?,
+        })
+    };
+    match raw {
+        Raw::Bool(false) => Ok(None),
+        Raw::Num(n) if n.fract() == 0.0 && (1.0..=64.0).contains(n) => Ok(Some(*n as i32)),
+        Raw::Str(s) => match named(s) {
+            Some(n) if (1..=64).contains(&n) => Ok(Some(n)),
+            _ => Err("expected a signal such as SIGKILL or 9, or false".into()),
+        },
+        _ => Err("expected a signal such as SIGKILL or 9, or false".into()),
     }
 }
 

@@ -16,8 +16,10 @@
 //! [`config`] (Dask's keys), [`spill`] (SpillBuffer and its disk format),
 //! [`memory`] (MemoryManager and thresholds), [`pool`] (task threads),
 //! [`workload`] and [`compute`] (what runs), [`worker`] and [`nanny`] (the
-//! two processes), [`timeline`] and [`summary`] (what is reported), [`cli`].
+//! two processes), [`timeline`] and [`summary`] (what is reported), [`cli`],
+//! [`agent`] (the optional link to amm-agent's kernel events).
 
+pub mod agent;
 pub mod alloc;
 pub mod cgroup;
 pub mod cli;

@@ -284,6 +284,9 @@ struct Shared {
     stop: AtomicBool,
     hint: AtomicU8,
     stats: Mutex<ManagerStats>,
+    /// An extra tick asked for before the next poll (after a pre-emptive
+    /// pause, to release it without waiting a whole interval).
+    recheck_at: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -293,13 +296,24 @@ impl Shared {
         self.cv.notify_all();
     }
 
+    /// Sleeps for `d`, or until woken, or until an asked-for recheck.
     fn sleep(&self, d: Duration) {
+        let now = Instant::now();
+        let d = match *self.recheck_at.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(at) => d.min(at.saturating_duration_since(now)),
+            None => d,
+        };
         let w = self.wake.lock().unwrap_or_else(|e| e.into_inner());
         let (mut w, _) = self
             .cv
             .wait_timeout_while(w, d, |woken| !*woken)
             .unwrap_or_else(|e| e.into_inner());
         *w = false;
+        drop(w);
+        let mut r = self.recheck_at.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_some_and(|at| at <= Instant::now()) {
+            *r = None;
+        }
     }
 }
 
@@ -321,7 +335,11 @@ pub struct MemoryManager {
     paused_since: Option<Instant>,
     spill_failing: bool,
     stats: ManagerStats,
+    tick_hook: Option<TickHook>,
 }
+
+/// Called with each tick's accounting (e.g. to push it to the agent).
+pub type TickHook = Box<dyn Fn(&Accounting) + Send>;
 
 /// The running manager.
 pub struct ManagerHandle {
@@ -364,7 +382,14 @@ impl MemoryManager {
             paused_since: None,
             spill_failing: false,
             stats: ManagerStats::default(),
+            tick_hook: None,
         }
+    }
+
+    /// Calls `hook` with the accounting of every tick.
+    pub fn with_tick_hook(mut self, hook: TickHook) -> MemoryManager {
+        self.tick_hook = Some(hook);
+        self
     }
 
     /// The thresholds in bytes.
@@ -612,6 +637,9 @@ impl MemoryManager {
             .stats
             .max_identity_error
             .max(acc.identity_error().unsigned_abs());
+        if let Some(h) = &self.tick_hook {
+            h(&acc);
+        }
         let hint = Level::from_u8(self.shared.hint.swap(Level::Below as u8, Ordering::SeqCst));
         let cgroup_usage: Option<CgroupUsage> = if self.timeline.is_some() {
             self.cgroup.as_ref().and_then(|c| c.usage())
@@ -730,17 +758,64 @@ impl MemoryManager {
     }
 }
 
-impl ManagerHandle {
-    /// The seam for a faster event source (the agent): a level crossing
-    /// observed elsewhere. It wakes the manager, which runs a tick at once
-    /// and acts on the level even if its own measurement is still below it:
-    /// `Pause` pauses (until a tick finds the process below pause) and
-    /// `Terminate` terminates on the event's word; `Spill` makes the tick
-    /// spill down to target as far as its own measurement shows the process
-    /// above target.
+/// Where a faster event source (the agent) tells the manager what it saw;
+/// cheap to clone and to call from any thread.
+#[derive(Clone)]
+pub struct EventSink {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink").finish_non_exhaustive()
+    }
+}
+
+impl EventSink {
+    /// A level crossing observed elsewhere. It wakes the manager, which runs
+    /// a tick at once and acts on the level even if its own measurement is
+    /// still below it: `Pause` pauses (until a tick finds the process below
+    /// pause) and `Terminate` terminates on the event's word; `Spill` makes
+    /// the tick spill down to target as far as its own measurement shows the
+    /// process above target.
     pub fn on_level_event(&self, level: Level) {
         self.shared.hint.fetch_max(level as u8, Ordering::SeqCst);
         self.shared.wake();
+    }
+
+    /// Wakes the manager for an immediate tick.
+    pub fn wake(&self) {
+        self.shared.wake();
+    }
+
+    /// A pre-emptive pause (a spike alarm): pause now, and measure again
+    /// after `for_` instead of a whole monitor interval later, so the pause
+    /// ends as soon as the spike has passed.
+    pub fn pause_briefly(&self, for_: Duration) {
+        {
+            let mut r = self
+                .shared
+                .recheck_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let at = Instant::now() + for_;
+            *r = Some(r.map_or(at, |old| old.min(at)));
+        }
+        self.on_level_event(Level::Pause);
+    }
+}
+
+impl ManagerHandle {
+    /// The handle other threads use to hand the manager events.
+    pub fn sink(&self) -> EventSink {
+        EventSink {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// See [`EventSink::on_level_event`].
+    pub fn on_level_event(&self, level: Level) {
+        self.sink().on_level_event(level);
     }
 
     /// Wakes the manager for an immediate tick.

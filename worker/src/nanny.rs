@@ -44,6 +44,32 @@ pub struct NannyOptions {
     pub max_restarts: u32,
     /// First back-off (doubles per restart, at most 10 s).
     pub backoff: Duration,
+    /// amm-agent's socket, when the worker registers with it: the nanny asks
+    /// the agent why a worker died of a signal.
+    pub agent: Option<PathBuf>,
+}
+
+/// What amm-agent saw at the end of a worker killed by a signal: the RSS at
+/// the page where the kernel signalled it, if that is how it ended.
+fn killed_at_terminate(socket: &std::path::Path, pid: u32) -> Option<u64> {
+    use amm_protocol::{Client, SampleKind};
+    // the agent records the end when its exit event arrives; give it a moment
+    for _ in 0..10 {
+        let mut c = Client::connect(socket, "amm-worker nanny", Duration::from_secs(2)).ok()?;
+        let status = c.status().ok()?;
+        if let Some(w) = status.ended.iter().rev().find(|w| w.pid == pid) {
+            return w.timeline.iter().rev().find_map(|s| match s.what {
+                SampleKind::Level {
+                    to: amm_ebpf::Level::Terminate,
+                    signalled: true,
+                    ..
+                } => Some(s.rss_bytes),
+                _ => None,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 /// How one attempt ended.
@@ -165,10 +191,26 @@ pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
                 crashes += 1;
                 ("crashed", c)
             }
-            Ending::Signaled(s) => {
-                crashes += 1;
-                ("killed by signal", 128 + s)
-            }
+            Ending::Signaled(s) => match opts
+                .agent
+                .as_deref()
+                .and_then(|sock| killed_at_terminate(sock, pid as u32))
+            {
+                Some(rss) => {
+                    terminations += 1;
+                    tracing::warn!(
+                        pid,
+                        signal = s,
+                        rss_bytes = rss,
+                        "nanny: the kernel (amm-agent) killed the worker at the page that crossed terminate"
+                    );
+                    ("terminated at the page by amm-agent", 128 + s)
+                }
+                None => {
+                    crashes += 1;
+                    ("killed by signal", 128 + s)
+                }
+            },
         };
         attempts.push(json!({
             "attempt": attempt, "ending": kind, "exit_code": code,

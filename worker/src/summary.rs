@@ -81,6 +81,13 @@ pub struct Summary {
     pub max_identity_error_bytes: u64,
     /// The exit code this worker ends with.
     pub exit_code: i32,
+    /// Kernel events received from amm-agent (0 without `--agent`).
+    pub agent_events: u64,
+    /// Registrations with amm-agent (more than 1: it came back after an
+    /// outage).
+    pub agent_connects: u64,
+    /// amm-agent outages seen.
+    pub agent_lost: u64,
     /// The effective memory configuration (after file, env and flags).
     pub memory_config: Option<crate::config::MemoryConfig>,
     /// `MALLOC_TRIM_THRESHOLD_` as this worker's environment had it.

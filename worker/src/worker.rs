@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::agent::AgentLink;
 use crate::alloc::{self, Allocator};
 use crate::config::MemoryConfig;
 use crate::limit::{self, HostMemory, LimitSpec};
@@ -179,16 +180,33 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
             std::process::exit(TERMINATE_EXIT_CODE);
         })
     };
-    let manager = MemoryManager::new(
+    // amm-agent: the kernel's events between polls (optional; never needed)
+    let agent = match (&opts.memory.agent_socket, limit.bytes) {
+        (Some(socket), Some(limit_bytes)) => Some(
+            AgentLink::start(socket.clone(), limit_bytes, &opts.memory, timeline.clone())
+                .context("cannot start the link to amm-agent")?,
+        ),
+        (Some(_), None) => {
+            tracing::warn!("no memory limit: nothing for amm-agent to watch; polling only");
+            None
+        }
+        (None, _) => None,
+    };
+    let mut manager = MemoryManager::new(
         opts.memory.clone(),
         limit.bytes,
         buffer.clone(),
         gate.clone(),
         timeline.clone(),
         on_terminate,
-    )
-    .spawn()
-    .context("cannot start the memory manager")?;
+    );
+    if let Some(a) = &agent {
+        manager = manager.with_tick_hook(a.tick_hook());
+    }
+    let manager = manager.spawn().context("cannot start the memory manager")?;
+    if let Some(a) = &agent {
+        a.attach(manager.sink());
+    }
 
     // SIGINT/SIGTERM: clean up and leave.
     {
@@ -230,6 +248,12 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     let mut s = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
     fill_from_buffer(&mut s, &buffer);
     fill_from_manager(&mut s, &mstats);
+    if let Some(a) = &agent {
+        use std::sync::atomic::Ordering::SeqCst;
+        s.agent_events = a.counters.events.load(SeqCst);
+        s.agent_connects = a.counters.connects.load(SeqCst);
+        s.agent_lost = a.counters.lost.load(SeqCst);
+    }
     s.purge_count += outcome.purges;
     s.purged_bytes_total += outcome.purged_bytes;
     s.peak_rss_bytes = proc::peak_rss_bytes()?;

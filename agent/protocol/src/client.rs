@@ -180,6 +180,31 @@ impl Client {
         }
     }
 
+    /// All of one process's timeline at the agent, page by page.
+    pub fn timeline(&mut self, pid: u32) -> Result<Vec<crate::Sample>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            self.send(&ClientMessage::Timeline {
+                pid,
+                from: out.len(),
+                max: crate::TIMELINE_PAGE,
+            })?;
+            match self.answer()? {
+                ServerMessage::Timeline { total, samples, .. } => {
+                    let done = samples.is_empty() || out.len() + samples.len() >= total;
+                    out.extend(samples);
+                    if done {
+                        return Ok(out);
+                    }
+                }
+                ServerMessage::Refused { pid, reason } => {
+                    return Err(ClientError::Refused { pid, reason });
+                }
+                other => return Err(ClientError::Unexpected(Box::new(other))),
+            }
+        }
+    }
+
     /// Round trip to check the agent still serves this connection.
     pub fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {
         self.send(&ClientMessage::Ping { nonce })?;

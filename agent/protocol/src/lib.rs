@@ -27,6 +27,13 @@ pub use client::{Client, ClientError};
 /// Protocol version spoken by this crate.
 pub const VERSION: u32 = 1;
 
+/// Samples of each timeline a status answer carries (the newest).
+pub const STATUS_SAMPLES: usize = 16;
+
+/// Most samples one timeline page carries (each is at most a few hundred
+/// bytes of JSON, so a page fits a frame).
+pub const TIMELINE_PAGE: usize = 128;
+
 /// Largest frame either side accepts, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -288,8 +295,19 @@ pub enum ClientMessage {
         /// The process.
         pid: u32,
     },
-    /// Ask for the agent's state; it answers [`ServerMessage::Status`].
+    /// Ask for the agent's state; it answers [`ServerMessage::Status`]
+    /// (with the newest [`STATUS_SAMPLES`] samples of each timeline).
     Status,
+    /// Ask for one process's timeline, a page at a time; it answers
+    /// [`ServerMessage::Timeline`].
+    Timeline {
+        /// The process (watched now, or among the recently ended).
+        pid: u32,
+        /// Index of the first sample wanted (0: the oldest kept).
+        from: usize,
+        /// Most samples wanted (the agent may send fewer, to fit a frame).
+        max: usize,
+    },
     /// The worker's accounting split for a pid this client registered (no
     /// answer; refused silently if the pid is not the client's).
     Accounting {
@@ -403,6 +421,17 @@ pub enum ServerMessage {
     Event(EventMessage),
     /// Answer to [`ClientMessage::Status`].
     Status(AgentStatus),
+    /// Answer to [`ClientMessage::Timeline`].
+    Timeline {
+        /// The process.
+        pid: u32,
+        /// Index of the first sample sent.
+        from: usize,
+        /// Samples the agent holds for it.
+        total: usize,
+        /// The page.
+        samples: Vec<Sample>,
+    },
     /// Answer to [`ClientMessage::Ping`].
     Pong {
         /// The client's nonce.
@@ -451,9 +480,13 @@ pub struct WatchStatus {
     pub faults: u64,
     /// Smoothed growth rate.
     pub rate_bytes_per_ms: i64,
-    /// The newest samples of its timeline, oldest first.
+    /// The newest samples of its timeline (at most [`STATUS_SAMPLES`]),
+    /// oldest first; `Timeline` requests page through all of them.
     #[serde(default)]
     pub timeline: Vec<Sample>,
+    /// Samples the agent holds for it.
+    #[serde(default)]
+    pub timeline_len: usize,
 }
 
 /// Entry counts of the probe's maps.

@@ -1,0 +1,208 @@
+//! The worker's side of amm-agent: register this process, act on the
+//! kernel's events between polls, push the accounting to the agent.
+//!
+//! The worker stays correct without the agent: when the agent is absent,
+//! dies or restarts, it keeps polling, logs the outage once, and registers
+//! again when the agent is back ([`amm_protocol::link`]). Events arrive on a
+//! ring buffer of the worker's own (the fastest path measured, see
+//! `benches/RESULTS.md`) and reach the MemoryManager through its
+//! [`EventSink`]:
+//!
+//! | kernel event | reaction |
+//! | --- | --- |
+//! | up to spill | a tick now: spill down to target |
+//! | up to pause | a tick now: pause (no new task), keep spilling |
+//! | up to terminate | the kernel already sent the terminate signal at that page (SIGKILL by default); without one, the tick terminates |
+//! | spike alarm | pause pre-emptively, look again at the predicted crossing (10 ms–1 s) |
+//! | down below target | a tick now: unpause |
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use amm_ebpf::{EventKind, Level as KernelLevel};
+use amm_protocol::link::{Link, LinkConfig, LinkEvent};
+use amm_protocol::{Fractions, Registration, Split, TerminateBy};
+use serde_json::json;
+
+use crate::config::MemoryConfig;
+use crate::memory::{Accounting, EventSink, Level};
+use crate::timeline::Timeline;
+
+/// What the worker saw of the agent, for its summary.
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    /// Kernel events received.
+    pub events: AtomicU64,
+    /// Times the agent was (re)registered with.
+    pub connects: AtomicU64,
+    /// Outages reported.
+    pub lost: AtomicU64,
+}
+
+/// The running link and what the manager needs from it.
+pub struct AgentLink {
+    link: Arc<Link>,
+    sink: Arc<OnceLock<EventSink>>,
+    /// Counters for the summary.
+    pub counters: Arc<AgentCounters>,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink").finish_non_exhaustive()
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of the kernel's event stamps.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid for writes; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn level_of(l: KernelLevel) -> Level {
+    match l {
+        KernelLevel::Below => Level::Below,
+        KernelLevel::Spill => Level::Spill,
+        KernelLevel::Pause => Level::Pause,
+        KernelLevel::Terminate => Level::Terminate,
+    }
+}
+
+impl AgentLink {
+    /// Starts registering this process with the agent on `socket`, with the
+    /// limit and the thresholds of `cfg`.
+    pub fn start(
+        socket: PathBuf,
+        limit: u64,
+        cfg: &MemoryConfig,
+        timeline: Option<Arc<Timeline>>,
+    ) -> std::io::Result<AgentLink> {
+        let registration = Registration {
+            start_time: None,
+            thresholds: Fractions {
+                target: cfg.target,
+                spill: cfg.spill,
+                pause: cfg.pause,
+                terminate: cfg.terminate,
+            },
+            terminate_signal: cfg.agent_terminate_signal,
+            terminate_by: TerminateBy::Kernel,
+            ..Registration::new(std::process::id(), limit)
+        };
+        let sink: Arc<OnceLock<EventSink>> = Arc::new(OnceLock::new());
+        let counters = Arc::new(AgentCounters::default());
+        let on_event = {
+            let (sink, counters) = (sink.clone(), counters.clone());
+            move |e: LinkEvent| handle(e, sink.get(), &counters, timeline.as_deref())
+        };
+        let link = Link::spawn(
+            LinkConfig {
+                socket,
+                registration,
+                name: format!("amm-worker {}", std::process::id()),
+                retry: Duration::from_millis(500),
+                short_slice: true,
+            },
+            on_event,
+        )?;
+        Ok(AgentLink {
+            link: Arc::new(link),
+            sink,
+            counters,
+        })
+    }
+
+    /// Connects the events to the running manager.
+    pub fn attach(&self, sink: EventSink) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// A hook for the manager's ticks: pushes each accounting split to the
+    /// agent's timeline.
+    pub fn tick_hook(&self) -> crate::memory::TickHook {
+        let link = self.link.clone();
+        Box::new(move |acc: &Accounting| {
+            link.report(
+                monotonic_ns(),
+                Split {
+                    process: acc.process,
+                    managed: acc.managed,
+                    unmanaged_live: acc.unmanaged_live,
+                    hoarded: acc.hoarded,
+                    non_heap: acc.non_heap,
+                    spilled: acc.spilled,
+                    unmanaged_recent: acc.unmanaged_recent,
+                },
+            )
+        })
+    }
+}
+
+fn handle(
+    e: LinkEvent,
+    sink: Option<&EventSink>,
+    counters: &AgentCounters,
+    timeline: Option<&Timeline>,
+) {
+    let record = |name: &str, fields: serde_json::Value| {
+        if let Some(t) = timeline {
+            t.event(name, fields);
+        }
+    };
+    match e {
+        LinkEvent::Connected {
+            thresholds,
+            rss_bytes,
+        } => {
+            counters.connects.fetch_add(1, Ordering::SeqCst);
+            tracing::info!(rss_bytes, "registered with amm-agent: kernel events on");
+            record(
+                "agent_connected",
+                json!({"rss": rss_bytes, "terminate": thresholds.terminate}),
+            );
+        }
+        LinkEvent::Lost(reason) => {
+            counters.lost.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!("amm-agent unavailable ({reason}); polling only until it is back");
+            record("agent_lost", json!({"reason": reason}));
+        }
+        LinkEvent::Refused(reason) => {
+            tracing::warn!("amm-agent refused to watch this worker ({reason}); polling only");
+            record("agent_refused", json!({"reason": reason}));
+        }
+        LinkEvent::Event(m) => {
+            counters.events.fetch_add(1, Ordering::SeqCst);
+            let delay_us = monotonic_ns().saturating_sub(m.t_ns) / 1000;
+            // act first, record after
+            if let Some(sink) = sink {
+                match m.event {
+                    EventKind::Level if m.level > m.prev_level => {
+                        sink.on_level_event(level_of(m.level))
+                    }
+                    EventKind::Level => sink.wake(),
+                    EventKind::Spike => {
+                        // until the predicted crossing, then look again
+                        let eta = Duration::from_nanos(m.eta_ns.unwrap_or(0));
+                        sink.pause_briefly(
+                            eta.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                        )
+                    }
+                    EventKind::Exit => {}
+                }
+            }
+            record(
+                "agent",
+                json!({"agent_event": m.event, "level": m.level, "prev_level": m.prev_level,
+                       "rss": m.rss_bytes, "t_ns": m.t_ns, "delay_us": delay_us,
+                       "eta_ns": m.eta_ns, "signalled": m.signalled}),
+            );
+        }
+    }
+}
