@@ -4,8 +4,9 @@
 //! its usage, peak and OOM-kill count, and clean-up on drop (whatever is
 //! still inside is killed, then the directory removed).
 //!
-//! The hierarchy is found from `/proc/self/cgroup` and
-//! `/proc/self/mountinfo`. On a hybrid host (a v1 `memory` controller next
+//! The hierarchy is found as the worker finds its own limits
+//! ([`amm_worker::cgroup::find`], from `/proc/self/cgroup` and
+//! `/proc/self/mountinfo`). On a hybrid host (a v1 `memory` controller next
 //! to a v2 hierarchy without it) the v1 controller wins, because that is the
 //! one that enforces limits there. Everything here returns errors; nothing
 //! panics on what the kernel or the user can make fail.
@@ -24,166 +25,17 @@ use anyhow::{Context, Result, bail};
 /// empty, and the removal retries.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Which cgroup interface a memory cgroup belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    /// cgroup v1, the `memory` controller's own hierarchy.
-    V1,
-    /// cgroup v2, the unified hierarchy.
-    V2,
-}
-
-/// A memory cgroup found for a process: where it is and which interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryCgroup {
-    /// v1 or v2.
-    pub version: Version,
-    /// The cgroup's directory.
-    pub dir: PathBuf,
-    /// Where its hierarchy is mounted (the top of any walk up).
-    pub mount: PathBuf,
-}
-
-/// One mount of `/proc/self/mountinfo` that can hold cgroups.
-struct Mount {
-    root: String,
-    point: String,
-    fstype: String,
-    super_opts: String,
-}
-
-/// `abs` (an absolute path) below `root` (`/` outside of tests).
-fn under(root: &Path, abs: &str) -> PathBuf {
-    root.join(abs.trim_start_matches('/'))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` is a space).
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let d = &b[i + 1..i + 4];
-            if d.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let l: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
-            if l.len() < 5 || r.len() < 3 {
-                return None;
-            }
-            Some(Mount {
-                root: unescape(l[3]),
-                point: unescape(l[4]),
-                fstype: r[0].to_string(),
-                super_opts: r[2].to_string(),
-            })
-        })
-        .collect()
-}
-
-/// The directory of cgroup `path` inside `mount` (`None`: the path is not
-/// below the mount's root, as in a cgroup namespace that hides it).
-fn dir_in(root: &Path, mount: &Mount, path: &str) -> Option<PathBuf> {
-    let rel = if mount.root == "/" {
-        path
-    } else {
-        let rest = path.strip_prefix(mount.root.as_str())?;
-        if !(rest.is_empty() || rest.starts_with('/')) {
-            return None;
-        }
-        rest
-    };
-    let rel = rel.trim_start_matches('/');
-    let base = under(root, &mount.point);
-    Some(if rel.is_empty() { base } else { base.join(rel) })
-}
-
-/// Finds the memory cgroup of the calling process, reading
-/// `<root>/proc/self/cgroup` and `<root>/proc/self/mountinfo` (`root` is `/`
-/// except in tests). `Ok(None)`: no mounted hierarchy has the memory
-/// controller for this process.
-pub fn find(root: &Path) -> Result<Option<MemoryCgroup>> {
-    let cg_file = under(root, "/proc/self/cgroup");
-    let cgroups = fs::read_to_string(&cg_file)
-        .with_context(|| format!("cannot read {}: is /proc mounted?", cg_file.display()))?;
-    let mi_file = under(root, "/proc/self/mountinfo");
-    let mounts = parse_mountinfo(
-        &fs::read_to_string(&mi_file)
-            .with_context(|| format!("cannot read {}: is /proc mounted?", mi_file.display()))?,
-    );
-    let mut v1_path = None;
-    let mut v2_path = None;
-    for line in cgroups.lines() {
-        let mut it = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (it.next(), it.next(), it.next()) else {
-            continue;
-        };
-        if id == "0" && controllers.is_empty() {
-            v2_path = Some(path.to_string());
-        } else if controllers.split(',').any(|c| c == "memory") {
-            v1_path = Some(path.to_string());
-        }
-    }
-    if let Some(path) = &v1_path {
-        let found = mounts.iter().find_map(|m| {
-            let is_memory = m.fstype == "cgroup" && m.super_opts.split(',').any(|o| o == "memory");
-            if !is_memory {
-                return None;
-            }
-            dir_in(root, m, path).map(|dir| MemoryCgroup {
-                version: Version::V1,
-                dir,
-                mount: under(root, &m.point),
-            })
-        });
-        if found.is_some() {
-            return Ok(found);
-        }
-    }
-    if let Some(path) = &v2_path {
-        for m in mounts.iter().filter(|m| m.fstype == "cgroup2") {
-            let Some(dir) = dir_in(root, m, path) else {
-                continue;
-            };
-            let mount = under(root, &m.point);
-            // A hybrid host's v2 hierarchy has no memory controller: no
-            // memory.* files and no "memory" among the root's controllers.
-            let controllers =
-                fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
-            if controllers.split_whitespace().any(|c| c == "memory") {
-                return Ok(Some(MemoryCgroup {
-                    version: Version::V2,
-                    dir,
-                    mount,
-                }));
-            }
-        }
-    }
-    Ok(None)
-}
+pub use amm_worker::cgroup::{MemoryCgroup, Version, find, keyed};
 
 /// The memory cgroup of this process (see [`find`]), or an error that says
 /// what is missing.
 pub fn own_memory_cgroup() -> Result<MemoryCgroup> {
-    find(Path::new("/"))?.context(
-        "this process is in no mounted memory cgroup: mount the cgroup v1 memory controller \
+    find(Path::new("/"))
+        .context("cannot read this process's cgroups")?
+        .context(
+            "this process is in no mounted memory cgroup: mount the cgroup v1 memory controller \
          (/sys/fs/cgroup/memory) or a cgroup v2 hierarchy with the memory controller enabled",
-    )
+        )
 }
 
 /// Where to create a child of `own` that may get a memory limit.
@@ -265,16 +117,6 @@ fn write_file(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).map_err(|e| {
         let h = hint(&e);
         anyhow::anyhow!("cannot write {value:?} to {}: {e}{h}", path.display())
-    })
-}
-
-/// Parses one `key value` line out of a flat-keyed cgroup file.
-pub fn keyed(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let mut it = l.split_whitespace();
-        (it.next() == Some(key))
-            .then(|| it.next().and_then(|v| v.parse().ok()))
-            .flatten()
     })
 }
 
@@ -663,6 +505,9 @@ mod tests {
         fs::write(mount.join("cgroup.controllers"), "cpu io memory pids\n").expect("write");
         fs::write(mount.join("cgroup.subtree_control"), "cpu memory pids\n").expect("write");
         fs::write(mount.join("user.slice/cgroup.subtree_control"), "memory\n").expect("write");
+        // the memory controller shows as memory.* files in every cgroup
+        fs::write(mount.join("memory.stat"), "anon 0\n").expect("write");
+        fs::write(own.join("memory.max"), "max\n").expect("write");
         let cg = find(root.path()).expect("find").expect("a memory cgroup");
         assert_eq!(cg.version, Version::V2);
         assert_eq!(cg.dir, own);
@@ -687,7 +532,7 @@ mod tests {
             "",
         )
         .expect("write");
-        assert_eq!(find(root.path()).expect("find"), None);
+        assert!(find(root.path()).expect("find").is_none());
     }
 
     #[test]
