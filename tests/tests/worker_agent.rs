@@ -239,3 +239,67 @@ key = "m"
         "the restarted agent watched the worker until it exited: {status:?}"
     );
 }
+
+#[test]
+fn terminate_at_the_page_keeps_the_worker_under_its_hard_limit() {
+    if !require_root("terminate_at_the_page_keeps_the_worker_under_its_hard_limit") {
+        return;
+    }
+    const LIMIT: u64 = 512 << 20;
+    let agent = Agent::start().expect("agent");
+    let run = Run::new();
+    // twice the limit of task memory, as fast as it can be faulted in
+    let w = run.workload(
+        r#"
+[[phase]]
+name = "runaway"
+[[phase.op]]
+op = "allocate"
+bytes = "1GiB"
+chunk = "8MiB"
+keep = "unmanaged"
+key = "u"
+tasks = 1
+"#,
+    );
+    let cg = amm_integration_tests::cgroup::HardLimit::create("terminate-page", LIMIT)
+        .expect("a hard-limit cgroup");
+    let mut cmd = run.worker(
+        &w,
+        &agent,
+        &[
+            "--memory-limit",
+            "512MiB",
+            "--max-restarts",
+            "1",
+            "--restart-backoff",
+            "100ms",
+        ],
+    );
+    cg.enter_before_exec(&mut cmd).expect("enter the cgroup");
+    let out = cmd.output().expect("run amm-worker");
+    let s = summary(&out);
+    let oom = cg.oom_kills().expect("oom count");
+    let peak = cg.peak_bytes().expect("peak").unwrap_or(0);
+    eprintln!(
+        "peak cgroup usage {peak} of {LIMIT}; oom kills {oom}; attempts {}",
+        s["attempts"]
+    );
+    assert_eq!(oom, 0, "the kernel's OOM killer acted: {s}");
+    if peak > 0 {
+        assert!(peak < LIMIT, "the cgroup reached its limit: {peak}");
+    }
+    assert_eq!(s["restarts"], 1, "the nanny restarted it: {s}");
+    assert_eq!(
+        s["terminations"], 2,
+        "both attempts ended at terminate: {s}"
+    );
+    let attempts = s["attempts"].as_array().expect("attempts");
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a["ending"] == "terminated at the page by amm-agent"),
+        "{s}"
+    );
+    assert_eq!(s["gave_up"], true);
+}
