@@ -321,11 +321,19 @@ static __always_inline void update_rate(__u32 tgid, struct amm_watch *w, __u64 r
 	if (rate > 0)
 		eta_ns = (cfg->terminate_bytes - rss) * 1000 / (__u64)rate * 1000; /* us resolution */
 	if (eta_ns <= horizon) {
+		w->state.spike_calm_since_ns = 0;
 		if (__sync_val_compare_and_swap(&w->state.spike_active, 0, 1) == 0)
 			emit(tgid, w, AMM_EVENT_SPIKE, w->state.level, w->state.level, rss, eta_ns,
 			     flags, now);
 	} else if (eta_ns > 2 * horizon && w->state.spike_active) {
-		w->state.spike_active = 0; /* re-armed: the growth calmed down */
+		/* re-armed once the growth has stayed calm for a whole horizon, so
+		 * a spike that stutters (allocate, spill, allocate) is one alarm */
+		if (!w->state.spike_calm_since_ns)
+			w->state.spike_calm_since_ns = now;
+		else if (now - w->state.spike_calm_since_ns >= horizon)
+			w->state.spike_active = 0;
+	} else {
+		w->state.spike_calm_since_ns = 0;
 	}
 }
 

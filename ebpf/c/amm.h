@@ -81,6 +81,7 @@ struct amm_watch_state {
 	__u64 foreign_updates;                 /* of which curr == 0 */
 	__u32 level;                           /* AMM_LEVEL_* */
 	__u32 spike_active;                    /* an alarm is out, not re-armed yet */
+	__u64 spike_calm_since_ns;             /* growth calm since (re-arms after a horizon) */
 };
 
 /* The value of the `watches` map, keyed by tgid. */

@@ -195,6 +195,9 @@ pub struct WatchState {
     pub level: u32,
     /// A spike alarm is out and not re-armed yet.
     pub spike_active: u32,
+    /// Since when the growth has been calm (the alarm re-arms after a
+    /// horizon of calm); 0 while it is not.
+    pub spike_calm_since_ns: u64,
 }
 
 /// Mirror of `struct amm_watch`, the value of the `watches` map.
@@ -335,7 +338,8 @@ pub fn layouts() -> Vec<Layout> {
                 updates,
                 foreign_updates,
                 level,
-                spike_active
+                spike_active,
+                spike_calm_since_ns
             ]
         ),
         layout!("amm_watch", Watch, [config, state]),

@@ -1,186 +1,294 @@
-//! amm's end-to-end demo (`sudo cargo xtask demo`): start the real agent,
-//! register a child that allocates past its limit at full speed, and show
-//! what the kernel reported at each page against what a 100 ms and a 200 ms
-//! poller (Dask's monitor) would have seen.
+//! amm's end-to-end demo (`sudo cargo xtask demo`): the same worker under
+//! the same hard cgroup limit, running memory spikes, once polling only (as
+//! Dask does) and once with amm-agent's kernel events; then what happened,
+//! in a form a person reads in ten seconds.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amm_benches::{Faulter, monotonic_ns, profile_dir, target_dir};
-use amm_ebpf::EventKind;
-use amm_protocol::{Client, EventMessage, Registration};
+use amm_benches::{profile_dir, target_dir};
+use amm_integration_tests::cgroup::HardLimit;
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 use clap::Parser;
+use serde_json::Value;
 
 /// The demo.
 #[derive(Parser)]
 struct Args {
-    /// The child's memory limit, MiB.
+    /// The worker's memory limit, which is also its cgroup's hard limit, MiB.
     #[arg(long, default_value_t = 1024)]
     limit_mib: u64,
-    /// How much it allocates, MiB.
-    #[arg(long, default_value_t = 1200)]
-    alloc_mib: u64,
+    /// Runs of each mode (interleaved).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 fn iec(b: u64) -> String {
     ByteSize(b).display().iec().to_string()
 }
 
-fn rss_of(pid: u32) -> u64 {
-    amm_agent::identity::proc_info(pid).map_or(0, |i| i.rss_bytes)
+/// A managed base of 30 % of the limit, then four spikes of task memory of
+/// 70 % each, faulted in as fast as the machine can, held briefly.
+fn workload(limit: u64) -> String {
+    let mib = |f: f64| format!("{}MiB", (limit as f64 * f) as u64 >> 20);
+    format!(
+        r#"
+name = "demo-spikes"
+[[phase]]
+name = "base"
+[[phase.op]]
+op = "allocate"
+bytes = "{}"
+chunk = "8MiB"
+keep = "managed"
+key = "base"
+[[phase]]
+name = "spike"
+repeat = 4
+[[phase.op]]
+op = "allocate"
+bytes = "{}"
+chunk = "32MiB"
+keep = "task"
+hold = "300ms"
+[[phase.op]]
+op = "sleep"
+duration = "700ms"
+[[phase]]
+name = "check"
+[[phase.op]]
+op = "read-back"
+key = "base"
+"#,
+        mib(0.30),
+        mib(0.70)
+    )
+}
+
+struct Outcome {
+    summary: Value,
+    timeline: Vec<Value>,
+    oom_kills: u64,
+    cgroup_peak: Option<u64>,
+}
+
+fn run_worker(dir: &Path, limit: u64, agent: Option<&Path>) -> Result<Outcome> {
+    let tag = if agent.is_some() { "agent" } else { "poll" };
+    let w = dir.join("demo.toml");
+    std::fs::write(&w, workload(limit))?;
+    let timeline = dir.join(format!("timeline-{tag}.jsonl"));
+    let cg = HardLimit::create(&format!("demo-{tag}"), limit)?;
+    let mut cmd = Command::new(profile_dir().join("amm-worker"));
+    cmd.arg("run")
+        .arg(&w)
+        .arg("--memory-limit")
+        .arg(format!("{limit}"))
+        .arg("--local-directory")
+        .arg(dir)
+        .arg("--timeline")
+        .arg(&timeline)
+        .args(["--max-restarts", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(a) = agent {
+        cmd.arg("--agent").arg(a);
+    }
+    cg.enter_before_exec(&mut cmd)?;
+    let out = cmd.output().context("run amm-worker")?;
+    let summary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    let timeline = std::fs::read_to_string(&timeline)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Ok(Outcome {
+        summary,
+        timeline,
+        oom_kills: cg.oom_kills()?,
+        cgroup_peak: cg.peak_bytes()?,
+    })
+}
+
+fn count(tl: &[Value], event: &str) -> usize {
+    tl.iter()
+        .filter(|v| v["kind"] == "event" && v["event"] == event)
+        .count()
+}
+
+fn verdict(o: &Outcome) -> String {
+    let s = &o.summary;
+    if o.oom_kills > 0 {
+        format!("OOM-killed by the kernel ({} kill)", o.oom_kills)
+    } else if s["terminations"].as_u64().unwrap_or(0) > 0 {
+        "terminated at 95 % (the nanny would restart it)".to_string()
+    } else if s["result_ok"] == true {
+        "finished, results correct".to_string()
+    } else {
+        format!("failed (exit {})", s["exit_code"])
+    }
+}
+
+fn start_agent(socket: &Path) -> Result<std::process::Child> {
+    let child = Command::new(profile_dir().join("amm-agent"))
+        .arg("run")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--bpf-object")
+        .arg(target_dir().join("bpf/amm.bpf.o"))
+        .env("AMM_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start amm-agent")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("amm-agent did not start listening")
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     if !amm_agent::probe::is_root() {
-        bail!("the demo starts amm-agent, which loads BPF: run it as root (sudo cargo xtask demo)");
+        bail!(
+            "the demo creates cgroups and starts amm-agent, which loads BPF: run it as root (sudo cargo xtask demo)"
+        );
     }
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("agent.sock");
-    let mut agent = std::process::Command::new(profile_dir().join("amm-agent"))
-        .arg("run")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--bpf-object")
-        .arg(target_dir().join("bpf/amm.bpf.o"))
-        .env("AMM_LOG", "warn")
-        .spawn()
-        .context("start amm-agent")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut client = loop {
-        if let Ok(c) = Client::connect(&socket, "amm-demo", Duration::from_secs(10)) {
-            break c;
-        }
-        if Instant::now() > deadline {
-            bail!("amm-agent did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut child = Faulter::spawn()?;
-    child.cmd("free")?;
     let limit = args.limit_mib << 20;
-    let reg = client.register(&Registration::new(child.pid(), limit))?;
-    let t = reg.thresholds;
-
+    let dir = tempfile::tempdir()?;
+    let socket: PathBuf = dir.path().join("agent.sock");
     println!(
-        "amm demo: pid {} allocates {} at full speed; its limit is {} (spill {}, pause {}, terminate {})",
-        child.pid(),
-        iec(args.alloc_mib << 20),
+        "amm demo: a worker under a hard {} cgroup limit keeps a {} managed base and runs 4 spikes of {} task memory, faulted in at full speed.",
         iec(limit),
-        iec(t.spill),
-        iec(t.pause),
-        iec(t.terminate)
+        iec(limit * 30 / 100),
+        iec(limit * 70 / 100)
     );
-    // /proc sampled every 5 ms: from it, what a 100 ms or 200 ms poller
-    // (Dask's monitor) would have seen, for every phase of its clock
-    let pid = child.pid();
-    let start_ns = monotonic_ns();
-    let poller = std::thread::spawn(move || {
-        let mut samples = Vec::new();
-        let t0 = Instant::now();
-        for k in 1..=800u32 {
-            let at = t0 + Duration::from_millis(5) * k;
-            std::thread::sleep(at.saturating_duration_since(Instant::now()));
-            samples.push((k * 5, rss_of(pid)));
-        }
-        samples
-    });
-    child.send(&format!("touch {}", args.alloc_mib))?;
-    let mut events: Vec<(EventMessage, u64)> = Vec::new();
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        match client.next_event(Some(Duration::from_millis(100)))? {
-            Some(e) => {
-                let got = monotonic_ns();
-                let done = e.event == EventKind::Level && e.level == amm_ebpf::Level::Terminate;
-                events.push((e, got));
-                if done {
-                    break;
-                }
+    println!(
+        "Running it {} times each, interleaved: polling every 200 ms (Dask's documented default), and with amm-agent ...",
+        args.runs
+    );
+    let mut agent = start_agent(&socket)?;
+    let mut polls = Vec::new();
+    let mut withs = Vec::new();
+    let mut failure = None;
+    for _ in 0..args.runs {
+        match run_worker(dir.path(), limit, None)
+            .and_then(|p| Ok((p, run_worker(dir.path(), limit, Some(&socket))?)))
+        {
+            Ok((p, w)) => {
+                polls.push(p);
+                withs.push(w);
             }
-            None => continue,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
         }
     }
-    child.wait_ok("touch")?;
-    let samples = poller
-        .join()
-        .map_err(|_| anyhow::anyhow!("poller panicked"))?;
-    let peak = client
-        .status()?
-        .watches
-        .first()
-        .map_or(0, |w| w.peak_rss_bytes);
-
-    println!();
-    println!(
-        "what the kernel reported, at the page that crossed (time from the start of the allocation):"
-    );
-    for (e, got) in &events {
-        let t_ms = e.t_ns.saturating_sub(start_ns) as f64 / 1e6;
-        let relay_us = got.saturating_sub(e.t_ns) as f64 / 1e3;
-        let what = match e.event {
-            EventKind::Spike => format!(
-                "spike alarm: terminate predicted in {:.0} ms at {}/s",
-                e.eta_ns.unwrap_or(0) as f64 / 1e6,
-                iec(e.rate_bytes_per_ms.max(0) as u64 * 1000)
-            ),
-            _ => format!("{} -> {}", e.prev_level, e.level),
-        };
-        println!(
-            "  {t_ms:>8.1} ms  {what:<52} rss {:>10} ({:>5.1} %)   in the client {relay_us:.0} µs later",
-            iec(e.rss_bytes),
-            100.0 * e.rss_bytes as f64 / limit as f64
-        );
-    }
-    let crossed = events
-        .iter()
-        .find(|(e, _)| e.event == EventKind::Level && e.level == amm_ebpf::Level::Terminate);
-    println!();
-    println!("what a poller of /proc would have seen (over every phase of its clock):");
-    let crossed_ms = crossed.map(|(e, _)| e.t_ns.saturating_sub(start_ns) as f64 / 1e6);
-    for every in [100u32, 200] {
-        let mut seen: Vec<(u32, u64)> = (0..every)
-            .step_by(5)
-            .filter_map(|phase| {
-                samples
-                    .iter()
-                    .filter(|(ms, _)| ms % every == phase)
-                    .find(|(_, rss)| *rss >= t.terminate)
-                    .copied()
-            })
-            .collect();
-        seen.sort_by_key(|(ms, _)| *ms);
-        let (Some(first), Some(last)) = (seen.first(), seen.last()) else {
-            println!("  every {every} ms: never saw terminate");
-            continue;
-        };
-        let (med_ms, med_rss) = seen[seen.len() / 2];
-        let late = |ms: u32| {
-            crossed_ms.map_or(String::new(), |c| {
-                format!(" ({:.0} ms late)", f64::from(ms) - c)
-            })
-        };
-        println!(
-            "  every {every} ms: saw terminate at {}..{} ms (median {med_ms}{}); rss then up to {} ({:.1} % of the limit), median {}",
-            first.0,
-            last.0,
-            late(med_ms),
-            iec(seen.iter().map(|x| x.1).max().unwrap_or(0)),
-            100.0 * seen.iter().map(|x| x.1).max().unwrap_or(0) as f64 / limit as f64,
-            iec(med_rss),
-        );
-    }
-    println!();
-    println!(
-        "peak rss {} ({:.1} % of the limit). Under a hard limit, everything past 100 % is an OOM kill;\n\
-         the kernel's events arrive at the crossing, while the poll is still up to one interval away.",
-        iec(peak),
-        100.0 * peak as f64 / limit as f64
-    );
-    drop(child);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
     let _ = agent.wait();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+
+    let outcomes = |runs: &[Outcome]| {
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for o in runs {
+            let v = verdict(o);
+            match seen.iter_mut().find(|(k, _)| *k == v) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((v, 1)),
+            }
+        }
+        seen.iter()
+            .map(|(v, n)| format!("{n}x {v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let worst_peak = |runs: &[Outcome]| {
+        let p = runs
+            .iter()
+            .map(|o| o.summary["peak_rss_bytes"].as_u64().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        format!("{} ({:.0} %)", iec(p), 100.0 * p as f64 / limit as f64)
+    };
+    let worst_cgroup = |runs: &[Outcome]| {
+        runs.iter()
+            .filter_map(|o| o.cgroup_peak)
+            .max()
+            .map_or("-".to_string(), iec)
+    };
+    let spilled = |runs: &[Outcome]| {
+        let b: u64 = runs
+            .iter()
+            .map(|o| o.summary["spilled_bytes_total"].as_u64().unwrap_or(0))
+            .sum();
+        iec(b / runs.len().max(1) as u64)
+    };
+    let pauses = |runs: &[Outcome]| {
+        runs.iter()
+            .map(|o| count(&o.timeline, "pause"))
+            .sum::<usize>()
+            .to_string()
+    };
+    let row = |name: &str, a: String, b: String| println!("  {name:<22}{a:<52}{b}");
+    println!();
+    row("", "poll only, 200 ms".into(), "with amm-agent".into());
+    row("outcome", outcomes(&polls), outcomes(&withs));
+    row("worst peak RSS", worst_peak(&polls), worst_peak(&withs));
+    row(
+        "worst cgroup usage",
+        worst_cgroup(&polls),
+        worst_cgroup(&withs),
+    );
+    row("spilled, per run", spilled(&polls), spilled(&withs));
+    row("pauses, all runs", pauses(&polls), pauses(&withs));
+    let with = withs.first().context("no run")?;
+    println!();
+    let kernel: Vec<&Value> = with
+        .timeline
+        .iter()
+        .filter(|v| v["kind"] == "event" && v["event"] == "agent")
+        .collect();
+    if kernel.is_empty() {
+        println!("The worker got no kernel event (is the agent working?).");
+    } else {
+        println!(
+            "What the kernel told the worker, at the page it happened (delay = kernel -> worker):"
+        );
+        for e in kernel.iter().take(12) {
+            let what = match e["agent_event"].as_str() {
+                Some("spike") => format!(
+                    "spike alarm: terminate predicted in {:.0} ms",
+                    e["eta_ns"].as_f64().unwrap_or(0.0) / 1e6
+                ),
+                _ => format!(
+                    "{} -> {}",
+                    e["prev_level"].as_str().unwrap_or("?"),
+                    e["level"].as_str().unwrap_or("?")
+                ),
+            };
+            println!(
+                "  {:>7} ms  {what:<46} rss {:>10}   delay {} µs",
+                e["t_ms"].as_u64().unwrap_or(0),
+                iec(e["rss"].as_u64().unwrap_or(0)),
+                e["delay_us"]
+            );
+        }
+        if kernel.len() > 12 {
+            println!("  ... and {} more", kernel.len() - 12);
+        }
+    }
     Ok(())
 }
