@@ -1,0 +1,342 @@
+//! Cutting a run into stretches that each get one verdict.
+//!
+//! 1. **Attempts**: a restarted worker is a new process; nothing carries
+//!    over.
+//! 2. **Phases**: each workload phase is a stretch; consecutive phases of
+//!    the same name (a phase's `repeat`) are one; a phase that got fewer
+//!    than [`MIN_TICKS`] ticks is folded into the next one (its effect shows
+//!    in the next one's ticks). Ticks after the workload's `end` are the
+//!    process tearing down and are left out.
+//! 3. **Changes of slope**: a stretch long enough is cut where two straight
+//!    lines fit its unmanaged memory (process − managed; RSS for kernel-only
+//!    runs) much better than one ([`Thresholds::split_gain`]), and the two
+//!    lines differ by a significant amount at the cut or over the shorter
+//!    side. At most three levels of cuts.
+
+use std::ops::Range;
+
+use crate::input::{EventKind, Run, Tick};
+use crate::thresholds::Thresholds;
+
+/// Fewest ticks a phase needs to be a stretch of its own.
+pub const MIN_TICKS: usize = 3;
+
+/// One stretch of a run: a range of its ticks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    /// Tick indices into [`Run::ticks`].
+    pub range: Range<usize>,
+    /// Workload phases it covers (empty for kernel-only runs).
+    pub phases: Vec<String>,
+    /// The attempt.
+    pub attempt: u32,
+    /// Why it starts where it does: `run`, `attempt`, `phase`, `slope change`.
+    pub cut: &'static str,
+}
+
+#[derive(Debug)]
+struct Piece {
+    t0: f64,
+    attempt: u32,
+    label: Label,
+    cut: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Label {
+    Startup,
+    Phase(String),
+    Teardown,
+}
+
+/// Cuts `run` into stretches (see the module docs).
+pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
+    let mut pieces: Vec<Piece> = vec![Piece {
+        t0: f64::NEG_INFINITY,
+        attempt: run.ticks.first().map_or(0, |t| t.attempt),
+        label: Label::Startup,
+        cut: "run",
+    }];
+    for e in &run.events {
+        let (label, cut) = match &e.kind {
+            EventKind::Start => (Label::Startup, "attempt"),
+            EventKind::Phase(name) => (Label::Phase(name.clone()), "phase"),
+            EventKind::End | EventKind::Terminate => (Label::Teardown, "phase"),
+            _ => continue,
+        };
+        if matches!(e.kind, EventKind::Start)
+            && pieces.len() == 1
+            && run.ticks.first().is_none_or(|t| t.t >= e.t)
+        {
+            // the first start: the run's own beginning
+            pieces[0].attempt = e.attempt;
+            continue;
+        }
+        let last = pieces.last_mut();
+        if let Some(p) = last
+            && p.label == label
+            && p.attempt == e.attempt
+        {
+            continue; // a repeat of the same phase
+        }
+        pieces.push(Piece {
+            t0: e.t,
+            attempt: e.attempt,
+            label,
+            cut,
+        });
+    }
+    // ticks of each piece
+    let mut ranges: Vec<(Range<usize>, &Piece)> = Vec::new();
+    let mut i = 0;
+    for (k, p) in pieces.iter().enumerate() {
+        let end_t = pieces.get(k + 1).map_or(f64::INFINITY, |n| n.t0);
+        let start = i;
+        while i < run.ticks.len() && tick_before(&run.ticks[i], end_t, pieces.get(k + 1)) {
+            i += 1;
+        }
+        ranges.push((start..i, p));
+    }
+    // fold short pieces into the next of the same attempt; drop teardown
+    let mut spans: Vec<Span> = Vec::new();
+    let mut pending: Option<Span> = None;
+    for (r, p) in ranges {
+        if p.label == Label::Teardown {
+            if let Some(pend) = pending.take() {
+                attach_to_previous(&mut spans, pend);
+            }
+            continue;
+        }
+        let mut span = Span {
+            range: r,
+            phases: match &p.label {
+                Label::Phase(n) => vec![n.clone()],
+                _ => Vec::new(),
+            },
+            attempt: p.attempt,
+            cut: p.cut,
+        };
+        if let Some(pend) = pending.take() {
+            if pend.attempt == span.attempt {
+                span.range.start = pend.range.start;
+                let mut phases = pend.phases;
+                phases.extend(span.phases);
+                span.phases = phases;
+                span.cut = pend.cut;
+            } else {
+                attach_to_previous(&mut spans, pend);
+            }
+        }
+        if span.range.len() < MIN_TICKS {
+            pending = Some(span);
+        } else {
+            spans.push(span);
+        }
+    }
+    if let Some(pend) = pending.take() {
+        attach_to_previous(&mut spans, pend);
+    }
+    // cut at changes of slope
+    let mut out = Vec::new();
+    for s in spans {
+        split(run, th, s, 0, &mut out);
+    }
+    out
+}
+
+/// True when `tick` belongs before the next piece starting at `end_t`.
+/// A piece that starts a new attempt takes every tick of that attempt.
+fn tick_before(tick: &Tick, end_t: f64, next: Option<&Piece>) -> bool {
+    match next {
+        Some(n) if n.label == Label::Startup => tick.attempt < n.attempt,
+        _ => tick.t < end_t,
+    }
+}
+
+fn attach_to_previous(spans: &mut Vec<Span>, pend: Span) {
+    match spans.last_mut() {
+        Some(prev) if prev.attempt == pend.attempt && prev.range.end == pend.range.start => {
+            prev.range.end = pend.range.end;
+            prev.phases.extend(pend.phases);
+        }
+        _ => {
+            if !pend.range.is_empty() {
+                spans.push(pend);
+            }
+        }
+    }
+}
+
+/// The series a cut is looked for in: unmanaged memory, or RSS.
+fn cut_series(t: &Tick) -> f64 {
+    match &t.split {
+        Some(s) => t.process.saturating_sub(s.managed) as f64,
+        None => t.process as f64,
+    }
+}
+
+fn split(run: &Run, th: &Thresholds, s: Span, depth: usize, out: &mut Vec<Span>) {
+    let ticks = &run.ticks[s.range.clone()];
+    if depth >= 3 || ticks.len() < 2 * (th.floor_bins * th.min_ticks_per_bin) {
+        out.push(s);
+        return;
+    }
+    let pts: Vec<(f64, f64)> = ticks.iter().map(|t| (t.t, cut_series(t))).collect();
+    let Some(k) = best_cut(&pts, th) else {
+        out.push(s);
+        return;
+    };
+    let mut median: Vec<u64> = ticks.iter().map(|t| t.process).collect();
+    median.sort_unstable();
+    let sig = th.significant(median[median.len() / 2]) as f64;
+    let (l, r) = (&pts[..k], &pts[k..]);
+    let (Some(fl), Some(fr)) = (crate::fit::ols(l), crate::fit::ols(r)) else {
+        out.push(s);
+        return;
+    };
+    let tk = pts[k].0;
+    let step = (fl.at(tk) - fr.at(tk)).abs();
+    let shorter = (l[l.len() - 1].0 - l[0].0).min(r[r.len() - 1].0 - r[0].0);
+    let bend = (fl.slope - fr.slope).abs() * shorter;
+    if step < sig && bend < sig {
+        out.push(s);
+        return;
+    }
+    let mid = s.range.start + k;
+    let left = Span {
+        range: s.range.start..mid,
+        ..s.clone()
+    };
+    let right = Span {
+        range: mid..s.range.end,
+        cut: "slope change",
+        ..s
+    };
+    split(run, th, left, depth + 1, out);
+    split(run, th, right, depth + 1, out);
+}
+
+/// The index where two least-squares lines leave the least squared error,
+/// if they leave at most `1 - split_gain` of one line's.
+fn best_cut(pts: &[(f64, f64)], th: &Thresholds) -> Option<usize> {
+    let n = pts.len();
+    // prefix sums for O(1) least squares of any prefix/suffix
+    let mut pre = vec![[0.0f64; 5]; n + 1];
+    for (i, &(x, y)) in pts.iter().enumerate() {
+        let p = pre[i];
+        pre[i + 1] = [p[0] + x, p[1] + y, p[2] + x * x, p[3] + x * y, p[4] + y * y];
+    }
+    let sse_of = |a: usize, b: usize| -> f64 {
+        let m = (b - a) as f64;
+        if m < 3.0 {
+            return 0.0;
+        }
+        let d: Vec<f64> = (0..5).map(|j| pre[b][j] - pre[a][j]).collect();
+        let sxx = d[2] - d[0] * d[0] / m;
+        let sxy = d[3] - d[0] * d[1] / m;
+        let syy = d[4] - d[1] * d[1] / m;
+        if sxx <= 0.0 {
+            return syy.max(0.0);
+        }
+        (syy - sxy * sxy / sxx).max(0.0)
+    };
+    let whole = sse_of(0, n);
+    if whole <= 0.0 {
+        return None;
+    }
+    let t0 = pts[0].0;
+    let t1 = pts[n - 1].0;
+    let mut best: Option<(usize, f64)> = None;
+    for k in 3..n.saturating_sub(3) {
+        if pts[k].0 - t0 < th.split_min_s || t1 - pts[k].0 < th.split_min_s {
+            continue;
+        }
+        let e = sse_of(0, k) + sse_of(k, n);
+        if best.is_none_or(|(_, b)| e < b) {
+            best = Some((k, e));
+        }
+    }
+    let (k, e) = best?;
+    (e <= (1.0 - th.split_gain) * whole).then_some(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{Levels, Source, Split};
+
+    fn tick(t: f64, unmanaged: u64) -> Tick {
+        Tick {
+            t,
+            process: unmanaged + (100 << 20),
+            split: Some(Split {
+                managed: 100 << 20,
+                unmanaged_live: unmanaged,
+                ..Split::default()
+            }),
+            ..Tick::default()
+        }
+    }
+
+    fn run(ticks: Vec<Tick>, events: Vec<(f64, EventKind)>) -> Run {
+        let mut r = Run::kernel(None, Levels::default());
+        r.source = Source::WorkerTimeline;
+        r.ticks = ticks;
+        for (t, k) in events {
+            r.push_event(t, k);
+        }
+        r
+    }
+
+    #[test]
+    fn phases_repeats_merge_short_ones_fold_teardown_drops() {
+        let ticks: Vec<Tick> = (0..40).map(|i| tick(i as f64 * 0.2, 10 << 20)).collect();
+        let r = run(
+            ticks,
+            vec![
+                (0.0, EventKind::Phase("fill".into())),
+                (0.1, EventKind::Phase("free".into())),
+                (0.15, EventKind::Phase("hold".into())),
+                (2.0, EventKind::Phase("hold".into())),
+                (4.1, EventKind::Phase("after".into())),
+                (7.0, EventKind::End),
+            ],
+        );
+        let s = segment(&r, &Thresholds::default());
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0].phases, vec!["fill", "free", "hold"]);
+        assert_eq!(s[0].range, 0..21);
+        assert_eq!(s[1].phases, vec!["after"]);
+        assert_eq!(s[1].range, 21..35, "teardown ticks are left out");
+    }
+
+    #[test]
+    fn a_bend_cuts_a_stretch_and_a_straight_line_does_not() {
+        let mib = 1u64 << 20;
+        let bent: Vec<Tick> = (0..60)
+            .map(|i| {
+                let t = i as f64 * 0.2;
+                tick(
+                    t,
+                    if t < 6.0 {
+                        (t * 10.0) as u64 * mib
+                    } else {
+                        60 * mib
+                    },
+                )
+            })
+            .collect();
+        let s = segment(&run(bent, vec![]), &Thresholds::default());
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[1].cut, "slope change");
+        let t_cut = 0.2 * s[1].range.start as f64;
+        assert!((5.0..=7.0).contains(&t_cut), "cut at {t_cut}");
+        let straight: Vec<Tick> = (0..60)
+            .map(|i| tick(i as f64 * 0.2, (i as u64) * mib))
+            .collect();
+        assert_eq!(
+            segment(&run(straight, vec![]), &Thresholds::default()).len(),
+            1
+        );
+    }
+}
