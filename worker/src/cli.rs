@@ -1,4 +1,4 @@
-//! The command line: `amm-worker run | limit | workloads | check-allocator`.
+//! The command line: `amm-worker run | report | limit | workloads | check-allocator`.
 //!
 //! `--allocator` is honoured before any work: the nanny puts the choice in
 //! its worker's environment; a process that must itself run on another
@@ -51,6 +51,11 @@ enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Say what explains a run's unmanaged memory, stretch by stretch (leak,
+    /// hoard, fragmentation, task temporaries, non-heap or managed growth),
+    /// with the evidence; from the file a worker wrote with `--timeline`
+    /// (a running worker's file too: the report covers what it holds so far).
+    Report(ReportArgs),
     /// List the built-in workloads.
     Workloads,
     /// Show which allocator serves this binary: allocate a block and report
@@ -63,6 +68,22 @@ enum Command {
         #[arg(long, default_value = "64MiB")]
         bytes: String,
     },
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The timeline file (`amm-worker run ... --timeline PATH`).
+    timeline: PathBuf,
+    /// Print the report as JSON (schema: amm-report's `report` module).
+    #[arg(long)]
+    json: bool,
+    /// Also write a self-contained HTML page (chart and tables) to this file.
+    #[arg(long, value_name = "PATH")]
+    html: Option<PathBuf>,
+    /// Follow a running worker: report again every SECONDS until its
+    /// workload ends.
+    #[arg(long, value_name = "SECONDS")]
+    every: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +139,12 @@ struct RunArgs {
     /// worker.memory.purge-interval: least time between threshold purges.
     #[arg(long)]
     purge_interval: Option<String>,
+    /// worker.memory.probe-purge: purge on purpose (at most every INTERVAL,
+    /// default 5s) when memory is hoarded or unmanaged memory grew since the
+    /// last purge, and record what came back, so that `amm-worker report`
+    /// can tell a hoard from a leak or fragmentation.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "5s")]
+    probe_purge: Option<String>,
     /// fdatasync every spilled value.
     #[arg(long)]
     spill_fsync: bool,
@@ -149,7 +176,7 @@ fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
         l.file(p).map_err(anyhow::Error::msg)?;
     }
     l.env(std::env::vars()).map_err(anyhow::Error::msg)?;
-    let flags: [(&str, &Option<String>, &str); 11] = [
+    let flags: [(&str, &Option<String>, &str); 12] = [
         ("worker.agent.socket", &a.agent, "--agent"),
         (
             "worker.agent.terminate-signal",
@@ -181,6 +208,7 @@ fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
             &a.purge_interval,
             "--purge-interval",
         ),
+        ("worker.memory.probe-purge", &a.probe_purge, "--probe-purge"),
     ];
     for (key, value, flag) in flags {
         if let Some(v) = value {
@@ -340,6 +368,57 @@ fn print_limit(spec: &str, root: &Path) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+fn report(a: &ReportArgs) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let every = match a.every {
+        Some(s) if !(s > 0.0 && s.is_finite()) => {
+            bail!("--every must be a positive number of seconds")
+        }
+        Some(s) => Some(std::time::Duration::from_secs_f64(s)),
+        None => None,
+    };
+    loop {
+        let file = std::fs::File::open(&a.timeline).with_context(|| {
+            format!(
+                "cannot open the timeline {}: give the file a worker wrote with --timeline",
+                a.timeline.display()
+            )
+        })?;
+        let run = amm_report::Run::from_timeline(std::io::BufReader::new(file))
+            .with_context(|| format!("cannot use {}", a.timeline.display()))?;
+        let report = amm_report::analyze(&run, &amm_report::Thresholds::default());
+        let format = if a.json {
+            amm_report::Format::Json
+        } else {
+            amm_report::Format::Text
+        };
+        let text = amm_report::render(&run, &report, format);
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())
+            .context("cannot write the report")?;
+        out.flush().context("cannot write the report")?;
+        if let Some(path) = &a.html {
+            let page = amm_report::render(&run, &report, amm_report::Format::Html);
+            std::fs::write(path, page)
+                .with_context(|| format!("cannot write the HTML report {}", path.display()))?;
+            eprintln!("HTML report: {}", path.display());
+        }
+        let ended = run.events.iter().any(|e| {
+            matches!(
+                e.kind,
+                amm_report::EventKind::End | amm_report::EventKind::Terminate
+            )
+        });
+        match every {
+            Some(d) if !ended => {
+                std::thread::sleep(d);
+                writeln!(out).context("cannot write the report")?;
+            }
+            _ => return Ok(0),
+        }
+    }
+}
+
 fn check_allocator(flag: Option<&str>, bytes: &str) -> anyhow::Result<i32> {
     let want = wanted_allocator(flag)?;
     ensure_allocator(want)?;
@@ -355,6 +434,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(*a),
+        Command::Report(a) => report(&a),
         Command::Limit { memory_limit, root } => print_limit(&memory_limit, &root),
         Command::Workloads => {
             for (name, _) in BUILTINS {

@@ -12,6 +12,7 @@
 //! max-spill = false         # or a size: "10GiB"
 //! trim-threshold = 65536    # MALLOC_TRIM_THRESHOLD_ / jemalloc purge threshold, or false
 //! purge-interval = "1s"     # least time between two threshold purges
+//! probe-purge = false       # or "5s": purge on purpose to tell a hoard from a leak
 //! spill-fsync = false       # fdatasync every spilled value
 //! spill-drop-cache = true   # write back and drop spilled bytes from the page cache
 //!
@@ -45,6 +46,7 @@ pub const KEYS: &[&str] = &[
     "worker.memory.max-spill",
     "worker.memory.trim-threshold",
     "worker.memory.purge-interval",
+    "worker.memory.probe-purge",
     "worker.memory.spill-fsync",
     "worker.memory.spill-drop-cache",
     "worker.agent.socket",
@@ -76,6 +78,12 @@ pub struct MemoryConfig {
     /// Least time between two purges triggered by the threshold.
     #[serde(with = "millis")]
     pub purge_interval: Duration,
+    /// `--probe-purge`: purge on purpose, at most this often, when memory is
+    /// hoarded or unmanaged memory grew since the last purge, so that the
+    /// report can tell a hoard (returned) from a leak or fragmentation (not
+    /// returned). `None`: never.
+    #[serde(with = "opt_millis")]
+    pub probe_purge: Option<Duration>,
     /// `fdatasync` each spilled value.
     pub spill_fsync: bool,
     /// Write back spilled bytes and drop them from the page cache.
@@ -95,6 +103,17 @@ mod millis {
     }
 }
 
+mod opt_millis {
+    use serde::Serializer;
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_u64(d.as_millis() as u64),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
@@ -107,6 +126,7 @@ impl Default for MemoryConfig {
             max_spill: None,
             trim_threshold: Some(65536),
             purge_interval: Duration::from_secs(1),
+            probe_purge: None,
             spill_fsync: false,
             spill_drop_cache: true,
             agent_socket: None,
@@ -259,6 +279,16 @@ impl Loader {
                     c.trim_threshold = bytes_or_false(raw).map_err(bad)?
                 }
                 "worker.memory.purge-interval" => c.purge_interval = duration(raw).map_err(bad)?,
+                "worker.memory.probe-purge" => {
+                    c.probe_purge = match raw {
+                        Raw::Bool(false) => None,
+                        Raw::Bool(true) => Some(Duration::from_secs(5)),
+                        other => Some(duration(other).map_err(bad)?),
+                    };
+                    if c.probe_purge.is_some_and(|d| d.is_zero()) {
+                        return Err(bad("must be more than 0 (or false)".into()));
+                    }
+                }
                 "worker.memory.spill-fsync" => c.spill_fsync = boolean(raw).map_err(bad)?,
                 "worker.memory.spill-drop-cache" => {
                     c.spill_drop_cache = boolean(raw).map_err(bad)?

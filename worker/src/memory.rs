@@ -16,6 +16,13 @@
 //! `MALLOC_TRIM_THRESHOLD_`), at most once per `purge-interval` and only
 //! while purging has taken under [`PURGE_BUDGET`] of the run.
 //!
+//! With `probe-purge` (`--probe-purge`), the manager also purges on purpose,
+//! at most once per that interval, when [`PROBE_MIN_BYTES`] are hoarded or
+//! unmanaged memory (`process - managed`) grew that much since the last
+//! purge; the purge goes into the timeline with reason `probe`, so the
+//! report can say whether a purge returns the memory (a hoard) or not (a
+//! leak, fragmentation).
+//!
 //! **Event seam.** The manager polls, as Dask does. A faster source (the
 //! amm agent's eBPF level events) calls [`ManagerHandle::on_level_event`]:
 //! the manager wakes and acts on that level in the same instant instead of
@@ -42,6 +49,11 @@ pub const TERMINATE_EXIT_CODE: i32 = 75;
 
 /// Most of the run's wall time that threshold purges may take.
 pub const PURGE_BUDGET: f64 = 0.02;
+
+/// `--probe-purge` purges when at least this much is hoarded (jemalloc:
+/// dirty + muzzy pages) or unmanaged memory grew by this much since the
+/// last purge: the least amount the report gives a verdict on.
+pub const PROBE_MIN_BYTES: u64 = 4 << 20;
 
 /// A memory level, as the agent's BPF program reports it (`amm_ebpf::Level`
 /// maps one to one).
@@ -332,6 +344,8 @@ pub struct MemoryManager {
     recent: RecentWindow,
     start: Instant,
     last_purge: Option<Instant>,
+    /// `process - managed` right after the last purge (or at the first tick).
+    unmanaged_at_purge: Option<u64>,
     paused_since: Option<Instant>,
     spill_failing: bool,
     stats: ManagerStats,
@@ -379,6 +393,7 @@ impl MemoryManager {
             recent: RecentWindow::default(),
             start: Instant::now(),
             last_purge: None,
+            unmanaged_at_purge: None,
             paused_since: None,
             spill_failing: false,
             stats: ManagerStats::default(),
@@ -460,6 +475,7 @@ impl MemoryManager {
         match alloc::reclaim(reason) {
             Ok(r) => {
                 self.last_purge = Some(Instant::now());
+                self.unmanaged_at_purge = Some(r.rss_after.saturating_sub(self.buffer.managed()));
                 self.stats.purge_count += 1;
                 self.stats.purged_bytes_total += r.returned_bytes;
                 self.stats.purge_us_total += r.duration_us;
@@ -479,6 +495,32 @@ impl MemoryManager {
                 tracing::warn!("purge failed: {e}");
                 None
             }
+        }
+    }
+
+    /// `--probe-purge`: purges on purpose when the report needs to know
+    /// whether memory comes back (see the module docs).
+    fn probe_purge(&mut self, acc: &Accounting, heap: &HeapStats) {
+        let Some(every) = self.cfg.probe_purge else {
+            return;
+        };
+        let unmanaged = acc.process.saturating_sub(acc.managed);
+        let baseline = *self.unmanaged_at_purge.get_or_insert(unmanaged);
+        let due = self
+            .last_purge
+            .map_or(self.start.elapsed(), |t| t.elapsed())
+            >= every;
+        // jemalloc's hoarded bytes include its metadata, which no purge
+        // returns: only its dirty and muzzy pages count
+        let hoarded = match heap {
+            HeapStats::Jemalloc(je) => je.dirty_bytes + je.muzzy_bytes,
+            HeapStats::System(_) => acc.hoarded,
+        };
+        let grew = unmanaged.saturating_sub(baseline);
+        let elapsed_us = self.start.elapsed().as_micros() as f64;
+        let budget_ok = (self.stats.purge_us_total as f64) <= PURGE_BUDGET * elapsed_us;
+        if due && budget_ok && (hoarded >= PROBE_MIN_BYTES || grew >= PROBE_MIN_BYTES) {
+            self.purge("probe");
         }
     }
 
@@ -753,6 +795,7 @@ impl MemoryManager {
                 self.purge("threshold");
             }
         }
+        self.probe_purge(&acc, &heap);
         self.publish();
         Ok(acc)
     }

@@ -127,7 +127,10 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
             t.event(
                 "start",
                 serde_json::json!({"attempt": opts.attempt, "pid": std::process::id(),
-                                   "allocator": allocator, "limit": limit.bytes}),
+                                   "allocator": allocator, "limit": limit.bytes,
+                                   "levels": levels,
+                                   "probe_purge_ms": opts.memory.probe_purge
+                                       .map(|d| d.as_millis() as u64)}),
             );
             Some(Arc::new(t))
         }

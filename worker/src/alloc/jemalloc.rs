@@ -67,6 +67,10 @@ pub struct SizeClass {
     pub count: u64,
     /// Slabs currently holding regions (bins only; 0 for large classes).
     pub slabs: u64,
+    /// Bytes of one slab of this class (`arenas.bin.<i>.slab_size`; bins
+    /// only, 0 for large classes): with `slabs` and `count`, how thinly the
+    /// live regions are spread.
+    pub slab_bytes: u64,
 }
 
 fn err(name: &str, rc: i32) -> io::Error {
@@ -228,8 +232,23 @@ fn arenas(page: u64) -> io::Result<Vec<ArenaPages>> {
     Ok(out)
 }
 
+/// `arenas.bin.<i>.slab_size` of every bin, read once (they never change).
+fn slab_sizes() -> io::Result<&'static [u64]> {
+    static SLABS: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    if let Some(v) = SLABS.get() {
+        return Ok(v);
+    }
+    let nbins = read::<u32>(c"arenas.nbins")?;
+    let mut slab = Mib::new(c"arenas.bin.0.slab_size", 4)?;
+    let v = (0..nbins as usize)
+        .map(|j| slab.read::<usize>(&[(2, j)]).map(|b| b as u64))
+        .collect::<io::Result<Vec<u64>>>()?;
+    Ok(SLABS.get_or_init(|| v))
+}
+
 fn bins() -> io::Result<Vec<SizeClass>> {
     let nbins = read::<u32>(c"arenas.nbins")?;
+    let slabs = slab_sizes()?;
     let mut size = Mib::new(c"arenas.bin.0.size", 4)?;
     let mut curregs = Mib::new(c"stats.arenas.0.bins.0.curregs", 6)?;
     let mut curslabs = Mib::new(c"stats.arenas.0.bins.0.curslabs", 6)?;
@@ -243,6 +262,7 @@ fn bins() -> io::Result<Vec<SizeClass>> {
             size: size.read::<usize>(&[(2, j)])? as u64,
             count,
             slabs: curslabs.read::<usize>(&[(2, MALLCTL_ARENAS_ALL), (4, j)])? as u64,
+            slab_bytes: slabs.get(j).copied().unwrap_or(0),
         });
     }
     Ok(out)
@@ -262,6 +282,7 @@ fn large() -> io::Result<Vec<SizeClass>> {
             size: size.read::<usize>(&[(2, j)])? as u64,
             count,
             slabs: 0,
+            slab_bytes: 0,
         });
     }
     Ok(out)

@@ -1,0 +1,202 @@
+//! What the allocator statistics cost per monitor tick, as a fraction of a
+//! 200 ms tick, while 8 threads allocate and free as fast as they can.
+//!
+//! ```sh
+//! cargo bench -p amm-worker --bench stats_cost     # both allocators, one after the other
+//! AMM_ALLOCATOR=system cargo bench -p amm-worker --bench stats_cost -- glibc/totals
+//! ```
+//!
+//! Each allocator runs in its own process (the global allocator is chosen
+//! once, at the first allocation): without `AMM_ALLOCATOR` the bench runs
+//! itself twice. Per allocator and heap (`plain`: 256 MiB of 16 B–64 KiB
+//! objects, a quarter freed; `fragmented`: 192 MiB of 16–256 B objects,
+//! 90 % freed at random, the suite's fragmentation case), criterion times:
+//!
+//! * jemalloc `totals` (`epoch` + the totals a tick without a timeline
+//!   reads) and `full` (+ per-arena pages and every size class, what a
+//!   tick with `--timeline` reads);
+//! * glibc `mallinfo2` alone, `totals` (+ the arenas' residency from
+//!   `/proc/self/maps` and `mincore`) and `full` (+ `malloc_info`).
+//!
+//! Then it prints, for each, the mean wall time and the mean CPU time of the
+//! calling thread over 50 reads, as a percentage of 200 ms.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use amm_worker::alloc::{self, Allocator, Detail};
+use criterion::Criterion;
+
+#[global_allocator]
+static GLOBAL: amm_worker::alloc::Dispatch = amm_worker::alloc::Dispatch;
+
+const TICK: Duration = Duration::from_millis(200);
+const BUSY_THREADS: usize = 8;
+
+/// A tiny xorshift, so the bench needs no RNG crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+}
+
+/// Fills a heap: `bytes` of objects of `lo..=hi` bytes, then frees
+/// `fraction` of them at random. Returns the survivors (keep them alive).
+fn heap(bytes: usize, lo: usize, hi: usize, fraction: f64, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = Rng(seed);
+    let mut v = Vec::new();
+    let mut total = 0;
+    while total < bytes {
+        let n = rng.range(lo, hi);
+        v.push(vec![1u8; n]);
+        total += n;
+    }
+    let cut = (fraction * u64::MAX as f64) as u64;
+    v.retain(|_| rng.next() >= cut);
+    v
+}
+
+/// 8 threads that allocate and free objects of 16 B–16 KiB until stopped,
+/// each keeping a working set of 1024 objects.
+fn busy(stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..BUSY_THREADS)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1));
+                let mut set: Vec<Vec<u8>> = (0..1024).map(|_| vec![0u8; 64]).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    let k = rng.range(0, set.len() - 1);
+                    set[k] = vec![2u8; rng.range(16, 16 << 10)];
+                }
+                black_box(&set);
+            })
+        })
+        .collect()
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec; the clock id is a constant.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+type Read = (&'static str, fn());
+
+fn reads(a: Allocator) -> Vec<Read> {
+    match a {
+        Allocator::Jemalloc => vec![
+            ("totals", || {
+                black_box(alloc::heap_stats(Detail::Totals).ok());
+            }),
+            ("full", || {
+                black_box(alloc::heap_stats(Detail::Full).ok());
+            }),
+        ],
+        Allocator::System => vec![
+            ("mallinfo2", || {
+                // SAFETY: mallinfo2 has no preconditions.
+                black_box(unsafe { libc::mallinfo2() });
+            }),
+            ("totals", || {
+                black_box(alloc::heap_stats(Detail::Totals).ok());
+            }),
+            ("full", || {
+                black_box(alloc::heap_stats(Detail::Full).ok());
+            }),
+        ],
+    }
+}
+
+fn main() {
+    let Some(name) = std::env::var_os(alloc::ALLOCATOR_ENV) else {
+        // one process per allocator
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("cannot find the bench binary to run it per allocator: {e}");
+                std::process::exit(1);
+            }
+        };
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        let mut failed = false;
+        for a in ["jemalloc", "system"] {
+            let status = std::process::Command::new(&exe)
+                .args(&args)
+                .env(alloc::ALLOCATOR_ENV, a)
+                .status();
+            failed |= !status.is_ok_and(|s| s.success());
+        }
+        std::process::exit(i32::from(failed));
+    };
+    let a = alloc::active();
+    let group = match a {
+        Allocator::Jemalloc => "jemalloc",
+        Allocator::System => "glibc",
+    };
+    eprintln!("allocator: {} ({name:?})", a.name());
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500))
+        .configure_from_args();
+    let mut summary = Vec::new();
+    for (heap_name, build) in [
+        ("plain", (256usize << 20, 16usize, 64usize << 10, 0.25f64)),
+        ("fragmented", (192 << 20, 16, 256, 0.9)),
+    ] {
+        let keep = heap(build.0, build.1, build.2, build.3, 42);
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = busy(stop.clone());
+        std::thread::sleep(Duration::from_millis(200));
+        for (read_name, f) in reads(a) {
+            c.bench_function(&format!("{group}/{heap_name}/{read_name}"), |b| b.iter(f));
+            // our own summary: wall and this thread's CPU over 50 reads
+            let n = 50;
+            let (w0, c0) = (Instant::now(), thread_cpu());
+            for _ in 0..n {
+                f();
+            }
+            let wall = w0.elapsed() / n;
+            let cpu = thread_cpu().saturating_sub(c0) / n;
+            summary.push((heap_name, read_name, wall, cpu));
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            let _ = w.join();
+        }
+        drop(keep);
+    }
+    c.final_summary();
+    println!();
+    println!("{group}, {BUSY_THREADS} threads busy: cost of one read, share of a 200 ms tick");
+    println!(
+        "{:<11} {:<10} {:>12} {:>8} {:>12} {:>8}",
+        "heap", "read", "wall", "% tick", "cpu", "% tick"
+    );
+    for (h, r, wall, cpu) in summary {
+        let pct = |d: Duration| 100.0 * d.as_secs_f64() / TICK.as_secs_f64();
+        println!(
+            "{h:<11} {r:<10} {:>10.1}µs {:>7.3}% {:>10.1}µs {:>7.3}%",
+            wall.as_secs_f64() * 1e6,
+            pct(wall),
+            cpu.as_secs_f64() * 1e6,
+            pct(cpu)
+        );
+    }
+}
