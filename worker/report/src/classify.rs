@@ -657,7 +657,7 @@ impl Ctx<'_> {
                     f.trend = Some(tr.clone());
                     transient = Some(f);
                 } else if confident && window >= th.leak_min_window_s {
-                    out.push(self.leak(s, fit, &purges, dm, ticks));
+                    out.push(self.leak(s, fit, &purges, dm, ticks, sig));
                 } else if confident || hint {
                     let needed = if tr.slope_bytes_per_s > 0.0 {
                         (sig as f64 / tr.slope_bytes_per_s)
@@ -798,6 +798,7 @@ impl Ctx<'_> {
         purges: &[PurgeRef],
         dm: i64,
         ticks: &[Tick],
+        sig: u64,
     ) -> Finding {
         let tr = &fit.trend;
         let growth = tr.growth_bytes.max(0) as u64;
@@ -808,22 +809,16 @@ impl Ctx<'_> {
                 .map(|&v| (v as f64 - base).max(0.0) as u64)
                 .collect::<Vec<_>>(),
         );
-        // a purge "failed" when unmanaged_live was no lower after it
+        // a purge "failed" when unmanaged_live right after it was still on
+        // (or above) the rising floor
         let failed = purges
             .iter()
-            .filter(|p| {
-                let before = ticks.iter().rev().find(|t| t.t <= p.t_s);
-                let after = ticks.iter().find(|t| t.t > p.t_s);
-                match (before, after) {
-                    (Some(b), Some(a)) => {
-                        let (bu, au) = (
-                            b.split.map_or(0, |x| x.unmanaged_live),
-                            a.split.map_or(0, |x| x.unmanaged_live),
-                        );
-                        (au as f64) > bu as f64 - 0.25 * growth as f64
-                    }
-                    _ => (p.returned_bytes as f64) < 0.25 * growth as f64,
+            .filter(|p| match ticks.iter().find(|t| t.t > p.t_s) {
+                Some(a) => {
+                    let au = a.split.map_or(0, |x| x.unmanaged_live) as f64;
+                    au > fit.line.at(a.t) - 0.25 * growth as f64
                 }
+                None => (p.returned_bytes as f64) < 0.25 * growth as f64,
             })
             .count();
         let purge_words = if purges.is_empty() {
@@ -854,7 +849,17 @@ impl Ctx<'_> {
         );
         f.trend = Some(tr.clone());
         f.purges = purges.to_vec();
-        if let (Some(a), Some(b)) = (ticks.first(), ticks.last()) {
+        // size classes from the first tick where managed data is at the
+        // level it ends with: the classes of values put before (a managed
+        // base folded into this stretch) are not the leak's
+        let b = ticks.last();
+        let a = b.and_then(|b| {
+            let m_end = b.split.map_or(0, |x| x.managed);
+            ticks
+                .iter()
+                .find(|t| t.split.is_some_and(|x| x.managed.abs_diff(m_end) <= sig))
+        });
+        if let (Some(a), Some(b)) = (a, b) {
             f.size_classes = evidence::class_growth(a, b);
             f.arenas = evidence::glibc_growth(a, b);
             if !f.size_classes.is_empty() {
