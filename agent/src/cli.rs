@@ -105,6 +105,12 @@ struct WatchArgs {
     /// BPF object to load.
     #[arg(long, env = amm_ebpf::OBJECT_ENV)]
     bpf_object: Option<PathBuf>,
+    /// When the process exits (or on Ctrl-C), write the leak-vs-hoard
+    /// report from kernel data alone to this file: `.html` a page with the
+    /// chart, `.json` JSON, anything else text. The allocator's part is
+    /// marked unavailable.
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
 }
 
 /// Parses a size: plain bytes, or a number with a unit (KiB, MiB, GiB, KB, MB, GB, ...).
@@ -159,6 +165,7 @@ impl Cli {
                     spike_horizon: Duration::from_millis(a.spike_horizon_ms),
                     json: a.json,
                     object: a.bpf_object,
+                    report: a.report,
                 };
                 let stdout = std::io::stdout();
                 let mut out = stdout.lock();

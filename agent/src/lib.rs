@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod identity;
+pub mod kernel_report;
 pub mod outbox;
 pub mod probe;
 pub mod server;

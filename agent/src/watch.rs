@@ -1,6 +1,7 @@
 //! `amm-agent watch`: load the probe, watch one existing process (a Python
 //! Dask worker, say) and print what the kernel saw between polls. It takes
-//! no action on the process.
+//! no action on the process. With `--report PATH` it also writes the
+//! leak-vs-hoard report from kernel data alone (`kernel_report`).
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -13,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 
 use crate::identity;
+use crate::kernel_report::KernelRecorder;
 use crate::probe::{EventReader, Probe};
 use crate::server::monotonic_ns;
 
@@ -31,6 +33,17 @@ pub struct WatchOptions {
     pub json: bool,
     /// BPF object to load instead of the default.
     pub object: Option<PathBuf>,
+    /// Write the leak-vs-hoard report from kernel data here when the
+    /// process exits (or the watch is interrupted); see `kernel_report`.
+    pub report: Option<PathBuf>,
+}
+
+/// Set by SIGINT/SIGTERM while a watch that writes a report runs, so the
+/// report is still written.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// What the watch saw, returned when the process has exited.
@@ -43,8 +56,30 @@ pub struct WatchOutcome {
     pub exit_from_kernel: bool,
 }
 
-/// Watches until the process exits, printing each event to `out`.
+/// Watches until the process exits, printing each event to `out`; with
+/// [`WatchOptions::report`], also samples RSS and writes the report at the
+/// end (and on SIGINT/SIGTERM, which then end the watch).
 pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
+    let mut recorder = None;
+    if opts.report.is_some() {
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: the handler only stores to an atomic.
+            unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+        }
+    }
+    let outcome = watch_recording(opts, out, &mut recorder)?;
+    if let Some(r) = recorder {
+        let path = r.finish()?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(outcome)
+}
+
+fn watch_recording(
+    opts: &WatchOptions,
+    out: &mut dyn Write,
+    recorder: &mut Option<KernelRecorder>,
+) -> Result<WatchOutcome> {
     let thresholds = opts
         .fractions
         .to_bytes(opts.limit)
@@ -58,6 +93,10 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
     let config = crate::probe::watch_config(&thresholds, opts.spike_horizon, 0, 0);
     probe.watch(opts.pid, config)?;
     let start = monotonic_ns();
+    *recorder = opts
+        .report
+        .as_deref()
+        .map(|p| KernelRecorder::new(p, opts.pid, &thresholds, start));
     let printer = Printer {
         start,
         thresholds,
@@ -80,6 +119,16 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
     let mut zombie_faults = None;
     loop {
         let ready = poll2(&reader, &pidfd, Duration::from_millis(100))?;
+        if let Some(r) = recorder.as_mut() {
+            r.sample(probe.watch_of(opts.pid).map(|w| w.state).as_ref());
+            if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+                probe.unwatch(opts.pid)?;
+                return Ok(WatchOutcome {
+                    events,
+                    exit_from_kernel: false,
+                });
+            }
+        }
         while let Some(raw) = reader.next_event() {
             let Some(msg) = EventMessage::from_kernel(&raw) else {
                 continue;
@@ -88,6 +137,9 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
                 continue;
             }
             printer.print(&msg, out)?;
+            if let Some(r) = recorder.as_mut() {
+                r.event(&msg);
+            }
             let done = msg.event == EventKind::Exit;
             events.push(msg);
             if done {
@@ -127,6 +179,9 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
                 signalled: false,
             };
             printer.print(&msg, out)?;
+            if let Some(r) = recorder.as_mut() {
+                r.event(&msg);
+            }
             events.push(msg);
             return Ok(WatchOutcome {
                 events,

@@ -1,0 +1,185 @@
+//! `amm-agent watch --report PATH`: the leak-vs-hoard report for a process
+//! amm does not run (a Python Dask worker), from what the kernel alone
+//! shows: RSS (anonymous, file-backed, shared) every 200 ms from the probe's
+//! map (or `/proc/PID/status` until the probe has seen the process change),
+//! page faults from `/proc/PID/stat`, and the probe's level, spike and exit
+//! events. The allocator's part of the report is marked unavailable; nothing
+//! is guessed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use amm_ebpf::{EventKind, WatchState};
+use amm_protocol::{EventMessage, ThresholdBytes};
+use amm_report::{Levels, Run, Tick};
+use anyhow::{Context, Result};
+
+use crate::server::monotonic_ns;
+
+/// How often RSS is sampled: the worker's default monitor interval.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+
+/// Records one watched process for the report.
+#[derive(Debug)]
+pub struct KernelRecorder {
+    path: PathBuf,
+    pid: u32,
+    start_ns: u64,
+    page: u64,
+    last: Option<Instant>,
+    run: Run,
+}
+
+fn level_bytes(b: u64) -> Option<u64> {
+    (b != amm_ebpf::DISABLED).then_some(b)
+}
+
+impl KernelRecorder {
+    /// A recorder for `pid` that will write its report to `path` (`.html`,
+    /// `.json`, anything else: text); times count from `start_ns`
+    /// (CLOCK_MONOTONIC).
+    pub fn new(path: &Path, pid: u32, thresholds: &ThresholdBytes, start_ns: u64) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let levels = Levels {
+            target: level_bytes(thresholds.rearm),
+            spill: level_bytes(thresholds.spill),
+            pause: level_bytes(thresholds.pause),
+            terminate: level_bytes(thresholds.terminate),
+        };
+        KernelRecorder {
+            path: path.to_path_buf(),
+            pid,
+            start_ns,
+            page: if page > 0 { page as u64 } else { 4096 },
+            last: None,
+            run: Run::kernel(Some(thresholds.limit), levels),
+        }
+    }
+
+    fn t(&self, ns: u64) -> f64 {
+        ns.saturating_sub(self.start_ns) as f64 / 1e9
+    }
+
+    /// Takes a sample if [`SAMPLE_EVERY`] has passed since the last one.
+    /// `state` is the probe's entry for the process, if it has one.
+    pub fn sample(&mut self, state: Option<&WatchState>) {
+        if self.last.is_some_and(|l| l.elapsed() < SAMPLE_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let t = self.t(monotonic_ns());
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok();
+        let faults = crate::identity::proc_info(self.pid).ok().map(|i| i.faults);
+        let (process, anon, file_shmem) = match state {
+            // the probe's exact counters, once it has seen the process
+            Some(s) if s.updates > 0 => {
+                let pages = |i: usize| s.rss_pages[i].max(0) as u64 * self.page;
+                (s.rss_bytes, pages(1), pages(0) + pages(3))
+            }
+            _ => match status.as_deref().map(rss_of_status) {
+                Some((anon, file, shmem)) => (anon + file + shmem, anon, file + shmem),
+                // gone: nothing to sample
+                None => return,
+            },
+        };
+        self.run.push_tick(Tick {
+            t,
+            process,
+            rss_anon: Some(anon),
+            rss_file_shmem: Some(file_shmem),
+            faults,
+            ..Tick::default()
+        });
+    }
+
+    /// Records a kernel event.
+    pub fn event(&mut self, m: &EventMessage) {
+        let t = self.t(m.t_ns);
+        let kind = match m.event {
+            EventKind::Level => amm_report::EventKind::Level {
+                from: m.prev_level.name().to_string(),
+                to: m.level.name().to_string(),
+                rss: m.rss_bytes,
+            },
+            EventKind::Spike => amm_report::EventKind::Spike { rss: m.rss_bytes },
+            EventKind::Exit => amm_report::EventKind::Exit {
+                peak: m.peak_rss_bytes,
+            },
+        };
+        self.run.push_event(t, kind);
+    }
+
+    /// Analyses what was recorded and writes the report; returns where.
+    pub fn finish(self) -> Result<PathBuf> {
+        let report = amm_report::analyze(&self.run, &amm_report::Thresholds::default());
+        let format = amm_report::Format::for_path(&self.path);
+        let text = amm_report::render(&self.run, &report, format);
+        std::fs::write(&self.path, text)
+            .with_context(|| format!("cannot write the report to {}", self.path.display()))?;
+        Ok(self.path)
+    }
+}
+
+/// `RssAnon`, `RssFile`, `RssShmem` of `/proc/PID/status`, bytes.
+fn rss_of_status(text: &str) -> (u64, u64, u64) {
+    let mut v = (0, 0, 0);
+    for line in text.lines() {
+        let Some((k, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let kb = rest
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+            * 1024;
+        match k {
+            "RssAnon" => v.0 = kb,
+            "RssFile" => v.1 = kb,
+            "RssShmem" => v.2 = kb,
+            _ => {}
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rss_from_status() {
+        let s = "Name:\tx\nRssAnon:\t  1024 kB\nRssFile:\t 8 kB\nRssShmem:\t 0 kB\n";
+        assert_eq!(rss_of_status(s), (1 << 20, 8192, 0));
+    }
+
+    #[test]
+    fn a_recording_becomes_a_kernel_only_report() {
+        let th = ThresholdBytes {
+            limit: 1 << 30,
+            rearm: 600 << 20,
+            spill: 700 << 20,
+            pause: 800 << 20,
+            terminate: amm_ebpf::DISABLED,
+        };
+        let dir = std::env::temp_dir().join(format!("amm-kr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("r.json");
+        let mut r = KernelRecorder::new(&path, std::process::id(), &th, monotonic_ns());
+        r.sample(None);
+        assert_eq!(
+            r.run.ticks.len(),
+            1,
+            "this process's own status is readable"
+        );
+        assert_eq!(r.run.levels.terminate, None);
+        let out = r.finish().expect("write");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out).expect("read")).expect("json");
+        assert_eq!(v["source"], "kernel");
+        assert_eq!(v["allocator"]["available"], false);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
