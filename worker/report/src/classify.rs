@@ -27,9 +27,13 @@
 //!   allocator) rises as a leak's would.
 //! * **Managed growth** — managed data grew; unmanaged memory only followed.
 //!
-//! The stretch's verdict is its most serious finding (the order of
-//! [`Kind`]); hoard, fragmentation and transient, which can all be true at
-//! once, are ranked by their average share of the stretch's memory.
+//! The stretch's verdict is its most serious finding: leak, then non-heap
+//! growth, then undecided; hoard, fragmentation, transient and managed
+//! growth, which can all be true at once, are ranked by their average share
+//! of the stretch's memory (jemalloc's dirty pages, its slab slack, glibc's
+//! hoard split by what a trim returned, temporaries above the floor,
+//! managed data above its start). The run's verdict is the most serious
+//! stretch verdict.
 //!
 //! From kernel data alone (no allocator statistics) only RSS is known: a
 //! rise of anonymous memory stays undecided (a leak, a hoard and
@@ -257,14 +261,8 @@ struct Fitted {
     line: Line,
 }
 
-/// Differences under this count as ties in a trend test: a sixteenth of
-/// what counts (256 KiB at the 4 MiB minimum).
-fn tie_tolerance(sig: u64) -> f64 {
-    sig as f64 / 16.0
-}
-
 fn fit_trend(name: &str, t: &[f64], v: &[u64], th: &Thresholds, sig: u64) -> Option<Fitted> {
-    let tol = tie_tolerance(sig);
+    let tol = sig as f64 * th.tie_fraction;
     if v.len() < th.floor_bins * th.min_ticks_per_bin || t.len() != v.len() {
         return None;
     }
@@ -554,7 +552,7 @@ impl Ctx<'_> {
                 let steady_rise = s.unmanaged.len() >= 4
                     && fit::mann_kendall_tol(
                         &s.unmanaged.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-                        tie_tolerance(sig),
+                        sig as f64 * th.tie_fraction,
                     )
                     .p_increasing
                         <= th.hint_p
@@ -1350,5 +1348,166 @@ fn bytes_signed(v: i64) -> String {
         format!("-{}", bytes(v.unsigned_abs()))
     } else {
         format!("+{}", bytes(v as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{Levels, Split};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A worker run of `secs` at 5 ticks/s, one phase, parts from `f(t)`:
+    /// (managed, unmanaged_live, hoarded, non_heap).
+    fn worker_run(secs: f64, f: impl Fn(f64) -> (u64, u64, u64, u64)) -> Run {
+        let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
+        r.source = Source::WorkerTimeline;
+        r.push_event(0.0, EventKind::Phase("work".into()));
+        let n = (secs * 5.0) as usize;
+        for i in 0..=n {
+            let t = i as f64 * 0.2;
+            let (m, u, h, nh) = f(t);
+            r.push_tick(Tick {
+                t,
+                process: m + u + h + nh,
+                split: Some(Split {
+                    managed: m,
+                    unmanaged_live: u,
+                    hoarded: h,
+                    non_heap: nh,
+                    spilled: 0,
+                }),
+                ..Tick::default()
+            });
+        }
+        r
+    }
+
+    fn verdict(r: &Run) -> Kind {
+        analyze(r, &Thresholds::default()).verdict.kind
+    }
+
+    #[test]
+    fn a_steady_process_is_steady() {
+        let r = worker_run(10.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+        assert_eq!(verdict(&r), Kind::Steady);
+    }
+
+    #[test]
+    fn a_rising_floor_under_spikes_is_a_leak() {
+        let r = worker_run(10.0, |t| {
+            let spike = if (t * 5.0) as u64 % 5 < 2 {
+                200 * MIB
+            } else {
+                0
+            };
+            (
+                64 * MIB,
+                10 * MIB + (t * 2.0 * MIB as f64) as u64 + spike,
+                3 * MIB,
+                9 * MIB,
+            )
+        });
+        let rep = analyze(&r, &Thresholds::default());
+        assert_eq!(rep.verdict.kind, Kind::Leak, "{}", rep.verdict.headline);
+        let f = &rep.stretches[0].findings[0];
+        let slope = f.trend.as_ref().map_or(0.0, |t| t.slope_bytes_per_s);
+        assert!((slope / MIB as f64 - 2.0).abs() < 0.2, "slope {slope}");
+    }
+
+    #[test]
+    fn unmanaged_growth_with_managed_growth_is_never_a_leak() {
+        // bookkeeping: unmanaged follows managed at 2 %
+        let r = worker_run(10.0, |t| {
+            let m = (t * 20.0 * MIB as f64) as u64;
+            (m, 10 * MIB + m / 50, 3 * MIB, 9 * MIB)
+        });
+        assert_eq!(verdict(&r), Kind::ManagedGrowth);
+        // far more than bookkeeping: still not a leak, undecided
+        let r = worker_run(10.0, |t| {
+            let m = (t * 20.0 * MIB as f64) as u64;
+            (m, 10 * MIB + m / 2, 3 * MIB, 9 * MIB)
+        });
+        let rep = analyze(&r, &Thresholds::default());
+        assert_eq!(
+            rep.verdict.kind,
+            Kind::Undecided,
+            "{}",
+            rep.verdict.headline
+        );
+        assert!(
+            rep.stretches[0].findings[0]
+                .would_decide
+                .as_deref()
+                .is_some_and(|d| d.contains("managed data is steady"))
+        );
+    }
+
+    #[test]
+    fn growth_outside_the_heap_is_non_heap_growth() {
+        let r = worker_run(10.0, |t| {
+            (
+                64 * MIB,
+                10 * MIB,
+                3 * MIB,
+                9 * MIB + (t * 3.0 * MIB as f64) as u64,
+            )
+        });
+        assert_eq!(verdict(&r), Kind::NonHeapGrowth);
+    }
+
+    #[test]
+    fn growth_freed_later_is_transient() {
+        let mut r = worker_run(12.0, |t| {
+            let u = if t <= 8.0 {
+                10 * MIB + (t * 5.0 * MIB as f64) as u64
+            } else {
+                10 * MIB
+            };
+            (64 * MIB, u, 3 * MIB, 9 * MIB)
+        });
+        r.push_event(8.1, EventKind::Phase("release".into()));
+        r.events.sort_by(|a, b| a.t.total_cmp(&b.t));
+        let rep = analyze(&r, &Thresholds::default());
+        assert_eq!(
+            rep.stretches[0].verdict,
+            Kind::Transient,
+            "{}",
+            rep.verdict.headline
+        );
+        assert!(rep.stretches[0].headline.contains("freed at"));
+    }
+
+    #[test]
+    fn kernel_only_growth_is_undecided_and_returning_rss_transient() {
+        let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
+        for i in 0..60 {
+            let t = i as f64 * 0.2;
+            let p = 100 * MIB + (t * 4.0 * MIB as f64) as u64;
+            r.push_tick(Tick {
+                t,
+                process: p,
+                rss_anon: Some(p),
+                rss_file_shmem: Some(0),
+                ..Tick::default()
+            });
+        }
+        let rep = analyze(&r, &Thresholds::default());
+        assert_eq!(rep.verdict.kind, Kind::Undecided);
+        assert!(!rep.allocator.available);
+        let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
+        for i in 0..60 {
+            let t = i as f64 * 0.2;
+            let p = if i % 10 < 3 { 400 * MIB } else { 100 * MIB };
+            r.push_tick(Tick {
+                t,
+                process: p,
+                rss_anon: Some(p),
+                rss_file_shmem: Some(0),
+                ..Tick::default()
+            });
+        }
+        assert_eq!(verdict(&r), Kind::Transient);
     }
 }

@@ -470,7 +470,11 @@ fn chart(run: &Run, r: &Report) -> Plot {
             .height(520)
             .x_axis(Axis::new().title("seconds"))
             .y_axis(Axis::new().title("MiB"))
-            .legend(Legend::new().orientation(plotly::common::Orientation::Horizontal))
+            .legend(
+                Legend::new()
+                    .orientation(plotly::common::Orientation::Horizontal)
+                    .y(-0.18),
+            )
             .shapes(shapes)
             .annotations(notes),
     );

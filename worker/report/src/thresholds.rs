@@ -51,14 +51,10 @@ pub struct Thresholds {
     /// the floor later falls back by this fraction of it before the
     /// workload ends (0.5).
     pub released_fraction: f64,
-    /// A purge "returned" a hoard when the kernel saw at least this
-    /// fraction of the hoarded bytes leave (0.5); what stays after it is
-    /// fragmentation.
-    pub returned_fraction: f64,
-    /// A hoard or fragmentation that is at most this multiple of the
-    /// stretch's largest task temporary (1.25) is what the temporaries
-    /// left behind: the stretch's verdict is "transient".
-    pub transient_cover: f64,
+    /// In a trend test, two values closer than this fraction of what
+    /// counts are a tie (1/16: 256 KiB at the 4 MiB minimum), so a creep of
+    /// a few KiB (allocator metadata) does not make a flat series a trend.
+    pub tie_fraction: f64,
     /// Least improvement of the squared error for splitting a stretch at a
     /// change of slope (0.7 = the two lines leave at most 30 % of the one
     /// line's error).
@@ -80,8 +76,7 @@ impl Default for Thresholds {
             managed_steady_ratio: 0.1,
             managed_overhead_ratio: 0.25,
             released_fraction: 0.5,
-            returned_fraction: 0.5,
-            transient_cover: 1.25,
+            tie_fraction: 1.0 / 16.0,
             split_gain: 0.7,
             split_min_s: 3.0,
         }
