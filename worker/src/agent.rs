@@ -28,7 +28,7 @@ use serde_json::json;
 
 use crate::config::MemoryConfig;
 use crate::memory::{Accounting, EventSink, Level};
-use crate::timeline::Timeline;
+use crate::timeline::{Timeline, monotonic_ns};
 
 /// What the worker saw of the agent, for its summary.
 #[derive(Debug, Default)]
@@ -53,17 +53,6 @@ impl std::fmt::Debug for AgentLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentLink").finish_non_exhaustive()
     }
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of the kernel's event stamps.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is valid for writes; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn level_of(l: KernelLevel) -> Level {

@@ -127,7 +127,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
             t.event(
                 "start",
                 serde_json::json!({"attempt": opts.attempt, "pid": std::process::id(),
-                                   "allocator": allocator, "limit": limit.bytes}),
+                                   "allocator": allocator, "limit": limit.bytes,
+                                   "t0_monotonic_ns": t.origin_monotonic_ns()}),
             );
             Some(Arc::new(t))
         }
