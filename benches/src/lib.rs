@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod amm_trial;
+
 pub use amm_integration_tests::Faulter;
 pub use amm_integration_tests::region::Region;
 

@@ -81,7 +81,9 @@ impl AgentLink {
                 pause: cfg.pause,
                 terminate: cfg.terminate,
             },
-            terminate_signal: cfg.agent_terminate_signal,
+            terminate_signal: cfg
+                .agent_terminate_signal
+                .filter(|_| !cfg.agent_observe_only),
             terminate_by: TerminateBy::Kernel,
             ..Registration::new(std::process::id(), limit)
         };
@@ -108,9 +110,12 @@ impl AgentLink {
         })
     }
 
-    /// Connects the events to the running manager.
-    pub fn attach(&self, sink: EventSink) {
-        let _ = self.sink.set(sink);
+    /// Connects the events to the running manager (not when only
+    /// observing: then the events are only recorded).
+    pub fn attach(&self, sink: EventSink, observe_only: bool) {
+        if !observe_only {
+            let _ = self.sink.set(sink);
+        }
     }
 
     /// A hook for the manager's ticks: pushes each accounting split to the

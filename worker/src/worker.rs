@@ -206,7 +206,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     }
     let manager = manager.spawn().context("cannot start the memory manager")?;
     if let Some(a) = &agent {
-        a.attach(manager.sink());
+        a.attach(manager.sink(), opts.memory.agent_observe_only);
     }
 
     // SIGINT/SIGTERM: clean up and leave.
