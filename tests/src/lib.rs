@@ -5,6 +5,11 @@
 //! Tests that need root and BPF skip *visibly* outside CI (a `SKIPPED` line
 //! on the terminal, not swallowed by the harness) and fail in CI, where
 //! `AMM_REQUIRE_BPF=1` is set by `.ci/run`.
+//!
+//! [`cgroup`] gives tests and benchmarks a real hard memory limit
+//! ([`cgroup::HardLimit`]).
+
+pub mod cgroup;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
