@@ -1,5 +1,11 @@
 //! Shared pieces of amm's scenario benchmarks: statistics, memory touching,
 //! a controllable child process, and finding the built binaries.
+//!
+//! [`dask`] runs one trial of the real-Dask baseline of the spike benchmark;
+//! [`spike_table`] turns trials into its Markdown table.
+
+pub mod dask;
+pub mod spike_table;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
