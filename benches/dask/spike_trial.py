@@ -47,6 +47,7 @@ scale linearly):
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -356,7 +357,7 @@ def parse_args():
         help="distributed.worker.memory.monitor-interval in ms (default: Dask's own)",
     )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="give up after this long")
     p.add_argument(
         "--worker-gate-ms",
         type=int,
@@ -432,10 +433,58 @@ def main():
     os._exit(0)
 
 
+def stuck_state(client, cluster):
+    """What the scheduler and the nanny say when the work stopped moving."""
+    from collections import Counter
+
+    def scheduler_view(dask_scheduler):
+        return {
+            "workers": [
+                {
+                    "address": ws.address,
+                    "pid": ws.pid,
+                    "status": str(ws.status),
+                    "processing": sorted(ts.key for ts in ws.processing)[:5],
+                }
+                for ws in dask_scheduler.workers.values()
+            ],
+            "task_states": dict(Counter(ts.state for ts in dask_scheduler.tasks.values())),
+            "suspicious": {
+                str(ts.key): ts.suspicious
+                for ts in dask_scheduler.tasks.values()
+                if ts.suspicious
+            },
+        }
+
+    view = {}
+    try:
+        view["scheduler"] = client.run_on_scheduler(scheduler_view)
+    except Exception as e:
+        view["scheduler"] = f"{type(e).__name__}: {e}"
+    nannies = []
+    for name, nanny in cluster.workers.items():
+        proc = getattr(nanny, "process", None)
+        mp = getattr(proc, "process", None) if proc is not None else None
+        nannies.append(
+            {
+                "name": str(name),
+                "status": str(getattr(nanny, "status", None)),
+                "worker_pid": getattr(mp, "pid", None),
+                "worker_alive": mp.is_alive() if mp is not None else False,
+                "worker_exitcode": getattr(mp, "exitcode", None),
+            }
+        )
+    view["nannies"] = nannies
+    return view
+
+
 def run(args, result, scratch):
     from distributed import Client, KilledWorker, LocalCluster
 
     scale = args.limit_bytes / REFERENCE_LIMIT
+    # Diagnostics only: AMM_DASK_LOG_LEVEL=info shows why workers close
+    # (LocalCluster's default shows warnings and up).
+    level = getattr(logging, os.environ.get("AMM_DASK_LOG_LEVEL", "warning").upper(), logging.WARNING)
     cluster = LocalCluster(
         n_workers=1,
         threads_per_worker=1,
@@ -443,6 +492,7 @@ def run(args, result, scratch):
         processes=True,
         dashboard_address=None,
         local_directory=os.path.join(scratch, "dask"),
+        silence_logs=level,
     )
     client = Client(cluster)
     try:
@@ -459,6 +509,7 @@ def run(args, result, scratch):
             result["error"] = f"KilledWorker: {e}"
         except Timeout:
             result["error"] = f"timeout: not done after {args.timeout_s:.0f} s"
+            result["stuck"] = stuck_state(client, cluster)
         except Exception as e:
             result["error"] = f"{type(e).__name__}: {e}"
         result["wall_ms"] = (time.monotonic() - t0) * 1000.0
@@ -471,6 +522,9 @@ def run(args, result, scratch):
             result["nanny_terminations"] = None
             result["error"] = result["error"] or f"cannot read the nanny's events: {e}"
     finally:
+        # workers that exit from here on were closed with the cluster
+        sys.stderr.write("CLUSTER_CLOSING\n")
+        sys.stderr.flush()
         try:
             client.close(timeout=30)
             cluster.close(timeout=30)

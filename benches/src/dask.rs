@@ -24,6 +24,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -384,8 +385,13 @@ pub struct DaskRunner {
 
 /// Lines from the trial script's stderr, as the reader thread sees them.
 enum Line {
+    /// `WORKER_PID`: a worker process waits to be put in its cgroup.
     Worker(u32),
+    /// `WORKER_GATE_TIMEOUT`: it gave up waiting.
     GateTimeout(u32),
+    /// `CLUSTER_CLOSING`, and when it was read (CLOCK_MONOTONIC ns).
+    Closing(u64),
+    /// End of the output.
     Closed,
 }
 
@@ -400,15 +406,39 @@ struct Live {
     error: Option<String>,
 }
 
+/// The process group of the trial running now (0: none).
+static RUNNING_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// Kills the trial that is running now, if any (its script, Dask and the
+/// worker): for a signal handler, so that an interrupted run leaves nothing
+/// behind. The trial then returns, as a failed one.
+pub fn abort_running_trial() {
+    let group = RUNNING_GROUP.load(Ordering::SeqCst);
+    if group > 0 {
+        // SAFETY: kill(2) on the process group of a child we started in its
+        // own group; no memory is involved.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+}
+
 /// Kills the trial's process group (the script and anything it left) on
 /// the way out, whatever happened.
-struct GroupGuard(u32);
+struct GroupGuard(libc::pid_t);
+
+impl GroupGuard {
+    fn new(pid: u32) -> GroupGuard {
+        let group = pid as libc::pid_t;
+        RUNNING_GROUP.store(group, Ordering::SeqCst);
+        GroupGuard(group)
+    }
+}
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
+        RUNNING_GROUP.store(0, Ordering::SeqCst);
         // SAFETY: kill(2) on the process group of a child we started in its
         // own group (process_group(0)); no memory is involved.
-        unsafe { libc::kill(-(self.0 as libc::pid_t), libc::SIGKILL) };
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
     }
 }
 
@@ -484,7 +514,7 @@ impl DaskRunner {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.venv.python.display()))?;
-        let _group = GroupGuard(child.id());
+        let group = GroupGuard::new(child.id());
         let stdout = child.stdout.take().context("the trial's stdout")?;
         let stderr = child.stderr.take().context("the trial's stderr")?;
         let out_thread = std::thread::spawn(move || {
@@ -515,6 +545,7 @@ impl DaskRunner {
         let mut lives: Vec<WorkerLife> = Vec::new();
         let mut current: Option<Live> = None;
         let mut harness_error: Option<anyhow::Error> = None;
+        let mut closing_ns = None;
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Line::Worker(pid)) => {
@@ -534,6 +565,7 @@ impl DaskRunner {
                         l.gate_timeout = true;
                     }
                 }
+                Ok(Line::Closing(t)) => closing_ns = Some(t),
                 Ok(Line::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if Instant::now() > deadline {
@@ -548,7 +580,7 @@ impl DaskRunner {
         }
         // the script is done (or given up on): reap it, then the last worker
         let status = wait_until(&mut child, deadline);
-        drop(_group);
+        drop(group);
         if let Some(last) = current.take() {
             lives.push(finish_life(last, cfg.limit_bytes));
         }
@@ -586,7 +618,7 @@ impl DaskRunner {
                     )),
                 ),
             };
-        Ok(assemble(cfg, script, raw, parse_error, lives))
+        Ok(assemble(cfg, script, raw, parse_error, lives, closing_ns))
     }
 
     /// Cgroup, watch, then the move that lets the worker exec.
@@ -678,6 +710,7 @@ fn read_stderr(
         let msg = match (words.next(), words.next().map(str::parse::<u32>)) {
             (Some("WORKER_PID"), Some(Ok(pid))) => Some(Line::Worker(pid)),
             (Some("WORKER_GATE_TIMEOUT"), Some(Ok(pid))) => Some(Line::GateTimeout(pid)),
+            (Some("CLUSTER_CLOSING"), None) => Some(Line::Closing(crate::monotonic_ns())),
             _ => None,
         };
         if let Some(m) = msg {
@@ -860,15 +893,17 @@ fn life_from_events(
     }
 }
 
-/// Decides each worker's end and the trial's outcome.
+/// Decides each worker's end and the trial's outcome. `closing_ns`: when
+/// the script said it was closing the cluster (a worker that exits after
+/// that was shut down; one that exited before, unexplained, died).
 fn assemble(
     cfg: &TrialConfig,
     script: ScriptResult,
     raw: serde_json::Value,
     parse_error: Option<String>,
     mut lives: Vec<WorkerLife>,
+    closing_ns: Option<u64>,
 ) -> TrialResult {
-    let reported = parse_error.is_none();
     let terminated: Vec<u32> = script
         .nanny_terminations
         .iter()
@@ -876,13 +911,13 @@ fn assemble(
         .filter_map(|t| t.pid)
         .collect();
     let n = lives.len();
-    for (i, l) in lives.iter_mut().enumerate() {
+    for l in lives.iter_mut() {
         l.nanny_terminated = terminated.contains(&l.pid);
         l.end = if l.oom_kills > 0 {
             LifeEnd::OomKilled
         } else if l.nanny_terminated {
             LifeEnd::TerminatedByNanny
-        } else if i + 1 == n && reported {
+        } else if closing_ns.is_some_and(|c| l.exit_ns.is_none_or(|x| x >= c)) {
             LifeEnd::Shutdown
         } else {
             LifeEnd::Died
@@ -1009,6 +1044,7 @@ mod tests {
             serde_json::Value::Null,
             None,
             vec![life(1, 1), life(2, 0), life(3, 0)],
+            Some(0),
         );
         assert_eq!(r.outcome, Outcome::OomKilled);
         let ends: Vec<LifeEnd> = r.lives.iter().map(|l| l.end).collect();
@@ -1029,31 +1065,55 @@ mod tests {
             finished: true,
             ..ScriptResult::default()
         };
-        let r = assemble(
-            &cfg(),
-            done,
-            serde_json::Value::Null,
-            None,
-            vec![life(1, 0)],
-        );
+        let one = || vec![life(1, 0)];
+        let null = serde_json::Value::Null;
+        let r = assemble(&cfg(), done, null.clone(), None, one(), Some(0));
         assert_eq!(r.outcome, Outcome::Finished);
         let r = assemble(
             &cfg(),
             ScriptResult::default(),
-            serde_json::Value::Null,
+            null.clone(),
             None,
-            vec![life(1, 0)],
+            one(),
+            Some(0),
         );
         assert_eq!(r.outcome, Outcome::Failed);
         // no report at all: the last worker's death is unexplained
         let r = assemble(
             &cfg(),
             ScriptResult::default(),
-            serde_json::Value::Null,
+            null,
             Some("no result".into()),
-            vec![life(1, 0)],
+            one(),
+            None,
         );
         assert_eq!(r.lives[0].end, LifeEnd::Died);
         assert_eq!(r.outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn a_worker_gone_before_the_cluster_closed_died() {
+        let mut early = life(2, 0);
+        early.exit_ns = Some(100);
+        let mut late = life(3, 0);
+        late.exit_ns = Some(300);
+        let script = ScriptResult {
+            nanny_terminations: Some(vec![NannyTermination { pid: Some(1) }]),
+            ..ScriptResult::default()
+        };
+        let r = assemble(
+            &cfg(),
+            script,
+            serde_json::Value::Null,
+            None,
+            vec![life(1, 0), early, late],
+            Some(200),
+        );
+        let ends: Vec<LifeEnd> = r.lives.iter().map(|l| l.end).collect();
+        assert_eq!(
+            ends,
+            [LifeEnd::TerminatedByNanny, LifeEnd::Died, LifeEnd::Shutdown]
+        );
+        assert_eq!(r.outcome, Outcome::TerminatedRestarted);
     }
 }

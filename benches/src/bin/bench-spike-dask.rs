@@ -12,13 +12,17 @@
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use amm_benches::dask::{DaskRunner, DaskVenv, TrialConfig, TrialResult, Workload};
+use amm_benches::dask::{
+    DaskRunner, DaskVenv, TrialConfig, TrialResult, Workload, abort_running_trial,
+};
 use amm_benches::spike_table::{self, Sample};
 use amm_benches::target_dir;
 use amm_integration_tests::cgroup::HardLimit;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 /// Real-Dask baseline of the spike benchmark.
@@ -45,8 +49,9 @@ struct Args {
     /// Warm-up trials before the measured ones (not recorded).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// A trial's workload gives up after this many seconds.
-    #[arg(long, default_value_t = 600)]
+    /// A trial's workload gives up after this many seconds (a normal trial
+    /// takes under a minute here).
+    #[arg(long, default_value_t = 300)]
     timeout_s: u64,
     /// Seed of the first round (round r uses seed + r).
     #[arg(long, default_value_t = 1)]
@@ -84,8 +89,54 @@ fn describe(r: &TrialResult) -> String {
     )
 }
 
+/// Blocks SIGINT and SIGTERM in every thread (call it before any thread
+/// starts) and handles them on a thread of their own: the first kills the
+/// running trial and stops the run (its cgroups are removed as usual), the
+/// second quits at once. Children start with an empty signal mask (std
+/// resets it), so Dask's own signals are untouched.
+fn handle_stop_signals() -> Result<Arc<AtomicBool>> {
+    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
+    // initialises it; sigaddset only writes inside it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    };
+    // SAFETY: the set is initialised; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        bail!(
+            "cannot block SIGINT/SIGTERM: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        loop {
+            let mut sig = 0;
+            // SAFETY: the set is initialised and sig is a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "signal {sig}: killing the running trial and stopping (again to quit at once)"
+            );
+            abort_running_trial();
+        }
+    });
+    Ok(stop)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    let stop = handle_stop_signals()?;
     let mut err = std::io::stderr();
     let stale = HardLimit::remove_stale("dask")?;
     if stale > 0 {
@@ -116,15 +167,22 @@ fn main() -> Result<()> {
     for i in 0..args.warmup {
         let w = args.workloads[i % args.workloads.len()];
         let r = runner.run_trial(&config(w, args.seed))?;
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted during the warm-up");
+        }
         writeln!(err, "warm-up  {}", describe(&r))?;
     }
     let mut results = Vec::new();
-    for round in 0..args.trials {
+    'rounds: for round in 0..args.trials {
         for &w in &args.workloads {
             let seed = args.seed + round as u64;
             let r = runner
                 .run_trial(&config(w, seed))
                 .with_context(|| format!("trial {round} of {}", w.name()))?;
+            if stop.load(Ordering::SeqCst) {
+                writeln!(err, "interrupted: the table has the trials that completed")?;
+                break 'rounds;
+            }
             writeln!(err, "trial {round:<2} {}", describe(&r))?;
             serde_json::to_writer(&mut out, &r)?;
             writeln!(out)?;
@@ -141,5 +199,8 @@ fn main() -> Result<()> {
     )?;
     let samples: Vec<Sample> = results.iter().map(Sample::from).collect();
     print!("{}", spike_table::markdown(&samples));
+    if stop.load(Ordering::SeqCst) {
+        std::process::exit(130);
+    }
     Ok(())
 }
