@@ -379,6 +379,7 @@ def main():
         "finished": False,
         "worker_restarts": 0,
         "killed_worker": False,
+        "timed_out": False,
         "wall_ms": None,
         "error": None,
     }
@@ -454,6 +455,12 @@ def stuck_state(client, cluster):
                 for ts in dask_scheduler.tasks.values()
                 if ts.suspicious
             },
+            # why workers left: add/remove-worker, closing-worker reasons
+            "events": {
+                str(topic): [[round(t, 3), repr(msg)[:300]] for t, msg in list(events)[-12:]]
+                for topic, events in dask_scheduler.get_events().items()
+                if topic == "all" or str(topic).startswith("tcp://")
+            },
         }
 
     view = {}
@@ -508,6 +515,7 @@ def run(args, result, scratch):
             result["killed_worker"] = True
             result["error"] = f"KilledWorker: {e}"
         except Timeout:
+            result["timed_out"] = True
             result["error"] = f"timeout: not done after {args.timeout_s:.0f} s"
             result["stuck"] = stuck_state(client, cluster)
         except Exception as e:

@@ -310,6 +310,9 @@ pub struct TrialResult {
     pub completed: bool,
     /// The client got `KilledWorker` (a task killed too many workers).
     pub killed_worker: bool,
+    /// The work stopped moving and the trial gave up at its timeout.
+    #[serde(default)]
+    pub timed_out: bool,
     /// Workers the nanny started after the first.
     pub worker_restarts: u32,
     /// Peak RSS over the limit, of the worker that decided the outcome (the
@@ -352,6 +355,8 @@ struct ScriptResult {
     worker_restarts: u32,
     #[serde(default)]
     killed_worker: bool,
+    #[serde(default)]
+    timed_out: bool,
     #[serde(default)]
     wall_ms: Option<f64>,
     #[serde(default)]
@@ -955,6 +960,7 @@ fn assemble(
         outcome,
         completed: script.finished,
         killed_worker: script.killed_worker,
+        timed_out: script.timed_out,
         worker_restarts: script.worker_restarts.max(n.saturating_sub(1) as u32),
         peak_fraction: decisive.and_then(|l| l.peak_fraction),
         cgroup_peak_fraction: decisive

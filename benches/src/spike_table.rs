@@ -20,6 +20,8 @@ pub struct Sample {
     pub outcome: Outcome,
     /// The work got done (possibly after restarts).
     pub completed: bool,
+    /// The work stopped moving and the trial gave up at its timeout.
+    pub timed_out: bool,
     /// Peak RSS over the limit (of the worker that decided the outcome).
     pub peak_fraction: Option<f64>,
     /// Its bytes above the terminate level at the peak.
@@ -69,6 +71,11 @@ impl From<&TrialResult> for Sample {
             row: t.workload.name().to_string(),
             outcome: t.outcome,
             completed: t.completed,
+            // results written before the flag existed say it in the error
+            timed_out: t.timed_out
+                || t.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("timeout: not done")),
             peak_fraction: t.peak_fraction,
             overshoot_bytes: t.overshoot_bytes,
             reactions_ms: t.nanny_reactions_ms(),
@@ -110,13 +117,13 @@ pub fn markdown(samples: &[Sample]) -> String {
     let mut out = String::new();
     out.push_str(
         "| workload | trials | finished | terminated_restarted | oom_killed | failed \
-         | work completed | worker deaths: nanny / OOM / other \
+         | work completed | timed out | worker deaths: nanny / OOM / other \
          | peak % of limit, median / max | overshoot past 95 %, MiB, median / max \
          | reaction ms, median / p99 (n) | OOM kill after 95 %, ms, median / p99 (n) \
          | 95 % crossings with no reaction | wall s of survivors, median / max |\n",
     );
     out.push_str(
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for row in rows {
         let mine: Vec<&Sample> = samples.iter().filter(|s| s.row == row).collect();
@@ -144,13 +151,14 @@ pub fn markdown(samples: &[Sample]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "| {row} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} |",
+            "| {row} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} |",
             mine.len(),
             count(Outcome::Finished),
             count(Outcome::TerminatedRestarted),
             count(Outcome::OomKilled),
             count(Outcome::Failed),
             mine.iter().filter(|s| s.completed).count(),
+            mine.iter().filter(|s| s.timed_out).count(),
             deaths[0],
             deaths[1],
             deaths[2],
@@ -174,6 +182,7 @@ mod tests {
             row: row.into(),
             outcome,
             completed: outcome == Outcome::Finished,
+            timed_out: false,
             peak_fraction: Some(peak),
             overshoot_bytes: Some((((peak - 0.95).max(0.0) * 1024.0) as u64) << 20),
             reactions_ms: reaction.into_iter().collect(),
@@ -195,7 +204,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
         assert!(
-            lines[2].starts_with("| spike | 3 | 0 | 2 | 1 | 0 | 0 | 2 / 0 / 0 |"),
+            lines[2].starts_with("| spike | 3 | 0 | 2 | 1 | 0 | 0 | 0 | 2 / 0 / 0 |"),
             "{t}"
         );
         assert!(lines[2].contains("| 80 / 80 (2) |"), "{t}");

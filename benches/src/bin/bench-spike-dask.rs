@@ -65,6 +65,27 @@ struct Args {
     /// BPF object for the watch (default: the agent's own search).
     #[arg(long)]
     bpf_object: Option<PathBuf>,
+    /// Run nothing: print the table of the trials in this JSON-lines file
+    /// (an earlier `--out`).
+    #[arg(long, value_name = "FILE")]
+    table_from: Option<PathBuf>,
+}
+
+/// The table of the trials an earlier run wrote.
+fn table_from(path: &std::path::Path) -> Result<String> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut samples = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let r: TrialResult = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not a trial result", path.display(), i + 1))?;
+        samples.push(Sample::from(&r));
+    }
+    Ok(spike_table::markdown(&samples))
 }
 
 fn describe(r: &TrialResult) -> String {
@@ -136,6 +157,10 @@ fn handle_stop_signals() -> Result<Arc<AtomicBool>> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.table_from {
+        print!("{}", table_from(path)?);
+        return Ok(());
+    }
     let stop = handle_stop_signals()?;
     let mut err = std::io::stderr();
     let stale = HardLimit::remove_stale("dask")?;
