@@ -583,8 +583,13 @@ impl DaskRunner {
                 }
             }
         }
-        // the script is done (or given up on): reap it, then the last worker
-        let status = wait_until(&mut child, deadline);
+        // the script is done (or given up on: then at once): reap it, then
+        // the last worker
+        let status = if harness_error.is_some() {
+            wait_until(&mut child, Instant::now())
+        } else {
+            wait_until(&mut child, deadline)
+        };
         drop(group);
         if let Some(last) = current.take() {
             lives.push(finish_life(last, cfg.limit_bytes));
