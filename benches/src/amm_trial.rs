@@ -156,6 +156,9 @@ pub struct AmmLife {
     pub terminate_to_exit_ms: Option<f64>,
     /// The kernel signalled it at the terminate page.
     pub killed_at_page: bool,
+    /// How the nanny saw it end (`done`, `terminated`, `terminated at the
+    /// page by amm-agent`, `killed by signal`, ...).
+    pub ending: String,
 }
 
 /// One trial, measured.
@@ -258,6 +261,7 @@ fn kernel_life(client: &mut Client, pid: u32, t0: u64, after: &[&Value]) -> Resu
         },
         terminate_to_exit_ms: term_ns.zip(exit_ns).map(|(t, e)| ms(e.saturating_sub(t))),
         killed_at_page,
+        ending: String::new(),
     })
 }
 
@@ -363,6 +367,11 @@ pub fn run_trial(
         }
         lives.push(life?);
     }
+    if let Some(attempts) = summary["attempts"].as_array() {
+        for (l, a) in lives.iter_mut().zip(attempts) {
+            l.ending = a["ending"].as_str().unwrap_or("").to_string();
+        }
+    }
     let peak = lives.iter().map(|l| l.peak_rss_bytes).max().unwrap_or(0);
     let terminate = (limit as f64 * 0.95) as u64;
     let terminations = summary["terminations"].as_u64().unwrap_or(0);
@@ -389,4 +398,45 @@ pub fn run_trial(
         lives,
         summary,
     })
+}
+
+impl AmmTrial {
+    /// The trial as the shared spike table sees it (row: workload and mode).
+    pub fn sample(&self) -> crate::spike_table::Sample {
+        use crate::dask::Outcome;
+        let mut deaths = [0u32; 3];
+        let mut reactions = Vec::new();
+        let mut oom_after = Vec::new();
+        let mut oom_left = self.oom_kills;
+        for l in &self.lives {
+            if l.ending.starts_with("terminated") {
+                deaths[0] += 1;
+                reactions.extend(l.terminate_to_exit_ms);
+            } else if l.ending == "killed by signal" && oom_left > 0 {
+                oom_left -= 1;
+                deaths[1] += 1;
+                oom_after.extend(l.terminate_to_exit_ms);
+            } else if !l.ending.is_empty() && l.ending != "done" {
+                deaths[2] += 1;
+            }
+        }
+        crate::spike_table::Sample {
+            row: format!("{} / {}", self.workload, self.mode.name()),
+            outcome: match self.outcome {
+                AmmOutcome::Finished => Outcome::Finished,
+                AmmOutcome::OomKilled => Outcome::OomKilled,
+                AmmOutcome::TerminatedRestarted => Outcome::TerminatedRestarted,
+                AmmOutcome::Failed => Outcome::Failed,
+            },
+            completed: self.summary["result_ok"] == true,
+            timed_out: false,
+            peak_fraction: Some(self.peak_fraction),
+            overshoot_bytes: Some(self.overshoot_bytes),
+            reactions_ms: reactions,
+            oom_after_terminate_ms: oom_after,
+            deaths,
+            unanswered_crossings: 0,
+            wall_ms: Some(self.wall_ms as f64),
+        }
+    }
 }

@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amm_benches::amm_trial::{AmmMode, AmmOutcome, AmmTrial, run_trial};
+use amm_benches::amm_trial::{AmmMode, run_trial};
+use amm_benches::dask::{DaskRunner, DaskVenv, TrialConfig, Workload};
+use amm_benches::spike_table::{self, Sample};
 use amm_benches::{percentiles, profile_dir, target_dir};
+use amm_integration_tests::cgroup::HardLimit;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
@@ -23,9 +26,14 @@ struct Args {
     /// The memory limit (and cgroup hard limit), MiB.
     #[arg(long, default_value_t = 2048)]
     limit_mib: u64,
-    /// Workloads (spike, matmul, sparse, mix).
-    #[arg(long, value_delimiter = ',', default_value = "spike,matmul,sparse,mix")]
-    workloads: Vec<String>,
+    /// Workloads, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "spike,matmul,sparse,mix"
+    )]
+    workloads: Vec<Workload>,
     /// Skip real Dask (amm modes only).
     #[arg(long)]
     no_dask: bool,
@@ -69,84 +77,88 @@ fn start_agent(socket: &std::path::Path) -> Result<AgentProc> {
     bail!("amm-agent did not start listening")
 }
 
-/// One row of the table, whatever ran.
-#[derive(Default)]
-struct Row {
-    finished: usize,
-    oom: usize,
-    terminated: usize,
-    failed: usize,
-    peak: Vec<f64>,
-    overshoot_mib: Vec<f64>,
-    reaction_ms: Vec<f64>,
-    wall_s: Vec<f64>,
-}
-
-impl Row {
-    fn add_amm(&mut self, t: &AmmTrial) {
-        match t.outcome {
-            AmmOutcome::Finished => {
-                self.finished += 1;
-                self.wall_s.push(t.wall_ms as f64 / 1e3);
-            }
-            AmmOutcome::OomKilled => self.oom += 1,
-            AmmOutcome::TerminatedRestarted => self.terminated += 1,
-            AmmOutcome::Failed => self.failed += 1,
-        }
-        self.peak.push(100.0 * t.peak_fraction);
-        self.overshoot_mib
-            .push(t.overshoot_bytes as f64 / (1u64 << 20) as f64);
-        self.reaction_ms
-            .extend(t.lives.iter().filter_map(|l| l.reaction_ms));
-    }
-
-    fn print(&mut self, workload: &str, mode: &str) {
-        let n = self.finished + self.oom + self.terminated + self.failed;
-        let (pm, _, pmax) = percentiles(&mut self.peak);
-        let (om, _, omax) = percentiles(&mut self.overshoot_mib);
-        let (rm, rp99, _) = percentiles(&mut self.reaction_ms);
-        let (wm, _, _) = percentiles(&mut self.wall_s);
-        let dash = |v: &[f64], s: String| if v.is_empty() { "-".into() } else { s };
-        println!(
-            "| {workload} | {mode} | {}/{n} | {} | {} | {} | {pm:.0} / {pmax:.0} | {om:.0} / {omax:.0} | {} | {} |",
-            self.finished,
-            self.terminated,
-            self.oom,
-            self.failed,
-            dash(&self.reaction_ms, format!("{rm:.1} / {rp99:.1}")),
-            dash(&self.wall_s, format!("{wm:.1}")),
-        );
-    }
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     if !amm_agent::probe::is_root() {
         bail!("the spike benchmark creates cgroups and loads BPF: run it as root");
     }
+    let mut err = std::io::stderr();
+    for purpose in ["spike-amm", "dask"] {
+        let stale = HardLimit::remove_stale(purpose)?;
+        if stale > 0 {
+            writeln!(
+                err,
+                "removed {stale} {purpose} cgroup(s) an earlier run left behind"
+            )?;
+        }
+    }
     let scratch = tempfile::tempdir()?;
     let socket = scratch.path().join("agent.sock");
     let _agent = start_agent(&socket)?;
     let limit = args.limit_mib << 20;
+    let dask = if args.no_dask {
+        None
+    } else {
+        let venv = DaskVenv::ensure(&target_dir().join("dask-venv"), &mut err)?;
+        Some(DaskRunner::new(
+            venv,
+            Some(target_dir().join("bpf/amm.bpf.o")),
+        )?)
+    };
     let mut out = std::fs::File::create(&args.out)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let timeout = Duration::from_secs(args.timeout_s);
-    let mut rows: Vec<((String, &'static str), Row)> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut spill_reactions: Vec<(String, Vec<f64>)> = Vec::new();
+    let modes = AmmMode::ALL.len() + usize::from(dask.is_some());
     for t in 0..args.trials {
         for w in &args.workloads {
             // rotate the order so no mode always runs first
-            for k in 0..AmmMode::ALL.len() {
-                let mode = AmmMode::ALL[(k + t) % AmmMode::ALL.len()];
-                eprintln!("trial {}/{} {w} {}", t + 1, args.trials, mode.name());
-                let trial = run_trial(mode, w, limit, &socket, scratch.path(), timeout)?;
-                writeln!(out, "{}", serde_json::to_string(&trial)?)?;
-                row(&mut rows, w, mode.name()).add_amm(&trial);
+            for k in 0..modes {
+                let m = (k + t) % modes;
+                if let Some(mode) = AmmMode::ALL.get(m).copied() {
+                    writeln!(
+                        err,
+                        "trial {}/{} {} / {}",
+                        t + 1,
+                        args.trials,
+                        w.name(),
+                        mode.name()
+                    )?;
+                    let trial = run_trial(mode, w.name(), limit, &socket, scratch.path(), timeout)?;
+                    writeln!(out, "{}", serde_json::to_string(&trial)?)?;
+                    let row = format!("{} / {}", w.name(), mode.name());
+                    let r: Vec<f64> = trial.lives.iter().filter_map(|l| l.reaction_ms).collect();
+                    match spill_reactions.iter_mut().find(|(k, _)| *k == row) {
+                        Some((_, v)) => v.extend(r),
+                        None => spill_reactions.push((row, r)),
+                    }
+                    samples.push(trial.sample());
+                } else if let Some(runner) = &dask {
+                    writeln!(
+                        err,
+                        "trial {}/{} {} / real Dask",
+                        t + 1,
+                        args.trials,
+                        w.name()
+                    )?;
+                    let r = runner.run_trial(&TrialConfig {
+                        workload: *w,
+                        limit_bytes: limit,
+                        poll_ms: None,
+                        seed: t as u64 + 1,
+                        timeout,
+                    })?;
+                    writeln!(out, "{}", serde_json::to_string(&r)?)?;
+                    let mut sample = Sample::from(&r);
+                    sample.row = format!("{} / real Dask 2026.8.0 (poll 100 ms)", w.name());
+                    samples.push(sample);
+                }
             }
         }
     }
-    let _ = args.no_dask;
     println!(
-        "spike benchmark: limit {} MiB (= the cgroup's hard limit), {} trials per mode and workload, interleaved; kernel {}",
+        "spike benchmark: limit {} MiB (= the worker's cgroup hard limit), {} trials per mode and workload, interleaved; kernel {}",
         args.limit_mib,
         args.trials,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -154,26 +166,30 @@ fn main() -> Result<()> {
             .trim()
     );
     println!();
-    println!("| workload | mode | finished | terminated + restarted | OOM-killed | failed | peak % of limit, median / max | MiB past terminate, median / max | reaction ms, median / p99 | wall s (finished), median |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for ((w, m), r) in rows.iter_mut() {
-        r.print(w, m);
+    // rows grouped by workload
+    samples.sort_by_key(|s| {
+        args.workloads
+            .iter()
+            .position(|w| s.row.starts_with(w.name()))
+            .unwrap_or(usize::MAX)
+    });
+    print!("{}", spike_table::markdown(&samples));
+    println!();
+    println!(
+        "amm-worker only: from the kernel's first crossing of spill (70 %) to the worker's first reaction to process memory (a spill, a pause or a terminate; 0 when the kernel killed it at the terminate page)"
+    );
+    println!();
+    println!("| workload / mode | reaction ms, median / p99 (n) |");
+    println!("| --- | --- |");
+    for (row, mut v) in spill_reactions {
+        let n = v.len();
+        let cell = if v.is_empty() {
+            "- (0)".to_string()
+        } else {
+            let (m, p99, _) = percentiles(&mut v);
+            format!("{m:.1} / {p99:.1} ({n})")
+        };
+        println!("| {row} | {cell} |");
     }
     Ok(())
-}
-
-/// The row of (workload, mode), made on first use.
-fn row<'a>(
-    rows: &'a mut Vec<((String, &'static str), Row)>,
-    w: &str,
-    m: &'static str,
-) -> &'a mut Row {
-    let i = match rows.iter().position(|((a, b), _)| a == w && *b == m) {
-        Some(i) => i,
-        None => {
-            rows.push(((w.to_string(), m), Row::default()));
-            rows.len() - 1
-        }
-    };
-    &mut rows[i].1
 }
