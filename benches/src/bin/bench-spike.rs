@@ -109,7 +109,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let timeout = Duration::from_secs(args.timeout_s);
     let mut samples: Vec<Sample> = Vec::new();
-    let mut spill_reactions: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut spill_reactions: Vec<(String, Vec<f64>, u32)> = Vec::new();
     let modes = AmmMode::ALL.len() + usize::from(dask.is_some());
     for t in 0..args.trials {
         for w in &args.workloads {
@@ -128,10 +128,18 @@ fn main() -> Result<()> {
                     let trial = run_trial(mode, w.name(), limit, &socket, scratch.path(), timeout)?;
                     writeln!(out, "{}", serde_json::to_string(&trial)?)?;
                     let row = format!("{} / {}", w.name(), mode.name());
-                    let r: Vec<f64> = trial.lives.iter().filter_map(|l| l.reaction_ms).collect();
-                    match spill_reactions.iter_mut().find(|(k, _)| *k == row) {
-                        Some((_, v)) => v.extend(r),
-                        None => spill_reactions.push((row, r)),
+                    let r: Vec<f64> = trial
+                        .lives
+                        .iter()
+                        .flat_map(|l| l.reactions_ms.iter().copied())
+                        .collect();
+                    let missed: u32 = trial.lives.iter().map(|l| l.missed).sum();
+                    match spill_reactions.iter_mut().find(|(k, _, _)| *k == row) {
+                        Some((_, v, m)) => {
+                            v.extend(r);
+                            *m += missed;
+                        }
+                        None => spill_reactions.push((row, r, missed)),
                     }
                     samples.push(trial.sample());
                 } else if let Some(runner) = &dask {
@@ -189,7 +197,7 @@ fn main() -> Result<()> {
             let (m, p99, _) = percentiles(&mut v);
             format!("{m:.1} / {p99:.1} ({n})")
         };
-        println!("| {row} | {cell} |");
+        println!("| {row} | {cell} | {missed} |");
     }
     Ok(())
 }
