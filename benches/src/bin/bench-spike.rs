@@ -184,12 +184,12 @@ fn main() -> Result<()> {
     print!("{}", spike_table::markdown(&samples));
     println!();
     println!(
-        "amm-worker only: from the kernel's first crossing of spill (70 %) to the worker's first reaction to process memory (a spill, a pause or a terminate; 0 when the kernel killed it at the terminate page)"
+        "amm-worker only: for each rise past spill (70 %) from below target, the time from the kernel's crossing to the worker's first reaction to process memory (a spill, a pause or a terminate; 0 when the kernel killed it at the terminate page)"
     );
     println!();
-    println!("| workload / mode | reaction ms, median / p99 (n) |");
-    println!("| --- | --- |");
-    for (row, mut v) in spill_reactions {
+    println!("| workload / mode | reaction ms, median / p99 (n) | rises with no reaction |");
+    println!("| --- | --- | --- |");
+    for (row, mut v, missed) in spill_reactions {
         let n = v.len();
         let cell = if v.is_empty() {
             "- (0)".to_string()
