@@ -246,6 +246,9 @@ fn status(a: StatusArgs) -> Result<()> {
                     SampleKind::Exit { peak_rss_bytes } => {
                         format!("exit, peak {}", iec(*peak_rss_bytes))
                     }
+                    SampleKind::Unwatched { peak_rss_bytes } => {
+                        format!("unwatched, peak {}", iec(*peak_rss_bytes))
+                    }
                 };
                 println!(
                     "    {ago:>9.3} s ago  rss {:>10}  {what}",

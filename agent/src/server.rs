@@ -145,15 +145,16 @@ impl WatchEntry {
     /// timeline; `status` trims it).
     fn ended(self, pid: u32, faults: u64) -> WatchStatus {
         let last = self.timeline.back();
-        let peak = self
-            .timeline
-            .iter()
-            .filter_map(|s| match s.what {
-                SampleKind::Exit { peak_rss_bytes } => Some(peak_rss_bytes),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
+        let peak =
+            self.timeline
+                .iter()
+                .filter_map(|s| match s.what {
+                    SampleKind::Exit { peak_rss_bytes }
+                    | SampleKind::Unwatched { peak_rss_bytes } => Some(peak_rss_bytes),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
         WatchStatus {
             pid,
             limit_bytes: self.limit,
@@ -404,9 +405,19 @@ impl Shared {
             .map(|(p, _)| *p)
             .collect();
         for p in &pids {
+            let state = lock(&self.probe).watch_of(*p).map(|w| w.state);
             if let Some(mut entry) = watches.remove(p) {
                 if let Some(t) = entry.exit_task.take() {
                     t.abort();
+                }
+                if let Some(st) = state {
+                    entry.record(Sample {
+                        t_ns: monotonic_ns(),
+                        rss_bytes: st.rss_bytes,
+                        what: SampleKind::Unwatched {
+                            peak_rss_bytes: st.peak_rss_bytes,
+                        },
+                    });
                 }
                 self.keep_ended(entry.ended(*p, 0));
             }

@@ -1,9 +1,18 @@
 //! Shared pieces of amm's scenario benchmarks: statistics, pinning, and
 //! finding the built binaries. Children that touch memory on command are
 //! the tests' `amm-fault` (see `amm_integration_tests::Faulter`).
+//!
+//! [`amm_trial`] and [`dask`] run one trial of the spike benchmark for
+//! amm-worker and for real Dask; [`spike_table`] turns trials into its
+//! Markdown table.
+
+pub mod dask;
+pub mod spike_table;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub mod amm_trial;
 
 pub use amm_integration_tests::Faulter;
 pub use amm_integration_tests::region::Region;

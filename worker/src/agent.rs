@@ -28,7 +28,7 @@ use serde_json::json;
 
 use crate::config::MemoryConfig;
 use crate::memory::{Accounting, EventSink, Level};
-use crate::timeline::Timeline;
+use crate::timeline::{Timeline, monotonic_ns};
 
 /// What the worker saw of the agent, for its summary.
 #[derive(Debug, Default)]
@@ -53,17 +53,6 @@ impl std::fmt::Debug for AgentLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentLink").finish_non_exhaustive()
     }
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of the kernel's event stamps.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is valid for writes; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn level_of(l: KernelLevel) -> Level {
@@ -92,7 +81,9 @@ impl AgentLink {
                 pause: cfg.pause,
                 terminate: cfg.terminate,
             },
-            terminate_signal: cfg.agent_terminate_signal,
+            terminate_signal: cfg
+                .agent_terminate_signal
+                .filter(|_| !cfg.agent_observe_only),
             terminate_by: TerminateBy::Kernel,
             ..Registration::new(std::process::id(), limit)
         };
@@ -119,9 +110,12 @@ impl AgentLink {
         })
     }
 
-    /// Connects the events to the running manager.
-    pub fn attach(&self, sink: EventSink) {
-        let _ = self.sink.set(sink);
+    /// Connects the events to the running manager (not when only
+    /// observing: then the events are only recorded).
+    pub fn attach(&self, sink: EventSink, observe_only: bool) {
+        if !observe_only {
+            let _ = self.sink.set(sink);
+        }
     }
 
     /// A hook for the manager's ticks: pushes each accounting split to the

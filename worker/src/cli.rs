@@ -159,6 +159,10 @@ struct RunArgs {
     /// crosses terminate (SIGKILL, SIGTERM, a number), or false.
     #[arg(long)]
     agent_terminate_signal: Option<String>,
+    /// worker.agent.observe-only: record the agent's events in the timeline
+    /// but act on polls alone (to measure a polling worker).
+    #[arg(long)]
+    agent_observe_only: bool,
     /// Run the worker in this process, without a nanny.
     #[arg(long)]
     no_nanny: bool,
@@ -221,6 +225,14 @@ fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
             "worker.memory.spill-fsync",
             Raw::Bool(true),
             "flag --spill-fsync",
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    if a.agent_observe_only {
+        l.set(
+            "worker.agent.observe-only",
+            Raw::Bool(true),
+            "flag --agent-observe-only",
         )
         .map_err(anyhow::Error::msg)?;
     }

@@ -20,6 +20,8 @@
 //! socket = "/run/amm/agent.sock"  # register with amm-agent (absent: poll only)
 //! terminate-signal = "SIGKILL"    # the kernel sends it at the page crossing
 //!                                 # terminate; false: the worker's own tick terminates
+//! observe-only = false            # record the kernel's events, act only on polls
+//!                                 # (for measuring a polling worker)
 //! ```
 //!
 //! A key may also be written with Dask's `distributed.` prefix. In the
@@ -51,6 +53,7 @@ pub const KEYS: &[&str] = &[
     "worker.memory.spill-drop-cache",
     "worker.agent.socket",
     "worker.agent.terminate-signal",
+    "worker.agent.observe-only",
 ];
 
 /// The effective memory settings.
@@ -93,6 +96,9 @@ pub struct MemoryConfig {
     /// Signal the kernel sends at the page that crosses terminate when the
     /// agent watches this worker (`None`: the worker's own tick terminates).
     pub agent_terminate_signal: Option<i32>,
+    /// Register with the agent only to record its events; act on polls
+    /// alone, with no kernel terminate signal (to measure a polling worker).
+    pub agent_observe_only: bool,
 }
 
 mod millis {
@@ -131,6 +137,7 @@ impl Default for MemoryConfig {
             spill_drop_cache: true,
             agent_socket: None,
             agent_terminate_signal: Some(libc::SIGKILL),
+            agent_observe_only: false,
         }
     }
 }
@@ -297,6 +304,7 @@ impl Loader {
                 "worker.agent.terminate-signal" => {
                     c.agent_terminate_signal = signal_or_false(raw).map_err(bad)?
                 }
+                "worker.agent.observe-only" => c.agent_observe_only = boolean(raw).map_err(bad)?,
                 _ => return Err(unknown(key, origin)),
             }
         }

@@ -25,11 +25,24 @@ use std::time::Instant;
 
 use serde_json::{Map, Value};
 
+/// CLOCK_MONOTONIC now, in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid for writes; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// A JSON-lines writer shared by the manager and the workload.
 #[derive(Debug)]
 pub struct Timeline {
     out: Mutex<BufWriter<File>>,
     start: Instant,
+    /// CLOCK_MONOTONIC (the kernel's event clock) at `start`.
+    start_monotonic_ns: u64,
 }
 
 impl Timeline {
@@ -54,7 +67,14 @@ impl Timeline {
         Ok(Timeline {
             out: Mutex::new(BufWriter::new(f)),
             start: Instant::now(),
+            start_monotonic_ns: monotonic_ns(),
         })
+    }
+
+    /// CLOCK_MONOTONIC in ns at `t_ms` 0: `t_ms * 1e6` plus this is on the
+    /// clock of the kernel's events (and `amm-agent watch`).
+    pub fn origin_monotonic_ns(&self) -> u64 {
+        self.start_monotonic_ns
     }
 
     fn write(&self, kind: &str, name: Option<&str>, fields: &Value) {

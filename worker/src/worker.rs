@@ -130,7 +130,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
                                    "allocator": allocator, "limit": limit.bytes,
                                    "levels": levels,
                                    "probe_purge_ms": opts.memory.probe_purge
-                                       .map(|d| d.as_millis() as u64)}),
+                                       .map(|d| d.as_millis() as u64),
+                                   "t0_monotonic_ns": t.origin_monotonic_ns()}),
             );
             Some(Arc::new(t))
         }
@@ -208,7 +209,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     }
     let manager = manager.spawn().context("cannot start the memory manager")?;
     if let Some(a) = &agent {
-        a.attach(manager.sink());
+        a.attach(manager.sink(), opts.memory.agent_observe_only);
     }
 
     // SIGINT/SIGTERM: clean up and leave.

@@ -256,6 +256,12 @@ pub enum SampleKind {
         /// Peak RSS.
         peak_rss_bytes: u64,
     },
+    /// The client unregistered it or went away; the watch ended while the
+    /// process may live on.
+    Unwatched {
+        /// Peak RSS until then.
+        peak_rss_bytes: u64,
+    },
 }
 
 impl Registration {

@@ -1,0 +1,231 @@
+//! The real-Dask baseline of the spike benchmark: real Dask (one
+//! nanny-managed worker, Dask's own thresholds and restarts) under a real
+//! hard memory limit (a cgroup per worker process), watched by the real
+//! eBPF probe (`amm-agent watch`).
+//!
+//! Runs `--trials` trials of each workload, interleaved round by round after
+//! a warm-up, prints the Markdown table on stdout and writes one JSON line
+//! per trial (a `TrialResult`) to `--out`. Each trial's full Dask log goes
+//! next to it, in `<out>.logs/`. Needs root; build first with
+//! `cargo build --release -p amm-agent -p amm-benches && cargo xtask build-ebpf`.
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use amm_benches::dask::{
+    DaskRunner, DaskVenv, TrialConfig, TrialResult, Workload, abort_running_trial,
+};
+use amm_benches::spike_table::{self, Sample};
+use amm_benches::target_dir;
+use amm_integration_tests::cgroup::HardLimit;
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+/// Real-Dask baseline of the spike benchmark.
+#[derive(Parser)]
+struct Args {
+    /// Trials per workload.
+    #[arg(long, default_value_t = 10)]
+    trials: usize,
+    /// The worker's memory limit (Dask's memory_limit and the cgroup's hard
+    /// limit): bytes or a size such as 2GiB.
+    #[arg(long, default_value = "2GiB", value_parser = amm_agent::cli::parse_size)]
+    limit: u64,
+    /// Workloads, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "spike,matmul,sparse,mix"
+    )]
+    workloads: Vec<Workload>,
+    /// Dask's memory monitor interval in ms (default: Dask's own, 100 ms).
+    #[arg(long)]
+    poll_ms: Option<f64>,
+    /// Warm-up trials before the measured ones (not recorded).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// A trial's workload gives up after this many seconds (a normal trial
+    /// takes under a minute here).
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Seed of the first round (round r uses seed + r).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Raw per-trial JSON lines (default: target/bench-spike-dask.jsonl).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The Dask virtualenv (default: target/dask-venv).
+    #[arg(long)]
+    venv: Option<PathBuf>,
+    /// BPF object for the watch (default: the agent's own search).
+    #[arg(long)]
+    bpf_object: Option<PathBuf>,
+    /// Run nothing: print the table of the trials in this JSON-lines file
+    /// (an earlier `--out`).
+    #[arg(long, value_name = "FILE")]
+    table_from: Option<PathBuf>,
+}
+
+/// The table of the trials an earlier run wrote.
+fn table_from(path: &std::path::Path) -> Result<String> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut samples = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let r: TrialResult = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not a trial result", path.display(), i + 1))?;
+        samples.push(Sample::from(&r));
+    }
+    Ok(spike_table::markdown(&samples))
+}
+
+fn describe(r: &TrialResult) -> String {
+    let pct = |f: Option<f64>| f.map_or_else(|| "?".into(), |f| format!("{:.1}%", f * 100.0));
+    format!(
+        "{:<6} seed {:<3} {:<20} completed {:<5} restarts {} peak {} (cgroup {}) reaction {} wall {}{}",
+        r.workload.name(),
+        r.seed,
+        r.outcome.name(),
+        r.completed,
+        r.worker_restarts,
+        pct(r.peak_fraction),
+        pct(r.cgroup_peak_fraction),
+        r.reaction_ms
+            .map_or_else(|| "-".into(), |ms| format!("{ms:.0} ms")),
+        r.wall_ms
+            .map_or_else(|| "-".into(), |ms| format!("{:.1} s", ms / 1000.0)),
+        r.error
+            .as_deref()
+            .map(|e| format!("\n       error: {}", e.lines().next().unwrap_or("")))
+            .unwrap_or_default(),
+    )
+}
+
+/// Blocks SIGINT and SIGTERM in every thread (call it before any thread
+/// starts) and handles them on a thread of their own: the first kills the
+/// running trial and stops the run (its cgroups are removed as usual), the
+/// second quits at once. Children start with an empty signal mask (std
+/// resets it), so Dask's own signals are untouched.
+fn handle_stop_signals() -> Result<Arc<AtomicBool>> {
+    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
+    // initialises it; sigaddset only writes inside it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    };
+    // SAFETY: the set is initialised; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        bail!(
+            "cannot block SIGINT/SIGTERM: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        loop {
+            let mut sig = 0;
+            // SAFETY: the set is initialised and sig is a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "signal {sig}: killing the running trial and stopping (again to quit at once)"
+            );
+            abort_running_trial();
+        }
+    });
+    Ok(stop)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(path) = &args.table_from {
+        print!("{}", table_from(path)?);
+        return Ok(());
+    }
+    let stop = handle_stop_signals()?;
+    let mut err = std::io::stderr();
+    let stale = HardLimit::remove_stale("dask")?;
+    if stale > 0 {
+        writeln!(err, "removed {stale} cgroup(s) an earlier run left behind")?;
+    }
+    let venv_dir = args
+        .venv
+        .clone()
+        .unwrap_or_else(|| target_dir().join("dask-venv"));
+    let venv = DaskVenv::ensure(&venv_dir, &mut err)?;
+    let mut runner = DaskRunner::new(venv, args.bpf_object.clone())?;
+    let out_path = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target_dir().join("bench-spike-dask.jsonl"));
+    runner.log_dir = Some(out_path.with_extension("logs"));
+    let mut out = fs::File::create(&out_path)
+        .with_context(|| format!("cannot create {}", out_path.display()))?;
+    let config = |workload, seed| TrialConfig {
+        workload,
+        limit_bytes: args.limit,
+        poll_ms: args.poll_ms,
+        seed,
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+
+    let started = Instant::now();
+    for i in 0..args.warmup {
+        let w = args.workloads[i % args.workloads.len()];
+        let r = runner.run_trial(&config(w, args.seed))?;
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted during the warm-up");
+        }
+        writeln!(err, "warm-up  {}", describe(&r))?;
+    }
+    let mut results = Vec::new();
+    'rounds: for round in 0..args.trials {
+        for &w in &args.workloads {
+            let seed = args.seed + round as u64;
+            let r = runner
+                .run_trial(&config(w, seed))
+                .with_context(|| format!("trial {round} of {}", w.name()))?;
+            if stop.load(Ordering::SeqCst) {
+                writeln!(err, "interrupted: the table has the trials that completed")?;
+                break 'rounds;
+            }
+            writeln!(err, "trial {round:<2} {}", describe(&r))?;
+            serde_json::to_writer(&mut out, &r)?;
+            writeln!(out)?;
+            out.flush()?;
+            results.push(r);
+        }
+    }
+    writeln!(
+        err,
+        "{} trials in {:.0} s; raw results in {}",
+        results.len(),
+        started.elapsed().as_secs_f64(),
+        out_path.display()
+    )?;
+    let samples: Vec<Sample> = results.iter().map(Sample::from).collect();
+    print!("{}", spike_table::markdown(&samples));
+    if stop.load(Ordering::SeqCst) {
+        std::process::exit(130);
+    }
+    Ok(())
+}

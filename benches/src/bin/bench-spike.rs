@@ -1,0 +1,203 @@
+//! The spike benchmark: the same workloads under a hard cgroup limit (the
+//! worker's memory limit) for amm-worker polling every 200 ms and every
+//! 100 ms, amm-worker on amm-agent's events, and real Dask, interleaved
+//! trial by trial. Writes the per-trial JSON lines and prints the table.
+//! Run as root: `cargo xtask bench spike`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amm_benches::amm_trial::{AmmMode, run_trial};
+use amm_benches::dask::{DaskRunner, DaskVenv, TrialConfig, Workload};
+use amm_benches::spike_table::{self, Sample};
+use amm_benches::{percentiles, profile_dir, target_dir};
+use amm_integration_tests::cgroup::HardLimit;
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+/// The spike benchmark.
+#[derive(Parser)]
+struct Args {
+    /// Trials per mode and workload.
+    #[arg(long, default_value_t = 10)]
+    trials: usize,
+    /// The memory limit (and cgroup hard limit), MiB.
+    #[arg(long, default_value_t = 2048)]
+    limit_mib: u64,
+    /// Workloads, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "spike,matmul,sparse,mix"
+    )]
+    workloads: Vec<Workload>,
+    /// Skip real Dask (amm modes only).
+    #[arg(long)]
+    no_dask: bool,
+    /// Where the per-trial JSON lines go.
+    #[arg(long, default_value = "target/bench-spike.jsonl")]
+    out: PathBuf,
+    /// Give a trial up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+struct AgentProc(Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(socket: &std::path::Path) -> Result<AgentProc> {
+    let child = Command::new(profile_dir().join("amm-agent"))
+        .arg("run")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--bpf-object")
+        .arg(target_dir().join("bpf/amm.bpf.o"))
+        .env("AMM_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start amm-agent")?;
+    let agent = AgentProc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(agent);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("amm-agent did not start listening")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !amm_agent::probe::is_root() {
+        bail!("the spike benchmark creates cgroups and loads BPF: run it as root");
+    }
+    let mut err = std::io::stderr();
+    for purpose in ["spike-amm", "dask"] {
+        let stale = HardLimit::remove_stale(purpose)?;
+        if stale > 0 {
+            writeln!(
+                err,
+                "removed {stale} {purpose} cgroup(s) an earlier run left behind"
+            )?;
+        }
+    }
+    let scratch = tempfile::tempdir()?;
+    let socket = scratch.path().join("agent.sock");
+    let _agent = start_agent(&socket)?;
+    let limit = args.limit_mib << 20;
+    let dask = if args.no_dask {
+        None
+    } else {
+        let venv = DaskVenv::ensure(&target_dir().join("dask-venv"), &mut err)?;
+        Some(DaskRunner::new(
+            venv,
+            Some(target_dir().join("bpf/amm.bpf.o")),
+        )?)
+    };
+    let mut out = std::fs::File::create(&args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut spill_reactions: Vec<(String, Vec<f64>, u32)> = Vec::new();
+    let modes = AmmMode::ALL.len() + usize::from(dask.is_some());
+    for t in 0..args.trials {
+        for w in &args.workloads {
+            // rotate the order so no mode always runs first
+            for k in 0..modes {
+                let m = (k + t) % modes;
+                if let Some(mode) = AmmMode::ALL.get(m).copied() {
+                    writeln!(
+                        err,
+                        "trial {}/{} {} / {}",
+                        t + 1,
+                        args.trials,
+                        w.name(),
+                        mode.name()
+                    )?;
+                    let trial = run_trial(mode, w.name(), limit, &socket, scratch.path(), timeout)?;
+                    writeln!(out, "{}", serde_json::to_string(&trial)?)?;
+                    let row = format!("{} / {}", w.name(), mode.name());
+                    let r: Vec<f64> = trial
+                        .lives
+                        .iter()
+                        .flat_map(|l| l.reactions_ms.iter().copied())
+                        .collect();
+                    let missed: u32 = trial.lives.iter().map(|l| l.missed).sum();
+                    match spill_reactions.iter_mut().find(|(k, _, _)| *k == row) {
+                        Some((_, v, m)) => {
+                            v.extend(r);
+                            *m += missed;
+                        }
+                        None => spill_reactions.push((row, r, missed)),
+                    }
+                    samples.push(trial.sample());
+                } else if let Some(runner) = &dask {
+                    writeln!(
+                        err,
+                        "trial {}/{} {} / real Dask",
+                        t + 1,
+                        args.trials,
+                        w.name()
+                    )?;
+                    let r = runner.run_trial(&TrialConfig {
+                        workload: *w,
+                        limit_bytes: limit,
+                        poll_ms: None,
+                        seed: t as u64 + 1,
+                        timeout,
+                    })?;
+                    writeln!(out, "{}", serde_json::to_string(&r)?)?;
+                    let mut sample = Sample::from(&r);
+                    sample.row = format!("{} / real Dask 2026.8.0 (poll 100 ms)", w.name());
+                    samples.push(sample);
+                }
+            }
+        }
+    }
+    println!(
+        "spike benchmark: limit {} MiB (= the worker's cgroup hard limit), {} trials per mode and workload, interleaved; kernel {}",
+        args.limit_mib,
+        args.trials,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!();
+    // rows grouped by workload
+    samples.sort_by_key(|s| {
+        args.workloads
+            .iter()
+            .position(|w| s.row.starts_with(w.name()))
+            .unwrap_or(usize::MAX)
+    });
+    print!("{}", spike_table::markdown(&samples));
+    println!();
+    println!(
+        "amm-worker only: for each rise past spill (70 %) from below target, the time from the kernel's crossing to the worker's first reaction to process memory (a spill, a pause or a terminate; 0 when the kernel killed it at the terminate page)"
+    );
+    println!();
+    println!("| workload / mode | reaction ms, median / p99 (n) | rises with no reaction |");
+    println!("| --- | --- | --- |");
+    for (row, mut v, missed) in spill_reactions {
+        let n = v.len();
+        let cell = if v.is_empty() {
+            "- (0)".to_string()
+        } else {
+            let (m, p99, _) = percentiles(&mut v);
+            format!("{m:.1} / {p99:.1} ({n})")
+        };
+        println!("| {row} | {cell} | {missed} |");
+    }
+    Ok(())
+}

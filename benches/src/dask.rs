@@ -1,0 +1,1130 @@
+//! The real-Dask baseline of the spike benchmark: one trial of a real Dask
+//! worker under a real hard memory limit, watched by the real eBPF probe.
+//!
+//! [`DaskVenv::ensure`] makes (or reuses) a throwaway virtualenv with a
+//! pinned Dask. [`DaskRunner::run_trial`] starts `benches/dask/spike_trial.py`
+//! (a `LocalCluster` with one nanny-managed worker and Dask's own memory
+//! thresholds), and for every worker process it announces (`WORKER_PID`,
+//! printed before the worker runs any Python; the worker waits until it has
+//! been moved) it:
+//!
+//! 1. creates a fresh [`HardLimit`] cgroup with the limit (the worker alone:
+//!    the scheduler and the nanny stay outside),
+//! 2. starts `amm-agent watch --pid WORKER --limit N --json` on it and waits
+//!    until the probe is attached,
+//! 3. moves the worker into the cgroup, which lets it exec Python,
+//!
+//! and when the worker is gone, reads what the kernel saw: the watch's level
+//! events and exit (peak RSS), the cgroup's peak and OOM-kill count. Dask
+//! decides restarts itself; nothing here signals the worker.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amm_ebpf::{EventKind, Level};
+use amm_integration_tests::cgroup::HardLimit;
+use amm_protocol::EventMessage;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// What the virtualenv gets, pinned (the versions the baseline was measured
+/// with).
+pub const DASK_REQUIREMENTS: &[&str] = &[
+    "dask[distributed]==2026.8.0",
+    "numpy==2.4.6",
+    "scipy==1.17.1",
+];
+
+/// The trial script, in the source tree.
+pub const TRIAL_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dask/spike_trial.py");
+
+/// Dask's terminate threshold (fraction of the limit), which overshoot and
+/// reaction are measured against.
+pub const TERMINATE_FRACTION: f64 = 0.95;
+
+/// How long a worker waits, before exec, to be put into its cgroup.
+const GATE_MS: u64 = 30_000;
+
+/// How long the watch may take to load and attach the probe.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Time on top of the trial timeout for Dask to start and shut down.
+const STARTUP_SHUTDOWN_MARGIN: Duration = Duration::from_secs(180);
+
+/// stderr lines of the trial kept for error messages.
+const LOG_TAIL_LINES: usize = 60;
+
+/// A virtualenv with Dask in it.
+#[derive(Debug, Clone)]
+pub struct DaskVenv {
+    /// The venv's directory.
+    pub dir: PathBuf,
+    /// Its Python.
+    pub python: PathBuf,
+}
+
+impl DaskVenv {
+    /// Creates the venv at `dir` (`python3 -m venv`) and installs
+    /// [`DASK_REQUIREMENTS`] into it, or reuses it when a previous call
+    /// installed exactly these. Says what it does, and what got installed,
+    /// on `out`; pip's own output goes to stderr.
+    pub fn ensure(dir: &Path, out: &mut dyn Write) -> Result<DaskVenv> {
+        let python = dir.join("bin").join("python");
+        let marker = dir.join("amm-requirements.txt");
+        let wanted = DASK_REQUIREMENTS.join("\n") + "\n";
+        let venv = DaskVenv {
+            dir: dir.to_path_buf(),
+            python: python.clone(),
+        };
+        if python.exists() && fs::read_to_string(&marker).ok().as_deref() == Some(&wanted) {
+            writeln!(
+                out,
+                "reusing the Dask venv {} ({})",
+                dir.display(),
+                DASK_REQUIREMENTS.join(", ")
+            )?;
+            return Ok(venv);
+        }
+        if !python.exists() {
+            writeln!(out, "creating a Dask venv in {}", dir.display())?;
+            let status = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(dir)
+                .status()
+                .context(
+                    "cannot run python3: install Python 3 (Debian: apt-get install python3 python3-venv)",
+                )?;
+            if !status.success() || !python.exists() {
+                bail!(
+                    "`python3 -m venv {}` failed ({status}); on Debian install python3-venv \
+                     (apt-get install python3-venv), then remove {} and retry",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+        }
+        writeln!(
+            out,
+            "installing {} into {}",
+            DASK_REQUIREMENTS.join(" "),
+            dir.display()
+        )?;
+        let status = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+            ])
+            .args(DASK_REQUIREMENTS)
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .status()
+            .with_context(|| format!("cannot run {} -m pip", python.display()))?;
+        if !status.success() {
+            bail!(
+                "pip could not install {} ({status}): check that PyPI is reachable (proxy \
+                 settings, pip.conf), or remove {} and retry",
+                DASK_REQUIREMENTS.join(" "),
+                dir.display()
+            );
+        }
+        let freeze = Command::new(&python)
+            .args(["-m", "pip", "freeze", "--disable-pip-version-check"])
+            .output()
+            .with_context(|| format!("cannot run {} -m pip freeze", python.display()))?;
+        writeln!(out, "the Dask venv holds:")?;
+        for line in String::from_utf8_lossy(&freeze.stdout).lines() {
+            writeln!(out, "  {line}")?;
+        }
+        fs::write(&marker, wanted).with_context(|| format!("cannot write {}", marker.display()))?;
+        Ok(venv)
+    }
+}
+
+/// The workloads of the spike benchmark (see `benches/dask/spike_trial.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// 2 GiB task-memory spikes on a 256 MiB managed base (at a 2 GiB limit).
+    Spike,
+    /// Blocked `(A @ A.T).sum()`, every block kept.
+    Matmul,
+    /// Single-cell-like CSR pipeline, raw and normalised blocks kept.
+    Sparse,
+    /// Managed growth plus spikes.
+    Mix,
+}
+
+impl Workload {
+    /// Every workload, in table order.
+    pub const ALL: [Workload; 4] = [
+        Workload::Spike,
+        Workload::Matmul,
+        Workload::Sparse,
+        Workload::Mix,
+    ];
+
+    /// Its name on the command line and in the results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Spike => "spike",
+            Workload::Matmul => "matmul",
+            Workload::Sparse => "sparse",
+            Workload::Mix => "mix",
+        }
+    }
+}
+
+/// One trial's settings.
+#[derive(Debug, Clone)]
+pub struct TrialConfig {
+    /// What the worker runs.
+    pub workload: Workload,
+    /// Dask's `memory_limit` and the cgroup's hard limit, in bytes.
+    pub limit_bytes: u64,
+    /// Dask's `distributed.worker.memory.monitor-interval` in ms (`None`:
+    /// Dask's default).
+    pub poll_ms: Option<f64>,
+    /// Seed of the workload's data.
+    pub seed: u64,
+    /// The workload gives up after this long.
+    pub timeout: Duration,
+}
+
+/// How a trial went, decided by the first worker that died (or by the run
+/// when none did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// No worker died and Dask finished the workload.
+    Finished,
+    /// The kernel's OOM killer killed a worker (its cgroup's count rose).
+    OomKilled,
+    /// Dask's nanny killed a worker past the terminate level and restarted it.
+    TerminatedRestarted,
+    /// A worker died otherwise, or Dask did not finish (error, timeout).
+    Failed,
+}
+
+impl Outcome {
+    /// Every outcome, in table order.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Finished,
+        Outcome::TerminatedRestarted,
+        Outcome::OomKilled,
+        Outcome::Failed,
+    ];
+
+    /// Its name in the results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Finished => "finished",
+            Outcome::OomKilled => "oom_killed",
+            Outcome::TerminatedRestarted => "terminated_restarted",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// How one worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifeEnd {
+    /// Killed by the kernel's OOM killer (the cgroup counted it).
+    OomKilled,
+    /// Killed by Dask's nanny for passing the terminate level.
+    TerminatedByNanny,
+    /// Closed with the cluster at the end of the trial.
+    Shutdown,
+    /// Died for another reason (or the trial script did not say).
+    Died,
+}
+
+/// One worker process of a trial: what the kernel saw of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerLife {
+    /// Its pid.
+    pub pid: u32,
+    /// How it ended.
+    pub end: LifeEnd,
+    /// Peak RSS (the watch's exit event: the kernel's count to the page).
+    pub peak_rss_bytes: Option<u64>,
+    /// `peak_rss_bytes / limit`.
+    pub peak_fraction: Option<f64>,
+    /// Bytes above the terminate level at the peak (0 if below).
+    pub overshoot_bytes: Option<u64>,
+    /// The cgroup's peak charge (RSS plus page cache and kernel memory).
+    pub cgroup_peak_bytes: Option<u64>,
+    /// OOM kills the cgroup counted.
+    pub oom_kills: u64,
+    /// Dask's nanny said it terminated this process for memory.
+    pub nanny_terminated: bool,
+    /// How many times RSS rose past the terminate level (counted again only
+    /// after falling below the target level).
+    pub terminate_crossings: u32,
+    /// Kernel time (CLOCK_MONOTONIC ns) of the last rise past terminate
+    /// before the exit.
+    pub terminate_crossed_ns: Option<u64>,
+    /// Kernel time of the first rise past spill and pause.
+    pub spill_crossed_ns: Option<u64>,
+    /// See `spill_crossed_ns`.
+    pub pause_crossed_ns: Option<u64>,
+    /// Kernel time of the exit.
+    pub exit_ns: Option<u64>,
+    /// From the last rise past terminate to the exit, in ms: the nanny's
+    /// reaction when it killed the process, the time the process had left
+    /// otherwise.
+    pub exit_after_terminate_ms: Option<f64>,
+    /// The watch reported spike alarms (terminate predicted within 200 ms).
+    pub spike_alarms: u32,
+    /// The worker started before it was in its cgroup (the gate timed out).
+    pub gate_timeout: bool,
+    /// What went wrong watching it, if anything.
+    pub error: Option<String>,
+}
+
+/// One trial, everything measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrialResult {
+    /// Which workload.
+    pub workload: Workload,
+    /// The limit, in bytes.
+    pub limit_bytes: u64,
+    /// The data seed.
+    pub seed: u64,
+    /// Dask's monitor interval in this trial, in ms.
+    pub poll_ms: Option<f64>,
+    /// How it went (decided by the first worker death).
+    pub outcome: Outcome,
+    /// Dask finished the workload (possibly after restarts).
+    pub completed: bool,
+    /// The client got `KilledWorker` (a task killed too many workers).
+    pub killed_worker: bool,
+    /// The work stopped moving and the trial gave up at its timeout.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// Workers the nanny started after the first.
+    pub worker_restarts: u32,
+    /// Peak RSS over the limit, of the worker that decided the outcome (the
+    /// first that died; otherwise the one with the highest peak).
+    pub peak_fraction: Option<f64>,
+    /// Its cgroup's peak over the limit.
+    pub cgroup_peak_fraction: Option<f64>,
+    /// Its bytes above `0.95 x limit` at the peak.
+    pub overshoot_bytes: Option<u64>,
+    /// Its exit after crossing terminate, in ms, when the nanny killed it.
+    pub reaction_ms: Option<f64>,
+    /// The workload's wall time as the trial script measured it, in ms.
+    pub wall_ms: Option<f64>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Every worker process, in order.
+    pub lives: Vec<WorkerLife>,
+    /// The trial script's JSON, as printed.
+    pub dask: serde_json::Value,
+}
+
+impl TrialResult {
+    /// Reaction delays (exit after the terminate crossing, ms) of every
+    /// worker of the trial that the nanny killed.
+    pub fn nanny_reactions_ms(&self) -> Vec<f64> {
+        self.lives
+            .iter()
+            .filter(|l| l.end == LifeEnd::TerminatedByNanny)
+            .filter_map(|l| l.exit_after_terminate_ms)
+            .collect()
+    }
+}
+
+/// What the trial script prints (the fields the runner reads).
+#[derive(Debug, Default, Deserialize)]
+struct ScriptResult {
+    #[serde(default)]
+    finished: bool,
+    #[serde(default)]
+    worker_restarts: u32,
+    #[serde(default)]
+    killed_worker: bool,
+    #[serde(default)]
+    timed_out: bool,
+    #[serde(default)]
+    wall_ms: Option<f64>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    poll_ms: Option<f64>,
+    #[serde(default)]
+    nanny_terminations: Option<Vec<NannyTermination>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NannyTermination {
+    pid: Option<u32>,
+}
+
+/// Runs trials: the venv, the script, the agent binary.
+#[derive(Debug, Clone)]
+pub struct DaskRunner {
+    /// The venv with Dask.
+    pub venv: DaskVenv,
+    /// `spike_trial.py`.
+    pub script: PathBuf,
+    /// `amm-agent`.
+    pub agent: PathBuf,
+    /// BPF object for the watch (`None`: the agent's own search).
+    pub bpf_object: Option<PathBuf>,
+    /// Where to keep each trial's full stderr (`None`: only a tail, in
+    /// errors).
+    pub log_dir: Option<PathBuf>,
+}
+
+/// Lines from the trial script's stderr, as the reader thread sees them.
+enum Line {
+    /// `WORKER_PID`: a worker process waits to be put in its cgroup.
+    Worker(u32),
+    /// `WORKER_GATE_TIMEOUT`: it gave up waiting.
+    GateTimeout(u32),
+    /// `CLUSTER_CLOSING`, and when it was read (CLOCK_MONOTONIC ns).
+    Closing(u64),
+    /// End of the output.
+    Closed,
+}
+
+/// A worker process being watched.
+struct Live {
+    pid: u32,
+    cgroup: Option<HardLimit>,
+    watch: Option<Child>,
+    events: Option<JoinHandle<(Vec<EventMessage>, Vec<String>)>>,
+    watch_stderr: Option<JoinHandle<String>>,
+    gate_timeout: bool,
+    error: Option<String>,
+}
+
+/// The process group of the trial running now (0: none).
+static RUNNING_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// Kills the trial that is running now, if any (its script, Dask and the
+/// worker): for a signal handler, so that an interrupted run leaves nothing
+/// behind. The trial then returns, as a failed one.
+pub fn abort_running_trial() {
+    let group = RUNNING_GROUP.load(Ordering::SeqCst);
+    if group > 0 {
+        // SAFETY: kill(2) on the process group of a child we started in its
+        // own group; no memory is involved.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+}
+
+/// Kills the trial's process group (the script and anything it left) on
+/// the way out, whatever happened.
+struct GroupGuard(libc::pid_t);
+
+impl GroupGuard {
+    fn new(pid: u32) -> GroupGuard {
+        let group = pid as libc::pid_t;
+        RUNNING_GROUP.store(group, Ordering::SeqCst);
+        GroupGuard(group)
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        RUNNING_GROUP.store(0, Ordering::SeqCst);
+        // SAFETY: kill(2) on the process group of a child we started in its
+        // own group (process_group(0)); no memory is involved.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
+/// Number of BPF links the process holds open (attached programs).
+fn bpf_links(pid: u32) -> usize {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            fs::read_link(e.path())
+                .map(|t| t.to_string_lossy().contains("bpf_link"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+fn join_text(h: Option<JoinHandle<String>>) -> String {
+    h.and_then(|h| h.join().ok()).unwrap_or_default()
+}
+
+impl DaskRunner {
+    /// A runner with the default script and the `amm-agent` next to this
+    /// binary; checks that they and root are there.
+    pub fn new(venv: DaskVenv, bpf_object: Option<PathBuf>) -> Result<DaskRunner> {
+        let agent = crate::profile_dir().join("amm-agent");
+        if !agent.exists() {
+            bail!(
+                "{} is missing: build it with `cargo build --release -p amm-agent`",
+                agent.display()
+            );
+        }
+        let script = PathBuf::from(TRIAL_SCRIPT);
+        if !script.exists() {
+            bail!("{} is missing: is this a full checkout?", script.display());
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the Dask baseline needs root (memory cgroups and BPF): run it with sudo");
+        }
+        Ok(DaskRunner {
+            venv,
+            script,
+            agent,
+            bpf_object,
+            log_dir: None,
+        })
+    }
+
+    /// Runs one trial. An `Err` means the harness could not run it (no
+    /// Python, no cgroup, no probe); whatever Dask or the kernel did to the
+    /// worker is in the [`TrialResult`].
+    pub fn run_trial(&self, cfg: &TrialConfig) -> Result<TrialResult> {
+        let mut cmd = Command::new(&self.venv.python);
+        cmd.arg(&self.script)
+            .args(["--workload", cfg.workload.name()])
+            .arg("--limit-bytes")
+            .arg(cfg.limit_bytes.to_string())
+            .arg("--seed")
+            .arg(cfg.seed.to_string())
+            .arg("--timeout-s")
+            .arg(format!("{:.0}", cfg.timeout.as_secs_f64()))
+            .arg("--worker-gate-ms")
+            .arg(GATE_MS.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("PYTHONUNBUFFERED", "1")
+            .process_group(0);
+        if let Some(p) = cfg.poll_ms {
+            cmd.arg("--poll-ms").arg(p.to_string());
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.venv.python.display()))?;
+        let group = GroupGuard::new(child.id());
+        let stdout = child.stdout.take().context("the trial's stdout")?;
+        let stderr = child.stderr.take().context("the trial's stderr")?;
+        let out_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(stdout).read_to_string(&mut s);
+            s
+        });
+        let (tx, rx) = mpsc::channel();
+        let log_file = match &self.log_dir {
+            Some(d) => {
+                fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+                let p = d.join(format!(
+                    "{}-seed{}-{}.log",
+                    cfg.workload.name(),
+                    cfg.seed,
+                    child.id()
+                ));
+                Some(
+                    fs::File::create(&p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
+                )
+            }
+            None => None,
+        };
+        let err_thread = std::thread::spawn(move || read_stderr(stderr, tx, log_file));
+
+        let deadline = Instant::now() + cfg.timeout + STARTUP_SHUTDOWN_MARGIN;
+        let mut lives: Vec<WorkerLife> = Vec::new();
+        let mut current: Option<Live> = None;
+        let mut harness_error: Option<anyhow::Error> = None;
+        let mut closing_ns = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Line::Worker(pid)) => {
+                    let next = match self.start_life(pid, cfg.limit_bytes) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            harness_error = Some(e);
+                            break;
+                        }
+                    };
+                    if let Some(prev) = current.replace(next) {
+                        lives.push(finish_life(prev, cfg.limit_bytes));
+                    }
+                }
+                Ok(Line::GateTimeout(pid)) => {
+                    if let Some(l) = current.as_mut().filter(|l| l.pid == pid) {
+                        l.gate_timeout = true;
+                    }
+                }
+                Ok(Line::Closing(t)) => closing_ns = Some(t),
+                Ok(Line::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        harness_error = Some(anyhow::anyhow!(
+                            "the trial script did not end within {} s; killed it",
+                            (cfg.timeout + STARTUP_SHUTDOWN_MARGIN).as_secs()
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        // the script is done (or given up on: then at once): reap it, then
+        // the last worker
+        let status = if harness_error.is_some() {
+            wait_until(&mut child, Instant::now())
+        } else {
+            wait_until(&mut child, deadline)
+        };
+        drop(group);
+        if let Some(last) = current.take() {
+            lives.push(finish_life(last, cfg.limit_bytes));
+        }
+        let tail = err_thread.join().unwrap_or_default();
+        let stdout = out_thread.join().unwrap_or_default();
+        if let Some(e) = harness_error {
+            return Err(e.context(format!("trial log (tail):\n{}", tail.join("\n"))));
+        }
+        let json_line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'));
+        let (script, raw, parse_error) =
+            match json_line.map(serde_json::from_str::<serde_json::Value>) {
+                Some(Ok(v)) => match serde_json::from_value::<ScriptResult>(v.clone()) {
+                    Ok(s) => (s, v, None),
+                    Err(e) => (
+                        ScriptResult::default(),
+                        v,
+                        Some(format!("bad trial JSON: {e}")),
+                    ),
+                },
+                Some(Err(e)) => (
+                    ScriptResult::default(),
+                    serde_json::Value::Null,
+                    Some(format!("bad trial JSON: {e}")),
+                ),
+                None => (
+                    ScriptResult::default(),
+                    serde_json::Value::Null,
+                    Some(format!(
+                        "the trial script printed no result ({}); its log (tail):\n{}",
+                        status.map_or_else(|| "still running".to_string(), |s| s.to_string()),
+                        tail.join("\n")
+                    )),
+                ),
+            };
+        Ok(assemble(cfg, script, raw, parse_error, lives, closing_ns))
+    }
+
+    /// Cgroup, watch, then the move that lets the worker exec.
+    fn start_life(&self, pid: u32, limit: u64) -> Result<Live> {
+        let cgroup =
+            HardLimit::create("dask", limit).context("cannot create the worker's cgroup")?;
+        let mut live = Live {
+            pid,
+            cgroup: None,
+            watch: None,
+            events: None,
+            watch_stderr: None,
+            gate_timeout: false,
+            error: None,
+        };
+        let mut w = Command::new(&self.agent);
+        w.args(["watch", "--pid", &pid.to_string(), "--json", "--limit"])
+            .arg(limit.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(o) = &self.bpf_object {
+            w.arg("--bpf-object").arg(o);
+        }
+        match w.spawn() {
+            Ok(mut watch) => {
+                let out = watch.stdout.take();
+                let err = watch.stderr.take();
+                live.events = out.map(|o| std::thread::spawn(move || read_events(o)));
+                live.watch_stderr = err.map(|e| {
+                    std::thread::spawn(move || {
+                        let mut s = String::new();
+                        let _ = BufReader::new(e).read_to_string(&mut s);
+                        s
+                    })
+                });
+                let start = Instant::now();
+                loop {
+                    if let Ok(Some(st)) = watch.try_wait() {
+                        live.error = Some(format!(
+                            "amm-agent watch exited ({st}) before attaching: {}",
+                            join_text(live.watch_stderr.take()).trim()
+                        ));
+                        break;
+                    }
+                    if bpf_links(watch.id()) > 0 {
+                        // the links come last in loading; the watch entry
+                        // is written right after
+                        std::thread::sleep(Duration::from_millis(50));
+                        break;
+                    }
+                    if start.elapsed() > ATTACH_TIMEOUT {
+                        live.error = Some(format!(
+                            "amm-agent watch did not attach within {} s",
+                            ATTACH_TIMEOUT.as_secs()
+                        ));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                live.watch = Some(watch);
+            }
+            Err(e) => {
+                live.error = Some(format!("cannot start {}: {e}", self.agent.display()));
+            }
+        }
+        if let Err(e) = cgroup.add_pid(pid) {
+            live.error.get_or_insert(format!("{e:#}"));
+        }
+        live.cgroup = Some(cgroup);
+        Ok(live)
+    }
+}
+
+/// Reads the trial script's stderr: announces workers, keeps a tail, copies
+/// everything to the log file.
+fn read_stderr(
+    stderr: impl Read,
+    tx: mpsc::Sender<Line>,
+    mut log: Option<fs::File>,
+) -> Vec<String> {
+    let mut tail = VecDeque::new();
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if let Some(f) = log.as_mut() {
+            let _ = writeln!(f, "{line}");
+        }
+        let mut words = line.split_whitespace();
+        let msg = match (words.next(), words.next().map(str::parse::<u32>)) {
+            (Some("WORKER_PID"), Some(Ok(pid))) => Some(Line::Worker(pid)),
+            (Some("WORKER_GATE_TIMEOUT"), Some(Ok(pid))) => Some(Line::GateTimeout(pid)),
+            (Some("CLUSTER_CLOSING"), None) => Some(Line::Closing(crate::monotonic_ns())),
+            _ => None,
+        };
+        if let Some(m) = msg {
+            let _ = tx.send(m);
+        }
+        tail.push_back(line);
+        if tail.len() > LOG_TAIL_LINES {
+            tail.pop_front();
+        }
+    }
+    let _ = tx.send(Line::Closed);
+    tail.into()
+}
+
+/// Reads the watch's JSON lines.
+fn read_events(out: impl Read) -> (Vec<EventMessage>, Vec<String>) {
+    let mut events = Vec::new();
+    let mut bad = Vec::new();
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        match serde_json::from_str::<EventMessage>(&line) {
+            Ok(e) => events.push(e),
+            Err(e) => bad.push(format!("{line:?}: {e}")),
+        }
+    }
+    (events, bad)
+}
+
+/// Waits for the child until `deadline`, then kills it.
+fn wait_until(child: &mut Child, deadline: Instant) -> Option<std::process::ExitStatus> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+        }
+    }
+}
+
+/// The worker is gone (or is about to be): collect the watch, read the
+/// cgroup, remove it.
+fn finish_life(mut live: Live, limit: u64) -> WorkerLife {
+    let mut errors: Vec<String> = live.error.take().into_iter().collect();
+    // the watch ends by itself with the worker's exit
+    if let Some(mut w) = live.watch.take() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match w.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => {
+                    // the worker is still alive (the script was killed):
+                    // the cgroup's removal below kills it, and the watch
+                    // with it
+                    if let Some(c) = live.cgroup.as_ref()
+                        && let Err(e) = c.kill_all()
+                    {
+                        errors.push(format!("{e:#}"));
+                    }
+                    if wait_or_kill(&mut w, Duration::from_secs(5)).is_err() {
+                        errors.push("amm-agent watch did not exit".into());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let (events, bad) = live
+        .events
+        .take()
+        .and_then(|h| h.join().ok())
+        .unwrap_or_default();
+    let watch_err = join_text(live.watch_stderr.take());
+    if !bad.is_empty() {
+        errors.push(format!("unreadable watch lines: {}", bad.join("; ")));
+    }
+    if !watch_err.trim().is_empty() {
+        errors.push(format!("amm-agent watch: {}", watch_err.trim()));
+    }
+    let (mut oom_kills, mut cgroup_peak) = (0, None);
+    if let Some(c) = live.cgroup.take() {
+        match c.oom_kills() {
+            Ok(n) => oom_kills = n,
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+        match c.peak_bytes() {
+            Ok(p) => cgroup_peak = p,
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+        if let Err(e) = c.remove() {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    life_from_events(
+        live.pid,
+        limit,
+        &events,
+        oom_kills,
+        cgroup_peak,
+        live.gate_timeout,
+        errors,
+    )
+}
+
+/// Waits a bounded time for a child, killing it past that.
+fn wait_or_kill(child: &mut Child, t: Duration) -> std::io::Result<()> {
+    let deadline = Instant::now() + t;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill()?;
+    child.wait().map(|_| ())
+}
+
+/// What the watch's events say about one worker (its end is decided later,
+/// with the trial script's report).
+fn life_from_events(
+    pid: u32,
+    limit: u64,
+    events: &[EventMessage],
+    oom_kills: u64,
+    cgroup_peak_bytes: Option<u64>,
+    gate_timeout: bool,
+    errors: Vec<String>,
+) -> WorkerLife {
+    let exit = events.iter().rev().find(|e| e.event == EventKind::Exit);
+    let ups = |lvl: Level| {
+        events
+            .iter()
+            .filter(move |e| e.event == EventKind::Level && e.level == lvl && e.prev_level < lvl)
+    };
+    // a jump from below straight to terminate passes spill and pause too
+    let first_at_least = |lvl: Level| {
+        events
+            .iter()
+            .find(|e| e.event == EventKind::Level && e.level >= lvl && e.prev_level < lvl)
+            .map(|e| e.t_ns)
+    };
+    let exit_ns = exit.map(|e| e.t_ns);
+    let terminate_crossed_ns = ups(Level::Terminate)
+        .filter(|e| exit_ns.is_none_or(|x| e.t_ns <= x))
+        .map(|e| e.t_ns)
+        .next_back();
+    let peak = exit
+        .map(|e| e.peak_rss_bytes)
+        .or_else(|| events.iter().map(|e| e.peak_rss_bytes).max());
+    let terminate_bytes = (TERMINATE_FRACTION * limit as f64) as u64;
+    WorkerLife {
+        pid,
+        end: LifeEnd::Died,
+        peak_rss_bytes: peak,
+        peak_fraction: peak.map(|p| p as f64 / limit as f64),
+        overshoot_bytes: peak.map(|p| p.saturating_sub(terminate_bytes)),
+        cgroup_peak_bytes,
+        oom_kills,
+        nanny_terminated: false,
+        terminate_crossings: ups(Level::Terminate).count() as u32,
+        terminate_crossed_ns,
+        spill_crossed_ns: first_at_least(Level::Spill),
+        pause_crossed_ns: first_at_least(Level::Pause),
+        exit_ns,
+        exit_after_terminate_ms: match (terminate_crossed_ns, exit_ns) {
+            (Some(t), Some(x)) => Some(x.saturating_sub(t) as f64 / 1e6),
+            _ => None,
+        },
+        spike_alarms: events
+            .iter()
+            .filter(|e| e.event == EventKind::Spike)
+            .count() as u32,
+        gate_timeout,
+        error: (!errors.is_empty()).then(|| errors.join("; ")),
+    }
+}
+
+/// Decides each worker's end and the trial's outcome. `closing_ns`: when
+/// the script said it was closing the cluster (a worker that exits after
+/// that was shut down; one that exited before, unexplained, died).
+fn assemble(
+    cfg: &TrialConfig,
+    script: ScriptResult,
+    raw: serde_json::Value,
+    parse_error: Option<String>,
+    mut lives: Vec<WorkerLife>,
+    closing_ns: Option<u64>,
+) -> TrialResult {
+    let terminated: Vec<u32> = script
+        .nanny_terminations
+        .iter()
+        .flatten()
+        .filter_map(|t| t.pid)
+        .collect();
+    let n = lives.len();
+    for l in lives.iter_mut() {
+        l.nanny_terminated = terminated.contains(&l.pid);
+        l.end = if l.oom_kills > 0 {
+            LifeEnd::OomKilled
+        } else if l.nanny_terminated {
+            LifeEnd::TerminatedByNanny
+        } else if closing_ns.is_some_and(|c| l.exit_ns.is_none_or(|x| x >= c)) {
+            LifeEnd::Shutdown
+        } else {
+            LifeEnd::Died
+        };
+    }
+    let first_death = lives.iter().find(|l| l.end != LifeEnd::Shutdown);
+    let outcome = match first_death.map(|l| l.end) {
+        Some(LifeEnd::OomKilled) => Outcome::OomKilled,
+        Some(LifeEnd::TerminatedByNanny) => Outcome::TerminatedRestarted,
+        Some(_) => Outcome::Failed,
+        None if script.finished => Outcome::Finished,
+        None => Outcome::Failed,
+    };
+    let decisive =
+        first_death.or_else(|| lives.iter().max_by_key(|l| l.peak_rss_bytes.unwrap_or(0)));
+    let limit = cfg.limit_bytes as f64;
+    let mut errors: Vec<String> = parse_error.into_iter().collect();
+    errors.extend(script.error.clone());
+    for l in &lives {
+        if l.gate_timeout {
+            errors.push(format!(
+                "worker {} started before it was in its cgroup (the gate timed out)",
+                l.pid
+            ));
+        }
+        if let Some(e) = &l.error {
+            errors.push(format!("worker {}: {e}", l.pid));
+        }
+    }
+    TrialResult {
+        workload: cfg.workload,
+        limit_bytes: cfg.limit_bytes,
+        seed: cfg.seed,
+        poll_ms: script.poll_ms.or(cfg.poll_ms),
+        outcome,
+        completed: script.finished,
+        killed_worker: script.killed_worker,
+        timed_out: script.timed_out,
+        worker_restarts: script.worker_restarts.max(n.saturating_sub(1) as u32),
+        peak_fraction: decisive.and_then(|l| l.peak_fraction),
+        cgroup_peak_fraction: decisive
+            .and_then(|l| l.cgroup_peak_bytes)
+            .map(|p| p as f64 / limit),
+        overshoot_bytes: decisive.and_then(|l| l.overshoot_bytes),
+        reaction_ms: decisive
+            .filter(|l| l.end == LifeEnd::TerminatedByNanny)
+            .and_then(|l| l.exit_after_terminate_ms),
+        wall_ms: script.wall_ms,
+        error: (!errors.is_empty()).then(|| errors.join("; ")),
+        lives,
+        dask: raw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: u64 = 1000 << 20;
+
+    fn ev(event: EventKind, t_ns: u64, rss: u64, level: Level, prev: Level) -> EventMessage {
+        EventMessage {
+            event,
+            t_ns,
+            pid: 7,
+            rss_bytes: rss,
+            level,
+            prev_level: prev,
+            peak_rss_bytes: rss,
+            faults: None,
+            rate_bytes_per_ms: 0,
+            eta_ns: None,
+            foreign: false,
+            signalled: false,
+        }
+    }
+
+    #[test]
+    fn reaction_is_measured_from_the_last_rise_past_terminate() {
+        use EventKind::{Exit, Level as Lv};
+        use Level::*;
+        let events = vec![
+            ev(Lv, 100, 700 << 20, Spill, Below),
+            ev(Lv, 200, 960 << 20, Terminate, Spill),
+            ev(Lv, 300, 500 << 20, Below, Terminate),
+            ev(Lv, 1_000_000, 990 << 20, Terminate, Below),
+            ev(Exit, 41_000_000, 0, Below, Terminate),
+        ];
+        let mut events = events;
+        events[4].peak_rss_bytes = 1000 << 20;
+        let life = life_from_events(7, L, &events, 0, Some(L), false, vec![]);
+        assert_eq!(life.terminate_crossings, 2);
+        assert_eq!(life.terminate_crossed_ns, Some(1_000_000));
+        assert_eq!(life.exit_after_terminate_ms, Some(40.0));
+        assert_eq!(life.spill_crossed_ns, Some(100));
+        assert_eq!(life.pause_crossed_ns, Some(200));
+        assert_eq!(life.peak_fraction, Some(1.0));
+        assert_eq!(life.overshoot_bytes, Some(L - (0.95 * L as f64) as u64));
+    }
+
+    fn life(pid: u32, oom: u64) -> WorkerLife {
+        life_from_events(pid, L, &[], oom, None, false, vec![])
+    }
+
+    fn cfg() -> TrialConfig {
+        TrialConfig {
+            workload: Workload::Spike,
+            limit_bytes: L,
+            poll_ms: None,
+            seed: 1,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_first_death_decides_the_outcome() {
+        let script = ScriptResult {
+            nanny_terminations: Some(vec![NannyTermination { pid: Some(2) }]),
+            killed_worker: true,
+            ..ScriptResult::default()
+        };
+        let r = assemble(
+            &cfg(),
+            script,
+            serde_json::Value::Null,
+            None,
+            vec![life(1, 1), life(2, 0), life(3, 0)],
+            Some(0),
+        );
+        assert_eq!(r.outcome, Outcome::OomKilled);
+        let ends: Vec<LifeEnd> = r.lives.iter().map(|l| l.end).collect();
+        assert_eq!(
+            ends,
+            [
+                LifeEnd::OomKilled,
+                LifeEnd::TerminatedByNanny,
+                LifeEnd::Shutdown
+            ]
+        );
+        assert_eq!(r.worker_restarts, 2);
+    }
+
+    #[test]
+    fn a_run_without_deaths_finishes_only_if_dask_finished() {
+        let done = ScriptResult {
+            finished: true,
+            ..ScriptResult::default()
+        };
+        let one = || vec![life(1, 0)];
+        let null = serde_json::Value::Null;
+        let r = assemble(&cfg(), done, null.clone(), None, one(), Some(0));
+        assert_eq!(r.outcome, Outcome::Finished);
+        let r = assemble(
+            &cfg(),
+            ScriptResult::default(),
+            null.clone(),
+            None,
+            one(),
+            Some(0),
+        );
+        assert_eq!(r.outcome, Outcome::Failed);
+        // no report at all: the last worker's death is unexplained
+        let r = assemble(
+            &cfg(),
+            ScriptResult::default(),
+            null,
+            Some("no result".into()),
+            one(),
+            None,
+        );
+        assert_eq!(r.lives[0].end, LifeEnd::Died);
+        assert_eq!(r.outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn a_worker_gone_before_the_cluster_closed_died() {
+        let mut early = life(2, 0);
+        early.exit_ns = Some(100);
+        let mut late = life(3, 0);
+        late.exit_ns = Some(300);
+        let script = ScriptResult {
+            nanny_terminations: Some(vec![NannyTermination { pid: Some(1) }]),
+            ..ScriptResult::default()
+        };
+        let r = assemble(
+            &cfg(),
+            script,
+            serde_json::Value::Null,
+            None,
+            vec![life(1, 0), early, late],
+            Some(200),
+        );
+        let ends: Vec<LifeEnd> = r.lives.iter().map(|l| l.end).collect();
+        assert_eq!(
+            ends,
+            [LifeEnd::TerminatedByNanny, LifeEnd::Died, LifeEnd::Shutdown]
+        );
+        assert_eq!(r.outcome, Outcome::TerminatedRestarted);
+    }
+}
