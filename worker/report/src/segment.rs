@@ -247,8 +247,8 @@ fn best_cut(pts: &[(f64, f64)], th: &Thresholds) -> Option<usize> {
     let t0 = pts[0].0;
     let t1 = pts[n - 1].0;
     let mut best: Option<(usize, f64)> = None;
-    for k in 3..n.saturating_sub(3) {
-        if pts[k].0 - t0 < th.split_min_s || t1 - pts[k].0 < th.split_min_s {
+    for (k, &(t, _)) in pts.iter().enumerate().take(n.saturating_sub(3)).skip(3) {
+        if t - t0 < th.split_min_s || t1 - t < th.split_min_s {
             continue;
         }
         let e = sse_of(0, k) + sse_of(k, n);
