@@ -81,30 +81,12 @@ impl Level {
     }
 }
 
-/// Thresholds in bytes (`None`: disabled, or no limit).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Levels {
-    /// Managed bytes to stay under.
-    pub target: Option<u64>,
-    /// Process bytes above which to spill.
-    pub spill: Option<u64>,
-    /// Process bytes above which to pause.
-    pub pause: Option<u64>,
-    /// Process bytes above which to exit.
-    pub terminate: Option<u64>,
-}
+pub use amm_report::Levels;
 
-impl Levels {
-    /// The configured fractions of `limit`.
-    pub fn new(cfg: &MemoryConfig, limit: Option<u64>) -> Levels {
-        let at = |f: Option<f64>| Some((limit? as f64 * f?) as u64);
-        Levels {
-            target: at(cfg.target),
-            spill: at(cfg.spill),
-            pause: at(cfg.pause),
-            terminate: at(cfg.terminate),
-        }
-    }
+/// The configured fractions of `limit` as bytes (`None`: disabled, or no
+/// limit).
+pub fn levels(cfg: &MemoryConfig, limit: Option<u64>) -> Levels {
+    Levels::of_fractions(limit, [cfg.target, cfg.spill, cfg.pause, cfg.terminate])
 }
 
 /// The pause gate task threads pass before starting a task.
@@ -372,7 +354,7 @@ impl MemoryManager {
         timeline: Option<Arc<Timeline>>,
         on_terminate: TerminateAction,
     ) -> MemoryManager {
-        let levels = Levels::new(&cfg, limit);
+        let levels = levels(&cfg, limit);
         let shared = Arc::new(Shared::default());
         let waker = shared.clone();
         buffer.set_pressure_hook(Box::new(move || waker.wake()));
@@ -901,18 +883,18 @@ mod tests {
     #[test]
     fn levels_are_fractions_of_the_limit() {
         let cfg = MemoryConfig::default();
-        let l = Levels::new(&cfg, Some(1000));
+        let l = levels(&cfg, Some(1000));
         assert_eq!(l.target, Some(600));
         assert_eq!(l.spill, Some(700));
         assert_eq!(l.pause, Some(800));
         assert_eq!(l.terminate, Some(950));
-        let none = Levels::new(&cfg, None);
+        let none = levels(&cfg, None);
         assert!(none.target.is_none() && none.terminate.is_none());
         let cfg = MemoryConfig {
             pause: None,
             ..MemoryConfig::default()
         };
-        assert!(Levels::new(&cfg, Some(1000)).pause.is_none());
+        assert!(levels(&cfg, Some(1000)).pause.is_none());
     }
 
     #[test]

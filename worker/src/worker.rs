@@ -13,7 +13,7 @@ use crate::agent::AgentLink;
 use crate::alloc::{self, Allocator};
 use crate::config::MemoryConfig;
 use crate::limit::{self, HostMemory, LimitSpec};
-use crate::memory::{Gate, Levels, MemoryManager, TERMINATE_EXIT_CODE, TerminateInfo};
+use crate::memory::{Gate, MemoryManager, TERMINATE_EXIT_CODE, TerminateInfo, levels};
 use crate::spill::{SpillBuffer, SpillDir, SpillOptions, WriteOptions};
 use crate::summary::{RESULT_FAILED, Summary};
 use crate::timeline::Timeline;
@@ -92,7 +92,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     } else if let Ok(t) = std::env::var("MALLOC_TRIM_THRESHOLD_") {
         tracing::info!("MALLOC_TRIM_THRESHOLD_={t}");
     }
-    let levels = Levels::new(&opts.memory, limit.bytes);
+    let levels = levels(&opts.memory, limit.bytes);
     let fmt = |b: Option<u64>| b.map_or("off".to_string(), format_bytes);
     tracing::info!(
         target = %fmt(levels.target),

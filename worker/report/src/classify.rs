@@ -49,7 +49,7 @@ use crate::report::{
 };
 use crate::segment::{self, Span};
 use crate::thresholds::Thresholds;
-use crate::units::{bytes, rate};
+use crate::units::{bytes, rate, signed};
 
 /// Analyses a run with the given thresholds.
 pub fn analyze(run: &Run, th: &Thresholds) -> Report {
@@ -409,13 +409,7 @@ impl Ctx<'_> {
         self.purges
             .iter()
             .filter_map(|&k| all.get(k))
-            .map(|(t, p)| PurgeRef {
-                t_s: *t,
-                reason: p.reason.clone(),
-                returned_bytes: p.returned_bytes,
-                hoarded_before: p.hoarded_before,
-                hoarded_after: p.hoarded_after,
-            })
+            .map(|(t, p)| PurgeRef::new(*t, p))
             .collect()
     }
 
@@ -748,7 +742,7 @@ impl Ctx<'_> {
                     f.trend = Some(tr.clone());
                     f.notes.push(format!(
                         "file-backed and shared RSS changed by {} over the stretch",
-                        bytes_signed(file)
+                        signed(file)
                     ));
                     out.push(f);
                 }
@@ -775,7 +769,7 @@ impl Ctx<'_> {
                     bytes(m_up),
                     rate(m_up as f64 / window.max(1e-9)),
                     self.phase_words(),
-                    bytes_signed(du),
+                    signed(du),
                     100.0 * du as f64 / m_up as f64
                 ),
             );
@@ -841,7 +835,7 @@ impl Ctx<'_> {
                 self.phase_words(),
                 tr.r2,
                 tr.mann_kendall.p_increasing,
-                bytes_signed(dm),
+                signed(dm),
                 purge_words
             ),
         );
@@ -1181,13 +1175,7 @@ impl Ctx<'_> {
         if moved || (p.hoarded_before as f64) < 0.8 * lh as f64 || s.hoarded.is_empty() {
             return None;
         }
-        Some(PurgeRef {
-            t_s: t_p,
-            reason: p.reason.clone(),
-            returned_bytes: p.returned_bytes,
-            hoarded_before: p.hoarded_before,
-            hoarded_after: p.hoarded_after,
-        })
+        Some(PurgeRef::new(t_p, p))
     }
 
     /// The last purge before this stretch, if the heap did not change since
@@ -1216,13 +1204,7 @@ impl Ctx<'_> {
         if moved || h.abs_diff(p.hoarded_after) > sig {
             return None;
         }
-        Some(PurgeRef {
-            t_s: t_p,
-            reason: p.reason.clone(),
-            returned_bytes: p.returned_bytes,
-            hoarded_before: p.hoarded_before,
-            hoarded_after: p.hoarded_after,
-        })
+        Some(PurgeRef::new(t_p, p))
     }
 
     /// Kernel data only: RSS, its anonymous and file/shared parts.
@@ -1341,14 +1323,6 @@ fn rank(f: &mut [Finding]) {
             .then(b.bytes.cmp(&a.bytes))
             .then(a.kind.cmp(&b.kind))
     });
-}
-
-fn bytes_signed(v: i64) -> String {
-    if v < 0 {
-        format!("-{}", bytes(v.unsigned_abs()))
-    } else {
-        format!("+{}", bytes(v as u64))
-    }
 }
 
 #[cfg(test)]

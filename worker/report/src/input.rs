@@ -42,12 +42,19 @@ pub struct Levels {
 impl Levels {
     /// Dask's fractions (0.6 / 0.7 / 0.8 / 0.95) of `limit`.
     pub fn dask(limit: u64) -> Levels {
-        let at = |f: f64| Some((limit as f64 * f) as u64);
+        Levels::of_fractions(Some(limit), [Some(0.6), Some(0.7), Some(0.8), Some(0.95)])
+    }
+
+    /// `[target, spill, pause, terminate]` as fractions of `limit`; `None`
+    /// (no limit, or a level turned off) stays `None`.
+    pub fn of_fractions(limit: Option<u64>, fractions: [Option<f64>; 4]) -> Levels {
+        let at = |f: Option<f64>| Some((limit? as f64 * f?) as u64);
+        let [target, spill, pause, terminate] = fractions.map(at);
         Levels {
-            target: at(0.6),
-            spill: at(0.7),
-            pause: at(0.8),
-            terminate: at(0.95),
+            target,
+            spill,
+            pause,
+            terminate,
         }
     }
 }

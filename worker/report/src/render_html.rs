@@ -251,27 +251,7 @@ fn finding(o: &mut String, f: &Finding) -> std::fmt::Result {
         )?;
     }
     for c in &f.size_classes {
-        if c.live_delta_bytes != 0 {
-            writeln!(
-                o,
-                "<li>size class {} B ({}): {} → {} live (+{})</li>",
-                c.size,
-                c.class,
-                c.count_before,
-                c.count_after,
-                bytes(c.live_delta_bytes.max(0) as u64)
-            )?;
-        } else {
-            writeln!(
-                o,
-                "<li>size class {} B ({}): {} live, {} slack, {:.0} % of slab bytes used</li>",
-                c.size,
-                c.class,
-                c.count_after,
-                bytes(c.slack_bytes),
-                100.0 * c.utilisation
-            )?;
-        }
+        writeln!(o, "<li>{}</li>", esc(&c.describe()))?;
     }
     for a in &f.arenas {
         writeln!(

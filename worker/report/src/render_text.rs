@@ -6,7 +6,7 @@ use std::fmt::Write;
 use crate::classify::place;
 use crate::input::Source;
 use crate::report::{Finding, Kind, Report, Stretch};
-use crate::units::{bytes, rate};
+use crate::units::{bytes, rate, signed};
 
 /// Renders the report as plain text (no colours, 100 columns).
 pub fn render(r: &Report) -> String {
@@ -187,27 +187,7 @@ fn write_finding(o: &mut String, f: &Finding, lead: bool) -> std::fmt::Result {
         writeln!(o, "      ... {} more purges", f.purges.len() - 6)?;
     }
     for c in f.size_classes.iter().take(5) {
-        if c.live_delta_bytes != 0 {
-            writeln!(
-                o,
-                "      size class {} B ({}): {} -> {} live, {}",
-                c.size,
-                c.class,
-                c.count_before,
-                c.count_after,
-                signed(c.live_delta_bytes)
-            )?;
-        } else {
-            writeln!(
-                o,
-                "      size class {} B ({}): {} live, {} slack, {:.0} % of slab bytes used",
-                c.size,
-                c.class,
-                c.count_after,
-                bytes(c.slack_bytes),
-                100.0 * c.utilisation
-            )?;
-        }
+        writeln!(o, "      {}", c.describe())?;
     }
     for a in f.arenas.iter().take(5) {
         if a.system_bytes > 0 {
@@ -284,13 +264,5 @@ fn clip(s: &str, n: usize) -> String {
         let mut c: String = s.chars().take(n - 1).collect();
         c.push('…');
         c
-    }
-}
-
-fn signed(v: i64) -> String {
-    if v < 0 {
-        format!("-{}", bytes(v.unsigned_abs()))
-    } else {
-        format!("+{}", bytes(v as u64))
     }
 }

@@ -298,6 +298,19 @@ pub struct PurgeRef {
     pub hoarded_after: u64,
 }
 
+impl PurgeRef {
+    /// The reference to the purge `p` of the timeline, at `t_s`.
+    pub fn new(t_s: f64, p: &crate::input::Purge) -> PurgeRef {
+        PurgeRef {
+            t_s,
+            reason: p.reason.clone(),
+            returned_bytes: p.returned_bytes,
+            hoarded_before: p.hoarded_before,
+            hoarded_after: p.hoarded_after,
+        }
+    }
+}
+
 /// Every purge of the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PurgeRow {
@@ -336,6 +349,32 @@ pub struct ClassRow {
     pub slack_bytes: u64,
     /// Live bytes over slab bytes, 0..1 (small classes; 1 for large).
     pub utilisation: f64,
+}
+
+impl ClassRow {
+    /// One line about it: how its live count grew, or how thinly its slabs
+    /// are used.
+    pub fn describe(&self) -> String {
+        if self.live_delta_bytes != 0 {
+            format!(
+                "size class {} B ({}): {} -> {} live, {}",
+                self.size,
+                self.class,
+                self.count_before,
+                self.count_after,
+                crate::units::signed(self.live_delta_bytes)
+            )
+        } else {
+            format!(
+                "size class {} B ({}): {} live, {} slack, {:.0} % of slab bytes used",
+                self.size,
+                self.class,
+                self.count_after,
+                crate::units::bytes(self.slack_bytes),
+                100.0 * self.utilisation
+            )
+        }
+    }
 }
 
 /// One arena (jemalloc) or one glibc arena (`malloc_info`).

@@ -1,5 +1,14 @@
 //! Byte amounts and rates as people read them.
 
+/// `-1536` → `-1.5 KiB`, `0` → `+0 B`: a change of bytes.
+pub fn signed(v: i64) -> String {
+    if v < 0 {
+        format!("-{}", bytes(v.unsigned_abs()))
+    } else {
+        format!("+{}", bytes(v as u64))
+    }
+}
+
 /// `1536` → `1.5 KiB`; binary units, three significant digits.
 pub fn bytes(b: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
