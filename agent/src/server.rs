@@ -19,7 +19,8 @@ use std::time::Duration;
 use amm_ebpf::{EventKind, Level};
 use amm_protocol::{
     AgentStatus, ClientMessage, EventMessage, FrameError, MapEntries, Registration, Sample,
-    SampleKind, ServerMessage, Split, TerminateBy, VERSION, WatchStatus, decode, nonblocking,
+    SampleKind, ServerMessage, Split, TerminateBy, ThresholdBytes, VERSION, WatchStatus, decode,
+    nonblocking,
 };
 use anyhow::{Context, Result, bail};
 use tokio::io::unix::AsyncFd;
@@ -165,6 +166,7 @@ impl WatchEntry {
             rate_bytes_per_ms: 0,
             timeline_len: self.timeline.len(),
             timeline: self.timeline.into(),
+            thresholds: None,
         }
     }
 }
@@ -366,6 +368,13 @@ impl Shared {
                     rate_bytes_per_ms: w.state.rate_bytes_per_ms,
                     timeline,
                     timeline_len,
+                    thresholds: Some(ThresholdBytes {
+                        limit: w.config.limit_bytes,
+                        rearm: w.config.rearm_bytes,
+                        spill: w.config.spill_bytes,
+                        pause: w.config.pause_bytes,
+                        terminate: w.config.terminate_bytes,
+                    }),
                 })
             })
             .collect();

@@ -303,3 +303,64 @@ tasks = 1
     );
     assert_eq!(s["gave_up"], true);
 }
+
+#[test]
+fn a_worker_report_through_the_agent_finds_the_leak_the_timeline_shows() {
+    if !require_root("a_worker_report_through_the_agent_finds_the_leak_the_timeline_shows") {
+        return;
+    }
+    let agent = Agent::start().expect("agent");
+    let run = Run::new();
+    let suite =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/suite/leak-medium.toml");
+    let out = run
+        .worker(&suite, &agent, &["--memory-limit", "4GiB"])
+        .output()
+        .expect("amm-worker");
+    let s = summary(&out);
+    assert_eq!(s["exit_code"], 0, "{s}");
+    let pid = events(&run.timeline(), "start")
+        .first()
+        .and_then(|e| e["pid"].as_u64())
+        .expect("the worker's pid") as u32;
+    // the agent keeps an ended worker's timeline: report from it
+    let report = |args: &[&str]| -> Value {
+        let out = Command::new(bin("amm-worker"))
+            .arg("report")
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("amm-worker report");
+        assert!(
+            out.status.success(),
+            "report {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("report --json is JSON")
+    };
+    let socket = agent.socket().display().to_string();
+    let live = report(&["--agent", &socket, "--pid", &pid.to_string()]);
+    assert_eq!(live["source"], "agent_timeline", "{}", live["run"]);
+    assert_eq!(live["allocator"]["available"], false);
+    assert!(
+        live["run"]["ticks"].as_u64().unwrap_or(0) >= 20,
+        "the worker pushed its split every tick: {}",
+        live["run"]
+    );
+    assert_eq!(live["verdict"]["kind"], "leak", "{}", live["verdict"]);
+    // the same verdict as the worker's own timeline
+    let tl = run.path("timeline.jsonl").display().to_string();
+    let file = report(&[&tl]);
+    assert_eq!(file["verdict"]["kind"], "leak", "{}", file["verdict"]);
+    // a pid the agent never watched is a clear error
+    let out = Command::new(bin("amm-worker"))
+        .args(["report", "--agent", &socket, "--pid", "1"])
+        .output()
+        .expect("amm-worker report");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no timeline for pid 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -45,6 +45,10 @@ pub struct AgentCounters {
 pub struct AgentLink {
     link: Arc<Link>,
     sink: Arc<OnceLock<EventSink>>,
+    /// Set when the workload is over: what the ticks see after it is the
+    /// process tearing down, not the workload, and stays out of the agent's
+    /// timeline (as it stays out of a report on the worker's own timeline).
+    workload_over: Arc<std::sync::atomic::AtomicBool>,
     /// Counters for the summary.
     pub counters: Arc<AgentCounters>,
 }
@@ -106,6 +110,7 @@ impl AgentLink {
         Ok(AgentLink {
             link: Arc::new(link),
             sink,
+            workload_over: Arc::default(),
             counters,
         })
     }
@@ -118,11 +123,22 @@ impl AgentLink {
         }
     }
 
+    /// Stops pushing accounting: the workload is over and what follows is
+    /// teardown.
+    pub fn workload_ended(&self) {
+        self.workload_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A hook for the manager's ticks: pushes each accounting split to the
     /// agent's timeline.
     pub fn tick_hook(&self) -> crate::memory::TickHook {
         let link = self.link.clone();
+        let over = self.workload_over.clone();
         Box::new(move |acc: &Accounting| {
+            if over.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
             link.report(
                 monotonic_ns(),
                 Split {

@@ -54,7 +54,8 @@ enum Command {
     /// Say what explains a run's unmanaged memory, stretch by stretch (leak,
     /// hoard, fragmentation, task temporaries, non-heap or managed growth),
     /// with the evidence; from the file a worker wrote with `--timeline`
-    /// (a running worker's file too: the report covers what it holds so far).
+    /// (a running worker's file too: the report covers what it holds so far),
+    /// or live from the timeline amm-agent holds (`--agent SOCKET --pid PID`).
     Report(ReportArgs),
     /// List the built-in workloads.
     Workloads,
@@ -73,7 +74,17 @@ enum Command {
 #[derive(Args, Debug)]
 struct ReportArgs {
     /// The timeline file (`amm-worker run ... --timeline PATH`).
-    timeline: PathBuf,
+    #[arg(required_unless_present = "agent", conflicts_with = "agent")]
+    timeline: Option<PathBuf>,
+    /// Instead of a file: ask the amm-agent at this socket for a registered
+    /// worker's timeline (its accounting split and the kernel's levels; no
+    /// allocator statistics).
+    #[arg(long, value_name = "SOCKET")]
+    agent: Option<PathBuf>,
+    /// With `--agent`: which worker (its pid, as `amm-agent status` lists
+    /// it); may be left out when the agent watches exactly one.
+    #[arg(long, requires = "agent")]
+    pid: Option<u32>,
     /// Print the report as JSON (schema: amm-report's `report` module).
     #[arg(long)]
     json: bool,
@@ -390,14 +401,20 @@ fn report(a: &ReportArgs) -> anyhow::Result<i32> {
         None => None,
     };
     loop {
-        let file = std::fs::File::open(&a.timeline).with_context(|| {
-            format!(
-                "cannot open the timeline {}: give the file a worker wrote with --timeline",
-                a.timeline.display()
-            )
-        })?;
-        let run = amm_report::Run::from_timeline(std::io::BufReader::new(file))
-            .with_context(|| format!("cannot use {}", a.timeline.display()))?;
+        let run = match (&a.timeline, &a.agent) {
+            (_, Some(socket)) => crate::report_live::run_from_agent(socket, a.pid)?,
+            (Some(timeline), None) => {
+                let file = std::fs::File::open(timeline).with_context(|| {
+                    format!(
+                        "cannot open the timeline {}: give the file a worker wrote with --timeline",
+                        timeline.display()
+                    )
+                })?;
+                amm_report::Run::from_timeline(std::io::BufReader::new(file))
+                    .with_context(|| format!("cannot use {}", timeline.display()))?
+            }
+            (None, None) => bail!("give a timeline file, or --agent SOCKET"),
+        };
         let report = amm_report::analyze(&run, &amm_report::Thresholds::default());
         let format = if a.json {
             amm_report::Format::Json
@@ -418,7 +435,9 @@ fn report(a: &ReportArgs) -> anyhow::Result<i32> {
         let ended = run.events.iter().any(|e| {
             matches!(
                 e.kind,
-                amm_report::EventKind::End | amm_report::EventKind::Terminate
+                amm_report::EventKind::End
+                    | amm_report::EventKind::Terminate
+                    | amm_report::EventKind::Exit { .. }
             )
         });
         match every {

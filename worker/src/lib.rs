@@ -30,6 +30,7 @@ pub mod memory;
 pub mod nanny;
 pub mod pool;
 pub mod proc;
+pub mod report_live;
 pub mod rng;
 pub mod signals;
 pub mod spill;

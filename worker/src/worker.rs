@@ -246,6 +246,9 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         opts.attempt,
     )?;
     let outcome = runner.run(&opts.workload);
+    if let Some(a) = &agent {
+        a.workload_ended();
+    }
     drop(runner);
     let mstats = manager.stop();
 

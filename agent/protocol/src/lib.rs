@@ -493,6 +493,9 @@ pub struct WatchStatus {
     /// Samples the agent holds for it.
     #[serde(default)]
     pub timeline_len: usize,
+    /// Its levels in bytes, while it is watched (`None` once it ended).
+    #[serde(default)]
+    pub thresholds: Option<ThresholdBytes>,
 }
 
 /// Entry counts of the probe's maps.

@@ -124,6 +124,17 @@ fn allocator_info(run: &Run) -> AllocatorInfo {
                     .into(),
             ),
         },
+        Source::AgentTimeline => AllocatorInfo {
+            available: false,
+            name: None,
+            note: Some(
+                "live from amm-agent's timeline: the worker's accounting split and the kernel's \
+                 levels, without the allocator's statistics, phases or purges, so hoard and \
+                 fragmentation cannot be told apart here. For them, run `amm-worker report` \
+                 on the worker's --timeline file."
+                    .into(),
+            ),
+        },
         Source::WorkerTimeline => {
             let available = run.ticks.iter().any(|t| t.heap.is_some());
             AllocatorInfo {

@@ -24,6 +24,10 @@ pub enum Source {
     /// The kernel only (`amm-agent watch`): RSS (anon, file, shmem), faults,
     /// levels. Nothing about the allocator.
     Kernel,
+    /// A running worker's timeline as `amm-agent` holds it: the accounting
+    /// split the worker pushed each tick and the kernel's levels, but no
+    /// allocator statistics, phases or purges.
+    AgentTimeline,
 }
 
 /// Thresholds in bytes (`None`: off or unknown).

@@ -105,6 +105,7 @@ fn page(o: &mut String, run: &Run, r: &Report) -> std::fmt::Result {
     let src = match r.source {
         Source::WorkerTimeline => "amm-worker timeline",
         Source::Kernel => "kernel data only (amm-agent watch)",
+        Source::AgentTimeline => "a running worker, through amm-agent",
     };
     write!(
         o,

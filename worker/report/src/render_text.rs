@@ -37,6 +37,7 @@ fn write_report(o: &mut String, r: &Report) -> std::fmt::Result {
     let src = match r.source {
         Source::WorkerTimeline => "amm-worker timeline",
         Source::Kernel => "kernel only (amm-agent watch)",
+        Source::AgentTimeline => "a running worker, through amm-agent",
     };
     let alloc = match (&r.allocator.name, r.allocator.available) {
         (Some(n), true) => format!("{n} statistics"),
