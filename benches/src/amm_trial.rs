@@ -254,6 +254,15 @@ fn kernel_life(client: &mut Client, pid: u32, t0: u64, after: &[&Value]) -> Resu
                 )
         })
         .filter_map(|v| {
+            // exact stamps when the worker wrote them (`began_ns`, `t_ns`),
+            // else its 1 ms `t_ms` clock
+            if let Some(ns) = v["began_ns"].as_u64() {
+                return Some(ns);
+            }
+            if let Some(ns) = v["t_ns"].as_u64() {
+                let ms = v["ms"].as_u64().unwrap_or(0);
+                return Some(ns.saturating_sub(ms * 1_000_000));
+            }
             let t = v["t_ms"]
                 .as_u64()?
                 .saturating_sub(v["ms"].as_u64().unwrap_or(0));

@@ -640,7 +640,9 @@ impl MemoryManager {
                 "spill",
                 json!({"reason": "process", "values": values, "bytes": bytes,
                        "process_before": before, "process_after": rss, "goal": goal,
-                       "purges": purges, "ms": start.elapsed().as_millis() as u64}),
+                       "purges": purges, "ms": start.elapsed().as_millis() as u64,
+                       "began_ns": crate::timeline::monotonic_ns()
+                           .saturating_sub(start.elapsed().as_nanos() as u64)}),
             );
         }
         Ok(rss)

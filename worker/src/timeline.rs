@@ -13,6 +13,10 @@
 //!   `terminate`, and workload events (`phase` at each phase's start, `check`,
 //!   `end` when the workload is over).
 //!
+//! Every line also has `t_ns`, CLOCK_MONOTONIC when it was written (the
+//! clock of the kernel's events); a `spill` for process memory has
+//! `began_ns`, when it started.
+//!
 //! Lines are flushed as written so a reader can follow a live worker. A
 //! worker restarted by its nanny appends to the same file after a `start`
 //! event (`attempt`, `pid`).
@@ -83,6 +87,7 @@ impl Timeline {
             "t_ms".into(),
             Value::from(self.start.elapsed().as_millis() as u64),
         );
+        obj.insert("t_ns".into(), Value::from(monotonic_ns()));
         obj.insert("kind".into(), Value::from(kind));
         if let Some(n) = name {
             obj.insert("event".into(), Value::from(n));
