@@ -17,13 +17,8 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fetches `pid`'s timeline from the agent at `socket` (the only watched
 /// process when `pid` is `None`) and turns it into a [`Run`].
 pub fn run_from_agent(socket: &Path, pid: Option<u32>) -> anyhow::Result<Run> {
-    let mut client =
-        Client::connect(socket, "amm-worker report", AGENT_TIMEOUT).with_context(|| {
-            format!(
-                "cannot reach amm-agent at {}: is `amm-agent run` running there?",
-                socket.display()
-            )
-        })?;
+    // its error says where it tried and what to check
+    let mut client = Client::connect(socket, "amm-worker report", AGENT_TIMEOUT)?;
     let status = client.status().context("amm-agent did not answer status")?;
     let all: Vec<&WatchStatus> = status
         .watches
