@@ -213,7 +213,6 @@ fn main() -> Result<()> {
         seen.iter()
             .map(|(v, n)| format!("{n}x {v}"))
             .collect::<Vec<_>>()
-            .join("; ")
     };
     let worst_peak = |runs: &[Outcome]| {
         let p = runs
@@ -245,7 +244,15 @@ fn main() -> Result<()> {
     let row = |name: &str, a: String, b: String| println!("  {name:<22}{a:<52}{b}");
     println!();
     row("", "poll only, 200 ms".into(), "with amm-agent".into());
-    row("outcome", outcomes(&polls), outcomes(&withs));
+    // one line per kind of outcome, side by side
+    let (a, b) = (outcomes(&polls), outcomes(&withs));
+    for i in 0..a.len().max(b.len()) {
+        row(
+            if i == 0 { "outcome" } else { "" },
+            a.get(i).cloned().unwrap_or_default(),
+            b.get(i).cloned().unwrap_or_default(),
+        );
+    }
     row("worst peak RSS", worst_peak(&polls), worst_peak(&withs));
     row(
         "worst cgroup usage",
