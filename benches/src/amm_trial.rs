@@ -293,7 +293,8 @@ fn kernel_life(client: &mut Client, pid: u32, t0: u64, after: &[&Value]) -> Resu
     })
 }
 
-/// Runs one trial; `agent` is the benchmark's running agent's socket.
+/// Runs one trial; `agent` is the benchmark's running agent's socket; the
+/// worker's timeline is copied into `keep` when given (for a closer look).
 pub fn run_trial(
     mode: AmmMode,
     workload: &str,
@@ -301,6 +302,7 @@ pub fn run_trial(
     agent: &Path,
     scratch: &Path,
     timeout: Duration,
+    keep: Option<&Path>,
 ) -> Result<AmmTrial> {
     let toml = workload_toml(workload, limit).context("unknown workload")?;
     let dir = tempfile::tempdir_in(scratch)?;
@@ -399,6 +401,15 @@ pub fn run_trial(
         for (l, a) in lives.iter_mut().zip(attempts) {
             l.ending = a["ending"].as_str().unwrap_or("").to_string();
         }
+    }
+    if let Some(k) = keep {
+        let to = k.join(format!(
+            "{workload}-{}-{}.jsonl",
+            mode.name().replace([' ', ',', '+'], ""),
+            lives.first().map_or(0, |l| l.pid)
+        ));
+        std::fs::copy(&tl_path, &to)
+            .with_context(|| format!("cannot keep the timeline as {}", to.display()))?;
     }
     let peak = lives.iter().map(|l| l.peak_rss_bytes).max().unwrap_or(0);
     let terminate = (limit as f64 * 0.95) as u64;

@@ -43,6 +43,9 @@ struct Args {
     /// Give a trial up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
+    /// Keep each amm-worker's timeline in this directory.
+    #[arg(long, value_name = "DIR")]
+    keep_timelines: Option<PathBuf>,
 }
 
 struct AgentProc(Child);
@@ -108,6 +111,9 @@ fn main() -> Result<()> {
     let mut out = std::fs::File::create(&args.out)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let timeout = Duration::from_secs(args.timeout_s);
+    if let Some(k) = &args.keep_timelines {
+        std::fs::create_dir_all(k).with_context(|| format!("cannot create {}", k.display()))?;
+    }
     let mut samples: Vec<Sample> = Vec::new();
     let mut spill_reactions: Vec<(String, Vec<f64>, u32)> = Vec::new();
     let modes = AmmMode::ALL.len() + usize::from(dask.is_some());
@@ -125,7 +131,15 @@ fn main() -> Result<()> {
                         w.name(),
                         mode.name()
                     )?;
-                    let trial = run_trial(mode, w.name(), limit, &socket, scratch.path(), timeout)?;
+                    let trial = run_trial(
+                        mode,
+                        w.name(),
+                        limit,
+                        &socket,
+                        scratch.path(),
+                        timeout,
+                        args.keep_timelines.as_deref(),
+                    )?;
                     writeln!(out, "{}", serde_json::to_string(&trial)?)?;
                     let row = format!("{} / {}", w.name(), mode.name());
                     let r: Vec<f64> = trial
