@@ -656,6 +656,20 @@ impl MemoryManager {
         } else {
             Detail::Totals
         };
+        // The kernel saw a level crossed (amm-agent): act on its word first.
+        // Reading the allocator's statistics takes up to a millisecond and
+        // the decision needs only RSS, so spill (and pause) before measuring.
+        let hint = Level::from_u8(self.shared.hint.swap(Level::Below as u8, Ordering::SeqCst));
+        if matches!(hint, Level::Spill | Level::Pause)
+            && let Some(spill) = self.levels.spill
+        {
+            let rss = proc::rss_bytes()?;
+            if hint == Level::Pause {
+                self.set_paused(true, "level event", rss);
+            }
+            let goal = self.levels.target.unwrap_or(spill).min(spill);
+            self.spill_process(rss, goal)?;
+        }
         let (acc, heap) = self.measure(detail)?;
         self.stats.ticks += 1;
         self.stats.peak_tick_rss = self.stats.peak_tick_rss.max(acc.process);
@@ -666,7 +680,6 @@ impl MemoryManager {
         if let Some(h) = &self.tick_hook {
             h(&acc);
         }
-        let hint = Level::from_u8(self.shared.hint.swap(Level::Below as u8, Ordering::SeqCst));
         let cgroup_usage: Option<CgroupUsage> = if self.timeline.is_some() {
             self.cgroup.as_ref().and_then(|c| c.usage())
         } else {
