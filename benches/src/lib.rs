@@ -33,6 +33,45 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// A running `amm-agent run` (release build), stopped with SIGTERM and
+/// waited for when dropped.
+#[derive(Debug)]
+pub struct AgentProc(std::process::Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `amm-agent run` on `socket` with the workspace's BPF object and
+/// waits (at most 20 s) until it accepts connections; its log (warnings
+/// only) goes to `stderr`.
+pub fn start_agent(socket: &Path, stderr: std::process::Stdio) -> anyhow::Result<AgentProc> {
+    use anyhow::Context;
+    let child = std::process::Command::new(profile_dir().join("amm-agent"))
+        .arg("run")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--bpf-object")
+        .arg(target_dir().join("bpf/amm.bpf.o"))
+        .env("AMM_LOG", "warn")
+        .stderr(stderr)
+        .spawn()
+        .context("start amm-agent")?;
+    let agent = AgentProc(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(agent);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("amm-agent did not start listening")
+}
+
 /// CLOCK_MONOTONIC now, in ns (the clock of the kernel's event stamps).
 pub fn monotonic_ns() -> u64 {
     amm_agent::server::monotonic_ns()

@@ -5,9 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use amm_benches::{profile_dir, target_dir};
+use amm_benches::{profile_dir, start_agent};
 use amm_integration_tests::cgroup::HardLimit;
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
@@ -135,27 +134,6 @@ fn verdict(o: &Outcome) -> String {
     }
 }
 
-fn start_agent(socket: &Path) -> Result<std::process::Child> {
-    let child = Command::new(profile_dir().join("amm-agent"))
-        .arg("run")
-        .arg("--socket")
-        .arg(socket)
-        .arg("--bpf-object")
-        .arg(target_dir().join("bpf/amm.bpf.o"))
-        .env("AMM_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start amm-agent")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Ok(child);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("amm-agent did not start listening")
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     if !amm_agent::probe::is_root() {
@@ -176,7 +154,7 @@ fn main() -> Result<()> {
         "Running it {} times each, interleaved: polling every 200 ms (Dask's documented default), and with amm-agent ...",
         args.runs
     );
-    let mut agent = start_agent(&socket)?;
+    let agent = start_agent(&socket, Stdio::null())?;
     let mut polls = Vec::new();
     let mut withs = Vec::new();
     let mut failure = None;
@@ -194,9 +172,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
-    let _ = agent.wait();
+    drop(agent);
     if let Some(e) = failure {
         return Err(e);
     }

@@ -6,13 +6,13 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use amm_benches::amm_trial::{AmmMode, run_trial};
 use amm_benches::dask::{DaskRunner, DaskVenv, TrialConfig, Workload};
 use amm_benches::spike_table::{self, Sample};
-use amm_benches::{percentiles, profile_dir, target_dir};
+use amm_benches::{percentiles, start_agent, target_dir};
 use amm_integration_tests::cgroup::HardLimit;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -48,38 +48,6 @@ struct Args {
     keep_timelines: Option<PathBuf>,
 }
 
-struct AgentProc(Child);
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-fn start_agent(socket: &std::path::Path) -> Result<AgentProc> {
-    let child = Command::new(profile_dir().join("amm-agent"))
-        .arg("run")
-        .arg("--socket")
-        .arg(socket)
-        .arg("--bpf-object")
-        .arg(target_dir().join("bpf/amm.bpf.o"))
-        .env("AMM_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("start amm-agent")?;
-    let agent = AgentProc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Ok(agent);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("amm-agent did not start listening")
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     if !amm_agent::probe::is_root() {
@@ -97,7 +65,7 @@ fn main() -> Result<()> {
     }
     let scratch = tempfile::tempdir()?;
     let socket = scratch.path().join("agent.sock");
-    let _agent = start_agent(&socket)?;
+    let _agent = start_agent(&socket, Stdio::inherit())?;
     let limit = args.limit_mib << 20;
     let dask = if args.no_dask {
         None
