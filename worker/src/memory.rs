@@ -177,6 +177,9 @@ pub struct Accounting {
     pub heap_live: u64,
     /// Allocator's resident bytes.
     pub allocator_resident: u64,
+    /// How far RSS moved while the allocator was read (other threads were
+    /// allocating or freeing): the split is exact only to within this.
+    pub rss_moved: u64,
 }
 
 impl Accounting {
@@ -202,9 +205,16 @@ impl Accounting {
             unmanaged_recent: 0,
             heap_live: live,
             allocator_resident: resident,
+            rss_moved: 0,
         }
     }
 }
+
+/// RSS movement during a measurement below which it counts as settled.
+const SETTLED_BYTES: u64 = 1 << 20;
+
+/// How many times a measurement is taken while RSS keeps moving under it.
+const MEASURE_ATTEMPTS: u32 = 3;
 
 /// Sliding-window minimum of `process - managed`, for `unmanaged_recent`.
 #[derive(Debug, Default)]
@@ -439,12 +449,29 @@ impl MemoryManager {
         // and after the heap read are inside the heap read: take the smaller
         // of the two sums (a value put during the read would otherwise count
         // as managed without being in `heap_live`).
-        let before = self.buffer.stats();
-        let heap = alloc::heap_stats(detail)?;
-        let statm = proc::statm()?;
-        let s = self.buffer.stats();
+        //
+        // The kernel's RSS and the allocator are read at different instants:
+        // a task that frees, trims or faults in between (a `malloc_trim` of
+        // 200 MiB in another thread, say) makes the parts miss the whole.
+        // So RSS is read on both sides of the allocator and the measurement
+        // is repeated while it moved; `rss_moved` says by how much it moved
+        // during the one that was kept, which bounds the identity error.
+        let mut attempt = 1;
+        let (statm, heap, before, s, moved) = loop {
+            let rss_before = proc::statm()?.resident;
+            let before = self.buffer.stats();
+            let heap = alloc::heap_stats(detail)?;
+            let statm = proc::statm()?;
+            let s = self.buffer.stats();
+            let moved = statm.resident.abs_diff(rss_before);
+            if moved <= SETTLED_BYTES || attempt == MEASURE_ATTEMPTS {
+                break (statm, heap, before, s, moved);
+            }
+            attempt += 1;
+        };
         let managed = s.managed.min(before.managed);
         let mut acc = Accounting::split(statm, managed, s.spilled, &heap);
+        acc.rss_moved = moved;
         acc.unmanaged_recent = self.recent.push(
             Instant::now(),
             acc.process.saturating_sub(acc.managed),
@@ -694,6 +721,7 @@ impl MemoryManager {
                 "unmanaged_recent": acc.unmanaged_recent, "heap_live": acc.heap_live,
                 "allocator_resident": acc.allocator_resident, "rss_anon": acc.rss_anon,
                 "rss_file_shmem": acc.rss_file_shmem, "identity_error": acc.identity_error(),
+                "rss_moved": acc.rss_moved,
                 "limit": self.limit, "fraction": self.fraction(acc.process),
                 "paused": self.gate.is_paused(), "tasks_started": self.gate.started(),
                 "tasks_finished": self.gate.finished_count(),

@@ -3,7 +3,8 @@
 //! * `{"t_ms": .., "kind": "tick", ...}` once per monitor tick: the
 //!   accounting split (`process`, `managed`, `unmanaged_live`, `hoarded`,
 //!   `non_heap`, `spilled`, `unmanaged_recent`, `heap_live`,
-//!   `allocator_resident`, `identity_error`), the limit and fraction, pause
+//!   `allocator_resident`, `identity_error`, and `rss_moved`: how far RSS
+//!   moved while the allocator was read), the limit and fraction, pause
 //!   state and task counts, the SpillBuffer's counters, the cgroup's usage
 //!   and page cache, and the allocator's statistics (`heap`: jemalloc totals,
 //!   per-arena dirty/muzzy and per-size-class counts, or glibc `mallinfo2`,

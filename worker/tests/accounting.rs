@@ -13,9 +13,11 @@ use serde_json::Value;
 /// tolerance: 2 MiB or 1% of RSS, whichever is larger, plus, for jemalloc,
 /// `stats.active - stats.allocated`: the slab slack and the page of padding
 /// each large extent gets (cache-oblivious placement), which jemalloc counts
-/// as resident although no program ever touches them.
+/// as resident although no program ever touches them. Plus `rss_moved`: how
+/// far RSS moved while the worker read its allocator (a task trimming or
+/// allocating at that moment), which the worker measures and reports.
 fn tolerance(t: &Value) -> u64 {
-    let base = (2 * MIB).max(u(t, "process") / 100);
+    let base = (2 * MIB).max(u(t, "process") / 100) + u(t, "rss_moved");
     let h = &t["heap"];
     if h["allocator"] == "jemalloc" {
         base + u(h, "active").saturating_sub(u(h, "allocated"))
