@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amm_integration_tests::cgroup::HardLimit;
-use amm_protocol::{Client, SampleKind};
+use amm_protocol::{Client, Sample, SampleKind};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
@@ -150,12 +150,15 @@ pub struct AmmLife {
     /// Peak RSS to the page.
     pub peak_rss_bytes: u64,
     /// For each rise past spill (from below target), the time to the
-    /// worker's first reaction to it (a spill, a pause, a terminate) before
-    /// it fell back below target, ms; 0 when the kernel killed it at the
-    /// terminate page.
+    /// worker's first reaction to it (a spill, a pause, a terminate, or its
+    /// decision that no value was left to spill) before it fell back below
+    /// target, ms; 0 when the kernel killed it at the terminate page.
     pub reactions_ms: Vec<f64>,
     /// Rises past spill the worker never reacted to before they ended.
     pub missed: u32,
+    /// Rises whose first reaction was `nothing_to_spill`: all of process
+    /// memory was unmanaged, so no spill could follow.
+    pub nothing_to_spill: u32,
     /// From the kernel's crossing of terminate to the exit, ms.
     pub terminate_to_exit_ms: Option<f64>,
     /// The kernel signalled it at the terminate page.
@@ -205,13 +208,20 @@ fn timeline(path: &Path) -> Vec<Value> {
 /// The agent's kernel record of one worker.
 fn kernel_life(client: &mut Client, pid: u32, t0: u64, after: &[&Value]) -> Result<AmmLife> {
     let samples = client.timeline(pid)?;
+    Ok(life_from(pid, &samples, t0, after))
+}
+
+/// One worker's life from the kernel's samples of it and its own timeline
+/// lines (`after`: those of this life; `t0`: its timeline's start on the
+/// kernel's clock).
+fn life_from(pid: u32, samples: &[Sample], t0: u64, after: &[&Value]) -> AmmLife {
     let mut term_ns = None;
     let mut exit_ns = None;
     let mut peak = 0;
     let mut killed_at_page = false;
     // episodes above spill: (rise, fall or exit)
     let mut episodes: Vec<(u64, Option<u64>)> = Vec::new();
-    for s in &samples {
+    for s in samples {
         match &s.what {
             SampleKind::Level {
                 from,
@@ -243,54 +253,62 @@ fn kernel_life(client: &mut Client, pid: u32, t0: u64, after: &[&Value]) -> Resu
     // the worker's own reactions to process memory, on the kernel's clock
     // (not the spills a put makes when managed memory passes target; a
     // spill event is written when the spill is done: it began `ms` earlier)
-    let actions: Vec<u64> = after
+    let actions: Vec<(u64, bool)> = after
         .iter()
         .filter(|v| {
             v["kind"] == "event"
                 && v["reason"] != "target"
                 && matches!(
                     v["event"].as_str(),
-                    Some("spill" | "pause" | "terminate" | "spill_failed")
+                    Some("spill" | "pause" | "terminate" | "spill_failed" | "nothing_to_spill")
                 )
         })
         .filter_map(|v| {
+            let nothing = v["event"] == "nothing_to_spill";
             // exact stamps when the worker wrote them (`began_ns`, `t_ns`),
             // else its 1 ms `t_ms` clock
             if let Some(ns) = v["began_ns"].as_u64() {
-                return Some(ns);
+                return Some((ns, nothing));
             }
             if let Some(ns) = v["t_ns"].as_u64() {
                 let ms = v["ms"].as_u64().unwrap_or(0);
-                return Some(ns.saturating_sub(ms * 1_000_000));
+                return Some((ns.saturating_sub(ms * 1_000_000), nothing));
             }
             let t = v["t_ms"]
                 .as_u64()?
                 .saturating_sub(v["ms"].as_u64().unwrap_or(0));
-            Some(t0 + t * 1_000_000)
+            Some((t0 + t * 1_000_000, nothing))
         })
         .collect();
     let mut reactions_ns = Vec::new();
-    let mut missed = 0;
+    let (mut missed, mut nothing_to_spill) = (0, 0);
     let last = episodes.len().saturating_sub(1);
     for (i, &(up, down)) in episodes.iter().enumerate() {
         let end = down.or(exit_ns).unwrap_or(u64::MAX);
         // t_ms has a 1 ms resolution
-        match actions.iter().find(|&&t| t + 1_000_000 >= up && t <= end) {
-            Some(&t) => reactions_ns.push(t.saturating_sub(up)),
+        match actions
+            .iter()
+            .find(|&&(t, _)| t + 1_000_000 >= up && t <= end)
+        {
+            Some(&(t, nothing)) => {
+                reactions_ns.push(t.saturating_sub(up));
+                nothing_to_spill += u32::from(nothing);
+            }
             None if killed_at_page && i == last => reactions_ns.push(0),
             None => missed += 1,
         }
     }
     let ms = |ns: u64| ns as f64 / 1e6;
-    Ok(AmmLife {
+    AmmLife {
         pid,
         peak_rss_bytes: peak,
         reactions_ms: reactions_ns.into_iter().map(ms).collect(),
         missed,
+        nothing_to_spill,
         terminate_to_exit_ms: term_ns.zip(exit_ns).map(|(t, e)| ms(e.saturating_sub(t))),
         killed_at_page,
         ending: String::new(),
-    })
+    }
 }
 
 /// Runs one trial; `agent` is the benchmark's running agent's socket; the
@@ -479,5 +497,54 @@ impl AmmTrial {
             unanswered_crossings: 0,
             wall_ms: Some(self.wall_ms as f64),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amm_ebpf::Level;
+    use serde_json::json;
+
+    fn level(t_ns: u64, from: Level, to: Level) -> Sample {
+        Sample {
+            t_ns,
+            rss_bytes: 0,
+            what: SampleKind::Level {
+                from,
+                to,
+                foreign: false,
+                signalled: false,
+            },
+        }
+    }
+
+    #[test]
+    fn each_rise_counts_its_first_reaction_and_says_when_nothing_could_spill() {
+        const MS: u64 = 1_000_000;
+        let samples = [
+            // rise 1: nothing to spill at +0.4 ms, a pause at +52 ms
+            level(100 * MS, Level::Below, Level::Spill),
+            level(900 * MS, Level::Spill, Level::Below),
+            // rise 2: a spill at +0.3 ms
+            level(2_000 * MS, Level::Below, Level::Spill),
+            level(2_500 * MS, Level::Spill, Level::Below),
+            // rise 3: no reaction before it fell
+            level(3_000 * MS, Level::Below, Level::Spill),
+            level(3_100 * MS, Level::Spill, Level::Below),
+        ];
+        let lines = [
+            json!({"kind": "event", "event": "nothing_to_spill", "began_ns": 100 * MS + 400_000}),
+            json!({"kind": "event", "event": "pause", "t_ns": 152 * MS}),
+            // a target spill is no reaction to process memory
+            json!({"kind": "event", "event": "spill", "reason": "target", "began_ns": 1_990 * MS}),
+            json!({"kind": "event", "event": "spill", "reason": "process", "began_ns": 2_000 * MS + 300_000}),
+            json!({"kind": "event", "event": "spill", "reason": "target", "began_ns": 3_050 * MS}),
+        ];
+        let after: Vec<&Value> = lines.iter().collect();
+        let life = life_from(7, &samples, 0, &after);
+        assert_eq!(life.reactions_ms, vec![0.4, 0.3]);
+        assert_eq!(life.nothing_to_spill, 1);
+        assert_eq!(life.missed, 1);
     }
 }

@@ -210,6 +210,9 @@ impl Accounting {
     }
 }
 
+/// How often the "nothing to spill" warning may be logged.
+const NOTHING_TO_SPILL_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// RSS movement during a measurement below which it counts as settled.
 const SETTLED_BYTES: u64 = 1 << 20;
 
@@ -340,6 +343,10 @@ pub struct MemoryManager {
     unmanaged_at_purge: Option<u64>,
     paused_since: Option<Instant>,
     spill_failing: bool,
+    /// `nothing_to_spill` was written for the current rise past spill.
+    nothing_to_spill_reported: bool,
+    /// When the last "nothing to spill" warning was logged.
+    nothing_to_spill_warned: Option<Instant>,
     stats: ManagerStats,
     tick_hook: Option<TickHook>,
 }
@@ -388,6 +395,8 @@ impl MemoryManager {
             unmanaged_at_purge: None,
             paused_since: None,
             spill_failing: false,
+            nothing_to_spill_reported: false,
+            nothing_to_spill_warned: None,
             stats: ManagerStats::default(),
             tick_hook: None,
         }
@@ -662,6 +671,9 @@ impl MemoryManager {
             self.spill_failing = true;
             self.event("spill_failed", json!({"error": e, "process": rss}));
         }
+        if values == 0 && error.is_none() && rss > goal {
+            self.report_nothing_to_spill(rss, goal, start);
+        }
         if values > 0 {
             self.event(
                 "spill",
@@ -673,6 +685,39 @@ impl MemoryManager {
             );
         }
         Ok(rss)
+    }
+
+    /// Process memory is above spill but no value is left in memory: all of
+    /// it is unmanaged, and only pausing (or the terminate level) can help.
+    /// Dask logs "Unmanaged memory use is high" here; amm says it once per
+    /// rise past spill (in the timeline as `nothing_to_spill`, with when the
+    /// manager decided it) and warns at most once a minute.
+    fn report_nothing_to_spill(&mut self, rss: u64, goal: u64, start: Instant) {
+        if self.nothing_to_spill_reported {
+            return;
+        }
+        self.nothing_to_spill_reported = true;
+        let warn = self
+            .nothing_to_spill_warned
+            .is_none_or(|t| t.elapsed() >= NOTHING_TO_SPILL_WARN_EVERY);
+        if warn {
+            self.nothing_to_spill_warned = Some(Instant::now());
+            tracing::warn!(
+                process = rss,
+                goal,
+                "process memory is above spill with nothing left to spill: all of it is \
+                 unmanaged (task temporaries, a leak or the allocator's hoard; \
+                 `amm-worker report` says which)"
+            );
+        }
+        self.event(
+            "nothing_to_spill",
+            json!({"reason": "process", "process": rss, "goal": goal,
+                   "managed": self.buffer.managed(),
+                   "ms": start.elapsed().as_millis() as u64,
+                   "began_ns": crate::timeline::monotonic_ns()
+                       .saturating_sub(start.elapsed().as_nanos() as u64)}),
+        );
     }
 
     /// One monitor tick: measure, act, record. Public so tests and a future
@@ -786,6 +831,7 @@ impl MemoryManager {
             }
         } else if self.levels.target.is_none_or(|t| rss <= t) {
             self.spill_failing = false;
+            self.nothing_to_spill_reported = false;
         }
 
         // pause

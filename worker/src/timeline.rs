@@ -10,7 +10,8 @@
 //!   per-arena dirty/muzzy and per-size-class counts, or glibc `mallinfo2`,
 //!   arena residency and `malloc_info` per arena).
 //! * `{"t_ms": .., "kind": "event", "event": NAME, ...}` for `spill`,
-//!   `spill_failed`, `purge` (with what it returned), `pause`, `unpause`,
+//!   `spill_failed`, `nothing_to_spill` (process memory above spill with no
+//!   value left in memory, once per rise), `purge` (with what it returned), `pause`, `unpause`,
 //!   `terminate`, and workload events (`phase` at each phase's start, `check`,
 //!   `end` when the workload is over).
 //!

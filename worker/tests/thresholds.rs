@@ -277,6 +277,24 @@ tasks = 500
         "unpaused at {}",
         f(ue, "fraction")
     );
+    // All of it was task memory: past spill the manager found nothing to
+    // spill and said so, once for the one rise, before pausing.
+    let nothing: Vec<usize> = (0..tl.len())
+        .filter(|&i| tl[i]["kind"] == "event" && tl[i]["event"] == "nothing_to_spill")
+        .collect();
+    assert_eq!(nothing.len(), 1, "nothing_to_spill events: {nothing:?}");
+    let n = &tl[nothing[0]];
+    assert_eq!(u(n, "managed"), 0, "{n}");
+    assert!(u(n, "process") > (LIMIT as f64 * 0.7) as u64, "{n}");
+    assert!(nothing[0] < p, "said nothing to spill only after pausing");
+    for fr in fractions_before(&tl, nothing[0]).iter().rev().skip(1) {
+        assert!(*fr <= 0.7, "a tick at {fr} > 0.7 passed without a decision");
+    }
+    assert!(
+        !tl.iter()
+            .any(|v| v["event"] == "spill" && v["reason"] == "process"),
+        "spilled process memory with no managed value"
+    );
     assert!(r.u64("paused_ms") > 0);
     assert_eq!(r.u64("tasks"), 501);
     assert_eq!(cg.oom_kills(), 0);

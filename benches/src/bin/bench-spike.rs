@@ -83,7 +83,8 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(k).with_context(|| format!("cannot create {}", k.display()))?;
     }
     let mut samples: Vec<Sample> = Vec::new();
-    let mut spill_reactions: Vec<(String, Vec<f64>, u32)> = Vec::new();
+    // row, reactions, rises with no reaction, rises with nothing to spill
+    let mut spill_reactions: Vec<(String, Vec<f64>, u32, u32)> = Vec::new();
     let modes = AmmMode::ALL.len() + usize::from(dask.is_some());
     for t in 0..args.trials {
         for w in &args.workloads {
@@ -116,12 +117,14 @@ fn main() -> Result<()> {
                         .flat_map(|l| l.reactions_ms.iter().copied())
                         .collect();
                     let missed: u32 = trial.lives.iter().map(|l| l.missed).sum();
-                    match spill_reactions.iter_mut().find(|(k, _, _)| *k == row) {
-                        Some((_, v, m)) => {
+                    let nothing: u32 = trial.lives.iter().map(|l| l.nothing_to_spill).sum();
+                    match spill_reactions.iter_mut().find(|(k, ..)| *k == row) {
+                        Some((_, v, m, n)) => {
                             v.extend(r);
                             *m += missed;
+                            *n += nothing;
                         }
-                        None => spill_reactions.push((row, r, missed)),
+                        None => spill_reactions.push((row, r, missed, nothing)),
                     }
                     samples.push(trial.sample());
                 } else if let Some(runner) = &dask {
@@ -166,12 +169,14 @@ fn main() -> Result<()> {
     print!("{}", spike_table::markdown(&samples));
     println!();
     println!(
-        "amm-worker only: for each rise past spill (70 %) from below target, the time from the kernel's crossing to the worker's first reaction to process memory (a spill, a pause or a terminate; 0 when the kernel killed it at the terminate page)"
+        "amm-worker only: for each rise past spill (70 %) from below target, the time from the kernel's crossing to the worker's first reaction to process memory (a spill, a pause, a terminate, or its decision that no value was left to spill; 0 when the kernel killed it at the terminate page)"
     );
     println!();
-    println!("| workload / mode | reaction ms, median / p99 (n) | rises with no reaction |");
-    println!("| --- | --- | --- |");
-    for (row, mut v, missed) in spill_reactions {
+    println!(
+        "| workload / mode | reaction ms, median / p99 (n) | of which nothing to spill | rises with no reaction |"
+    );
+    println!("| --- | --- | --- | --- |");
+    for (row, mut v, missed, nothing) in spill_reactions {
         let n = v.len();
         let cell = if v.is_empty() {
             "- (0)".to_string()
@@ -179,7 +184,7 @@ fn main() -> Result<()> {
             let (m, p99, _) = percentiles(&mut v);
             format!("{m:.1} / {p99:.1} ({n})")
         };
-        println!("| {row} | {cell} | {missed} |");
+        println!("| {row} | {cell} | {nothing} | {missed} |");
     }
     Ok(())
 }
