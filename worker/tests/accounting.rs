@@ -244,6 +244,10 @@ duration = "300ms"
         "{allocator}: purge returned {returned} of {hoard_rise} hoarded"
     );
     assert!(u(pe, "hoarded_after") < u(pe, "hoarded_before") / 4, "{pe}");
+    // Giving back 200 MiB costs the purging thread CPU time (what the purge
+    // budget counts), never more than the wall time it took.
+    let cpu = u(pe, "cpu_us");
+    assert!(cpu > 0 && cpu <= u(pe, "duration_us") + 1_000, "{pe}");
     let rss_drop = u(&hoarding, "process") - u(&after, "process");
     let hoard_drop = u(&hoarding, "hoarded") - u(&after, "hoarded");
     assert!(
