@@ -317,7 +317,13 @@ pub struct ServingCheck {
     pub probe_bytes: u64,
     /// True when only the chosen allocator's counter grew by the probe size.
     pub verified: bool,
+    /// Probes it took (other threads allocating or freeing between the two
+    /// reads move the counters too, so an unclear probe is repeated).
+    pub attempts: u32,
 }
+
+/// How many probes [`verify_serving`] makes before it says "not verified".
+const SERVING_ATTEMPTS: u32 = 5;
 
 /// Proves which allocator serves this process: allocates `probe_bytes`
 /// through the global allocator and reads both allocators' counters before
@@ -325,6 +331,22 @@ pub struct ServingCheck {
 /// [`Dispatch`]. Reading jemalloc's counters initialises jemalloc in a
 /// system-allocator process (a few hundred KiB).
 pub fn verify_serving(probe_bytes: usize) -> std::io::Result<ServingCheck> {
+    let mut check = probe_serving(probe_bytes)?;
+    while !check.verified && check.attempts < SERVING_ATTEMPTS {
+        tracing::debug!(
+            jemalloc_delta = check.jemalloc_allocated_delta,
+            glibc_delta = check.glibc_live_delta,
+            "allocator probe unclear (other threads allocated meanwhile); probing again"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        let attempts = check.attempts + 1;
+        check = probe_serving(probe_bytes)?;
+        check.attempts = attempts;
+    }
+    Ok(check)
+}
+
+fn probe_serving(probe_bytes: usize) -> std::io::Result<ServingCheck> {
     let je_before = jemalloc::allocated_now()?;
     let gl_before = glibc::live_now();
     let mut probe: Vec<u8> = Vec::with_capacity(probe_bytes);
@@ -348,5 +370,6 @@ pub fn verify_serving(probe_bytes: usize) -> std::io::Result<ServingCheck> {
         glibc_live_delta: gl,
         probe_bytes: probe_bytes as u64,
         verified,
+        attempts: 1,
     })
 }

@@ -79,6 +79,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         jemalloc_delta = check.jemalloc_allocated_delta,
         glibc_delta = check.glibc_live_delta,
         verified = check.verified,
+        attempts = check.attempts,
         "allocator serving this worker"
     );
     if allocator == Allocator::Jemalloc {
