@@ -16,6 +16,14 @@ use anyhow::{Context, Result};
 
 use crate::server::monotonic_ns;
 
+/// How long before its exit a fall of RSS counts as the process freeing
+/// everything on its way out (an `amm-worker` timeline marks this with its
+/// `end` event; the kernel has only the exit to go by).
+pub const TEARDOWN_WINDOW_S: f64 = 1.0;
+
+/// The least fall before the exit that is left out as teardown.
+const TEARDOWN_MIN_BYTES: u64 = 4 << 20;
+
 /// How often RSS is sampled: the worker's default monitor interval.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
@@ -103,11 +111,27 @@ impl KernelRecorder {
                 rss: m.rss_bytes,
             },
             EventKind::Spike => amm_report::EventKind::Spike { rss: m.rss_bytes },
-            EventKind::Exit => amm_report::EventKind::Exit {
-                peak: m.peak_rss_bytes,
-            },
+            EventKind::Exit => {
+                self.mark_teardown(t);
+                amm_report::EventKind::Exit {
+                    peak: m.peak_rss_bytes,
+                }
+            }
         };
         self.run.push_event(t, kind);
+    }
+
+    /// A process frees its memory on its way out; on a busy machine that
+    /// takes several samples, and a leak would look freed. The final fall
+    /// within [`TEARDOWN_WINDOW_S`] of the exit is marked as the workload's
+    /// end, so the report leaves it out as teardown (and notes it).
+    fn mark_teardown(&mut self, exit_t: f64) {
+        let Some(k) = teardown_start(&self.run.ticks, exit_t) else {
+            return;
+        };
+        // the report notes how many samples it left out as teardown
+        let end_t = self.run.ticks[k].t + 1e-6;
+        self.run.push_event(end_t, amm_report::EventKind::End);
     }
 
     /// Analyses what was recorded and writes the report; returns where.
@@ -119,6 +143,23 @@ impl KernelRecorder {
             .with_context(|| format!("cannot write the report to {}", self.path.display()))?;
         Ok(self.path)
     }
+}
+
+/// The index of the last sample before the teardown: the start of the
+/// final non-rising run of samples, or the first sample within
+/// [`TEARDOWN_WINDOW_S`] of the exit if the run began earlier; `None` when
+/// RSS fell less than [`TEARDOWN_MIN_BYTES`] from there.
+fn teardown_start(ticks: &[Tick], exit_t: f64) -> Option<usize> {
+    let last = ticks.len().checked_sub(1)?;
+    let mut k = last;
+    while k > 0
+        && ticks[k - 1].process >= ticks[k].process
+        && ticks[k - 1].t >= exit_t - TEARDOWN_WINDOW_S
+    {
+        k -= 1;
+    }
+    (k < last && ticks[k].process.saturating_sub(ticks[last].process) >= TEARDOWN_MIN_BYTES)
+        .then_some(k)
 }
 
 /// `RssAnon`, `RssFile`, `RssShmem` of `/proc/PID/status`, bytes.
@@ -153,6 +194,34 @@ mod tests {
     fn reads_rss_from_status() {
         let s = "Name:\tx\nRssAnon:\t  1024 kB\nRssFile:\t 8 kB\nRssShmem:\t 0 kB\n";
         assert_eq!(rss_of_status(s), (1 << 20, 8192, 0));
+    }
+
+    fn tick(t: f64, mib: u64) -> Tick {
+        Tick {
+            t,
+            process: mib << 20,
+            ..Tick::default()
+        }
+    }
+
+    #[test]
+    fn the_final_fall_before_the_exit_is_teardown() {
+        // a leak, then 0.6 s of freeing before the exit at 5.0 s
+        let mut ticks: Vec<Tick> = (0..22).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
+        ticks.extend([tick(4.4, 100), tick(4.6, 70), tick(4.8, 52)]);
+        let k = teardown_start(&ticks, 5.0).expect("teardown");
+        assert_eq!(ticks[k].t, 4.4);
+        // a fall that began long before the exit: only its last second
+        let ticks: Vec<Tick> = (0..25).map(|i| tick(i as f64 * 0.2, 200 - 4 * i)).collect();
+        let k = teardown_start(&ticks, 5.0).expect("teardown");
+        assert!((ticks[k].t - 4.0).abs() < 1e-9, "{}", ticks[k].t);
+        // still growing at the exit, or a fall under 4 MiB: no teardown
+        let ticks: Vec<Tick> = (0..25).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
+        assert_eq!(teardown_start(&ticks, 5.0), None);
+        let mut ticks: Vec<Tick> = (0..24).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
+        ticks.push(tick(4.8, 81));
+        assert_eq!(teardown_start(&ticks, 5.0), None);
+        assert_eq!(teardown_start(&[], 5.0), None);
     }
 
     #[test]
