@@ -251,8 +251,12 @@ tasks = 500
     let tl = timeline(&tl);
     let p = first_event(&tl, "pause", |_| true)
         .unwrap_or_else(|| panic!("never paused; {}", r.describe()));
-    let at = tick_before(&tl, p).expect("tick");
-    assert!(f(at, "fraction") > 0.8, "paused at {}", f(at, "fraction"));
+    // The pause event carries the measurement it was decided on (the
+    // freshest one: after a purge or a spill attempt the manager reads RSS
+    // again, and a ramp keeps growing meanwhile).
+    let pe = &tl[p];
+    assert!(f(pe, "fraction") > 0.8, "paused at {pe}");
+    assert_eq!(pe["reason"], "pause threshold", "{pe}");
     for fr in fractions_before(&tl, p).iter().rev().skip(1) {
         assert!(*fr <= 0.8, "a tick at {fr} > 0.8 passed without pausing");
     }
