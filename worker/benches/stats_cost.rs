@@ -87,13 +87,7 @@ fn busy(stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
 }
 
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec; the clock id is a constant.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    Duration::from_micros(alloc::thread_cpu_us())
 }
 
 type Read = (&'static str, fn());

@@ -260,14 +260,8 @@ pub fn reclaim(reason: &str) -> std::io::Result<PurgeReport> {
     let allocator = active();
     let before = heap_stats(Detail::Totals)?;
     let rss_before = crate::proc::rss_bytes()?;
-    let start = Instant::now();
-    let cpu_start = thread_cpu_us();
-    match allocator {
-        Allocator::Jemalloc => jemalloc::purge_all()?,
-        Allocator::System => glibc::trim(),
-    }
-    let duration = start.elapsed();
-    let cpu_us = thread_cpu_us().saturating_sub(cpu_start);
+    let (cost, purged) = release_hoard();
+    purged?;
     let rss_after = crate::proc::rss_bytes()?;
     let after = heap_stats(Detail::Totals)?;
     Ok(PurgeReport {
@@ -280,9 +274,38 @@ pub fn reclaim(reason: &str) -> std::io::Result<PurgeReport> {
         resident_after: after.resident(),
         hoarded_before: before.hoarded(),
         hoarded_after: after.hoarded(),
-        duration_us: duration_micros(duration),
-        cpu_us,
+        duration_us: cost.wall_us,
+        cpu_us: cost.cpu_us,
     })
+}
+
+/// What one purge/trim cost the thread that ran it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PurgeCost {
+    /// Wall time, microseconds.
+    pub wall_us: u64,
+    /// CPU time (user + kernel), microseconds.
+    pub cpu_us: u64,
+}
+
+/// Purges (jemalloc) or trims (glibc) the hoard, nothing more: no
+/// statistics are read (see [`reclaim`] for a purge that says what it
+/// returned). The cost is measured even when jemalloc refuses the purge.
+pub fn release_hoard() -> (PurgeCost, std::io::Result<()>) {
+    let start = Instant::now();
+    let cpu_start = thread_cpu_us();
+    let result = match active() {
+        Allocator::Jemalloc => jemalloc::purge_all(),
+        Allocator::System => {
+            glibc::trim();
+            Ok(())
+        }
+    };
+    let cost = PurgeCost {
+        wall_us: duration_micros(start.elapsed()),
+        cpu_us: thread_cpu_us().saturating_sub(cpu_start),
+    };
+    (cost, result)
 }
 
 /// CPU time of the calling thread so far (`CLOCK_THREAD_CPUTIME_ID`), in
@@ -331,22 +354,23 @@ const SERVING_ATTEMPTS: u32 = 5;
 /// [`Dispatch`]. Reading jemalloc's counters initialises jemalloc in a
 /// system-allocator process (a few hundred KiB).
 pub fn verify_serving(probe_bytes: usize) -> std::io::Result<ServingCheck> {
-    let mut check = probe_serving(probe_bytes)?;
-    while !check.verified && check.attempts < SERVING_ATTEMPTS {
+    let mut attempts = 1;
+    loop {
+        let check = probe_serving(probe_bytes, attempts)?;
+        if check.verified || attempts == SERVING_ATTEMPTS {
+            return Ok(check);
+        }
         tracing::debug!(
             jemalloc_delta = check.jemalloc_allocated_delta,
             glibc_delta = check.glibc_live_delta,
             "allocator probe unclear (other threads allocated meanwhile); probing again"
         );
         std::thread::sleep(Duration::from_millis(2));
-        let attempts = check.attempts + 1;
-        check = probe_serving(probe_bytes)?;
-        check.attempts = attempts;
+        attempts += 1;
     }
-    Ok(check)
 }
 
-fn probe_serving(probe_bytes: usize) -> std::io::Result<ServingCheck> {
+fn probe_serving(probe_bytes: usize, attempts: u32) -> std::io::Result<ServingCheck> {
     let je_before = jemalloc::allocated_now()?;
     let gl_before = glibc::live_now();
     let mut probe: Vec<u8> = Vec::with_capacity(probe_bytes);
@@ -370,6 +394,6 @@ fn probe_serving(probe_bytes: usize) -> std::io::Result<ServingCheck> {
         glibc_live_delta: gl,
         probe_bytes: probe_bytes as u64,
         verified,
-        attempts: 1,
+        attempts,
     })
 }

@@ -642,20 +642,14 @@ impl MemoryManager {
             rss = proc::rss_bytes()?;
             if unpurged >= batch {
                 if batch_rss.saturating_sub(rss) < unpurged / 2 {
-                    let t = Instant::now();
-                    let cpu = alloc::thread_cpu_us();
-                    match self.allocator {
-                        Allocator::Jemalloc => {
-                            let _ = alloc::jemalloc::purge_all();
-                        }
-                        Allocator::System => alloc::glibc::trim(),
-                    }
+                    // a failed jemalloc purge shows as RSS that did not fall
+                    let (cost, _) = alloc::release_hoard();
                     let after = proc::rss_bytes()?;
                     purges += 1;
                     self.stats.purge_count += 1;
                     self.stats.purged_bytes_total += rss.saturating_sub(after);
-                    self.stats.purge_us_total += t.elapsed().as_micros() as u64;
-                    self.stats.purge_cpu_us_total += alloc::thread_cpu_us().saturating_sub(cpu);
+                    self.stats.purge_us_total += cost.wall_us;
+                    self.stats.purge_cpu_us_total += cost.cpu_us;
                     rss = after;
                 }
                 unpurged = 0;
