@@ -1,8 +1,8 @@
 //! The real-Dask baseline of the spike benchmark: one trial of a real Dask
 //! worker under a real hard memory limit, watched by the real eBPF probe.
 //!
-//! [`DaskVenv::ensure`] makes (or reuses) a throwaway virtualenv with a
-//! pinned Dask. [`DaskRunner::run_trial`] starts `benches/dask/spike_trial.py`
+//! [`DaskVenv::find`] finds the project's venv (`cargo xtask venv`, pinned
+//! Dask). [`DaskRunner::run_trial`] starts `benches/dask/spike_trial.py`
 //! (a `LocalCluster` with one nanny-managed worker and Dask's own memory
 //! thresholds), and for every worker process it announces (`WORKER_PID`,
 //! printed before the worker runs any Python; the worker waits until it has
@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
@@ -34,14 +34,6 @@ use amm_integration_tests::cgroup::HardLimit;
 use amm_protocol::EventMessage;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-
-/// What the virtualenv gets, pinned (the versions the baseline was measured
-/// with).
-pub const DASK_REQUIREMENTS: &[&str] = &[
-    "dask[distributed]==2026.8.0",
-    "numpy==2.4.6",
-    "scipy==1.17.1",
-];
 
 /// The trial script, in the source tree.
 pub const TRIAL_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dask/spike_trial.py");
@@ -62,92 +54,21 @@ const STARTUP_SHUTDOWN_MARGIN: Duration = Duration::from_secs(180);
 /// stderr lines of the trial kept for error messages.
 const LOG_TAIL_LINES: usize = 60;
 
-/// A virtualenv with Dask in it.
+/// The project's Python venv (`cargo xtask venv`), with Dask in it.
 #[derive(Debug, Clone)]
 pub struct DaskVenv {
-    /// The venv's directory.
-    pub dir: PathBuf,
     /// Its Python.
     pub python: PathBuf,
 }
 
 impl DaskVenv {
-    /// Creates the venv at `dir` (`python3 -m venv`) and installs
-    /// [`DASK_REQUIREMENTS`] into it, or reuses it when a previous call
-    /// installed exactly these. Says what it does, and what got installed,
-    /// on `out`; pip's own output goes to stderr.
-    pub fn ensure(dir: &Path, out: &mut dyn Write) -> Result<DaskVenv> {
-        let python = dir.join("bin").join("python");
-        let marker = dir.join("amm-requirements.txt");
-        let wanted = DASK_REQUIREMENTS.join("\n") + "\n";
-        let venv = DaskVenv {
-            dir: dir.to_path_buf(),
-            python: python.clone(),
-        };
-        if python.exists() && fs::read_to_string(&marker).ok().as_deref() == Some(&wanted) {
-            writeln!(
-                out,
-                "reusing the Dask venv {} ({})",
-                dir.display(),
-                DASK_REQUIREMENTS.join(", ")
-            )?;
-            return Ok(venv);
-        }
-        if !python.exists() {
-            writeln!(out, "creating a Dask venv in {}", dir.display())?;
-            let status = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(dir)
-                .status()
-                .context(
-                    "cannot run python3: install Python 3 (Debian: apt-get install python3 python3-venv)",
-                )?;
-            if !status.success() || !python.exists() {
-                bail!(
-                    "`python3 -m venv {}` failed ({status}); on Debian install python3-venv \
-                     (apt-get install python3-venv), then remove {} and retry",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-        }
-        writeln!(
-            out,
-            "installing {} into {}",
-            DASK_REQUIREMENTS.join(" "),
-            dir.display()
-        )?;
-        let status = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-            ])
-            .args(DASK_REQUIREMENTS)
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .status()
-            .with_context(|| format!("cannot run {} -m pip", python.display()))?;
-        if !status.success() {
-            bail!(
-                "pip could not install {} ({status}): check that PyPI is reachable (proxy \
-                 settings, pip.conf), or remove {} and retry",
-                DASK_REQUIREMENTS.join(" "),
-                dir.display()
-            );
-        }
-        let freeze = Command::new(&python)
-            .args(["-m", "pip", "freeze", "--disable-pip-version-check"])
-            .output()
-            .with_context(|| format!("cannot run {} -m pip freeze", python.display()))?;
-        writeln!(out, "the Dask venv holds:")?;
-        for line in String::from_utf8_lossy(&freeze.stdout).lines() {
-            writeln!(out, "  {line}")?;
-        }
-        fs::write(&marker, wanted).with_context(|| format!("cannot write {}", marker.display()))?;
-        Ok(venv)
+    /// The venv at `$AMM_PYTHON` or `target/venv` (see
+    /// [`amm_integration_tests::python`]), or an error that says to run
+    /// `cargo xtask venv`.
+    pub fn find() -> Result<DaskVenv> {
+        Ok(DaskVenv {
+            python: amm_integration_tests::python::find()?,
+        })
     }
 }
 

@@ -7,9 +7,10 @@
 //! `AMM_REQUIRE_BPF=1` is set by `.ci/run`.
 //!
 //! [`cgroup`] gives tests and benchmarks a real hard memory limit
-//! ([`cgroup::HardLimit`]).
+//! ([`cgroup::HardLimit`]); [`python`] finds the project's Python venv.
 
 pub mod cgroup;
+pub mod python;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;

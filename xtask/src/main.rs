@@ -3,6 +3,7 @@
 
 mod build_ebpf;
 mod run;
+mod venv;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,8 +19,11 @@ struct Cli {
 enum Command {
     /// Compile ebpf/c/amm.bpf.c with clang into target/bpf/amm.bpf.o.
     BuildEbpf,
-    /// Build the BPF object and every binary, then run the whole test suite
-    /// (as root, the BPF tests run against the real kernel).
+    /// Create or reuse the Python venv (target/venv) from the pinned
+    /// worker/dask/requirements-test.txt and install amm-dask into it.
+    Venv,
+    /// Build the BPF object, every binary and the Python venv, then run the
+    /// whole test suite (as root, the BPF tests run against the real kernel).
     Test {
         /// Extra arguments passed to `cargo test` (after `--` goes to the harness).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -28,7 +32,8 @@ enum Command {
     /// The end-to-end demo: as root, watch a process that spikes its memory
     /// and print what the kernel saw between polls.
     Demo,
-    /// Run a benchmark from benches/ (release build): `overhead` or `latency`.
+    /// Run a benchmark from benches/ (release build): `overhead`, `latency`,
+    /// `spike`, `spike-dask` or `dask`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -43,6 +48,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::BuildEbpf => build_ebpf::build().map(|path| {
             println!("{}", path.display());
+        }),
+        Command::Venv => venv::ensure().map(|python| {
+            println!("{}", python.display());
         }),
         Command::Test { args } => run::test(&args),
         Command::Demo => run::demo(),

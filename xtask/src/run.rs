@@ -24,12 +24,14 @@ fn run(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-/// Builds the object and the binaries, then runs every test.
+/// Builds the object, the binaries and the Python venv, then runs every
+/// test.
 pub fn test(args: &[String]) -> Result<()> {
     build()?;
     let mut b = cargo();
     b.args(["build", "--workspace", "--bins"]);
     run(b)?;
+    crate::venv::ensure()?;
     let mut t = cargo();
     t.args(["test", "--workspace"]).args(args);
     run(t)
@@ -54,12 +56,13 @@ pub fn demo() -> Result<()> {
     run(d)
 }
 
-/// Builds in release and runs one benchmark.
+/// Builds in release (and the Python venv) and runs one benchmark.
 pub fn bench(name: &str, args: &[String]) -> Result<()> {
     build()?;
     let mut b = cargo();
     b.args(["build", "--release", "--workspace", "--bins"]);
     run(b)?;
+    crate::venv::ensure()?;
     let mut r = cargo();
     r.args(["run", "--release", "--quiet", "-p", "amm-benches", "--bin"])
         .arg(format!("bench-{name}"))

@@ -59,9 +59,10 @@ struct Args {
     /// Raw per-trial JSON lines (default: target/bench-spike-dask.jsonl).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The Dask virtualenv (default: target/dask-venv).
+    /// The Python with Dask (default: $AMM_PYTHON, else target/venv, made
+    /// by `cargo xtask venv`).
     #[arg(long)]
-    venv: Option<PathBuf>,
+    python: Option<PathBuf>,
     /// BPF object for the watch (default: the agent's own search).
     #[arg(long)]
     bpf_object: Option<PathBuf>,
@@ -167,11 +168,12 @@ fn main() -> Result<()> {
     if stale > 0 {
         writeln!(err, "removed {stale} cgroup(s) an earlier run left behind")?;
     }
-    let venv_dir = args
-        .venv
-        .clone()
-        .unwrap_or_else(|| target_dir().join("dask-venv"));
-    let venv = DaskVenv::ensure(&venv_dir, &mut err)?;
+    let venv = match &args.python {
+        Some(python) => DaskVenv {
+            python: python.clone(),
+        },
+        None => DaskVenv::find()?,
+    };
     let mut runner = DaskRunner::new(venv, args.bpf_object.clone())?;
     let out_path = args
         .out

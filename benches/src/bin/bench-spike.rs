@@ -70,7 +70,7 @@ fn main() -> Result<()> {
     let dask = if args.no_dask {
         None
     } else {
-        let venv = DaskVenv::ensure(&target_dir().join("dask-venv"), &mut err)?;
+        let venv = DaskVenv::find()?;
         Some(DaskRunner::new(
             venv,
             Some(target_dir().join("bpf/amm.bpf.o")),
