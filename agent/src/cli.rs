@@ -74,6 +74,18 @@ struct RunArgs {
     /// Time a frame may take once its first byte arrived, in ms.
     #[arg(long, default_value_t = 5000)]
     frame_timeout_ms: u64,
+    /// Serve Prometheus metrics (/metrics) and the live page (/) on this
+    /// address: PORT (on 127.0.0.1), IP:PORT or [::1]:PORT. Off unless
+    /// given. The page shows every watched process of every user.
+    #[arg(long, value_name = "ADDR", value_parser = crate::http::parse_addr)]
+    http: Option<std::net::SocketAddr>,
+    /// Allow --http on an address that is not loopback (put an
+    /// authenticating proxy in front: see SECURITY.md).
+    #[arg(long, requires = "http")]
+    http_allow_remote: bool,
+    /// Most HTTP connections open at once (more are answered 503).
+    #[arg(long, default_value_t = 32, requires = "http")]
+    http_max_connections: usize,
 }
 
 #[derive(Debug, Args)]
@@ -262,19 +274,11 @@ fn status(a: StatusArgs) -> Result<()> {
 
 /// Moves the agent to SCHED_FIFO; logs and carries on if the kernel says no.
 fn set_realtime(priority: u8) {
-    let param = libc::sched_param {
-        sched_priority: i32::from(priority),
-    };
-    // SAFETY: param is a valid sched_param; pid 0 is this thread, which is
-    // the one the current-thread runtime runs on.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if rc == 0 {
-        tracing::info!(priority, "running under SCHED_FIFO");
-    } else {
-        tracing::warn!(
-            "cannot switch to SCHED_FIFO priority {priority} ({}); events may wait for a busy CPU",
-            std::io::Error::last_os_error()
-        );
+    match crate::realtime::set_fifo(priority) {
+        Ok(()) => tracing::info!(priority, "running under SCHED_FIFO"),
+        Err(e) => tracing::warn!(
+            "cannot switch to SCHED_FIFO priority {priority} ({e}); events may wait for a busy CPU"
+        ),
     }
 }
 
@@ -294,8 +298,17 @@ fn run(a: RunArgs) -> Result<()> {
         hello_timeout: Duration::from_millis(a.hello_timeout_ms.max(1)),
         frame_timeout: Duration::from_millis(a.frame_timeout_ms.max(1)),
         default_spike_horizon: Duration::from_millis(a.spike_horizon_ms),
+        http: a.http.map(|addr| crate::http::HttpConfig {
+            addr,
+            allow_remote: a.http_allow_remote,
+            max_connections: a.http_max_connections,
+        }),
         ..ServerConfig::default()
     };
+    if let Some(h) = &config.http {
+        // before loading anything: a refused address is a usage error
+        crate::http::check(h)?;
+    }
     // loaded now (so a broken object fails at start), attached with the
     // first watch
     let probe = Probe::load_detached(a.bpf_object.as_deref())?;

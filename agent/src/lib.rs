@@ -10,9 +10,16 @@
 //! client's bad input harm another client.
 
 pub mod cli;
+pub mod dashboard;
+pub mod http;
 pub mod identity;
 pub mod kernel_report;
+pub mod live;
+pub mod metrics;
+pub mod observe;
 pub mod outbox;
 pub mod probe;
+pub mod realtime;
+pub mod report_page;
 pub mod server;
 pub mod watch;

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use amm_ebpf::{Event, PROGRAMS, Stats, Watch, WatchConfig, WatchState, globals, maps};
-use aya::maps::{Array, HashMap, HashOfMaps, MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, HashOfMaps, IterableMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
 use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::{Btf, Ebpf, EbpfLoader};
@@ -400,15 +400,72 @@ impl Probe {
 
     /// The program's own counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats, ProbeError> {
-        let per_cpu = self.stats.get(&0, 0)?;
-        let mut s = Stats::default();
-        for c in per_cpu.iter() {
-            s.events += c.events;
-            s.dropped += c.dropped;
-            s.bound += c.bound;
-            s.exits += c.exits;
-        }
-        Ok(s)
+        sum_stats(&self.stats)
+    }
+
+    /// A read-only view of the `watches` and `stats` maps through handles of
+    /// its own, for a thread that must never wait for the one holding the
+    /// probe (the dashboard reads it while the relay works).
+    pub fn view(&self) -> Result<ProbeView, ProbeError> {
+        let dup = |name: &'static str, map: &MapData| {
+            let fd = map.fd().as_fd().try_clone_to_owned().map_err(|e| {
+                ProbeError::System(format!("cannot duplicate the fd of map {name}: {e}"))
+            })?;
+            MapData::from_fd(fd).map_err(ProbeError::from)
+        };
+        Ok(ProbeView {
+            watches: typed(
+                maps::WATCHES,
+                HashMap::try_from(aya::maps::Map::HashMap(dup(
+                    maps::WATCHES,
+                    self.watches.map(),
+                )?)),
+            )?,
+            stats: typed(
+                maps::STATS,
+                PerCpuArray::try_from(aya::maps::Map::PerCpuArray(dup(
+                    maps::STATS,
+                    self.stats.map(),
+                )?)),
+            )?,
+        })
+    }
+}
+
+fn sum_stats(stats: &PerCpuArray<MapData, Stats>) -> Result<Stats, ProbeError> {
+    let per_cpu = stats.get(&0, 0)?;
+    let mut s = Stats::default();
+    for c in per_cpu.iter() {
+        s.events += c.events;
+        s.dropped += c.dropped;
+        s.bound += c.bound;
+        s.exits += c.exits;
+    }
+    Ok(s)
+}
+
+/// Read-only handles on the probe's `watches` and `stats` maps (see
+/// [`Probe::view`]): reading them takes no lock the relay holds.
+pub struct ProbeView {
+    watches: HashMap<MapData, u32, Watch>,
+    stats: PerCpuArray<MapData, Stats>,
+}
+
+impl std::fmt::Debug for ProbeView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeView").finish_non_exhaustive()
+    }
+}
+
+impl ProbeView {
+    /// The watch of `tgid` as the program sees it now.
+    pub fn watch_of(&self, tgid: u32) -> Option<Watch> {
+        self.watches.get(&tgid, 0).ok()
+    }
+
+    /// The program's own counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats, ProbeError> {
+        sum_stats(&self.stats)
     }
 }
 

@@ -31,6 +31,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::identity::{self, Peer};
+use crate::observe::{Ending, Observation, Observer};
 use crate::outbox::Outbox;
 use crate::probe::{EventReader, Probe};
 
@@ -55,6 +56,8 @@ pub struct ServerConfig {
     pub default_spike_horizon: Duration,
     /// Bytes queued per client before it counts as not reading.
     pub client_queue_bytes: usize,
+    /// The metrics and dashboard listener (`--http`), off when `None`.
+    pub http: Option<crate::http::HttpConfig>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +72,7 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(5),
             default_spike_horizon: Duration::from_millis(200),
             client_queue_bytes: 1 << 20,
+            http: None,
         }
     }
 }
@@ -208,6 +212,8 @@ struct Shared {
     config: ServerConfig,
     next_client: AtomicU64,
     clients: AtomicUsize,
+    /// The dashboard's feed, when `--http` is on.
+    observer: Option<Observer>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,6 +222,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Tells the dashboard (if any) what happened; never waits.
+    fn observe(&self, what: impl FnOnce() -> Observation) {
+        if let Some(o) = &self.observer {
+            o.send(what());
+        }
+    }
+
     /// Attaches the programs while something is watched and detaches them
     /// when nothing is: a node with no registered worker pays nothing.
     fn follow_watches(&self, watched: usize) {
@@ -232,10 +245,13 @@ impl Shared {
         if let Err(e) = r {
             warn!("cannot attach or detach the probe: {e}");
         }
+        let attached = probe.is_attached();
+        self.observe(|| Observation::Attached(attached));
     }
 
     /// Routes one kernel event to the client that registered its pid.
     fn dispatch(&self, raw: amm_ebpf::Event) {
+        let read_ns = monotonic_ns();
         let Some(msg) = EventMessage::from_kernel(&raw) else {
             warn!(?raw, "unknown event record from the probe");
             return;
@@ -262,6 +278,11 @@ impl Shared {
             );
             let client = entry.client.clone();
             self.keep_ended(entry.ended(pid, msg.faults.unwrap_or(0)));
+            self.observe(|| Observation::Ended {
+                pid,
+                how: Ending::Exited,
+                t_ns: read_ns,
+            });
             client
         } else {
             let Some(entry) = watches.get_mut(&pid) else {
@@ -277,6 +298,12 @@ impl Shared {
                 match identity::pidfd_send_signal(&entry.pidfd, sig) {
                     Ok(()) => {
                         info!(pid, signal = sig, "terminate: signalled through the pidfd");
+                        self.observe(|| Observation::AgentSignal {
+                            pid,
+                            signal: sig,
+                            t_ns,
+                            rss_bytes: msg.rss_bytes,
+                        });
                         entry.record(Sample {
                             t_ns,
                             rss_bytes: msg.rss_bytes,
@@ -297,7 +324,16 @@ impl Shared {
             delay_us = monotonic_ns().saturating_sub(msg.t_ns) / 1000,
             "event"
         );
+        let observed = self.observer.is_some().then(|| msg.clone());
         client.send(ServerMessage::Event(msg));
+        if let Some(msg) = observed {
+            let sent_ns = monotonic_ns();
+            self.observe(|| Observation::Event {
+                msg,
+                read_ns,
+                sent_ns,
+            });
+        }
     }
 
     fn keep_ended(&self, w: WatchStatus) {
@@ -344,6 +380,7 @@ impl Shared {
                 rss_bytes: split.process,
                 what: SampleKind::Accounting(split),
             });
+            self.observe(|| Observation::Accounting { pid, t_ns, split });
         }
     }
 
@@ -429,6 +466,11 @@ impl Shared {
                     });
                 }
                 self.keep_ended(entry.ended(*p, 0));
+                self.observe(|| Observation::Ended {
+                    pid: *p,
+                    how: Ending::Unwatched,
+                    t_ns: monotonic_ns(),
+                });
             }
             if let Err(e) = lock(&self.probe).unwatch(*p) {
                 warn!(pid = p, "cannot remove the watch: {e}");
@@ -476,6 +518,11 @@ impl Shared {
         entry.record(sample_of(&msg));
         let client = entry.client.clone();
         self.keep_ended(entry.ended(pid, faults.unwrap_or(0)));
+        self.observe(|| Observation::Ended {
+            pid,
+            how: Ending::Exited,
+            t_ns: msg.t_ns,
+        });
         client.send(ServerMessage::Event(msg));
     }
 }
@@ -531,6 +578,10 @@ pub async fn run(config: ServerConfig, mut probe: Probe) -> Result<()> {
         .take_events()
         .context("the probe's event ring buffer was already taken")?;
     let listener = bind(&config)?;
+    let observer = match &config.http {
+        Some(http) => Some(crate::http::start(http, &probe, &config.socket)?),
+        None => None,
+    };
     info!(
         socket = %config.socket.display(),
         object = %probe.object_path().display(),
@@ -543,6 +594,7 @@ pub async fn run(config: ServerConfig, mut probe: Probe) -> Result<()> {
         config,
         next_client: AtomicU64::new(1),
         clients: AtomicUsize::new(0),
+        observer,
     });
     let pump = tokio::spawn(pump_events(shared.clone(), reader));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -565,6 +617,7 @@ pub async fn run(config: ServerConfig, mut probe: Probe) -> Result<()> {
 
 fn accept(shared: &Arc<Shared>, stream: UnixStream) {
     let n = shared.clients.fetch_add(1, Ordering::SeqCst);
+    shared.observe(|| Observation::Clients(n + 1));
     let id = shared.next_client.fetch_add(1, Ordering::SeqCst);
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -585,7 +638,8 @@ fn accept(shared: &Arc<Shared>, stream: UnixStream) {
         } else {
             serve_client(&shared, stream, id).await;
         }
-        shared.clients.fetch_sub(1, Ordering::SeqCst);
+        let left = shared.clients.fetch_sub(1, Ordering::SeqCst) - 1;
+        shared.observe(|| Observation::Clients(left));
     });
 }
 
@@ -840,6 +894,15 @@ fn register(
         },
     );
     drop(watches);
+    shared.observe(|| Observation::Watched {
+        pid: reg.pid,
+        uid: peer.uid,
+        start_time: verified.info.start_time,
+        thresholds,
+        direct: reg.direct,
+        rss_bytes: verified.info.rss_bytes,
+        t_ns: monotonic_ns(),
+    });
     let rss = verified.info.rss_bytes;
     let level = level_of(&thresholds, rss);
     info!(client = handle.id, pid = reg.pid, limit = thresholds.limit, rss, %level, direct = reg.direct, "registered");

@@ -42,7 +42,7 @@ pub fn require_root(test: &str) -> bool {
     // written to the raw stderr handle, which the test harness does not capture
     let _ = writeln!(
         std::io::stderr(),
-        "SKIPPED {test}: needs root to load BPF (run `sudo cargo xtask test`)"
+        "SKIPPED {test}: needs root to load BPF (run `cargo xtask test` as root)"
     );
     false
 }
@@ -219,6 +219,7 @@ impl Drop for Faulter {
 pub struct Agent {
     child: Child,
     socket: PathBuf,
+    extra: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -226,17 +227,48 @@ impl Agent {
     /// Starts the agent with a world-connectable socket (tests connect as
     /// other users too) and waits until it accepts connections.
     pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`Self::start`], with more arguments for `amm-agent run`.
+    pub fn start_with(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let socket = dir.path().join("agent.sock");
-        let child = Self::spawn(&socket)?;
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(&socket, &extra)?;
         let mut agent = Self {
             child,
             socket,
+            extra,
             _dir: dir,
         };
         agent.wait_listening()?;
         Ok(agent)
+    }
+
+    /// Starts the agent with `--http 127.0.0.1:0` (and `extra`) and returns
+    /// it with the address its HTTP listener got.
+    pub fn start_http(extra: &[&str]) -> Result<(Self, std::net::SocketAddr)> {
+        let mut args = vec!["--http", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let agent = Self::start_with(&args)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = agent.log();
+            if let Some(addr) = log
+                .split("live page on http://")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|a| a.parse().ok())
+            {
+                return Ok((agent, addr));
+            }
+            if Instant::now() > deadline {
+                bail!("amm-agent did not say where it serves HTTP; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the agent with SIGKILL (no clean-up: its socket file stays).
@@ -248,11 +280,11 @@ impl Agent {
     /// Starts a new agent on the same socket (after [`Self::kill`]).
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.child = Self::spawn(&self.socket)?;
+        self.child = Self::spawn(&self.socket, &self.extra)?;
         self.wait_listening()
     }
 
-    fn spawn(socket: &Path) -> Result<Child> {
+    fn spawn(socket: &Path, extra: &[String]) -> Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -264,6 +296,7 @@ impl Agent {
             .args(["--socket-mode", "0666", "--hello-timeout-ms", "1000"])
             .args(["--frame-timeout-ms", "500", "--bpf-object"])
             .arg(bpf_object())
+            .args(extra)
             .env("AMM_LOG", "debug")
             .stderr(log)
             .spawn()
@@ -335,4 +368,29 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain HTTP/1.1 GET of `path` on `addr` (no keep-alive): the status code
+/// and the body. For the agent's `/metrics` and page in tests.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot connect to http://{addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP head in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_string()))
 }

@@ -26,6 +26,7 @@
 pub mod classify;
 pub mod evidence;
 pub mod fit;
+pub mod from_agent;
 pub mod input;
 pub mod render_html;
 pub mod render_text;
