@@ -313,16 +313,22 @@ fn comm_of(pid: u32, start_time: u64) -> Option<String> {
 impl Live {
     /// Empty.
     pub fn new() -> Self {
+        // 10 µs .. ~0.3 s
+        let latency: Family<LatencyLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(10e-6, 2.0, 16)));
+        // every series exists from the start (at zero), as Prometheus wants
+        for stage in ["read", "sent"] {
+            for delivery in ["socket", "direct"] {
+                let _ = latency.get_or_create(&LatencyLabels { stage, delivery });
+            }
+        }
         Live {
             rows: BTreeMap::new(),
             ended: VecDeque::new(),
             feed: VecDeque::new(),
             next_seq: 1,
             agent: AgentView::default(),
-            // 10 µs .. ~0.3 s
-            latency: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(10e-6, 2.0, 16))
-            }),
+            latency,
         }
     }
 
