@@ -1,5 +1,6 @@
 //! Command-line interface of `amm-agent`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,21 +59,32 @@ struct RunArgs {
     #[arg(long, env = amm_ebpf::OBJECT_ENV)]
     bpf_object: Option<PathBuf>,
     /// Spike-alarm horizon for registrations that give none, in ms.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = at_least_one::<u64>)]
     spike_horizon_ms: u64,
-    /// Most clients connected at once.
-    #[arg(long, default_value_t = 256)]
+    /// Most clients of users other than root connected at once (root has a
+    /// reserve of its own).
+    #[arg(long, default_value_t = 256, value_parser = at_least_one::<usize>)]
     max_clients: usize,
+    /// Most connections one user (other than root) may hold.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one::<usize>)]
+    max_clients_per_uid: usize,
+    /// Most processes one user (other than root) may have watched.
+    #[arg(long, default_value_t = 128, value_parser = at_least_one::<usize>)]
+    max_watches_per_uid: usize,
+    /// A client that watches nothing and sends nothing for this many ms is
+    /// disconnected.
+    #[arg(long, default_value_t = 60_000, value_parser = at_least_one::<u64>)]
+    idle_timeout_ms: u64,
     /// Real-time (SCHED_FIFO) priority of the agent, 1-99, so an event is
     /// relayed the moment it happens even when every CPU is busy; 0 keeps
     /// the normal scheduler.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=99))]
     realtime_priority: u8,
     /// Time a new client has to send its hello, in ms.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = at_least_one::<u64>)]
     hello_timeout_ms: u64,
     /// Time a frame may take once its first byte arrived, in ms.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = at_least_one::<u64>)]
     frame_timeout_ms: u64,
     /// Serve Prometheus metrics (/metrics) and the live page (/) on this
     /// address: PORT (on 127.0.0.1), IP:PORT or [::1]:PORT. Off unless
@@ -139,11 +151,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size; give bytes or a size such as 512MiB or 2GiB"))
 }
 
+/// A count or a duration that 0 would make meaningless (no client ever
+/// served, every frame timed out at once).
+fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+{
+    match s.trim().parse::<T>() {
+        Ok(v) if v >= T::from(1) => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .map_err(|_| format!("{s:?} is not an octal mode such as 0660"))?;
     if m > 0o777 {
         return Err(format!("{s:?} is not a file mode (at most 0777)"));
+    }
+    if m & 0o600 != 0o600 {
+        return Err(format!(
+            "{s:?} does not let the socket's owner read and write it; use e.g. 0660"
+        ));
     }
     Ok(m)
 }
@@ -197,12 +227,26 @@ fn status(a: StatusArgs) -> Result<()> {
             w.timeline = client.timeline(w.pid)?;
         }
     }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let written = if a.json {
+        serde_json::to_writer_pretty(&mut out, &s)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        print_status(&s, &mut out)
+    };
+    match written.and_then(|()| out.flush()) {
+        // `amm-agent status | head -1`: the reader has all it wanted
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
+}
+
+fn print_status(s: &amm_protocol::AgentStatus, out: &mut dyn Write) -> std::io::Result<()> {
     let iec = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
-    println!(
+    writeln!(
+        out,
         "{} client(s), {} watch(es); probe: {} events, {} dropped; map entries: {} watches, {} mm, {} rings, {} bits",
         s.clients,
         s.watches.len(),
@@ -212,11 +256,12 @@ fn status(a: StatusArgs) -> Result<()> {
         s.map_entries.mm_owner,
         s.map_entries.client_rings,
         s.map_entries.bits
-    );
-    let now = crate::server::monotonic_ns();
+    )?;
+    let now = crate::clock::monotonic_ns();
     for (title, list) in [("watched", &s.watches), ("ended", &s.ended)] {
         for w in list {
-            println!(
+            writeln!(
+                out,
                 "{title} pid {:>7}  {:<9}  rss {:>10}  peak {:>10}  limit {:>10}  faults {}  ({} samples)",
                 w.pid,
                 w.level.name(),
@@ -225,51 +270,75 @@ fn status(a: StatusArgs) -> Result<()> {
                 iec(w.limit_bytes),
                 w.faults,
                 w.timeline_len
-            );
+            )?;
             for sample in &w.timeline {
                 let ago = now.saturating_sub(sample.t_ns) as f64 / 1e9;
-                let what = match &sample.what {
-                    SampleKind::Level {
-                        from,
-                        to,
-                        foreign,
-                        signalled,
-                    } => format!(
-                        "level {from} -> {to}{}{}",
-                        if *foreign { " (another task)" } else { "" },
-                        if *signalled {
-                            " [kernel signalled]"
-                        } else {
-                            ""
-                        }
-                    ),
-                    SampleKind::Spike { eta_ns, .. } => {
-                        format!("spike: terminate in {:.0} ms", *eta_ns as f64 / 1e6)
-                    }
-                    SampleKind::AgentSignal { signal } => format!("agent sent signal {signal}"),
-                    SampleKind::Accounting(sp) => format!(
-                        "managed {} unmanaged {} hoarded {} non-heap {} spilled {}",
-                        iec(sp.managed),
-                        iec(sp.unmanaged_live),
-                        iec(sp.hoarded),
-                        iec(sp.non_heap),
-                        iec(sp.spilled)
-                    ),
-                    SampleKind::Exit { peak_rss_bytes } => {
-                        format!("exit, peak {}", iec(*peak_rss_bytes))
-                    }
-                    SampleKind::Unwatched { peak_rss_bytes } => {
-                        format!("unwatched, peak {}", iec(*peak_rss_bytes))
-                    }
-                };
-                println!(
-                    "    {ago:>9.3} s ago  rss {:>10}  {what}",
-                    iec(sample.rss_bytes)
-                );
+                writeln!(
+                    out,
+                    "    {ago:>9.3} s ago  rss {:>10}  {}",
+                    iec(sample.rss_bytes),
+                    describe(&sample.what)
+                )?;
             }
         }
     }
     Ok(())
+}
+
+/// One timeline sample in words.
+fn describe(what: &SampleKind) -> String {
+    let iec = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
+    match what {
+        SampleKind::Level {
+            from,
+            to,
+            foreign,
+            signalled,
+        } => format!(
+            "level {from} -> {to}{}{}",
+            if *foreign { " (another task)" } else { "" },
+            if *signalled {
+                " [kernel signalled]"
+            } else {
+                ""
+            }
+        ),
+        SampleKind::Spike { eta_ns, .. } => {
+            format!("spike: terminate in {:.0} ms", *eta_ns as f64 / 1e6)
+        }
+        SampleKind::AgentSignal { signal } => format!("agent sent signal {signal}"),
+        SampleKind::Accounting(sp) => format!(
+            "managed {} unmanaged {} hoarded {} non-heap {} spilled {}",
+            iec(sp.managed),
+            iec(sp.unmanaged_live),
+            iec(sp.hoarded),
+            iec(sp.non_heap),
+            iec(sp.spilled)
+        ),
+        SampleKind::Exit { peak_rss_bytes } => format!("exit, peak {}", iec(*peak_rss_bytes)),
+        SampleKind::Unwatched { peak_rss_bytes } => {
+            format!("unwatched, peak {}", iec(*peak_rss_bytes))
+        }
+        SampleKind::Credentials { peak_rss_bytes } => format!(
+            "credentials changed: watch ended, peak {}",
+            iec(*peak_rss_bytes)
+        ),
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: the agent holds a
+/// pidfd per watch and a socket per client (thousands of each at most).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
+    }
 }
 
 /// Moves the agent to SCHED_FIFO; logs and carries on if the kernel says no.
@@ -283,8 +352,12 @@ fn set_realtime(priority: u8) {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    if a.spike_horizon_ms == 0 {
-        bail!("--spike-horizon-ms must be above 0");
+    if a.max_clients_per_uid > a.max_clients {
+        bail!(
+            "--max-clients-per-uid {} is above --max-clients {}; lower it, or raise --max-clients",
+            a.max_clients_per_uid,
+            a.max_clients
+        );
     }
     let config = ServerConfig {
         socket: a.socket,
@@ -292,11 +365,14 @@ fn run(a: RunArgs) -> Result<()> {
         socket_group: a
             .socket_group
             .as_deref()
-            .map(server::group_id)
+            .map(server::socket::group_id)
             .transpose()?,
         max_clients: a.max_clients,
-        hello_timeout: Duration::from_millis(a.hello_timeout_ms.max(1)),
-        frame_timeout: Duration::from_millis(a.frame_timeout_ms.max(1)),
+        max_clients_per_uid: a.max_clients_per_uid,
+        max_watches_per_uid: a.max_watches_per_uid,
+        idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+        hello_timeout: Duration::from_millis(a.hello_timeout_ms),
+        frame_timeout: Duration::from_millis(a.frame_timeout_ms),
         default_spike_horizon: Duration::from_millis(a.spike_horizon_ms),
         http: a.http.map(|addr| crate::http::HttpConfig {
             addr,
@@ -309,6 +385,7 @@ fn run(a: RunArgs) -> Result<()> {
         // before loading anything: a refused address is a usage error
         crate::http::check(h)?;
     }
+    raise_fd_limit();
     // loaded now (so a broken object fails at start), attached with the
     // first watch
     let probe = Probe::load_detached(a.bpf_object.as_deref())?;

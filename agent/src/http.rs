@@ -42,10 +42,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
 use tracing::{debug, info, warn};
 
+use crate::clock::monotonic_ns;
 use crate::live::Live;
 use crate::observe::{self, Observations, Observer};
 use crate::probe::{Probe, ProbeView};
-use crate::server::monotonic_ns;
 
 /// Largest request head (request line and headers) accepted.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;

@@ -14,7 +14,7 @@ use amm_protocol::{EventMessage, ThresholdBytes};
 use amm_report::{Levels, Run, Tick};
 use anyhow::{Context, Result};
 
-use crate::server::monotonic_ns;
+use crate::clock::monotonic_ns;
 
 /// How long before its exit a fall of RSS counts as the process freeing
 /// everything on its way out (an `amm-worker` timeline marks this with its
@@ -77,16 +77,16 @@ impl KernelRecorder {
         }
         self.last = Some(Instant::now());
         let t = self.t(monotonic_ns());
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok();
-        let faults = crate::identity::proc_info(self.pid).ok().map(|i| i.faults);
+        let info = crate::identity::ProcInfo::read(self.pid).ok();
+        let faults = info.as_ref().map(|i| i.faults);
         let (process, anon, file_shmem) = match state {
             // the probe's exact counters, once it has seen the process
             Some(s) if s.updates > 0 => {
                 let pages = |i: usize| s.rss_pages[i].max(0) as u64 * self.page;
                 (s.rss_bytes, pages(1), pages(0) + pages(3))
             }
-            _ => match status.as_deref().map(rss_of_status) {
-                Some((anon, file, shmem)) => (anon + file + shmem, anon, file + shmem),
+            _ => match info {
+                Some(i) => (i.rss_bytes(), i.rss_anon, i.rss_file + i.rss_shmem),
                 // gone: nothing to sample
                 None => return,
             },
@@ -111,7 +111,7 @@ impl KernelRecorder {
                 rss: m.rss_bytes,
             },
             EventKind::Spike => amm_report::EventKind::Spike { rss: m.rss_bytes },
-            EventKind::Exit => {
+            EventKind::Exit | EventKind::Credentials => {
                 self.mark_teardown(t);
                 amm_report::EventKind::Exit {
                     peak: m.peak_rss_bytes,
@@ -162,39 +162,9 @@ fn teardown_start(ticks: &[Tick], exit_t: f64) -> Option<usize> {
         .then_some(k)
 }
 
-/// `RssAnon`, `RssFile`, `RssShmem` of `/proc/PID/status`, bytes.
-fn rss_of_status(text: &str) -> (u64, u64, u64) {
-    let mut v = (0, 0, 0);
-    for line in text.lines() {
-        let Some((k, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let kb = rest
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0)
-            * 1024;
-        match k {
-            "RssAnon" => v.0 = kb,
-            "RssFile" => v.1 = kb,
-            "RssShmem" => v.2 = kb,
-            _ => {}
-        }
-    }
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_rss_from_status() {
-        let s = "Name:\tx\nRssAnon:\t  1024 kB\nRssFile:\t 8 kB\nRssShmem:\t 0 kB\n";
-        assert_eq!(rss_of_status(s), (1 << 20, 8192, 0));
-    }
 
     fn tick(t: f64, mib: u64) -> Tick {
         Tick {

@@ -10,6 +10,7 @@
 //! client's bad input harm another client.
 
 pub mod cli;
+pub mod clock;
 pub mod dashboard;
 pub mod http;
 pub mod identity;

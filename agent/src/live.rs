@@ -379,7 +379,7 @@ impl Live {
                     levels: Levels::of(&thresholds),
                     rss: rss_bytes,
                     peak: rss_bytes,
-                    level: crate::server::level_of(&thresholds, rss_bytes),
+                    level: thresholds.level_of(rss_bytes),
                     rate_bytes_per_ms: 0,
                     split: None,
                     counts: Counts::default(),
@@ -466,7 +466,7 @@ impl Live {
                 "spike"
             }
             // the end of the watch says it (with how it ended)
-            EventKind::Exit => return,
+            EventKind::Exit | EventKind::Credentials => return,
         };
         let item = FeedItem {
             kind,

@@ -62,6 +62,18 @@ pub enum ProbeError {
     System(String),
 }
 
+impl ProbeError {
+    /// True when the probe's maps hold as many watches as they can.
+    pub fn is_full(&self) -> bool {
+        match self {
+            Self::MapOp(MapError::SyscallError(e)) => {
+                e.io_error.raw_os_error() == Some(libc::E2BIG)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The program's watch configuration for thresholds in bytes, a spike
 /// horizon, and the terminate-signal flags (`0, 0` for none).
 pub fn watch_config(

@@ -13,10 +13,10 @@ use amm_protocol::{EventMessage, Fractions, ThresholdBytes};
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 
+use crate::clock::monotonic_ns;
 use crate::identity;
 use crate::kernel_report::KernelRecorder;
 use crate::probe::{EventReader, Probe};
-use crate::server::monotonic_ns;
 
 /// What to watch and how to print it.
 #[derive(Debug, Clone)]
@@ -153,7 +153,7 @@ fn watch_recording(
         if ready.1 && exited_at.is_none() {
             exited_at = Some(std::time::Instant::now());
             // the zombie still shows its fault counts, until it is reaped
-            zombie_faults = identity::proc_info(opts.pid).ok().map(|i| i.faults);
+            zombie_faults = identity::ProcInfo::read(opts.pid).ok().map(|i| i.faults);
         }
         // the pidfd said it exited but no exit event came: the process
         // exited before the watch was in place, or the ring buffer was full
@@ -266,6 +266,10 @@ impl Printer {
                     pct(m.peak_rss_bytes),
                     m.faults
                         .map_or_else(|| "unknown".to_string(), |f| f.to_string())
+                ),
+                EventKind::Credentials => format!(
+                    "credentials changed (setuid/setgid or file-capability exec): watch ended, peak {}",
+                    ByteSize(m.peak_rss_bytes).display().iec()
                 ),
             };
             writeln!(out, "{t:>12.3} ms  pid {}  {what}", m.pid)?;

@@ -74,7 +74,7 @@ pub fn start_agent(socket: &Path, stderr: std::process::Stdio) -> anyhow::Result
 
 /// CLOCK_MONOTONIC now, in ns (the clock of the kernel's event stamps).
 pub fn monotonic_ns() -> u64 {
-    amm_agent::server::monotonic_ns()
+    amm_agent::clock::monotonic_ns()
 }
 
 /// Pins the calling thread to one CPU (less noise on a small VM).

@@ -73,9 +73,11 @@ pub mod globals {
     pub const RATE_WINDOW_NS: &str = "rate_window_ns";
 }
 
-/// Memory level of a watched process, in increasing urgency.
+/// Memory level of a watched process, in increasing urgency
+/// (`enum amm_level`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u32)]
 pub enum Level {
     /// Below the spill threshold (or fallen back below the re-arm level).
     Below,
@@ -88,15 +90,12 @@ pub enum Level {
 }
 
 impl Level {
+    /// Every level, in increasing urgency.
+    pub const ALL: [Self; 4] = [Self::Below, Self::Spill, Self::Pause, Self::Terminate];
+
     /// The level for the C constant `AMM_LEVEL_*`, if it is one.
     pub fn from_raw(raw: u32) -> Option<Self> {
-        match raw {
-            0 => Some(Self::Below),
-            1 => Some(Self::Spill),
-            2 => Some(Self::Pause),
-            3 => Some(Self::Terminate),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|l| l.raw() == raw)
     }
 
     /// The C constant `AMM_LEVEL_*`.
@@ -121,26 +120,44 @@ impl fmt::Display for Level {
     }
 }
 
-/// Kind of a ring-buffer event (`AMM_EVENT_*`).
+/// Kind of a ring-buffer event (`enum amm_event_kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u32)]
 pub enum EventKind {
     /// The level changed: up, or down below the re-arm level.
-    Level,
+    Level = 1,
     /// The growth rate predicts terminate within the horizon.
-    Spike,
+    Spike = 2,
     /// The watched process exited; the program removed its entries.
-    Exit,
+    Exit = 3,
+    /// The watched process's credentials changed (setuid/setgid or
+    /// file-capability exec, setresuid): the program stopped counting,
+    /// emitting and signalling for it; the watch is over.
+    Credentials = 4,
 }
 
 impl EventKind {
+    /// Every kind, in C order.
+    pub const ALL: [Self; 4] = [Self::Level, Self::Spike, Self::Exit, Self::Credentials];
+
     /// The kind for the C constant `AMM_EVENT_*`, if it is one.
     pub fn from_raw(raw: u32) -> Option<Self> {
-        match raw {
-            1 => Some(Self::Level),
-            2 => Some(Self::Spike),
-            3 => Some(Self::Exit),
-            _ => None,
+        Self::ALL.into_iter().find(|k| k.raw() == raw)
+    }
+
+    /// The C constant `AMM_EVENT_*`.
+    pub fn raw(self) -> u32 {
+        self as u32
+    }
+
+    /// The lowercase name used in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Level => "level",
+            Self::Spike => "spike",
+            Self::Exit => "exit",
+            Self::Credentials => "credentials",
         }
     }
 }

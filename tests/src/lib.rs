@@ -215,6 +215,67 @@ impl Drop for Faulter {
     }
 }
 
+/// A user made for one test (`useradd`), removed when dropped (`userdel`).
+/// Cross-user tests need users of their own: other engineers' tests run on
+/// the same machine at the same time.
+#[derive(Debug)]
+pub struct TestUser {
+    /// Its login name.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+}
+
+/// Runs a user-database command, retrying while another one holds the lock.
+fn user_db(cmd: &str, args: &[&str]) -> Result<()> {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let out = Command::new(cmd).args(args).output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        // exit 10 (and some 1s): /etc/passwd is locked by a concurrent change
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{cmd} {args:?} kept failing: {last}")
+}
+
+impl TestUser {
+    /// Creates a system user with a group of its own and no home.
+    pub fn create(tag: &str) -> Result<Self> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("ammt{}{tag}{n}", std::process::id());
+        user_db(
+            "useradd",
+            &[
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ],
+        )?;
+        let user = nix::unistd::User::from_name(&name)?
+            .with_context(|| format!("useradd made no user {name}"))?;
+        Ok(Self {
+            name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        })
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = user_db("userdel", &[&self.name]);
+    }
+}
+
 /// A real `amm-agent run` on a socket in a temporary directory.
 pub struct Agent {
     child: Child,

@@ -56,7 +56,17 @@ impl Region {
         self.len / page_size()
     }
 
-    /// Its start address.
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a mapping of no bytes (never made: `new` maps at least a page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its first address.
     pub fn addr(&self) -> usize {
         self.base as usize
     }

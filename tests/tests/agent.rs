@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 const NOBODY: u32 = 65534;
 
 fn start_time_of(pid: u32) -> u64 {
-    amm_agent::identity::proc_info(pid)
+    amm_agent::identity::ProcInfo::read(pid)
         .expect("proc info")
         .start_time
 }
@@ -266,7 +266,7 @@ fn closed_with(s: &mut UnixStream) -> Option<String> {
     loop {
         match read_frame(s) {
             Ok(body) => {
-                if let Ok(ServerMessage::Error { reason: r }) = decode::<ServerMessage>(&body) {
+                if let Ok(ServerMessage::Error { reason: r, .. }) = decode::<ServerMessage>(&body) {
                     reason = Some(r);
                 }
             }
@@ -470,7 +470,7 @@ fn the_socket_speaks_framed_json_with_a_size_cap() {
     let _ = s.read_to_end(&mut rest);
     let reason = rest.get(4..).and_then(|b| decode::<ServerMessage>(b).ok());
     assert!(
-        matches!(reason, Some(ServerMessage::Error { ref reason }) if reason.contains("larger")),
+        matches!(reason, Some(ServerMessage::Error { ref reason, .. }) if reason.contains("larger")),
         "{reason:?}"
     );
 }

@@ -68,7 +68,7 @@ fn the_link_survives_the_agent_dying_and_coming_back() {
     );
     // the worker's accounting reaches the agent's timeline
     link.report(
-        amm_agent::server::monotonic_ns(),
+        amm_agent::clock::monotonic_ns(),
         Split {
             process: 42,
             managed: 7,

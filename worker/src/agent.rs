@@ -204,7 +204,9 @@ fn handle(
                             eta.clamp(Duration::from_millis(10), Duration::from_secs(1)),
                         )
                     }
-                    EventKind::Exit => {}
+                    // the watch is over: the worker polls on, as without
+                    // the agent (the link reports why)
+                    EventKind::Exit | EventKind::Credentials => {}
                 }
             }
             record(

@@ -56,7 +56,7 @@ fn killed_at_terminate(socket: &std::path::Path, pid: u32) -> Option<u64> {
     // the agent records the end when its exit event arrives; give it a moment
     for _ in 0..10 {
         let mut c = Client::connect(socket, "amm-worker nanny", Duration::from_secs(2)).ok()?;
-        let status = c.status().ok()?;
+        let status = c.status_of(pid).ok()?;
         if let Some(w) = status.ended.iter().rev().find(|w| w.pid == pid) {
             return w.timeline.iter().rev().find_map(|s| match s.what {
                 SampleKind::Level {

@@ -20,7 +20,12 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn run_from_agent(socket: &Path, pid: Option<u32>) -> anyhow::Result<Run> {
     // its error says where it tried and what to check
     let mut client = Client::connect(socket, "amm-worker report", AGENT_TIMEOUT)?;
-    let status = client.status().context("amm-agent did not answer status")?;
+    let status = match pid {
+        // only that pid's watches: one page however many the agent holds
+        Some(p) => client.status_of(p),
+        None => client.status(),
+    }
+    .context("amm-agent did not answer status")?;
     let all: Vec<&WatchStatus> = status
         .watches
         .iter()

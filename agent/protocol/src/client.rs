@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::ring::RingReader;
 use crate::{
-    ClientMessage, EventMessage, FrameError, Registration, ServerMessage, ThresholdBytes, VERSION,
-    decode, write_message,
+    AgentStatus, ClientMessage, Denial, EventMessage, FrameError, Registration, ServerMessage,
+    ThresholdBytes, VERSION, decode, write_message,
 };
 use amm_ebpf::Level;
 
@@ -30,20 +30,46 @@ pub enum ClientError {
     /// A frame could not be exchanged.
     #[error(transparent)]
     Frame(#[from] FrameError),
-    /// The agent refused a registration.
-    #[error("the agent refused to watch pid {pid}: {reason}")]
+    /// The agent refused a request about `pid`.
+    #[error("the agent refused pid {pid}: {reason}")]
     Refused {
         /// The pid.
         pid: u32,
         /// The agent's reason.
         reason: String,
+        /// The reason for programs (`None` from an older agent).
+        code: Option<Denial>,
     },
+    /// The agent serves its most clients (overall or for this uid), or
+    /// closed this connection as idle: try again later.
+    #[error("the agent is busy: {0}")]
+    Busy(String),
     /// The agent reported a protocol error and closed.
     #[error("the agent closed the connection: {0}")]
     Agent(String),
     /// The agent answered something unexpected.
     #[error("unexpected answer from the agent: {0:?}")]
     Unexpected(Box<ServerMessage>),
+}
+
+impl ClientError {
+    /// The error for an agent's closing `Error` message.
+    fn closed(reason: String, code: Option<Denial>) -> Self {
+        match code {
+            Some(Denial::TooManyClients | Denial::Idle) => Self::Busy(reason),
+            _ => Self::Agent(reason),
+        }
+    }
+
+    /// True when retrying later may succeed: the agent is busy, full, or
+    /// could not be reached; false when it refused on the merits.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Refused { code, .. } => code.is_some_and(Denial::is_transient),
+            Self::Busy(_) | Self::Connect { .. } | Self::Frame(_) => true,
+            Self::Agent(_) | Self::Unexpected(_) => false,
+        }
+    }
 }
 
 /// What the agent answered to a successful registration.
@@ -87,7 +113,7 @@ impl Client {
         })?;
         match c.recv()? {
             ServerMessage::Welcome { .. } => Ok(c),
-            ServerMessage::Error { reason } => Err(ClientError::Agent(reason)),
+            ServerMessage::Error { reason, code } => Err(ClientError::closed(reason, code)),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
@@ -97,8 +123,25 @@ impl Client {
         &self.stream
     }
 
+    /// Writes a request. When the agent has closed the connection, the
+    /// write fails but the agent's last word (why it closed: idle, busy, a
+    /// protocol error) may still be waiting to be read: that is the error
+    /// returned then.
     fn send(&mut self, msg: &ClientMessage) -> Result<(), ClientError> {
-        Ok(write_message(&mut self.stream, msg)?)
+        let err = match write_message(&mut self.stream, msg) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        loop {
+            match self.recv() {
+                Ok(ServerMessage::Event(e)) => self.pending.push_back(e),
+                Ok(ServerMessage::Error { reason, code }) => {
+                    return Err(ClientError::closed(reason, code));
+                }
+                Ok(_) => {}
+                Err(_) => return Err(err.into()),
+            }
+        }
     }
 
     /// Sends a message that has no answer (e.g. accounting).
@@ -119,7 +162,12 @@ impl Client {
         loop {
             match self.recv()? {
                 ServerMessage::Event(e) => self.pending.push_back(e),
-                ServerMessage::Error { reason } => return Err(ClientError::Agent(reason)),
+                ServerMessage::Error { reason, code } => {
+                    return Err(ClientError::closed(reason, code));
+                }
+                ServerMessage::Refused { pid, reason, code } => {
+                    return Err(ClientError::Refused { pid, reason, code });
+                }
                 other => return Ok(other),
             }
         }
@@ -156,7 +204,6 @@ impl Client {
                     ring,
                 })
             }
-            ServerMessage::Refused { pid, reason } => Err(ClientError::Refused { pid, reason }),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
@@ -166,18 +213,55 @@ impl Client {
         self.send(&ClientMessage::Unregister { pid })?;
         match self.answer()? {
             ServerMessage::Unregistered { .. } => Ok(()),
-            ServerMessage::Refused { pid, reason } => Err(ClientError::Refused { pid, reason }),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
-    /// The agent's state.
-    pub fn status(&mut self) -> Result<crate::AgentStatus, ClientError> {
-        self.send(&ClientMessage::Status)?;
+    /// One page of the agent's state: the first with `after: None`, then
+    /// the page after each answer's `next`; `pid` keeps only that pid's
+    /// watches.
+    pub fn status_page(
+        &mut self,
+        after: Option<u64>,
+        pid: Option<u32>,
+    ) -> Result<AgentStatus, ClientError> {
+        self.send(&ClientMessage::Status { after, pid })?;
         match self.answer()? {
             ServerMessage::Status(s) => Ok(s),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
+    }
+
+    /// The agent's whole state, every page gathered (the counters are those
+    /// of the last page).
+    pub fn status(&mut self) -> Result<AgentStatus, ClientError> {
+        self.status_pages(None)
+    }
+
+    /// The live and ended watches of one pid (and the agent's counters).
+    pub fn status_of(&mut self, pid: u32) -> Result<AgentStatus, ClientError> {
+        self.status_pages(Some(pid))
+    }
+
+    fn status_pages(&mut self, pid: Option<u32>) -> Result<AgentStatus, ClientError> {
+        let mut all = self.status_page(None, pid)?;
+        // a cursor that does not move would loop forever: stop on it
+        while let Some(after) = all.next.take() {
+            let page = self.status_page(Some(after), pid)?;
+            if page.next.is_some_and(|n| n <= after) {
+                return Err(ClientError::Agent(format!(
+                    "status paging did not advance (cursor {after})"
+                )));
+            }
+            all.watches.extend(page.watches);
+            all.ended.extend(page.ended);
+            all = AgentStatus {
+                watches: all.watches,
+                ended: all.ended,
+                ..page
+            };
+        }
+        Ok(all)
     }
 
     /// All of one process's timeline at the agent, page by page.
@@ -196,9 +280,6 @@ impl Client {
                     if done {
                         return Ok(out);
                     }
-                }
-                ServerMessage::Refused { pid, reason } => {
-                    return Err(ClientError::Refused { pid, reason });
                 }
                 other => return Err(ClientError::Unexpected(Box::new(other))),
             }
@@ -237,7 +318,7 @@ impl Client {
         }
         match res {
             Ok(ServerMessage::Event(e)) => Ok(Some(e)),
-            Ok(ServerMessage::Error { reason }) => Err(ClientError::Agent(reason)),
+            Ok(ServerMessage::Error { reason, code }) => Err(ClientError::closed(reason, code)),
             Ok(other) => Err(ClientError::Unexpected(Box::new(other))),
             Err(ClientError::Frame(FrameError::Io(e)))
                 if matches!(

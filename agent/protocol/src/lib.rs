@@ -22,7 +22,7 @@ pub mod fdpass;
 pub mod link;
 pub mod ring;
 pub mod sched;
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, Registered};
 
 /// Protocol version spoken by this crate.
 pub const VERSION: u32 = 1;
@@ -80,12 +80,14 @@ pub struct ThresholdBytes {
     pub terminate: u64,
 }
 
-/// Why a set of fractions cannot be used.
+/// Why a set of fractions (and a limit) cannot be used. The one check of
+/// thresholds in amm: the agent, `amm-agent watch` and the worker's
+/// configuration all call [`Fractions::validate`] or [`Fractions::to_bytes`].
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ThresholdError {
-    /// A fraction is not in (0, 1].
+    /// A fraction is not a number in (0, 1] (NaN included).
     #[error(
-        "threshold {name}={value} is not a fraction in (0, 1]; use e.g. 0.7, or null to switch it off"
+        "threshold {name}={value} is not a fraction in (0, 1]; use e.g. 0.7, or switch it off (null, false)"
     )]
     OutOfRange {
         /// Which threshold.
@@ -93,62 +95,142 @@ pub enum ThresholdError {
         /// Its value.
         value: f64,
     },
-    /// Levels are not in increasing order.
+    /// Levels are out of order.
     #[error(
-        "thresholds must increase: target <= spill < pause < terminate (got {0:?}); fix the order or switch one off"
+        "thresholds must not decrease: target <= spill <= pause <= terminate (got {0}); fix the order or switch one off"
     )]
     NotIncreasing(Fractions),
     /// The limit is zero.
     #[error("the memory limit is 0 bytes; give a limit such as 2GiB")]
     ZeroLimit,
+    /// A level of this limit is not a byte count the kernel program can use:
+    /// below one byte, or 2^64-1 (which means "off") or more.
+    #[error(
+        "{name}={fraction} of a {limit}-byte limit is {bytes} bytes, outside 1..2^64-1 (2^64-1 means off, so the level would silently never fire); give a limit such as 2GiB, or switch {name} off"
+    )]
+    Unrepresentable {
+        /// Which threshold.
+        name: &'static str,
+        /// Its fraction.
+        fraction: f64,
+        /// The limit.
+        limit: u64,
+        /// The product, as far as a float holds it.
+        bytes: f64,
+    },
+}
+
+impl std::fmt::Display for Fractions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: Option<f64>| v.map_or_else(|| "off".to_string(), |x| x.to_string());
+        write!(
+            f,
+            "target={} spill={} pause={} terminate={}",
+            show(self.target),
+            show(self.spill),
+            show(self.pause),
+            show(self.terminate)
+        )
+    }
 }
 
 impl Fractions {
-    /// Checks the fractions and turns them into bytes of `limit`.
-    ///
-    /// The re-arm level is `target` if set, else the lowest enabled level.
-    pub fn to_bytes(&self, limit: u64) -> Result<ThresholdBytes, ThresholdError> {
-        if limit == 0 {
-            return Err(ThresholdError::ZeroLimit);
-        }
-        let named = [
+    /// The fractions by name, lowest first.
+    fn named(&self) -> [(&'static str, Option<f64>); 4] {
+        [
             ("target", self.target),
             ("spill", self.spill),
             ("pause", self.pause),
             ("terminate", self.terminate),
-        ];
-        for (name, v) in named {
+        ]
+    }
+
+    /// Checks the fractions alone: each in (0, 1] (no NaN), and
+    /// `target <= spill <= pause <= terminate` among those switched on.
+    pub fn validate(&self) -> Result<(), ThresholdError> {
+        for (name, v) in self.named() {
             if let Some(value) = v
                 && !(value > 0.0 && value <= 1.0)
             {
                 return Err(ThresholdError::OutOfRange { name, value });
             }
         }
-        let levels: Vec<f64> = [self.spill, self.pause, self.terminate]
-            .into_iter()
-            .flatten()
-            .collect();
-        if levels.windows(2).any(|w| w[0] >= w[1])
-            || matches!((self.target, levels.first()), (Some(t), Some(&l)) if t > l)
-        {
+        let on: Vec<f64> = self.named().iter().filter_map(|(_, v)| *v).collect();
+        if on.windows(2).any(|w| w[0] > w[1]) {
             return Err(ThresholdError::NotIncreasing(*self));
         }
-        let bytes = |f: Option<f64>| f.map_or(amm_ebpf::DISABLED, |f| (limit as f64 * f) as u64);
-        let rearm = self.target.or(levels.first().copied());
+        Ok(())
+    }
+
+    /// Checks the fractions with [`Self::validate`] and turns them into
+    /// bytes of `limit`; every level must land on a byte count the kernel
+    /// can use (see [`ThresholdError::Unrepresentable`]).
+    ///
+    /// The re-arm level is `target` if set, else the lowest enabled level.
+    pub fn to_bytes(&self, limit: u64) -> Result<ThresholdBytes, ThresholdError> {
+        self.validate()?;
+        if limit == 0 {
+            return Err(ThresholdError::ZeroLimit);
+        }
+        let bytes = |name: &'static str, f: Option<f64>| -> Result<u64, ThresholdError> {
+            let Some(fraction) = f else {
+                return Ok(amm_ebpf::DISABLED);
+            };
+            let product = limit as f64 * fraction;
+            // u64::MAX as f64 rounds up to 2^64: anything at or above it,
+            // or below one byte, cannot be told from "off" or "always"
+            if product < 1.0 || product >= u64::MAX as f64 {
+                return Err(ThresholdError::Unrepresentable {
+                    name,
+                    fraction,
+                    limit,
+                    bytes: product,
+                });
+            }
+            Ok(product as u64)
+        };
+        let rearm = match self.target {
+            Some(t) => Some(t),
+            None => [self.spill, self.pause, self.terminate]
+                .into_iter()
+                .flatten()
+                .next(),
+        };
         Ok(ThresholdBytes {
             limit,
-            rearm: bytes(rearm),
-            spill: bytes(self.spill),
-            pause: bytes(self.pause),
-            terminate: bytes(self.terminate),
+            rearm: bytes("target", rearm)?,
+            spill: bytes("spill", self.spill)?,
+            pause: bytes("pause", self.pause)?,
+            terminate: bytes("terminate", self.terminate)?,
         })
+    }
+}
+
+impl ThresholdBytes {
+    /// The level of `rss` under these thresholds: the highest level whose
+    /// threshold `rss` reaches. The kernel program's `level_of` (C) computes
+    /// the same; the probe tests check both agree on every crossing.
+    pub fn level_of(&self, rss: u64) -> Level {
+        if rss >= self.terminate {
+            Level::Terminate
+        } else if rss >= self.pause {
+            Level::Pause
+        } else if rss >= self.spill {
+            Level::Spill
+        } else {
+            Level::Below
+        }
     }
 }
 
 /// A request to watch one process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Registration {
-    /// The process: the client itself or a direct child of it.
+    /// The process: the client itself or a direct child of it, numbered as
+    /// the client sees it (in the client's own PID namespace, so a client in
+    /// a container names its processes as it knows them); 0 means the
+    /// client itself. The answer ([`ServerMessage::Registered`]) gives the
+    /// number the agent and the kernel use.
     pub pid: u32,
     /// Its start time in clock ticks after boot (field 22 of
     /// `/proc/PID/stat`). When given, the agent refuses a pid that now
@@ -262,9 +344,20 @@ pub enum SampleKind {
         /// Peak RSS until then.
         peak_rss_bytes: u64,
     },
+    /// The process's credentials changed (exec of a setuid, setgid or
+    /// file-capability program, or setresuid): the kernel stopped watching
+    /// it there and the watch ended.
+    Credentials {
+        /// Peak RSS until then.
+        peak_rss_bytes: u64,
+    },
 }
 
 impl Registration {
+    /// The pid that means "the client itself" (no number needed, whatever
+    /// PID namespace the client runs in).
+    pub const MYSELF: u32 = 0;
+
     /// A registration of `pid` with `limit_bytes` and the defaults: Dask's
     /// thresholds, the agent's spike horizon, no signal, events on the
     /// socket only.
@@ -301,9 +394,19 @@ pub enum ClientMessage {
         /// The process.
         pid: u32,
     },
-    /// Ask for the agent's state; it answers [`ServerMessage::Status`]
-    /// (with the newest [`STATUS_SAMPLES`] samples of each timeline).
-    Status,
+    /// Ask for the agent's state, a page at a time; it answers
+    /// [`ServerMessage::Status`] (with the newest [`STATUS_SAMPLES`] samples
+    /// of each timeline). A client that is not root sees only the watches of
+    /// its own uid.
+    Status {
+        /// Continue after this cursor: the `next` of the previous page
+        /// (absent: the first page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+        /// Only the watches (live and ended) of this pid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
     /// Ask for one process's timeline, a page at a time; it answers
     /// [`ServerMessage::Timeline`].
     Timeline {
@@ -335,7 +438,8 @@ pub enum ClientMessage {
 /// prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventMessage {
-    /// `level`, `spike` or `exit`.
+    /// `level`, `spike`, `exit` or `credentials` (the watch ended because
+    /// the process changed credentials; nothing follows it).
     pub event: EventKind,
     /// Kernel time of the update that caused it (CLOCK_MONOTONIC, ns).
     pub t_ns: u64,
@@ -376,9 +480,9 @@ impl EventMessage {
             level: Level::from_raw(e.level)?,
             prev_level: Level::from_raw(e.prev_level)?,
             peak_rss_bytes: e.peak_rss_bytes,
-            faults: (e.kind == 3).then_some(e.faults),
+            faults: (e.kind == EventKind::Exit.raw()).then_some(e.faults),
             rate_bytes_per_ms: e.rate_bytes_per_ms,
-            eta_ns: (e.kind == 2).then_some(e.eta_ns),
+            eta_ns: (e.kind == EventKind::Spike.raw()).then_some(e.eta_ns),
             foreign: e.flags & amm_ebpf::EVENT_FLAG_FOREIGN != 0,
             signalled: e.flags & amm_ebpf::EVENT_FLAG_SIGNALLED != 0,
         })
@@ -398,7 +502,10 @@ pub enum ServerMessage {
     },
     /// The process is watched from now on.
     Registered {
-        /// The process.
+        /// The process, numbered as the agent and the kernel see it (the
+        /// agent's PID namespace): events, `status`, `unregister` and the
+        /// records of a direct ring use this number. For a client in the
+        /// agent's namespace it is the pid it asked for.
         pid: u32,
         /// Its RSS when the watch started (from /proc).
         rss_bytes: u64,
@@ -411,12 +518,15 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ring_bytes: Option<u64>,
     },
-    /// The registration was refused; the connection stays open.
+    /// The request about `pid` was refused; the connection stays open.
     Refused {
         /// The process asked for.
         pid: u32,
         /// Why, in words a person can act on.
         reason: String,
+        /// Why, for a program (absent from agents before it existed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<Denial>,
     },
     /// The watch is removed.
     Unregistered {
@@ -443,24 +553,82 @@ pub enum ServerMessage {
         /// The client's nonce.
         nonce: u64,
     },
-    /// A protocol error; the agent closes the connection after it.
+    /// The agent closes the connection after this: a protocol error, too
+    /// many clients, or an idle client.
     Error {
         /// What was wrong.
         reason: String,
+        /// Why, for a program.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<Denial>,
     },
 }
 
+/// Why the agent said no, for programs (`reason` says it for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Denial {
+    /// The agent serves its most clients at once, or this uid its most
+    /// connections: try again later (or close idle connections).
+    TooManyClients,
+    /// This uid has its most watches, or the probe's maps are full.
+    TooManyWatches,
+    /// The connection watched nothing and said nothing for the idle timeout.
+    Idle,
+    /// The process is not the client's to watch: another user's, neither
+    /// the client nor its direct child, exited, or a recycled pid.
+    NotYours,
+    /// The request itself is wrong (thresholds, signal number, limit).
+    Invalid,
+    /// The pid is already watched (by this connection or another).
+    AlreadyWatched,
+    /// Nothing the agent holds under that pid (for this client).
+    Unknown,
+    /// The kernel probe could not take the watch.
+    Probe,
+    /// The connection broke the protocol (bad frame, no hello, ...).
+    Protocol,
+    /// A code this version does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl Denial {
+    /// True when the same request may succeed later without change
+    /// (capacity, not a refusal on the merits).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::TooManyClients | Self::TooManyWatches | Self::Probe
+        )
+    }
+}
+
 /// The agent's state: its clients, watches and the probe's map entries.
+///
+/// One answer is one page (it must fit a frame): the live watches by pid,
+/// then the ended ones oldest first, as many as fit. `next` is the cursor to
+/// ask for the following page with ([`ClientMessage::Status`]'s `after`);
+/// `None` on the last page. [`Client::status`] gathers every page.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentStatus {
-    /// Connected clients.
+    /// Connected clients (a client that is not root: those of its uid).
     pub clients: usize,
-    /// Watched processes, by pid.
+    /// Watched processes, by pid (this page's).
     pub watches: Vec<WatchStatus>,
-    /// The last watches that ended (process exit or disconnect), oldest
-    /// first, with their timelines.
+    /// The last watches that ended (process exit, disconnect, credentials
+    /// change), oldest first, with their timelines (this page's).
     #[serde(default)]
     pub ended: Vec<WatchStatus>,
+    /// Watches the client may see in all pages.
+    #[serde(default)]
+    pub total_watches: usize,
+    /// Ended watches the client may see in all pages.
+    #[serde(default)]
+    pub total_ended: usize,
+    /// Cursor of the next page; `None` when this is the last.
+    #[serde(default)]
+    pub next: Option<u64>,
     /// Entries in the probe's maps (all zero when nothing is watched).
     pub map_entries: MapEntries,
     /// Events the probe submitted since it was loaded.
@@ -474,6 +642,9 @@ pub struct AgentStatus {
 pub struct WatchStatus {
     /// The process.
     pub pid: u32,
+    /// The uid of the client that registered it.
+    #[serde(default)]
+    pub owner_uid: Option<u32>,
     /// Its limit.
     pub limit_bytes: u64,
     /// RSS at its last update.
@@ -739,6 +910,123 @@ mod tests {
             Fractions::default().to_bytes(0),
             Err(ThresholdError::ZeroLimit)
         );
+    }
+
+    #[test]
+    fn validation_is_one_function_with_clear_errors() {
+        assert_eq!(Fractions::default().validate(), Ok(()));
+        // equal levels are allowed: the kernel goes straight to the higher
+        let flat = Fractions {
+            target: Some(0.7),
+            spill: Some(0.7),
+            pause: Some(0.7),
+            terminate: Some(0.7),
+        };
+        assert_eq!(flat.validate(), Ok(()));
+        let backwards = Fractions {
+            spill: Some(0.99),
+            terminate: Some(0.5),
+            ..Fractions::default()
+        };
+        let e = backwards.validate().expect_err("spill above terminate");
+        assert!(matches!(e, ThresholdError::NotIncreasing(_)));
+        let words = e.to_string();
+        assert!(
+            words.contains("spill=0.99") && words.contains("terminate=0.5"),
+            "{words}"
+        );
+        let target_high = Fractions {
+            target: Some(0.75),
+            ..Fractions::default()
+        };
+        assert!(target_high.validate().is_err(), "target above spill");
+        for bad in [f64::NAN, 0.0, -0.1, 1.5, f64::INFINITY] {
+            let f = Fractions {
+                pause: Some(bad),
+                ..Fractions::default()
+            };
+            assert!(
+                matches!(
+                    f.validate(),
+                    Err(ThresholdError::OutOfRange { name: "pause", .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_level_that_would_mean_off_is_refused() {
+        let f = Fractions {
+            terminate: Some(1.0),
+            ..Fractions::default()
+        };
+        // 2^64-1 x 1.0 is the value that switches terminate off
+        let e = f.to_bytes(u64::MAX).expect_err("terminate would be off");
+        assert!(
+            matches!(
+                e,
+                ThresholdError::Unrepresentable {
+                    name: "terminate",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("never fire"), "{e}");
+        // a limit of one byte has levels below a byte
+        assert!(matches!(
+            Fractions::default().to_bytes(1),
+            Err(ThresholdError::Unrepresentable { name: "target", .. })
+        ));
+        // the largest limits that still work
+        let t = f.to_bytes(u64::MAX / 2).expect("half the range");
+        assert!(t.terminate < amm_ebpf::DISABLED);
+        let off = Fractions {
+            terminate: None,
+            ..f
+        };
+        assert_eq!(
+            off.to_bytes(u64::MAX / 2).expect("off").terminate,
+            amm_ebpf::DISABLED
+        );
+    }
+
+    #[test]
+    fn levels_of_rss_follow_the_thresholds() {
+        let t = Fractions::default().to_bytes(1000).expect("valid");
+        assert_eq!(t.level_of(0), Level::Below);
+        assert_eq!(t.level_of(699), Level::Below);
+        assert_eq!(t.level_of(700), Level::Spill);
+        assert_eq!(t.level_of(800), Level::Pause);
+        assert_eq!(t.level_of(950), Level::Terminate);
+        assert_eq!(t.level_of(u64::MAX), Level::Terminate);
+    }
+
+    #[test]
+    fn old_and_new_messages_both_parse() {
+        // a client of the first version sends a bare status
+        assert_eq!(
+            decode::<ClientMessage>(br#"{"type":"status"}"#).expect("bare status"),
+            ClientMessage::Status {
+                after: None,
+                pid: None
+            }
+        );
+        // an agent's refusal without a code, and a code from the future
+        let r: ServerMessage =
+            decode(br#"{"type":"refused","pid":3,"reason":"no"}"#).expect("no code");
+        assert!(matches!(r, ServerMessage::Refused { code: None, .. }));
+        let r: ServerMessage =
+            decode(br#"{"type":"error","reason":"x","code":"quantum"}"#).expect("new code");
+        assert!(matches!(
+            r,
+            ServerMessage::Error {
+                code: Some(Denial::Other),
+                ..
+            }
+        ));
+        assert!(Denial::TooManyClients.is_transient() && !Denial::NotYours.is_transient());
     }
 
     #[test]

@@ -33,8 +33,10 @@ pub enum LinkEvent {
     /// The agent could not be reached or went away; the link retries.
     /// Reported once per outage.
     Lost(String),
-    /// The agent refused the registration (it will not change its mind by
-    /// itself: the link stops).
+    /// The agent refused the registration on its merits, or ended the
+    /// watch (the process changed credentials): it will not change its mind
+    /// by itself, so the link stops. A refusal for capacity (too many
+    /// clients or watches) is reported as [`LinkEvent::Lost`] and retried.
     Refused(String),
 }
 
@@ -172,6 +174,7 @@ fn session(
     };
     let registered = match client.register(&reg) {
         Ok(r) => r,
+        Err(e) if e.is_transient() => return End::Lost(e.to_string()),
         Err(crate::ClientError::Refused { reason, .. }) => return End::Refused(reason),
         Err(e) => return End::Lost(e.to_string()),
     };
@@ -182,11 +185,18 @@ fn session(
     let Some(mut ring) = registered.ring else {
         return End::Lost("the agent sent no ring buffer".into());
     };
-    let pid = reg.pid;
+    // the number the agent knows the process by (its own PID namespace's)
+    let pid = registered.pid;
     loop {
         while let Some(raw) = ring.next_event() {
             if let Some(m) = EventMessage::from_kernel(&raw) {
+                let ended = m.event == amm_ebpf::EventKind::Credentials;
                 on_event(LinkEvent::Event(m));
+                if ended {
+                    return End::Refused(
+                        "the process changed credentials (setuid/setgid or file-capability exec): the agent ended its watch".into(),
+                    );
+                }
             }
         }
         let fds = [

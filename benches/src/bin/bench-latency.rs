@@ -91,7 +91,7 @@ fn start_agent() -> Result<AgentProc> {
 /// RSS of the toucher once it is up and idle.
 fn base_rss(toucher: &mut Faulter) -> Result<u64> {
     toucher.cmd("free")?;
-    Ok(amm_agent::identity::proc_info(toucher.pid())?.rss_bytes)
+    Ok(amm_agent::identity::ProcInfo::read(toucher.pid())?.rss_bytes())
 }
 
 /// Latencies in µs of upward and downward crossings.

@@ -4,15 +4,26 @@
 //!
 //! Commands:
 //! - `touch MIB`: map MIB MiB of anonymous memory and write every page; `ok ADDR`
+//! - `thread-touch MIB`: the same, faulted by a second thread; `ok ADDR`
 //! - `reserve MIB`: map MIB MiB of anonymous memory without touching it; `ok ADDR`
 //! - `free`: unmap everything `touch` mapped; `ok`
 //! - `file PATH MIB`: map MIB MiB of a file read-only and read every page; `ok ADDR LEN`
 //! - `status`: `ok VMHWM_BYTES VMRSS_BYTES`
-//! - `pid`: `ok PID START_TIME`
+//! - `pid`: `ok PID START_TIME` (the pid as this process sees it)
+//! - `ids`: `ok RUID EUID RGID EGID`
+//! - `exec PATH` / `thread-exec PATH`: exec PATH (another amm-fault, say a
+//!   setuid copy) from the main thread or from a second thread; the new
+//!   program answers `ok PID` when it is ready
+//! - `child`: start `sleep 3600` as a child; `ok PID` (as this process sees it)
 //! - `connect SOCKET`: connect to an agent; `ok`
-//! - `register PID [START_TIME]`: register with limit 1 GiB; `ok RSS` or `err REASON`
+//! - `register PID [START_TIME]`: register with limit 1 GiB (PID 0: myself);
+//!   `ok PID RSS` (the pid the agent knows it by) or `err REASON`
 //! - `register-direct PID LIMIT_MIB`: register with a ring buffer of our own
 //!   and a limit in MiB; `ok RSS` or `err REASON`
+//! - `status-pids`: ask the agent's status; `ok PID...` of the watches shown
+//! - `timeline PID`: ask the agent for PID's timeline; `ok SAMPLES` or `err REASON`
+//! - `flood SOCKET N`: open N more connections to the agent and hold them;
+//!   `ok OPENED REFUSED FIRST_REFUSAL`
 //! - `event`: wait up to 10 s for one event; `ok JSON` or `err ...`
 //! - `ring-event`: wait up to 10 s for one event on our own ring; `ok JSON`
 //! - `exit`: exit 0
@@ -67,35 +78,188 @@ fn start_time() -> u64 {
         .unwrap_or(0)
 }
 
-fn main() {
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
-    let mut regions: Vec<Region> = Vec::new();
-    let mut client: Option<Client> = None;
-    let mut ring: Option<amm_protocol::ring::RingReader> = None;
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let reply = match words.as_slice() {
-            [cmd @ ("touch" | "reserve"), mib] => {
-                let made = mib
-                    .parse::<usize>()
-                    .map_err(|e| e.to_string())
-                    .and_then(|m| Region::new(m << 20).map_err(|e| e.to_string()));
-                match made {
-                    Ok(r) => {
-                        if *cmd == "touch" {
-                            r.touch();
-                        }
-                        let addr = r.addr();
-                        regions.push(r);
-                        format!("ok {addr}")
+/// Set by `exec`: the new program says it is ready.
+const ANNOUNCE: &str = "AMM_FAULT_ANNOUNCE";
+
+#[derive(Default)]
+struct State {
+    regions: Vec<Region>,
+    client: Option<Client>,
+    ring: Option<amm_protocol::ring::RingReader>,
+    flood: Vec<Client>,
+    children: Vec<std::process::Child>,
+}
+
+fn touch(mib: &str, cmd: &str, regions: &mut Vec<Region>) -> String {
+    let made = mib
+        .parse::<usize>()
+        .map_err(|e| e.to_string())
+        .and_then(|m| Region::new(m << 20).map_err(|e| e.to_string()));
+    let r = match made {
+        Ok(r) => r,
+        Err(e) => return format!("err {e}"),
+    };
+    match cmd {
+        "touch" => r.touch(),
+        "thread-touch" => {
+            let (base, len) = (r.addr(), r.len());
+            let done = std::thread::spawn(move || {
+                for off in (0..len).step_by(page()) {
+                    // SAFETY: inside the mapping `r` keeps alive until joined.
+                    unsafe { std::ptr::write_volatile((base + off) as *mut u8, 1) };
+                }
+            })
+            .join();
+            if done.is_err() {
+                return "err the touching thread panicked".into();
+            }
+        }
+        _ => {}
+    }
+    let addr = r.addr();
+    regions.push(r);
+    format!("ok {addr}")
+}
+
+fn exec(path: &str, from_thread: bool) -> String {
+    use std::os::unix::process::CommandExt;
+    let path = path.to_string();
+    let run = move || {
+        let e = std::process::Command::new(&path).env(ANNOUNCE, "1").exec();
+        format!("err exec {path}: {e}")
+    };
+    if from_thread {
+        std::thread::spawn(run)
+            .join()
+            .unwrap_or_else(|_| "err the exec thread panicked".into())
+    } else {
+        run()
+    }
+}
+
+fn register(c: &mut Client, reg: &Registration) -> Result<amm_protocol::Registered, String> {
+    c.register(reg).map_err(|e| e.to_string())
+}
+
+fn flood(socket: &str, n: &str, held: &mut Vec<Client>) -> String {
+    let Ok(n) = n.parse::<usize>() else {
+        return "err give a count".into();
+    };
+    let (mut opened, mut refused, mut first) = (0, 0, String::from("-"));
+    for _ in 0..n {
+        match Client::connect(Path::new(socket), "flood", Duration::from_secs(10)) {
+            Ok(c) => {
+                held.push(c);
+                opened += 1;
+            }
+            Err(e) => {
+                if refused == 0 {
+                    first = e.to_string().replace(' ', "_");
+                }
+                refused += 1;
+            }
+        }
+    }
+    format!("ok {opened} {refused} {first}")
+}
+
+impl State {
+    fn agent_command(&mut self, words: &[&str]) -> Option<String> {
+        Some(match words {
+            ["connect", sock] => {
+                match Client::connect(Path::new(sock), "amm-fault", Duration::from_secs(10)) {
+                    Ok(c) => {
+                        self.client = Some(c);
+                        "ok".into()
                     }
                     Err(e) => format!("err {e}"),
                 }
             }
+            ["register", pid, rest @ ..] => match (self.client.as_mut(), pid.parse::<u32>()) {
+                (Some(c), Ok(pid)) => {
+                    let reg = Registration {
+                        start_time: rest.first().and_then(|s| s.parse().ok()),
+                        ..Registration::new(pid, 1 << 30)
+                    };
+                    match register(c, &reg) {
+                        Ok(r) => format!("ok {} {}", r.pid, r.rss_bytes),
+                        Err(e) => format!("err {e}"),
+                    }
+                }
+                _ => "err connect first, and give a pid".into(),
+            },
+            ["register-direct", pid, limit_mib] => {
+                let parsed = (pid.parse::<u32>(), limit_mib.parse::<u64>());
+                match (self.client.as_mut(), parsed) {
+                    (Some(c), (Ok(pid), Ok(mib))) => {
+                        let reg = Registration {
+                            direct: true,
+                            ..Registration::new(pid, mib << 20)
+                        };
+                        match register(c, &reg) {
+                            Ok(r) => {
+                                self.ring = r.ring;
+                                format!("ok {}", r.rss_bytes)
+                            }
+                            Err(e) => format!("err {e}"),
+                        }
+                    }
+                    _ => "err connect first, and give a pid and a limit".into(),
+                }
+            }
+            ["status-pids"] => match self.client.as_mut().map(|c| c.status()) {
+                Some(Ok(s)) => {
+                    let pids: Vec<String> = s.watches.iter().map(|w| w.pid.to_string()).collect();
+                    format!("ok {}", pids.join(" "))
+                }
+                Some(Err(e)) => format!("err {e}"),
+                None => "err connect first".into(),
+            },
+            ["flood", sock, n] => flood(sock, n, &mut self.flood),
+            ["timeline", pid] => match (self.client.as_mut(), pid.parse::<u32>()) {
+                (Some(c), Ok(pid)) => match c.timeline(pid) {
+                    Ok(t) => format!("ok {}", t.len()),
+                    Err(e) => format!("err {e}"),
+                },
+                _ => "err connect first, and give a pid".into(),
+            },
+            _ => return None,
+        })
+    }
+
+    fn event_command(&mut self, words: &[&str]) -> Option<String> {
+        let json = |e: &amm_protocol::EventMessage| serde_json::to_string(e).unwrap_or_default();
+        Some(match words {
+            ["ring-event"] => match self.ring.as_mut() {
+                Some(r) => match r.recv(Some(Duration::from_secs(10))) {
+                    Ok(Some(raw)) => match amm_protocol::EventMessage::from_kernel(&raw) {
+                        Some(e) => format!("ok {}", json(&e)),
+                        None => "err unknown record".into(),
+                    },
+                    Ok(None) => "err no event within 10 s".into(),
+                    Err(e) => format!("err {e}"),
+                },
+                None => "err no ring".into(),
+            },
+            ["event"] => match self.client.as_mut() {
+                Some(c) => match c.next_event(Some(Duration::from_secs(10))) {
+                    Ok(Some(e)) => format!("ok {}", json(&e)),
+                    Ok(None) => "err no event within 10 s".into(),
+                    Err(e) => format!("err {e}"),
+                },
+                None => "err connect first".into(),
+            },
+            _ => return None,
+        })
+    }
+
+    fn process_command(&mut self, words: &[&str], line: &str) -> String {
+        match words {
+            [cmd @ ("touch" | "reserve" | "thread-touch"), mib] => {
+                touch(mib, cmd, &mut self.regions)
+            }
             ["free"] => {
-                regions.clear();
+                self.regions.clear();
                 "ok".into()
             }
             ["file", path, mib] => {
@@ -110,76 +274,72 @@ fn main() {
             }
             ["status"] => format!("ok {} {}", status_bytes("VmHWM:"), status_bytes("VmRSS:")),
             ["pid"] => format!("ok {} {}", std::process::id(), start_time()),
-            ["connect", sock] => {
-                match Client::connect(Path::new(sock), "amm-fault", Duration::from_secs(10)) {
-                    Ok(c) => {
-                        client = Some(c);
-                        "ok".into()
-                    }
-                    Err(e) => format!("err {e}"),
-                }
+            ["ids"] => {
+                // SAFETY: these getters have no preconditions.
+                let ids = unsafe {
+                    (
+                        libc::getuid(),
+                        libc::geteuid(),
+                        libc::getgid(),
+                        libc::getegid(),
+                    )
+                };
+                format!("ok {} {} {} {}", ids.0, ids.1, ids.2, ids.3)
             }
-            ["register", pid, rest @ ..] => match (client.as_mut(), pid.parse::<u32>()) {
-                (Some(c), Ok(pid)) => {
-                    let reg = Registration {
-                        start_time: rest.first().and_then(|s| s.parse().ok()),
-                        ..Registration::new(pid, 1 << 30)
-                    };
-                    match c.register(&reg) {
-                        Ok(r) => format!("ok {}", r.rss_bytes),
-                        Err(e) => format!("err {e}"),
-                    }
+            ["exec", path] => exec(path, false),
+            ["thread-exec", path] => exec(path, true),
+            ["child"] => match std::process::Command::new("sleep").arg("3600").spawn() {
+                Ok(c) => {
+                    let pid = c.id();
+                    self.children.push(c);
+                    format!("ok {pid}")
                 }
-                _ => "err connect first, and give a pid".into(),
+                Err(e) => format!("err {e}"),
             },
-            ["register-direct", pid, limit_mib] => {
-                match (
-                    client.as_mut(),
-                    pid.parse::<u32>(),
-                    limit_mib.parse::<u64>(),
-                ) {
-                    (Some(c), Ok(pid), Ok(mib)) => {
-                        let reg = Registration {
-                            direct: true,
-                            ..Registration::new(pid, mib << 20)
-                        };
-                        match c.register(&reg) {
-                            Ok(r) => {
-                                ring = r.ring;
-                                format!("ok {}", r.rss_bytes)
-                            }
-                            Err(e) => format!("err {e}"),
-                        }
-                    }
-                    _ => "err connect first, and give a pid and a limit".into(),
-                }
-            }
-            ["ring-event"] => match ring.as_mut() {
-                Some(r) => match r.recv(Some(Duration::from_secs(10))) {
-                    Ok(Some(raw)) => match amm_protocol::EventMessage::from_kernel(&raw) {
-                        Some(e) => format!("ok {}", serde_json::to_string(&e).unwrap_or_default()),
-                        None => "err unknown record".into(),
-                    },
-                    Ok(None) => "err no event within 10 s".into(),
-                    Err(e) => format!("err {e}"),
-                },
-                None => "err no ring".into(),
-            },
-            ["event"] => match client.as_mut() {
-                Some(c) => match c.next_event(Some(Duration::from_secs(10))) {
-                    Ok(Some(e)) => format!("ok {}", serde_json::to_string(&e).unwrap_or_default()),
-                    Ok(None) => "err no event within 10 s".into(),
-                    Err(e) => format!("err {e}"),
-                },
-                None => "err connect first".into(),
-            },
-            ["exit"] => {
-                let _ = writeln!(out, "ok");
-                let _ = out.flush();
-                std::process::exit(0);
-            }
             _ => format!("err unknown command {line:?}"),
-        };
+        }
+    }
+
+    fn command(&mut self, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(r) = self.agent_command(&words) {
+            return r;
+        }
+        if let Some(r) = self.event_command(&words) {
+            return r;
+        }
+        self.process_command(&words, line)
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn main() {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    if std::env::var_os(ANNOUNCE).is_some() {
+        // SAFETY: single-threaded here; nothing else reads the environment.
+        unsafe { std::env::remove_var(ANNOUNCE) };
+        let _ = writeln!(out, "ok {}", std::process::id());
+        let _ = out.flush();
+    }
+    let mut state = State::default();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim() == "exit" {
+            let _ = writeln!(out, "ok");
+            let _ = out.flush();
+            drop(state);
+            std::process::exit(0);
+        }
+        let reply = state.command(&line);
         if writeln!(out, "{reply}").and_then(|()| out.flush()).is_err() {
             break;
         }

@@ -48,13 +48,14 @@ pub fn run_of_samples(watch: &WatchStatus, samples: &[Sample]) -> Run {
                 },
             ),
             SampleKind::Spike { .. } => run.push_event(t, EventKind::Spike { rss: s.rss_bytes }),
-            SampleKind::Exit { peak_rss_bytes } | SampleKind::Unwatched { peak_rss_bytes } => run
-                .push_event(
-                    t,
-                    EventKind::Exit {
-                        peak: *peak_rss_bytes,
-                    },
-                ),
+            SampleKind::Exit { peak_rss_bytes }
+            | SampleKind::Unwatched { peak_rss_bytes }
+            | SampleKind::Credentials { peak_rss_bytes } => run.push_event(
+                t,
+                EventKind::Exit {
+                    peak: *peak_rss_bytes,
+                },
+            ),
             SampleKind::AgentSignal { .. } => run.push_event(t, EventKind::Terminate),
         }
     }
@@ -79,6 +80,7 @@ mod tests {
     fn watch() -> WatchStatus {
         WatchStatus {
             pid: 42,
+            owner_uid: None,
             limit_bytes: 1 << 30,
             rss_bytes: 0,
             peak_rss_bytes: 0,
