@@ -16,8 +16,6 @@ pub mod glibc;
 pub mod jemalloc;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -35,44 +33,7 @@ const JEMALLOC: u8 = 2;
 
 static CHOICE: AtomicU8 = AtomicU8::new(UNDECIDED);
 
-/// The two allocators a worker can run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Allocator {
-    /// glibc's `malloc` (ptmalloc2), as a Python/Dask worker has by default.
-    System,
-    /// jemalloc 5.3 through `tikv-jemallocator`.
-    Jemalloc,
-}
-
-impl Allocator {
-    /// The name used on the command line and in [`ALLOCATOR_ENV`].
-    pub fn name(self) -> &'static str {
-        match self {
-            Allocator::System => "system",
-            Allocator::Jemalloc => "jemalloc",
-        }
-    }
-}
-
-impl fmt::Display for Allocator {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Allocator {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "system" | "glibc" | "malloc" => Ok(Allocator::System),
-            "jemalloc" | "je" => Ok(Allocator::Jemalloc),
-            other => Err(format!(
-                "unknown allocator {other:?}: expected `jemalloc` or `system`"
-            )),
-        }
-    }
-}
+pub use amm_record::Allocator;
 
 /// Decides the allocator from the environment, once. Runs inside the first
 /// allocation, so it must not allocate: `getenv` returns a pointer into the

@@ -1,0 +1,155 @@
+//! A minimal publisher of an allocator record, for trying readers (and for
+//! the crate's tests): publishes a counter every interval and answers purge
+//! requests, until its standard input closes.
+//!
+//! ```text
+//! publish [--interval-ms N] [--hammer] [--forge KIND]
+//! ```
+//!
+//! `--hammer` publishes without pause, every word of the statistics equal
+//! to the publication number (a reader that sees two different words has
+//! read a torn publication). `--forge KIND` publishes a record that a
+//! reader must refuse: `magic`, `version`, `pid`, `start-time`, `unsealed`,
+//! `unmapped`, `owner` (root only: the memfd belongs to uid 12345),
+//! `stuck` (valid, but left mid-write).
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use amm_record::layout::{MAGIC, RECORD_LEN, RawRecord, STATE_LIVE, STATS_WORDS, VERSION};
+use amm_record::{Allocator, PurgeOutcome, PurgeReason, Stats, Writer};
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut interval = Duration::from_millis(20);
+    let (mut hammer, mut forge) = (false, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--interval-ms" => interval = Duration::from_millis(it.next().ok_or("N?")?.parse()?),
+            "--hammer" => hammer = true,
+            "--forge" => forge = Some(it.next().ok_or("KIND?")?.clone()),
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // runs until stdin closes: the parent ends us by dropping it
+            for _ in std::io::stdin().lock().lines() {}
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    if let Some(kind) = forge {
+        let _keep = forged(&kind)?;
+        ready()?;
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        return Ok(());
+    }
+    let mut w = Writer::create(Some(Allocator::Jemalloc), interval)?;
+    ready()?;
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let mut stats: Stats = if hammer {
+            bytemuck::cast([n; STATS_WORDS])
+        } else {
+            let mut s = Stats::default();
+            s.publication.count = n;
+            s.publication.mono_ns = amm_record::sys::monotonic_ns();
+            s
+        };
+        let request = if hammer {
+            w.pending_request()
+        } else {
+            w.wait_for_request(interval)
+        };
+        if hammer {
+            // short, irregular pauses: reads overlap writes and still finish
+            let until = std::time::Instant::now() + Duration::from_micros((n % 16) * 5);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        if let Some(r) = request {
+            stats.purge.count += 1;
+            stats.purge.last = PurgeOutcome {
+                ticket: u64::from(r.ticket),
+                reason: PurgeReason::Request.code(),
+                requested_by_pid: u64::from(r.requester_pid),
+                ..PurgeOutcome::default()
+            };
+            w.publish(&stats);
+            w.answer(&r);
+        } else {
+            w.publish(&stats);
+        }
+    }
+    Ok(())
+}
+
+fn ready() -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready {}", std::process::id())?;
+    out.flush()
+}
+
+/// A hand-made record with one thing wrong. Returns what must stay open.
+fn forged(kind: &str) -> Result<(OwnedFd, Option<usize>), Box<dyn std::error::Error>> {
+    let fd = memfd_create(
+        amm_record::MEMFD_NAME,
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    nix::unistd::ftruncate(&fd, RECORD_LEN as libc::off_t)?;
+    if kind != "unsealed" {
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+        )?;
+    }
+    if kind == "owner" {
+        nix::unistd::fchown(&fd, Some(nix::unistd::Uid::from_raw(12345)), None)?;
+    }
+    let len = std::num::NonZeroUsize::new(RECORD_LEN).ok_or("len")?;
+    let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+    // SAFETY: a new shared mapping of a RECORD_LEN-byte memfd.
+    let ptr = unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, fd.as_fd(), 0) }?;
+    // SAFETY: the mapping is RECORD_LEN bytes, page aligned, only atomics.
+    let r: &RawRecord = unsafe { ptr.cast::<RawRecord>().as_ref() };
+    let me = procfs::process::Process::myself()?;
+    let start = me.stat()?.starttime;
+    let h = &r.header;
+    h.version.store(
+        if kind == "version" { 99 } else { VERSION },
+        Ordering::Relaxed,
+    );
+    h.size
+        .store(size_of::<RawRecord>() as u32, Ordering::Relaxed);
+    let pid = std::process::id() + u32::from(kind == "pid");
+    h.pid.store(pid, Ordering::Relaxed);
+    let start = start + u64::from(kind == "start-time");
+    h.start_time.store(start, Ordering::Relaxed);
+    h.allocator.store(2, Ordering::Relaxed);
+    h.state.store(STATE_LIVE, Ordering::Relaxed);
+    h.interval_ns.store(20_000_000, Ordering::Relaxed);
+    if kind == "stuck" {
+        r.seq.store(1, Ordering::Release);
+    }
+    let magic = if kind == "magic" { MAGIC ^ 1 } else { MAGIC };
+    h.magic.store(magic, Ordering::Release);
+    if kind == "unmapped" {
+        // SAFETY: unmapping the mapping made above; r is not used after.
+        unsafe { munmap(ptr, RECORD_LEN)? };
+        return Ok((fd, None));
+    }
+    Ok((fd, Some(ptr.as_ptr() as usize)))
+}
