@@ -75,7 +75,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         if hammer {
             // short, irregular pauses: reads overlap writes and still finish
-            let until = std::time::Instant::now() + Duration::from_micros((n % 16) * 5);
+            let us = if n.is_multiple_of(64) {
+                1000
+            } else {
+                (n % 16) * 5
+            };
+            let until = std::time::Instant::now() + Duration::from_micros(us);
             while std::time::Instant::now() < until {
                 std::hint::spin_loop();
             }
