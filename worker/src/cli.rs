@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::alloc::{self, ALLOCATOR_ENV, Allocator};
-use crate::config::{Loader, MemoryConfig, Raw};
+use crate::config::{ConfigFlags, Loader, MemoryConfig};
 use crate::limit::{self, HostMemory, LimitSpec};
 use crate::nanny::{self, ATTEMPT_ENV, NAME_ENV, NannyOptions};
 use crate::units::parse_duration;
@@ -122,58 +122,12 @@ struct RunArgs {
     /// Write one JSON line per monitor tick (and events) to this file.
     #[arg(long)]
     timeline: Option<PathBuf>,
-    /// worker.memory.target: fraction of the limit, or false.
-    #[arg(long)]
-    target: Option<String>,
-    /// worker.memory.spill: fraction, or false.
-    #[arg(long)]
-    spill: Option<String>,
-    /// worker.memory.pause: fraction, or false.
-    #[arg(long)]
-    pause: Option<String>,
-    /// worker.memory.terminate: fraction, or false.
-    #[arg(long)]
-    terminate: Option<String>,
-    /// worker.memory.monitor-interval (e.g. 200ms).
-    #[arg(long)]
-    monitor_interval: Option<String>,
-    /// worker.memory.recent-to-old-time (e.g. 30s).
-    #[arg(long)]
-    recent_to_old_time: Option<String>,
-    /// worker.memory.max-spill: size, or false.
-    #[arg(long)]
-    max_spill: Option<String>,
-    /// worker.memory.trim-threshold: MALLOC_TRIM_THRESHOLD_ (system) / purge
-    /// threshold (jemalloc), or false.
-    #[arg(long)]
-    trim_threshold: Option<String>,
-    /// worker.memory.purge-interval: least time between threshold purges.
-    #[arg(long)]
-    purge_interval: Option<String>,
-    /// worker.memory.probe-purge: purge on purpose (at most every INTERVAL,
-    /// default 5s) when memory is hoarded or unmanaged memory grew since the
-    /// last purge, and record what came back, so that `amm-worker report`
-    /// can tell a hoard from a leak or fragmentation.
-    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "5s")]
-    probe_purge: Option<String>,
-    /// fdatasync every spilled value.
-    #[arg(long)]
-    spill_fsync: bool,
-    /// Leave spilled bytes in the page cache (for comparison only).
-    #[arg(long)]
-    no_drop_cache: bool,
-    /// worker.agent.socket: register with the amm-agent on this socket, so
-    /// the kernel's events reach the worker between polls.
-    #[arg(long)]
-    agent: Option<String>,
-    /// worker.agent.terminate-signal: what the kernel sends at the page that
-    /// crosses terminate (SIGKILL, SIGTERM, a number), or false.
-    #[arg(long)]
-    agent_terminate_signal: Option<String>,
-    /// worker.agent.observe-only: record the agent's events in the timeline
-    /// but act on polls alone (to measure a polling worker).
-    #[arg(long)]
-    agent_observe_only: bool,
+    /// Every `[worker.*]` config key as a flag (declared in `config.rs`).
+    #[command(
+        flatten,
+        next_help_heading = "Config keys (flag > AMM_* env > --config file)"
+    )]
+    config_flags: ConfigFlags,
     /// Run the worker in this process, without a nanny.
     #[arg(long)]
     no_nanny: bool,
@@ -191,70 +145,7 @@ fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
         l.file(p).map_err(anyhow::Error::msg)?;
     }
     l.env(std::env::vars()).map_err(anyhow::Error::msg)?;
-    let flags: [(&str, &Option<String>, &str); 12] = [
-        ("worker.agent.socket", &a.agent, "--agent"),
-        (
-            "worker.agent.terminate-signal",
-            &a.agent_terminate_signal,
-            "--agent-terminate-signal",
-        ),
-        ("worker.memory.target", &a.target, "--target"),
-        ("worker.memory.spill", &a.spill, "--spill"),
-        ("worker.memory.pause", &a.pause, "--pause"),
-        ("worker.memory.terminate", &a.terminate, "--terminate"),
-        (
-            "worker.memory.monitor-interval",
-            &a.monitor_interval,
-            "--monitor-interval",
-        ),
-        (
-            "worker.memory.recent-to-old-time",
-            &a.recent_to_old_time,
-            "--recent-to-old-time",
-        ),
-        ("worker.memory.max-spill", &a.max_spill, "--max-spill"),
-        (
-            "worker.memory.trim-threshold",
-            &a.trim_threshold,
-            "--trim-threshold",
-        ),
-        (
-            "worker.memory.purge-interval",
-            &a.purge_interval,
-            "--purge-interval",
-        ),
-        ("worker.memory.probe-purge", &a.probe_purge, "--probe-purge"),
-    ];
-    for (key, value, flag) in flags {
-        if let Some(v) = value {
-            l.set(key, Raw::from_text(v), &format!("flag {flag}"))
-                .map_err(anyhow::Error::msg)?;
-        }
-    }
-    if a.spill_fsync {
-        l.set(
-            "worker.memory.spill-fsync",
-            Raw::Bool(true),
-            "flag --spill-fsync",
-        )
-        .map_err(anyhow::Error::msg)?;
-    }
-    if a.agent_observe_only {
-        l.set(
-            "worker.agent.observe-only",
-            Raw::Bool(true),
-            "flag --agent-observe-only",
-        )
-        .map_err(anyhow::Error::msg)?;
-    }
-    if a.no_drop_cache {
-        l.set(
-            "worker.memory.spill-drop-cache",
-            Raw::Bool(false),
-            "flag --no-drop-cache",
-        )
-        .map_err(anyhow::Error::msg)?;
-    }
+    l.flags(&a.config_flags).map_err(anyhow::Error::msg)?;
     l.build().map_err(anyhow::Error::msg)
 }
 

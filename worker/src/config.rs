@@ -1,5 +1,14 @@
-//! Memory configuration with Dask's keys, from a TOML file, `AMM_`
+//! The worker's settings, with Dask's keys, from a TOML file, `AMM_`
 //! environment variables and flags (flag > env > file > default).
+//!
+//! **Every key is declared once**, in the [`config_keys!`] table below: its
+//! field in [`MemoryConfig`], its dotted name, its flag, its value syntax,
+//! its default (written as a user would write it, and parsed by the same
+//! parser) and its doc. The file layer, the environment layer
+//! (`AMM_WORKER__MEMORY__TARGET=0.5` sets `worker.memory.target`: `__`
+//! separates levels, `_` stands for `-`), the flags of `amm-worker run`
+//! (with their `--help`) and the defaults are all derived from that table;
+//! adding a knob is one entry there (see ARCHITECTURE.md, "How to add").
 //!
 //! ```toml
 //! [worker.memory]
@@ -8,97 +17,237 @@
 //! pause = 0.8
 //! terminate = 0.95
 //! monitor-interval = "200ms"
-//! recent-to-old-time = "30s"
 //! max-spill = false         # or a size: "10GiB"
-//! trim-threshold = 65536    # MALLOC_TRIM_THRESHOLD_ / jemalloc purge threshold, or false
-//! purge-interval = "1s"     # least time between two threshold purges
-//! probe-purge = false       # or "5s": purge on purpose to tell a hoard from a leak
-//! spill-fsync = false       # fdatasync every spilled value
-//! spill-drop-cache = true   # write back and drop spilled bytes from the page cache
 //!
 //! [worker.agent]
 //! socket = "/run/amm/agent.sock"  # register with amm-agent (absent: poll only)
-//! terminate-signal = "SIGKILL"    # the kernel sends it at the page crossing
-//!                                 # terminate; false: the worker's own tick terminates
-//! observe-only = false            # record the kernel's events, act only on polls
-//!                                 # (for measuring a polling worker)
 //! ```
 //!
-//! A key may also be written with Dask's `distributed.` prefix. In the
-//! environment, `AMM_WORKER__MEMORY__TARGET=0.5` sets `worker.memory.target`
-//! (`__` separates levels, `_` stands for `-`). Unknown keys and malformed
-//! values are errors that name the key and where it came from.
+//! A key may also be written with Dask's `distributed.` prefix. Unknown
+//! keys and malformed values are errors that name the key and where it came
+//! from; the four level fractions are checked together by
+//! [`amm_protocol::Fractions::validate`] (the agent's own check), so that
+//! `target <= spill <= pause <= terminate` holds wherever they are read.
+
+mod flags;
+mod values;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::units::{parse_bytes, parse_duration};
+pub use flags::ConfigFlags;
+pub use values::Raw;
+use values::{
+    boolean, bytes_or_false, fraction_or_false, path_or_false, positive_duration, probe_interval,
+    signal_or_false,
+};
 
-/// All keys this module knows.
-pub const KEYS: &[&str] = &[
-    "worker.memory.target",
-    "worker.memory.spill",
-    "worker.memory.pause",
-    "worker.memory.terminate",
-    "worker.memory.monitor-interval",
-    "worker.memory.recent-to-old-time",
-    "worker.memory.max-spill",
-    "worker.memory.trim-threshold",
-    "worker.memory.purge-interval",
-    "worker.memory.probe-purge",
-    "worker.memory.spill-fsync",
-    "worker.memory.spill-drop-cache",
-    "worker.agent.socket",
-    "worker.agent.terminate-signal",
-    "worker.agent.observe-only",
-];
+/// How a key is given on the command line of `amm-worker run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag {
+    /// `--NAME VALUE`.
+    Value(&'static str),
+    /// `--NAME [VALUE]`: bare, it means the given text.
+    Optional(&'static str, &'static str),
+    /// `--NAME` alone, meaning the given text (e.g. `--no-drop-cache` is
+    /// `spill-drop-cache = false`).
+    Switch(&'static str, &'static str),
+}
 
-/// The effective memory settings.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct MemoryConfig {
+impl Flag {
+    /// The flag's long name, without `--`.
+    pub fn long(&self) -> &'static str {
+        match *self {
+            Flag::Value(l) | Flag::Optional(l, _) | Flag::Switch(l, _) => l,
+        }
+    }
+}
+
+/// One configuration key: everything the layers need to know about it.
+#[derive(Debug)]
+pub struct Key {
+    /// Dotted name, as in the TOML file (`worker.memory.target`).
+    pub name: &'static str,
+    /// Its flag.
+    pub flag: Flag,
+    /// What a value looks like (`FRACTION|false`).
+    pub value: &'static str,
+    /// The default, written as a user would write it.
+    pub default: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+    apply: fn(&mut MemoryConfig, &Raw) -> Result<(), String>,
+}
+
+impl Key {
+    /// The environment variable that sets it (`AMM_WORKER__MEMORY__TARGET`).
+    pub fn env(&self) -> String {
+        format!(
+            "AMM_{}",
+            self.name
+                .to_ascii_uppercase()
+                .replace('.', "__")
+                .replace('-', "_")
+        )
+    }
+
+    /// Checks `raw` against this key's parser without keeping it.
+    pub fn check(&self, raw: &Raw) -> Result<(), String> {
+        (self.apply)(&mut MemoryConfig::default(), raw)
+    }
+}
+
+/// Declares the keys: one entry per key makes its [`MemoryConfig`] field,
+/// its [`Key`] in [`KEYS`] (file, environment, flag) and its default.
+macro_rules! config_keys {
+    ($(
+        $(#[doc = $doc:literal])+
+        $field:ident: $ty:ty {
+            key: $key:literal,
+            flag: $flag:expr,
+            value: $value:literal,
+            default: $default:literal,
+            parse: $parse:path
+            $(, serde: $with:literal)? $(,)?
+        }
+    )+) => {
+        /// The effective settings (see the module docs for each key).
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        pub struct MemoryConfig {
+            $(
+                $(#[doc = $doc])+
+                $(#[serde(with = $with)])?
+                pub $field: $ty,
+            )+
+        }
+
+        impl Default for MemoryConfig {
+            fn default() -> Self {
+                MemoryConfig {
+                    $($field: $parse(&Raw::from_text($default))
+                        .expect(concat!("the default of ", $key, " is valid")),)+
+                }
+            }
+        }
+
+        /// Every key, declared once.
+        pub const KEYS: &[Key] = &[$(
+            Key {
+                name: $key,
+                flag: $flag,
+                value: $value,
+                default: $default,
+                doc: concat!($($doc, "\n"),+),
+                apply: |c, raw| {
+                    c.$field = $parse(raw)?;
+                    Ok(())
+                },
+            },
+        )+];
+    };
+}
+
+config_keys! {
     /// Managed memory fraction above which LRU values are spilled.
-    pub target: Option<f64>,
+    target: Option<f64> {
+        key: "worker.memory.target", flag: Flag::Value("target"),
+        value: "FRACTION|false", default: "0.6", parse: fraction_or_false,
+    }
     /// Process memory fraction above which values are spilled down to target.
-    pub spill: Option<f64>,
+    spill: Option<f64> {
+        key: "worker.memory.spill", flag: Flag::Value("spill"),
+        value: "FRACTION|false", default: "0.7", parse: fraction_or_false,
+    }
     /// Process memory fraction above which no new task starts.
-    pub pause: Option<f64>,
+    pause: Option<f64> {
+        key: "worker.memory.pause", flag: Flag::Value("pause"),
+        value: "FRACTION|false", default: "0.8", parse: fraction_or_false,
+    }
     /// Process memory fraction above which the worker exits.
-    pub terminate: Option<f64>,
+    terminate: Option<f64> {
+        key: "worker.memory.terminate", flag: Flag::Value("terminate"),
+        value: "FRACTION|false", default: "0.95", parse: fraction_or_false,
+    }
     /// How often the manager measures.
-    #[serde(with = "millis")]
-    pub monitor_interval: Duration,
+    monitor_interval: Duration {
+        key: "worker.memory.monitor-interval", flag: Flag::Value("monitor-interval"),
+        value: "DURATION", default: "200ms", parse: positive_duration, serde: "millis",
+    }
     /// How long unmanaged memory counts as recent.
-    #[serde(with = "millis")]
-    pub recent_to_old_time: Duration,
+    recent_to_old_time: Duration {
+        key: "worker.memory.recent-to-old-time", flag: Flag::Value("recent-to-old-time"),
+        value: "DURATION", default: "30s", parse: values::duration, serde: "millis",
+    }
     /// Most bytes the spill directory may hold.
-    pub max_spill: Option<u64>,
-    /// `MALLOC_TRIM_THRESHOLD_` for a system-allocator worker; the hoard size
-    /// above which a jemalloc worker purges. `None` disables both.
-    pub trim_threshold: Option<u64>,
+    max_spill: Option<u64> {
+        key: "worker.memory.max-spill", flag: Flag::Value("max-spill"),
+        value: "SIZE|false", default: "false", parse: bytes_or_false,
+    }
+    /// `MALLOC_TRIM_THRESHOLD_` for a system-allocator worker; the hoard
+    /// size above which a jemalloc worker purges; false disables both.
+    trim_threshold: Option<u64> {
+        key: "worker.memory.trim-threshold", flag: Flag::Value("trim-threshold"),
+        value: "SIZE|false", default: "65536", parse: bytes_or_false,
+    }
     /// Least time between two purges triggered by the threshold.
-    #[serde(with = "millis")]
-    pub purge_interval: Duration,
-    /// `--probe-purge`: purge on purpose, at most this often, when memory is
-    /// hoarded or unmanaged memory grew since the last purge, so that the
-    /// report can tell a hoard (returned) from a leak or fragmentation (not
-    /// returned). `None`: never.
-    #[serde(with = "opt_millis")]
-    pub probe_purge: Option<Duration>,
+    purge_interval: Duration {
+        key: "worker.memory.purge-interval", flag: Flag::Value("purge-interval"),
+        value: "DURATION", default: "1s", parse: values::duration, serde: "millis",
+    }
+    /// Purge on purpose, at most this often, when memory is hoarded or
+    /// unmanaged memory grew since the last purge, so that
+    /// `amm-worker report` can tell a hoard (returned) from a leak or
+    /// fragmentation (not returned); false: never.
+    probe_purge: Option<Duration> {
+        key: "worker.memory.probe-purge", flag: Flag::Optional("probe-purge", "5s"),
+        value: "INTERVAL", default: "false", parse: probe_interval, serde: "opt_millis",
+    }
     /// `fdatasync` each spilled value.
-    pub spill_fsync: bool,
-    /// Write back spilled bytes and drop them from the page cache.
-    pub spill_drop_cache: bool,
-    /// The amm-agent socket to register with (`None`: poll only).
-    pub agent_socket: Option<std::path::PathBuf>,
+    spill_fsync: bool {
+        key: "worker.memory.spill-fsync", flag: Flag::Switch("spill-fsync", "true"),
+        value: "BOOL", default: "false", parse: boolean,
+    }
+    /// Write back spilled bytes and drop them from the page cache
+    /// (`--no-drop-cache` leaves them there, for comparison only).
+    spill_drop_cache: bool {
+        key: "worker.memory.spill-drop-cache", flag: Flag::Switch("no-drop-cache", "false"),
+        value: "BOOL", default: "true", parse: boolean,
+    }
+    /// The amm-agent socket to register with, so the kernel's events reach
+    /// the worker between polls; false: poll only.
+    agent_socket: Option<PathBuf> {
+        key: "worker.agent.socket", flag: Flag::Value("agent"),
+        value: "SOCKET", default: "false", parse: path_or_false,
+    }
     /// Signal the kernel sends at the page that crosses terminate when the
-    /// agent watches this worker (`None`: the worker's own tick terminates).
-    pub agent_terminate_signal: Option<i32>,
-    /// Register with the agent only to record its events; act on polls
-    /// alone, with no kernel terminate signal (to measure a polling worker).
-    pub agent_observe_only: bool,
+    /// agent watches this worker (SIGKILL, SIGTERM, a number); false: the
+    /// worker's own tick terminates.
+    agent_terminate_signal: Option<i32> {
+        key: "worker.agent.terminate-signal", flag: Flag::Value("agent-terminate-signal"),
+        value: "SIGNAL|false", default: "SIGKILL", parse: signal_or_false,
+    }
+    /// Register with the agent only to record its events in the timeline;
+    /// act on polls alone, with no kernel terminate signal (to measure a
+    /// polling worker).
+    agent_observe_only: bool {
+        key: "worker.agent.observe-only", flag: Flag::Switch("agent-observe-only", "true"),
+        value: "BOOL", default: "false", parse: boolean,
+    }
+}
+
+impl MemoryConfig {
+    /// The four level fractions, as the agent and the BPF program take them.
+    pub fn fractions(&self) -> amm_protocol::Fractions {
+        amm_protocol::Fractions {
+            target: self.target,
+            spill: self.spill,
+            pause: self.pause,
+            terminate: self.terminate,
+        }
+    }
 }
 
 mod millis {
@@ -120,75 +269,24 @@ mod opt_millis {
     }
 }
 
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        MemoryConfig {
-            target: Some(0.6),
-            spill: Some(0.7),
-            pause: Some(0.8),
-            terminate: Some(0.95),
-            monitor_interval: Duration::from_millis(200),
-            recent_to_old_time: Duration::from_secs(30),
-            max_spill: None,
-            trim_threshold: Some(65536),
-            purge_interval: Duration::from_secs(1),
-            probe_purge: None,
-            spill_fsync: false,
-            spill_drop_cache: true,
-            agent_socket: None,
-            agent_terminate_signal: Some(libc::SIGKILL),
-            agent_observe_only: false,
-        }
-    }
+/// The key called `name` (with or without Dask's `distributed.` prefix).
+pub fn key(name: &str) -> Option<&'static Key> {
+    let name = name.strip_prefix("distributed.").unwrap_or(name);
+    KEYS.iter().find(|k| k.name == name)
 }
 
-/// A value before it is checked against its key.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Raw {
-    /// `true`/`false`.
-    Bool(bool),
-    /// A number.
-    Num(f64),
-    /// Text (sizes, durations, or anything from the environment or a flag).
-    Str(String),
-}
-
-impl Raw {
-    fn describe(&self) -> String {
-        match self {
-            Raw::Bool(b) => b.to_string(),
-            Raw::Num(n) => n.to_string(),
-            Raw::Str(s) => format!("{s:?}"),
-        }
-    }
-
-    /// Text from env or flags: `false`/`true` become booleans, the rest stays
-    /// text and is parsed by the key's own rules.
-    pub fn from_text(s: &str) -> Raw {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "false" | "off" | "no" => Raw::Bool(false),
-            "true" | "on" | "yes" => Raw::Bool(true),
-            _ => Raw::Str(s.trim().to_string()),
-        }
-    }
+fn unknown(key: &str, origin: &str) -> String {
+    let names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    format!(
+        "unknown config key `{key}` in {origin}; known keys: {}",
+        names.join(", ")
+    )
 }
 
 /// Collects layers and builds a [`MemoryConfig`].
 #[derive(Debug, Default)]
 pub struct Loader {
     values: BTreeMap<&'static str, (Raw, String)>,
-}
-
-fn known(key: &str) -> Option<&'static str> {
-    let key = key.strip_prefix("distributed.").unwrap_or(key);
-    KEYS.iter().copied().find(|k| *k == key)
-}
-
-fn unknown(key: &str, origin: &str) -> String {
-    format!(
-        "unknown config key `{key}` in {origin}; known keys: {}",
-        KEYS.join(", ")
-    )
 }
 
 impl Loader {
@@ -198,9 +296,9 @@ impl Loader {
     }
 
     /// Sets one key from a given origin (later calls win).
-    pub fn set(&mut self, key: &str, raw: Raw, origin: &str) -> Result<(), String> {
-        let k = known(key).ok_or_else(|| unknown(key, origin))?;
-        self.values.insert(k, (raw, origin.to_string()));
+    pub fn set(&mut self, name: &str, raw: Raw, origin: &str) -> Result<(), String> {
+        let k = key(name).ok_or_else(|| unknown(name, origin))?;
+        self.values.insert(k.name, (raw, origin.to_string()));
         Ok(())
     }
 
@@ -216,190 +314,99 @@ impl Loader {
         let table: toml::Table =
             toml::from_str(text).map_err(|e| format!("malformed config file {origin}: {e}"))?;
         let mut flat = Vec::new();
-        flatten("", &toml::Value::Table(table), &mut flat);
-        for (key, value) in flat {
-            let raw = match value {
-                toml::Value::Boolean(b) => Raw::Bool(b),
-                toml::Value::Integer(i) => Raw::Num(i as f64),
-                toml::Value::Float(f) => Raw::Num(f),
-                toml::Value::String(s) => Raw::Str(s),
-                other => {
-                    return Err(format!(
-                        "config key `{key}` in {origin}: unsupported value {other}"
-                    ));
-                }
-            };
-            self.set(&key, raw, &format!("config file {origin}"))?;
+        flatten("", toml::Value::Table(table), &mut flat);
+        for (name, value) in flat {
+            let raw = Raw::from_toml(value)
+                .map_err(|e| format!("config key `{name}` in {origin}: {e}"))?;
+            self.set(&name, raw, &format!("config file {origin}"))?;
         }
         Ok(())
     }
 
     /// Reads `AMM_A__B__C_D=value` variables (only names with `__`).
     pub fn env<I: IntoIterator<Item = (String, String)>>(&mut self, vars: I) -> Result<(), String> {
-        for (name, value) in vars {
-            let Some(rest) = name.strip_prefix("AMM_") else {
+        for (var, value) in vars {
+            let Some(rest) = var.strip_prefix("AMM_") else {
                 continue;
             };
             if !rest.contains("__") {
                 continue;
             }
-            let key = rest
+            let name = rest
                 .split("__")
                 .map(|p| p.to_ascii_lowercase().replace('_', "-"))
                 .collect::<Vec<_>>()
                 .join(".");
-            let origin = format!("environment variable {name}");
-            if known(&key).is_none() {
-                return Err(unknown(&key, &origin));
+            let origin = format!("environment variable {var}");
+            if key(&name).is_none() {
+                let vars: Vec<String> = KEYS.iter().map(Key::env).collect();
+                return Err(format!(
+                    "unknown config key `{name}` in {origin}; known variables: {}",
+                    vars.join(", ")
+                ));
             }
-            self.set(&key, Raw::from_text(&value), &origin)?;
+            self.set(&name, Raw::from_text(&value), &origin)?;
         }
         Ok(())
     }
 
-    /// Checks every value and builds the configuration.
+    /// Takes the flags given on the command line.
+    pub fn flags(&mut self, flags: &ConfigFlags) -> Result<(), String> {
+        for (k, text) in flags.given() {
+            self.set(
+                k.name,
+                Raw::from_text(text),
+                &format!("flag --{}", k.flag.long()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Where `name`'s value comes from (`None`: its default).
+    fn origin(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(|(_, o)| o.as_str())
+    }
+
+    /// Checks every value, then the level fractions together, and builds
+    /// the configuration.
     pub fn build(&self) -> Result<MemoryConfig, String> {
         let mut c = MemoryConfig::default();
-        for (key, (raw, origin)) in &self.values {
-            let bad = |why: String| {
+        for (name, (raw, origin)) in &self.values {
+            let k = key(name).ok_or_else(|| unknown(name, origin))?;
+            (k.apply)(&mut c, raw).map_err(|why| {
                 format!(
-                    "invalid value {} for `{key}` (from {origin}): {why}",
+                    "invalid value {} for `{name}` (from {origin}): {why}",
                     raw.describe()
                 )
-            };
-            match *key {
-                "worker.memory.target" => c.target = fraction(raw).map_err(bad)?,
-                "worker.memory.spill" => c.spill = fraction(raw).map_err(bad)?,
-                "worker.memory.pause" => c.pause = fraction(raw).map_err(bad)?,
-                "worker.memory.terminate" => c.terminate = fraction(raw).map_err(bad)?,
-                "worker.memory.monitor-interval" => {
-                    c.monitor_interval = duration(raw).map_err(bad)?;
-                    if c.monitor_interval.is_zero() {
-                        return Err(bad("must be more than 0".into()));
-                    }
-                }
-                "worker.memory.recent-to-old-time" => {
-                    c.recent_to_old_time = duration(raw).map_err(bad)?
-                }
-                "worker.memory.max-spill" => c.max_spill = bytes_or_false(raw).map_err(bad)?,
-                "worker.memory.trim-threshold" => {
-                    c.trim_threshold = bytes_or_false(raw).map_err(bad)?
-                }
-                "worker.memory.purge-interval" => c.purge_interval = duration(raw).map_err(bad)?,
-                "worker.memory.probe-purge" => {
-                    c.probe_purge = match raw {
-                        Raw::Bool(false) => None,
-                        Raw::Bool(true) => Some(Duration::from_secs(5)),
-                        other => Some(duration(other).map_err(bad)?),
-                    };
-                    if c.probe_purge.is_some_and(|d| d.is_zero()) {
-                        return Err(bad("must be more than 0 (or false)".into()));
-                    }
-                }
-                "worker.memory.spill-fsync" => c.spill_fsync = boolean(raw).map_err(bad)?,
-                "worker.memory.spill-drop-cache" => {
-                    c.spill_drop_cache = boolean(raw).map_err(bad)?
-                }
-                "worker.agent.socket" => c.agent_socket = path_or_false(raw).map_err(bad)?,
-                "worker.agent.terminate-signal" => {
-                    c.agent_terminate_signal = signal_or_false(raw).map_err(bad)?
-                }
-                "worker.agent.observe-only" => c.agent_observe_only = boolean(raw).map_err(bad)?,
-                _ => return Err(unknown(key, origin)),
-            }
+            })?;
         }
+        c.fractions().validate().map_err(|e| {
+            let from: Vec<String> = ["target", "spill", "pause", "terminate"]
+                .iter()
+                .map(|l| {
+                    let name = format!("worker.memory.{l}");
+                    format!("{l} from {}", self.origin(&name).unwrap_or("the default"))
+                })
+                .collect();
+            format!("{e} ({})", from.join(", "))
+        })?;
         Ok(c)
     }
 }
 
-fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+fn flatten(prefix: &str, v: toml::Value, out: &mut Vec<(String, toml::Value)>) {
     match v {
         toml::Value::Table(t) => {
             for (k, v) in t {
                 let key = if prefix.is_empty() {
-                    k.clone()
+                    k
                 } else {
                     format!("{prefix}.{k}")
                 };
                 flatten(&key, v, out);
             }
         }
-        other => out.push((prefix.to_string(), other.clone())),
-    }
-}
-
-fn fraction(raw: &Raw) -> Result<Option<f64>, String> {
-    let f = match raw {
-        Raw::Bool(false) => return Ok(None),
-        Raw::Bool(true) => return Err("expected a fraction in (0, 1] or false".into()),
-        Raw::Num(n) => *n,
-        Raw::Str(s) => s
-            .parse::<f64>()
-            .map_err(|_| "expected a fraction in (0, 1] or false".to_string())?,
-    };
-    if !(f > 0.0 && f <= 1.0) {
-        return Err("a fraction must be in (0, 1] (use false to disable)".into());
-    }
-    Ok(Some(f))
-}
-
-fn duration(raw: &Raw) -> Result<Duration, String> {
-    match raw {
-        Raw::Num(n) => parse_duration(&n.to_string()),
-        Raw::Str(s) => parse_duration(s),
-        Raw::Bool(_) => Err("expected a duration such as 200ms".into()),
-    }
-}
-
-fn bytes_or_false(raw: &Raw) -> Result<Option<u64>, String> {
-    match raw {
-        Raw::Bool(false) => Ok(None),
-        Raw::Bool(true) => Err("expected a size or false".into()),
-        Raw::Num(n) if *n < 0.0 => Err("a size cannot be negative".into()),
-        Raw::Num(n) => Ok(Some(*n as u64)),
-        Raw::Str(s) => parse_bytes(s).map(Some),
-    }
-}
-
-fn path_or_false(raw: &Raw) -> Result<Option<std::path::PathBuf>, String> {
-    match raw {
-        Raw::Bool(false) => Ok(None),
-        Raw::Str(s) if !s.trim().is_empty() => Ok(Some(std::path::PathBuf::from(s.trim()))),
-        _ => Err("expected a socket path, or false".into()),
-    }
-}
-
-/// A signal by number (1-64) or name (`SIGKILL`, `KILL`, `SIGTERM`, ...).
-fn signal_or_false(raw: &Raw) -> Result<Option<i32>, String> {
-    let named = |s: &str| -> Option<i32> {
-        let s = s.trim().to_ascii_uppercase();
-        let s = s.strip_prefix("SIG").unwrap_or(&s);
-        Some(match s {
-            "KILL" => libc::SIGKILL,
-            "TERM" => libc::SIGTERM,
-            "INT" => libc::SIGINT,
-            "QUIT" => libc::SIGQUIT,
-            "ABRT" => libc::SIGABRT,
-            "USR1" => libc::SIGUSR1,
-            "USR2" => libc::SIGUSR2,
-            other => other.parse().ok()?,
-        })
-    };
-    match raw {
-        Raw::Bool(false) => Ok(None),
-        Raw::Num(n) if n.fract() == 0.0 && (1.0..=64.0).contains(n) => Ok(Some(*n as i32)),
-        Raw::Str(s) => match named(s) {
-            Some(n) if (1..=64).contains(&n) => Ok(Some(n)),
-            _ => Err("expected a signal such as SIGKILL or 9, or false".into()),
-        },
-        _ => Err("expected a signal such as SIGKILL or 9, or false".into()),
-    }
-}
-
-fn boolean(raw: &Raw) -> Result<bool, String> {
-    match raw {
-        Raw::Bool(b) => Ok(*b),
-        _ => Err("expected true or false".into()),
+        other => out.push((prefix.to_string(), other)),
     }
 }
 
@@ -412,8 +419,37 @@ mod tests {
         let c = Loader::new().build().expect("defaults");
         assert_eq!(c, MemoryConfig::default());
         assert_eq!(c.target, Some(0.6));
+        assert_eq!(c.terminate, Some(0.95));
         assert_eq!(c.monitor_interval, Duration::from_millis(200));
         assert_eq!(c.trim_threshold, Some(65536));
+        assert_eq!(c.agent_terminate_signal, Some(libc::SIGKILL));
+        assert!(c.spill_drop_cache && !c.spill_fsync);
+    }
+
+    #[test]
+    fn every_key_is_whole_and_reachable_from_every_layer() {
+        let mut flags = std::collections::HashSet::new();
+        for k in KEYS {
+            assert!(!k.doc.trim().is_empty(), "{} has no doc", k.name);
+            assert!(flags.insert(k.flag.long()), "flag of {} twice", k.name);
+            k.check(&Raw::from_text(k.default))
+                .unwrap_or_else(|e| panic!("default of {}: {e}", k.name));
+            // The environment variable derived from the name finds the key.
+            let mut l = Loader::new();
+            l.env(vec![(k.env(), k.default.to_string())])
+                .unwrap_or_else(|e| panic!("{}: {e}", k.env()));
+            assert!(l.origin(k.name).is_some(), "{} not set by env", k.name);
+            // So does a file.
+            let (table, leaf) = k.name.rsplit_once('.').expect("dotted");
+            let value = match k.default {
+                "true" | "false" => k.default.to_string(),
+                text => format!("{text:?}"),
+            };
+            let text = format!("[{table}]\n{leaf} = {value}\n");
+            let mut l = Loader::new();
+            l.toml_text(&text, "t.toml").expect("file");
+            l.build().unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        }
     }
 
     #[test]
@@ -451,6 +487,48 @@ mod tests {
         l.toml_text("[distributed.worker.memory]\nterminate = false\n", "d.toml")
             .expect("file");
         assert_eq!(l.build().expect("build").terminate, None);
+    }
+
+    #[test]
+    fn levels_out_of_order_are_refused_naming_where_they_came_from() {
+        let mut l = Loader::new();
+        l.set(
+            "worker.memory.spill",
+            Raw::from_text("0.99"),
+            "flag --spill",
+        )
+        .expect("set");
+        l.set(
+            "worker.memory.terminate",
+            Raw::from_text("0.5"),
+            "flag --terminate",
+        )
+        .expect("set");
+        let e = l.build().expect_err("must fail");
+        assert!(
+            e.contains("must not decrease") && e.contains("spill from flag --spill"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nan_sizes_and_wrong_types_are_refused() {
+        for text in [
+            "[worker.memory]\nmax-spill = nan\n",
+            "[worker.memory]\nmax-spill = inf\n",
+            "[worker.memory]\nmax-spill = -1\n",
+            "[worker.memory]\nmax-spill = 0.5\n",
+            "[worker.memory]\ntrim-threshold = true\n",
+            "[worker.memory]\ntarget = nan\n",
+            "[worker.memory]\nmonitor-interval = nan\n",
+            "[worker.agent]\nterminate-signal = 4294967305\n",
+        ] {
+            let mut l = Loader::new();
+            l.toml_text(text, "f.toml").expect("parses");
+            let e = l.build().expect_err(text);
+            assert!(e.contains("f.toml") && e.contains("invalid value"), "{e}");
+            assert!(!e.contains("NaN is negative"), "{e}");
+        }
     }
 
     #[test]

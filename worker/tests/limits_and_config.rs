@@ -352,3 +352,53 @@ fn malformed_config_is_a_clear_error() {
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("--target"), "{}", r.stderr);
 }
+
+/// Issue 9 item 10: levels out of order, and sizes that are not sizes, are
+/// refused before anything runs, the way the agent refuses them.
+#[test]
+fn levels_out_of_order_and_nan_sizes_are_refused() {
+    for (flags, env, config, says) in [
+        (
+            vec!["--spill", "0.99", "--terminate", "0.5"],
+            vec![],
+            None,
+            "spill from flag --spill",
+        ),
+        (
+            vec!["--pause", "0.5"],
+            vec![("AMM_WORKER__MEMORY__TERMINATE", "0.4")],
+            None,
+            "terminate from environment variable AMM_WORKER__MEMORY__TERMINATE",
+        ),
+        (
+            vec![],
+            vec![],
+            Some("[worker.memory]\ntarget = 0.9\n"),
+            "must not decrease",
+        ),
+        (
+            vec![],
+            vec![],
+            Some("[worker.memory]\nmax-spill = nan\n"),
+            "invalid value NaN for `worker.memory.max-spill`",
+        ),
+        (
+            vec![],
+            vec![],
+            Some("[worker.memory]\ntrim-threshold = 0.5\n"),
+            "not a whole number of bytes",
+        ),
+    ] {
+        let r = effective(&flags, &env, config);
+        assert_eq!(r.code, Some(1), "{flags:?} {config:?}: {}", r.describe());
+        assert!(
+            r.stderr.contains(says),
+            "expected {says:?} in: {}",
+            r.stderr
+        );
+        assert!(r.summary.is_none(), "ran despite bad levels");
+    }
+    // Equal levels are allowed (the higher one wins at that byte).
+    let r = effective(&["--spill", "0.8", "--pause", "0.8"], &[], None);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+}
