@@ -375,7 +375,10 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("amm-worker: error: {e:#}");
-            ExitCode::from(1)
+            match e.downcast_ref::<crate::summary::Refused>() {
+                Some(_) => ExitCode::from(crate::summary::REFUSED as u8),
+                None => ExitCode::from(1),
+            }
         }
     }
 }

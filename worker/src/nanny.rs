@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::alloc::{ALLOCATOR_ENV, Allocator};
 use crate::memory::TERMINATE_EXIT_CODE;
 use crate::signals;
-use crate::summary::{NANNY_GAVE_UP, RESULT_FAILED};
+use crate::summary::{NANNY_GAVE_UP, REFUSED, RESULT_FAILED};
 
 /// Environment variable carrying the worker's name to the child.
 pub const NAME_ENV: &str = "AMM_WORKER_NAME";
@@ -183,6 +183,7 @@ pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
         let (kind, code) = match ending {
             Ending::Exited(0) => ("done", 0),
             Ending::Exited(RESULT_FAILED) => ("result check failed", RESULT_FAILED),
+            Ending::Exited(REFUSED) => ("refused to start", REFUSED),
             Ending::Exited(TERMINATE_EXIT_CODE) => {
                 terminations += 1;
                 ("terminated", TERMINATE_EXIT_CODE)
@@ -218,7 +219,7 @@ pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
             "max_rss_bytes": maxrss, "ms": t0.elapsed().as_millis() as u64,
         }));
         tracing::info!(attempt, ending = ?ending, kind, "nanny: worker ended");
-        if stopped_by.is_some() || code == 0 || code == RESULT_FAILED {
+        if stopped_by.is_some() || code == 0 || code == RESULT_FAILED || code == REFUSED {
             break code;
         }
         if restarts >= opts.max_restarts {

@@ -244,7 +244,8 @@ pub struct SpillStats {
 
 #[derive(Debug, Clone)]
 struct DiskFile {
-    path: PathBuf,
+    /// Its name in the spill directory.
+    name: String,
     bytes: u64,
 }
 
@@ -322,7 +323,7 @@ pub type PressureHook = Box<dyn Fn() + Send + Sync>;
 
 /// The managed data store.
 pub struct SpillBuffer {
-    dir: Mutex<SpillDir>,
+    dir: SpillDir,
     dir_path: PathBuf,
     state: Mutex<State>,
     read_done: Condvar,
@@ -350,7 +351,7 @@ impl SpillBuffer {
     pub fn new(dir: SpillDir, opts: SpillOptions) -> SpillBuffer {
         let dir_path = dir.path().to_path_buf();
         SpillBuffer {
-            dir: Mutex::new(dir),
+            dir,
             dir_path,
             state: Mutex::new(State::default()),
             read_done: Condvar::new(),
@@ -457,7 +458,7 @@ impl SpillBuffer {
         let c = &self.counters;
         c.keys.fetch_sub(1, Ordering::Relaxed);
         let remove_file = |f: &DiskFile| {
-            let _ = std::fs::remove_file(&f.path);
+            let _ = self.dir.remove(&f.name);
             c.disk.fetch_sub(f.bytes, Ordering::Relaxed);
         };
         match e.slot {
@@ -517,9 +518,9 @@ impl SpillBuffer {
     pub fn file_of(&self, key: &str) -> Option<PathBuf> {
         let st = self.lock();
         match &st.entries.get(key)?.slot {
-            Slot::Memory { file, .. } => file.as_ref().map(|f| f.path.clone()),
+            Slot::Memory { file, .. } => file.as_ref().map(|f| self.dir_path.join(&f.name)),
             Slot::Writing { .. } => None,
-            Slot::Disk { file } | Slot::Reading { file } => Some(file.path.clone()),
+            Slot::Disk { file } | Slot::Reading { file } => Some(self.dir_path.join(&file.name)),
         }
     }
 
@@ -527,7 +528,7 @@ impl SpillBuffer {
     /// that many managed bytes left memory; `Ok(None)`: nothing to spill;
     /// `Err`: the value stays in memory and the error says why.
     pub fn evict(&self) -> Result<Option<u64>, SpillError> {
-        let (key, id, value, size, path) = {
+        let (key, id, value, size, name) = {
             let mut st = self.lock();
             let Some((tick, key)) = st.lru.pop_first() else {
                 return Ok(None);
@@ -572,11 +573,13 @@ impl SpillBuffer {
                     value: value.clone(),
                 };
             }
-            let path = self.dir_path.join(format!("{file_no:016x}.spill"));
-            (key, id, value, size, path)
+            (key, id, value, size, format!("{file_no:016x}.spill"))
         };
         let start = Instant::now();
-        let written = format::write_value(&path, &key, &value, self.opts.write);
+        let written = self
+            .dir
+            .create(&name)
+            .and_then(|mut f| format::write_value(&mut f, &key, &value, self.opts.write));
         self.counters
             .write_us
             .fetch_add(micros(start), Ordering::Relaxed);
@@ -588,12 +591,12 @@ impl SpillBuffer {
         match written {
             Ok(bytes) => {
                 if !ours {
-                    let _ = std::fs::remove_file(&path);
+                    let _ = self.dir.remove(&name);
                     return Ok(Some(0));
                 }
                 if let Some(e) = st.entries.get_mut(&key) {
                     e.slot = Slot::Disk {
-                        file: DiskFile { path, bytes },
+                        file: DiskFile { name, bytes },
                     };
                 }
                 let c = &self.counters;
@@ -608,7 +611,7 @@ impl SpillBuffer {
                 Ok(Some(size))
             }
             Err(err) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = self.dir.remove(&name);
                 self.counters.spill_failures.fetch_add(1, Ordering::Relaxed);
                 if ours {
                     let tick = st.tick();
@@ -628,7 +631,7 @@ impl SpillBuffer {
                 } else {
                     SpillError::Io {
                         key,
-                        path: path.display().to_string(),
+                        path: self.dir_path.join(&name).display().to_string(),
                         source: err,
                     }
                 })
@@ -691,7 +694,7 @@ impl SpillBuffer {
         };
         self.make_room(size);
         let start = Instant::now();
-        let result = format::read_value(&file.path, key, self.opts.write.drop_cache);
+        let result = self.read_file(&file, key);
         self.counters
             .read_us
             .fetch_add(micros(start), Ordering::Relaxed);
@@ -763,7 +766,31 @@ impl SpillBuffer {
             }
         }
         drop(st);
-        self.dir.lock().unwrap_or_else(|p| p.into_inner()).cleanup();
+        self.dir.cleanup();
+    }
+
+    /// Reads a spilled value back, with every failure naming the key.
+    fn read_file(&self, file: &DiskFile, key: &str) -> Result<Value, SpillError> {
+        let path = self.dir_path.join(&file.name).display().to_string();
+        let mut f = self.dir.open_file(&file.name).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => SpillError::Missing {
+                key: key.to_string(),
+                path: path.clone(),
+            },
+            _ => SpillError::Io {
+                key: key.to_string(),
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        format::read_value(&mut f, key, self.opts.write.drop_cache).map_err(|d| {
+            let key = key.to_string();
+            match d {
+                format::Defect::Corrupt(reason) => SpillError::Corrupt { key, path, reason },
+                format::Defect::Truncated(reason) => SpillError::Truncated { key, path, reason },
+                format::Defect::Io(source) => SpillError::Io { key, path, source },
+            }
+        })
     }
 }
 

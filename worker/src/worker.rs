@@ -15,7 +15,7 @@ use crate::config::MemoryConfig;
 use crate::limit::{self, HostMemory, LimitSpec};
 use crate::memory::{Gate, MemoryManager, TERMINATE_EXIT_CODE, TerminateInfo, levels};
 use crate::spill::{SpillBuffer, SpillDir, SpillOptions, WriteOptions};
-use crate::summary::{RESULT_FAILED, Summary};
+use crate::summary::{RESULT_FAILED, Refused, Summary};
 use crate::timeline::Timeline;
 use crate::units::format_bytes;
 use crate::workload::{Runner, Workload};
@@ -104,11 +104,11 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         "thresholds"
     );
 
-    let dir = SpillDir::open(&opts.local_directory, &opts.name).with_context(|| {
-        format!(
-            "cannot open the spill directory in {}",
+    let dir = SpillDir::open(&opts.local_directory, &opts.name).map_err(|e| {
+        Refused(format!(
+            "cannot use a spill directory in {}: {e}",
             opts.local_directory.display()
-        )
+        ))
     })?;
     tracing::info!(dir = %dir.path().display(), "spill directory");
     let buffer = Arc::new(SpillBuffer::new(

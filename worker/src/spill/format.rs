@@ -24,13 +24,14 @@
 //! error naming the key. The payload is written first and the header last,
 //! so a write cut short leaves no valid magic.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
-use super::{Part, SpillError, Value};
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+
+use super::{Part, Value};
 
 const MAGIC: &[u8; 8] = b"AMMSPILL";
 const VERSION: u32 = 1;
@@ -80,6 +81,9 @@ fn header(key: &str, value: &Value, payload_len: u64, payload_crc: u32) -> Vec<u
     h
 }
 
+/// `sync_file_range(2)`, which nix does not wrap: starts (and with `wait`
+/// waits for) write-back of a range. Advisory here: tmpfs, for one, does
+/// nothing, and a failure only leaves pages for the kernel to write later.
 fn sync_range(f: &File, off: u64, len: u64, wait: bool) {
     let flags = if wait {
         libc::SYNC_FILE_RANGE_WAIT_BEFORE
@@ -88,29 +92,31 @@ fn sync_range(f: &File, off: u64, len: u64, wait: bool) {
     } else {
         libc::SYNC_FILE_RANGE_WRITE
     };
-    // SAFETY: fd is open; sync_file_range only schedules/waits on write-back.
-    // Its result is advisory here (tmpfs, for one, does nothing).
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: the fd is open for the call; sync_file_range touches no
+    // memory of ours.
     unsafe {
-        libc::sync_file_range(f.as_raw_fd(), off as i64, len as i64, flags);
+        libc::sync_file_range(f.as_raw_fd(), off, len, flags);
+    }
+}
+
+/// Drops a range of the file from the page cache (clean pages only);
+/// advisory, so a failure is ignored.
+fn advise(f: &File, off: u64, len: u64, advice: PosixFadviseAdvice) {
+    if let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) {
+        let _ = posix_fadvise(f.as_fd(), off, len, advice);
     }
 }
 
 fn drop_range(f: &File, off: u64, len: u64) {
-    // SAFETY: fd is open; DONTNEED only drops clean cached pages.
-    unsafe {
-        libc::posix_fadvise(
-            f.as_raw_fd(),
-            off as i64,
-            len as i64,
-            libc::POSIX_FADV_DONTNEED,
-        );
-    }
+    advise(f, off, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
-/// Writes `value` under `key` to a new file at `path`; returns the file's
+/// Writes `value` under `key` to `f`, a new empty file; returns the file's
 /// size. On error the caller removes the file.
-pub fn write_value(path: &Path, key: &str, value: &Value, opts: WriteOptions) -> io::Result<u64> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+pub fn write_value(f: &mut File, key: &str, value: &Value, opts: WriteOptions) -> io::Result<u64> {
     let hlen = header_len(value.parts.len(), key) as u64;
     f.seek(SeekFrom::Start(hlen))?;
     let mut crc = crc32fast::Hasher::new();
@@ -163,48 +169,105 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Reads the value stored for `key` at `path`, checking everything the
-/// header promises. `drop_cache` drops the file's pages from the page cache
-/// as they are consumed.
-pub fn read_value(path: &Path, key: &str, drop_cache: bool) -> Result<Value, SpillError> {
-    let p = path.display().to_string();
-    let corrupt = |reason: String| SpillError::Corrupt {
-        key: key.to_string(),
-        path: p.clone(),
-        reason,
-    };
-    let truncated = |reason: String| SpillError::Truncated {
-        key: key.to_string(),
-        path: p.clone(),
-        reason,
-    };
-    let io_err = |source: io::Error| SpillError::Io {
-        key: key.to_string(),
-        path: p.clone(),
-        source,
-    };
-    let mut f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(SpillError::Missing {
-                key: key.to_string(),
-                path: p.clone(),
-            });
+/// What is wrong with a spill file (the caller names the key and path).
+#[derive(Debug)]
+pub enum Defect {
+    /// The bytes are not what the header promises.
+    Corrupt(String),
+    /// The file ends before what the header promises.
+    Truncated(String),
+    /// Reading failed.
+    Io(io::Error),
+}
+
+impl From<io::Error> for Defect {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Defect::Truncated("file ended before what its header promises".into())
+        } else {
+            Defect::Io(e)
         }
-        Err(e) => return Err(io_err(e)),
-    };
-    // SAFETY: fd is open; the advice only tunes read-ahead.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
     }
-    let file_len = f.metadata().map_err(io_err)?.len();
-    let mut fixed = [0u8; FIXED];
+}
+
+/// The checked header of a spill file.
+#[derive(Debug)]
+struct Header {
+    len: usize,
+    payload_crc: u32,
+    meta: [u64; 4],
+    /// Each part's dtype and element count.
+    parts: Vec<(u32, usize)>,
+}
+
+/// Reads the value stored for `key` from `f` (opened by the spill
+/// directory), checking everything the header promises. `drop_cache` drops
+/// the file's pages from the page cache as they are consumed.
+pub fn read_value(f: &mut File, key: &str, drop_cache: bool) -> Result<Value, Defect> {
+    advise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL);
+    let file_len = f.metadata()?.len();
+    let file: &File = f;
+    let value = decode(&mut &*file, file_len, key, |off, len| {
+        if drop_cache {
+            drop_range(file, off, len);
+        }
+    })?;
+    if drop_cache {
+        // Folios across chunk boundaries were skipped above.
+        drop_range(file, 0, 0);
+    }
+    Ok(value)
+}
+
+/// Decodes the value stored for `key` from `r`, which holds `file_len`
+/// bytes (a file, or a slice for the fuzz target); `consumed(offset, len)`
+/// is called after each chunk of payload is read.
+pub fn decode<R: Read>(
+    r: &mut R,
+    file_len: u64,
+    key: &str,
+    mut consumed: impl FnMut(u64, u64),
+) -> Result<Value, Defect> {
+    let h = read_header(r, file_len, key)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut off = h.len as u64;
+    let mut parts = Vec::with_capacity(h.parts.len());
+    for &(dtype, elems) in &h.parts {
+        let mut part = Part::zeroed(dtype, elems)
+            .ok_or_else(|| Defect::Corrupt(format!("unknown part type {dtype}")))?;
+        for chunk in part.as_bytes_mut().chunks_mut(CHUNK) {
+            r.read_exact(chunk).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => {
+                    Defect::Truncated("file ended inside the payload".into())
+                }
+                _ => Defect::Io(e),
+            })?;
+            crc.update(chunk);
+            consumed(off, chunk.len() as u64);
+            off += chunk.len() as u64;
+        }
+        parts.push(part);
+    }
+    if crc.finalize() != h.payload_crc {
+        return Err(Defect::Corrupt("payload checksum mismatch".into()));
+    }
+    Ok(Value {
+        meta: h.meta,
+        parts,
+    })
+}
+
+/// Reads and checks the header: magic, version, plausible sizes, header
+/// CRC, the key, the file's length and the part table.
+fn read_header<R: Read>(r: &mut R, file_len: u64, key: &str) -> Result<Header, Defect> {
+    let corrupt = |s: String| Defect::Corrupt(s);
     if file_len < FIXED as u64 {
-        return Err(truncated(format!(
+        return Err(Defect::Truncated(format!(
             "{file_len} bytes, shorter than the {FIXED}-byte header"
         )));
     }
-    f.read_exact(&mut fixed).map_err(io_err)?;
+    let mut fixed = [0u8; FIXED];
+    r.read_exact(&mut fixed)?;
     if &fixed[0..8] != MAGIC {
         return Err(corrupt(
             "bad magic (not a spill file, or its write never finished)".into(),
@@ -221,18 +284,16 @@ pub fn read_value(path: &Path, key: &str, drop_cache: bool) -> Result<Value, Spi
             "implausible header ({nparts} parts, key of {key_len} bytes)"
         )));
     }
-    let payload_len = u64_at(&fixed, 24);
-    let payload_crc = u32_at(&fixed, 32);
-    let header_crc = u32_at(&fixed, 36);
     let hlen = FIXED + PART_ENTRY * nparts as usize + key_len as usize;
     if file_len < hlen as u64 {
-        return Err(truncated(format!(
+        return Err(Defect::Truncated(format!(
             "{file_len} bytes, shorter than its {hlen}-byte header"
         )));
     }
     let mut h = vec![0u8; hlen];
     h[..FIXED].copy_from_slice(&fixed);
-    f.read_exact(&mut h[FIXED..]).map_err(io_err)?;
+    r.read_exact(&mut h[FIXED..])?;
+    let header_crc = u32_at(&h, 36);
     h[36..40].copy_from_slice(&[0; 4]);
     if crc32fast::hash(&h) != header_crc {
         return Err(corrupt("header checksum mismatch".into()));
@@ -244,70 +305,55 @@ pub fn read_value(path: &Path, key: &str, drop_cache: bool) -> Result<Value, Spi
             String::from_utf8_lossy(stored_key)
         )));
     }
-    let expected_len = hlen as u64 + payload_len;
-    if file_len < expected_len {
-        return Err(truncated(format!(
-            "{file_len} bytes on disk, header promises {expected_len}"
-        )));
-    }
-    if file_len > expected_len {
-        return Err(corrupt(format!(
-            "{file_len} bytes on disk, header promises {expected_len}"
-        )));
+    let payload_len = u64_at(&h, 24);
+    let expected_len = (hlen as u64)
+        .checked_add(payload_len)
+        .ok_or_else(|| corrupt("payload size overflows".into()))?;
+    if file_len != expected_len {
+        let msg = format!("{file_len} bytes on disk, header promises {expected_len}");
+        return Err(if file_len < expected_len {
+            Defect::Truncated(msg)
+        } else {
+            corrupt(msg)
+        });
     }
     let mut meta = [0u64; 4];
     for (i, m) in meta.iter_mut().enumerate() {
         *m = u64_at(&h, 40 + 8 * i);
     }
-    let mut parts = Vec::with_capacity(nparts as usize);
+    Ok(Header {
+        len: hlen,
+        payload_crc: u32_at(&h, 32),
+        meta,
+        parts: part_table(&h, nparts as usize, payload_len)?,
+    })
+}
+
+/// The part table: each part's dtype and element count, adding up to the
+/// payload's length.
+fn part_table(h: &[u8], nparts: usize, payload_len: u64) -> Result<Vec<(u32, usize)>, Defect> {
+    let corrupt = |s: &str| Defect::Corrupt(s.to_string());
     let mut total = 0u64;
-    let mut specs = Vec::with_capacity(nparts as usize);
-    for i in 0..nparts as usize {
+    let mut parts = Vec::with_capacity(nparts);
+    for i in 0..nparts {
         let at = FIXED + PART_ENTRY * i;
-        let dtype = u32_at(&h, at);
-        let elems = u64_at(&h, at + 8);
-        let size =
-            Part::elem_size(dtype).ok_or_else(|| corrupt(format!("unknown part type {dtype}")))?;
+        let dtype = u32_at(h, at);
+        let elems = u64_at(h, at + 8);
+        let size = Part::elem_size(dtype)
+            .ok_or_else(|| Defect::Corrupt(format!("unknown part type {dtype}")))?;
         let bytes = elems
             .checked_mul(size)
-            .ok_or_else(|| corrupt("part size overflows".into()))?;
+            .ok_or_else(|| corrupt("part size overflows"))?;
         total = total
             .checked_add(bytes)
-            .ok_or_else(|| corrupt("payload size overflows".into()))?;
-        specs.push((dtype, elems as usize));
+            .ok_or_else(|| corrupt("payload size overflows"))?;
+        let elems = usize::try_from(elems).map_err(|_| corrupt("part size overflows"))?;
+        parts.push((dtype, elems));
     }
     if total != payload_len {
-        return Err(corrupt(format!(
+        return Err(Defect::Corrupt(format!(
             "parts add up to {total} bytes, header says {payload_len}"
         )));
     }
-    let mut crc = crc32fast::Hasher::new();
-    let mut off = hlen as u64;
-    for (dtype, elems) in specs {
-        let mut part = Part::zeroed(dtype, elems)
-            .ok_or_else(|| corrupt(format!("unknown part type {dtype}")))?;
-        for chunk in part.as_bytes_mut().chunks_mut(CHUNK) {
-            f.read_exact(chunk).map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    truncated("file ended inside the payload".into())
-                } else {
-                    io_err(e)
-                }
-            })?;
-            crc.update(chunk);
-            if drop_cache {
-                drop_range(&f, off, chunk.len() as u64);
-            }
-            off += chunk.len() as u64;
-        }
-        parts.push(part);
-    }
-    if drop_cache {
-        // Folios across chunk boundaries were skipped above.
-        drop_range(&f, 0, 0);
-    }
-    if crc.finalize() != payload_crc {
-        return Err(corrupt("payload checksum mismatch".into()));
-    }
-    Ok(Value { meta, parts })
+    Ok(parts)
 }
