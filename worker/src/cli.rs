@@ -18,6 +18,7 @@ use crate::alloc::{self, ALLOCATOR_ENV, Allocator};
 use crate::config::{ConfigFlags, Loader, MemoryConfig};
 use crate::limit::{self, HostMemory, LimitSpec};
 use crate::nanny::{self, ATTEMPT_ENV, NAME_ENV, NannyOptions};
+use crate::pool::MAX_THREADS;
 use crate::units::parse_duration;
 use crate::worker::{self, WorkerOptions};
 use crate::workload::{BUILTINS, Workload};
@@ -44,7 +45,7 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the effective memory limit and where it comes from.
     Limit {
-        /// auto | available | SIZE (4GiB) | FRACTION (0.5) | 0 (none).
+        /// auto | available | SIZE (4GiB, at least 16MiB) | FRACTION (0.5, 1.0) | 0 (none).
         #[arg(long, default_value = "auto", allow_hyphen_values = true)]
         memory_limit: String,
         /// Read /proc and /sys below this directory (for fixtures).
@@ -104,11 +105,11 @@ struct RunArgs {
     /// jemalloc | system (default: $AMM_ALLOCATOR, else system).
     #[arg(long)]
     allocator: Option<String>,
-    /// auto | available | SIZE (4GiB) | FRACTION (0.5) | 0 (no limit).
+    /// auto | available | SIZE (4GiB, at least 16MiB) | FRACTION (0.5, 1.0) | 0 (no limit).
     #[arg(long, default_value = "auto", allow_hyphen_values = true)]
     memory_limit: String,
-    /// Task threads.
-    #[arg(long, default_value_t = 2)]
+    /// Task threads (1 to 1024).
+    #[arg(long, default_value_t = 2, value_parser = nthreads)]
     nthreads: usize,
     /// Where the spill directory (amm-spill-<name>) goes [default: the temp dir].
     #[arg(long)]
@@ -137,6 +138,17 @@ struct RunArgs {
     /// Nanny: first back-off before a restart (doubles each time, at most 10s).
     #[arg(long, default_value = "500ms")]
     restart_backoff: String,
+}
+
+/// `--nthreads`: 1 to [`MAX_THREADS`] (100000 used to abort in the
+/// middle of spawning them, with a backtrace).
+fn nthreads(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a number of task threads from 1 to {MAX_THREADS} (e.g. the number of cores)"
+        )),
+    }
 }
 
 fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
@@ -219,9 +231,6 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
     limit::resolve(spec, &host)?;
     let workload = Workload::load(&a.workload)?;
     let local_directory = a.local_directory.clone().unwrap_or_else(std::env::temp_dir);
-    if a.nthreads == 0 {
-        bail!("--nthreads must be at least 1");
-    }
     if !a.no_nanny {
         let name = a
             .name

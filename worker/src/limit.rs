@@ -5,10 +5,13 @@
 //!   `memory.limit_in_bytes`/`memory.soft_limit_in_bytes`) and `RLIMIT_RSS`.
 //! * `available`: `MemAvailable` at start (what Coiled sets as the limit).
 //! * `SIZE` (`4GiB`, `512MB`, `1073741824`): that many bytes; more than the
-//!   machine's RAM is an error.
-//! * `FRACTION` (`0.5`, a number with a decimal point in (0, 1]): that part of
-//!   the `auto` limit.
-//! * `0`: no limit (every threshold is then off).
+//!   machine's RAM is an error, and so is less than [`MIN_LIMIT`] (a worker
+//!   cannot live in less, and `1`, `0.4B` or `2e-9` are typos, not limits).
+//! * `FRACTION` (`0.5`, `1.0`: written with a decimal point, in (0, 1]):
+//!   that part of the `auto` limit. A bare `1` is one byte, refused as too
+//!   small, with a hint to write `1.0`.
+//! * `0` (or `none`, `false`): no limit (every threshold is then off). This
+//!   is the only way to ask for no limit: nothing else silently means it.
 
 use std::fmt;
 use std::path::Path;
@@ -19,6 +22,10 @@ use serde::Serialize;
 use crate::cgroup::{self, CgroupLimit};
 use crate::proc::kb_field;
 use crate::units::{format_bytes, parse_bytes};
+
+/// The least memory limit a worker accepts: below it the worker itself
+/// (~10 MiB of code, threads and allocator metadata) does not fit.
+pub const MIN_LIMIT: u64 = 16 << 20;
 
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,6 +58,17 @@ pub enum LimitError {
         "invalid memory limit {0:?}: a fraction must be in (0, 1]; for a size give a unit (e.g. `2GiB`)"
     )]
     FractionTooLarge(String),
+    /// Less than a worker needs (or a typo for a fraction or a unit).
+    #[error(
+        "memory limit {text:?} is {bytes} bytes, less than the {min} a worker needs; write a fraction with a decimal point (1.0 is the whole auto limit, 0.5 half of it), a size with a unit (2GiB), or 0 for no limit",
+        min = format_bytes(MIN_LIMIT)
+    )]
+    TooSmall {
+        /// What was written.
+        text: String,
+        /// What it came to.
+        bytes: u64,
+    },
     /// More than the machine has.
     #[error("memory limit {asked} is more than this machine's RAM ({ram})")]
     OverRam {
@@ -78,24 +96,30 @@ impl FromStr for LimitSpec {
         if s.starts_with('-') {
             return Err(LimitError::Negative(text.to_string()));
         }
-        let plain_number = !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.');
-        if plain_number && s.contains('.') {
+        // A fraction is written as one: digits and a decimal point only.
+        let fraction_like =
+            !s.is_empty() && s.contains('.') && s.chars().all(|c| c.is_ascii_digit() || c == '.');
+        if fraction_like {
             let f: f64 = s
                 .parse()
                 .map_err(|_| LimitError::Invalid(text.to_string()))?;
-            if f == 0.0 {
-                return Ok(LimitSpec::Unlimited);
+            if !(f > 0.0) {
+                // 0.0, 0.000: a fraction of nothing is not "no limit"
+                return Err(LimitError::TooSmall {
+                    text: text.to_string(),
+                    bytes: 0,
+                });
             }
             if f > 1.0 {
                 return Err(LimitError::FractionTooLarge(text.to_string()));
             }
             return Ok(LimitSpec::Fraction(f));
         }
-        if plain_number && s == "1" {
-            return Ok(LimitSpec::Fraction(1.0));
-        }
         match parse_bytes(s) {
-            Ok(0) => Ok(LimitSpec::Unlimited),
+            Ok(b) if b < MIN_LIMIT => Err(LimitError::TooSmall {
+                text: text.to_string(),
+                bytes: b,
+            }),
             Ok(b) => Ok(LimitSpec::Bytes(b)),
             Err(_) => Err(LimitError::Invalid(text.to_string())),
         }
@@ -223,8 +247,15 @@ pub fn resolve(spec: LimitSpec, host: &HostMemory) -> Result<Limit, LimitError> 
         LimitSpec::Fraction(f) => {
             let base = auto(host);
             let total = base.bytes.unwrap_or(host.total_ram);
+            let bytes = (total as f64 * f) as u64;
+            if bytes < MIN_LIMIT {
+                return Err(LimitError::TooSmall {
+                    text: f.to_string(),
+                    bytes,
+                });
+            }
             Ok(Limit {
-                bytes: Some((total as f64 * f) as u64),
+                bytes: Some(bytes),
                 source: format!("{f} x auto limit, which is {base}"),
             })
         }
@@ -241,7 +272,7 @@ mod tests {
         assert_eq!("AVAILABLE".parse(), Ok(LimitSpec::Available));
         assert_eq!("0".parse(), Ok(LimitSpec::Unlimited));
         assert_eq!("0.5".parse(), Ok(LimitSpec::Fraction(0.5)));
-        assert_eq!("1".parse(), Ok(LimitSpec::Fraction(1.0)));
+        assert_eq!("1.0".parse(), Ok(LimitSpec::Fraction(1.0)));
         assert_eq!("4GiB".parse(), Ok(LimitSpec::Bytes(4 << 30)));
         assert_eq!("4 GB".parse(), Ok(LimitSpec::Bytes(4_000_000_000)));
         assert_eq!("1073741824".parse(), Ok(LimitSpec::Bytes(1 << 30)));
@@ -260,6 +291,33 @@ mod tests {
         assert!(matches!(
             "1.5".parse::<LimitSpec>(),
             Err(LimitError::FractionTooLarge(_))
+        ));
+    }
+
+    /// Issue 9 item 10: `1` was 100 % but `2` two bytes, and `0.4B`,
+    /// `1e-300`, `2e-9` silently meant no limit.
+    #[test]
+    fn nothing_but_0_means_no_limit_and_tiny_limits_are_refused() {
+        for text in ["1", "2", "0.4B", "1e-300", "2e-9", "0.0", "1000", "15MiB"] {
+            match text.parse::<LimitSpec>() {
+                Err(e @ LimitError::TooSmall { .. }) => {
+                    let m = e.to_string();
+                    assert!(m.contains("1.0 is the whole auto limit"), "{m}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        for text in ["0", "none", "false"] {
+            assert_eq!(text.parse(), Ok(LimitSpec::Unlimited), "{text}");
+        }
+        assert_eq!("16MiB".parse(), Ok(LimitSpec::Bytes(MIN_LIMIT)));
+        assert_eq!("1e9".parse(), Ok(LimitSpec::Bytes(1_000_000_000)));
+        assert_eq!(".5".parse(), Ok(LimitSpec::Fraction(0.5)));
+        // A fraction too small for this machine is refused when resolved.
+        let tiny = LimitSpec::Fraction(0.000_000_1);
+        assert!(matches!(
+            resolve(tiny, &host()),
+            Err(LimitError::TooSmall { .. })
         ));
     }
 

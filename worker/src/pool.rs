@@ -32,24 +32,41 @@ pub struct Pool {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Most task threads a worker runs: far more than any machine has cores
+/// (Dask's default is one per core), and few enough that the stacks and
+/// signal stacks of all of them can be had.
+pub const MAX_THREADS: usize = 1024;
+
 impl Pool {
-    /// Starts `n` threads (at least one).
+    /// Starts `n` threads (at least one, at most [`MAX_THREADS`]). If one
+    /// cannot be started, those already running are stopped and the error
+    /// is returned.
     pub fn new(n: usize, gate: Arc<Gate>) -> std::io::Result<Pool> {
+        if n > MAX_THREADS {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{n} task threads asked for; at most {MAX_THREADS}"),
+            ));
+        }
         let queue = Arc::new(Queue {
             jobs: Mutex::new((VecDeque::new(), false)),
             ready: Condvar::new(),
         });
-        let mut threads = Vec::new();
+        // Dropping `pool` on an early return stops the threads already made.
+        let mut pool = Pool {
+            queue,
+            threads: Vec::new(),
+        };
         for i in 0..n.max(1) {
-            let q = queue.clone();
+            let q = pool.queue.clone();
             let g = gate.clone();
-            threads.push(
+            pool.threads.push(
                 std::thread::Builder::new()
                     .name(format!("amm-task-{i}"))
                     .spawn(move || worker_loop(&q, &g))?,
             );
         }
-        Ok(Pool { queue, threads })
+        Ok(pool)
     }
 
     /// Queues `tasks` and waits until all have run; returns the errors.

@@ -104,37 +104,67 @@ pub struct Size(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dur(pub Duration);
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum NumOrText {
-    Int(u64),
-    Float(f64),
-    Text(String),
+/// Reads a size or a duration straight from the value (not through an
+/// untagged enum, which would point a type error at the table's first line
+/// instead of the value's, and called NaN negative).
+struct Visit<T> {
+    expecting: &'static str,
+    from_text: fn(&str) -> Result<T, String>,
+}
+
+impl<'de, T> serde::de::Visitor<'de> for Visit<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        (self.from_text)(v).map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+        self.visit_str(&v.to_string())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+        self.visit_str(&v.to_string())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
+        if !v.is_finite() {
+            return Err(E::custom(format!("{v} is not {}", self.expecting)));
+        }
+        self.visit_str(&v.to_string())
+    }
+}
+
+fn whole_bytes(text: &str) -> Result<Size, String> {
+    if let Ok(f) = text.trim().parse::<f64>()
+        && f.fract() != 0.0
+    {
+        return Err(format!(
+            "{text} is not a whole number of bytes (give a unit, e.g. \"1.5MiB\")"
+        ));
+    }
+    parse_bytes(text).map(Size)
 }
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match NumOrText::deserialize(d)? {
-            NumOrText::Int(i) => Ok(Size(i)),
-            NumOrText::Float(f) if f >= 0.0 => Ok(Size(f as u64)),
-            NumOrText::Float(f) => Err(serde::de::Error::custom(format!(
-                "{f} is negative: a size must be >= 0"
-            ))),
-            NumOrText::Text(t) => parse_bytes(&t).map(Size).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Visit {
+            expecting: "a size (a whole number of bytes, or text such as \"512MiB\")",
+            from_text: whole_bytes,
+        })
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = match NumOrText::deserialize(d)? {
-            NumOrText::Int(i) => i.to_string(),
-            NumOrText::Float(f) => f.to_string(),
-            NumOrText::Text(t) => t,
-        };
-        parse_duration(&text)
-            .map(Dur)
-            .map_err(serde::de::Error::custom)
+        d.deserialize_any(Visit {
+            expecting: "a duration (seconds, or text such as \"200ms\")",
+            from_text: |t| parse_duration(t).map(Dur),
+        })
     }
 }
 
@@ -409,6 +439,22 @@ pub struct Check {
 }
 
 const PATTERN_TAG: u64 = 0x5041_5454;
+
+/// How many failures an error or a check names before it says how many more.
+pub const NAMED: usize = 10;
+
+/// `"5 wrong: a; b; c"`, or with more than [`NAMED`]: `"12 wrong: a; ...;
+/// j (and 2 more)"`.
+fn named_list(items: &[String], what: &str) -> String {
+    let shown: Vec<&str> = items.iter().take(NAMED).map(String::as_str).collect();
+    let more = items.len().saturating_sub(NAMED);
+    let tail = if more > 0 {
+        format!(" (and {more} more)")
+    } else {
+        String::new()
+    };
+    format!("{} {what}: {}{tail}", items.len(), shown.join("; "))
+}
 const MIB8: u64 = 8 << 20;
 
 type Held = Vec<Option<Box<[u8]>>>;
@@ -561,9 +607,7 @@ impl Runner {
         if errors.is_empty() {
             Ok(())
         } else {
-            let n = errors.len();
-            let first: Vec<String> = errors.into_iter().take(3).collect();
-            bail!("{n} task(s) failed: {}", first.join("; "))
+            bail!("{}", named_list(&errors, "task(s) failed"))
         }
     }
 
@@ -776,6 +820,9 @@ impl Runner {
         }
     }
 
+    /// Gets every managed value under `key` and checks its bytes; the check
+    /// counts and names (up to [`NAMED`]) every value that could not be
+    /// read or held the wrong bytes.
     fn read_back(&self, key: &str) -> anyhow::Result<()> {
         let st = &self.state;
         let keys = st.buffer.keys_with_prefix(&format!("{key}/"));
@@ -790,33 +837,46 @@ impl Runner {
                 let bad = bad.clone();
                 let bytes = bytes.clone();
                 Box::new(move || {
-                    let v = st.buffer.get(&k)?;
-                    let ok = match (v.meta[0], v.parts.first()) {
-                        (PATTERN_TAG, Some(Part::U8(b))) => check_pattern(b, v.meta[1]),
-                        _ => true,
+                    let found = match st.buffer.get(&k) {
+                        Err(e) => Err(e.to_string()),
+                        Ok(v) => {
+                            bytes.fetch_add(v.payload_len(), Ordering::Relaxed);
+                            match (v.meta[0], v.parts.first()) {
+                                (PATTERN_TAG, Some(Part::U8(b)))
+                                    if !check_pattern(b, v.meta[1]) =>
+                                {
+                                    Err(format!("{k}: wrong bytes"))
+                                }
+                                _ => Ok(()),
+                            }
+                        }
                     };
-                    bytes.fetch_add(v.payload_len(), Ordering::Relaxed);
-                    if !ok {
-                        bad.lock().unwrap_or_else(|e| e.into_inner()).push(k);
+                    if let Err(e) = found {
+                        bad.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(e.clone());
+                        anyhow::bail!(e);
                     }
                     Ok(())
                 }) as Task
             })
             .collect();
         let r = self.stage(list);
-        let bad = bad.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut bad = bad.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        bad.sort();
         let total = bytes.load(Ordering::Relaxed);
         st.check(
             format!("read-back {key}"),
             r.is_ok() && bad.is_empty(),
             format!(
-                "{n} values, {} read and verified in {} ms, {} wrong{}",
+                "{n} values, {} read and verified in {} ms, {}",
                 format_bytes(total),
                 start.elapsed().as_millis(),
-                bad.len(),
-                bad.first()
-                    .map(|k| format!(" (first: {k})"))
-                    .unwrap_or_default()
+                if bad.is_empty() {
+                    "0 wrong".to_string()
+                } else {
+                    named_list(&bad, "wrong")
+                }
             ),
         );
         r
@@ -1111,6 +1171,76 @@ fn free_fraction(st: &State, key: &str, fraction: f64, pattern: FreePattern) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9 item 10: with 5 corrupt spilled keys only the first 3 were
+    /// named and the check said "0 wrong".
+    #[test]
+    fn read_back_counts_and_names_every_bad_value() {
+        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
+        let tmp = tempfile::tempdir().expect("tmp");
+        let buffer = Arc::new(SpillBuffer::new(
+            SpillDir::open(tmp.path(), "rb").expect("dir"),
+            SpillOptions {
+                target: None,
+                max_spill: None,
+                write: WriteOptions {
+                    fsync: false,
+                    drop_cache: false,
+                },
+            },
+        ));
+        for i in 0..7u8 {
+            buffer.put(&format!("d/{i}"), Value::bytes(vec![i; 1000]));
+        }
+        buffer.evict_until(0).expect("spill all");
+        for i in 0..5u8 {
+            let f = buffer.file_of(&format!("d/{i}")).expect("file");
+            let mut bytes = std::fs::read(&f).expect("read");
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            std::fs::write(&f, bytes).expect("corrupt");
+        }
+        let runner = Runner::new(2, buffer, Arc::new(Gate::default()), None, 0).expect("runner");
+        let w = Workload::parse(
+            "[[phase]]\n[[phase.op]]\nop = \"read-back\"\nkey = \"d\"\n",
+            "t.toml",
+        )
+        .expect("workload");
+        let out = runner.run(&w);
+        let check = out.checks.first().expect("a check");
+        assert!(!check.ok);
+        assert!(check.detail.contains("5 wrong"), "{}", check.detail);
+        for i in 0..5 {
+            assert!(
+                check.detail.contains(&format!("\"d/{i}\"")),
+                "{}",
+                check.detail
+            );
+        }
+        let err = out.errors.join("\n");
+        assert!(err.contains("5 task(s) failed"), "{err}");
+        assert!(err.contains("\"d/4\""), "{err}");
+        let many: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+        assert!(named_list(&many, "wrong").ends_with("k9 (and 2 more)"));
+    }
+
+    /// Issue 9 item 10: `bytes = nan` said "NaN is negative".
+    #[test]
+    fn sizes_that_are_not_sizes_are_named_as_such() {
+        for (value, says) in [
+            ("nan", "nan is not a size"),
+            ("-1", "negative"),
+            ("1.5", "not a whole number of bytes"),
+            ("true", "expected a size"),
+        ] {
+            let text = format!(
+                "[[phase]]\n[[phase.op]]\nop = \"allocate\"\nkeep = \"task\"\nchunk = 1\nbytes = {value}\n"
+            );
+            let e = format!("{:#}", Workload::parse(&text, "t.toml").expect_err(value));
+            assert!(e.to_lowercase().contains(says), "{value}: {e}");
+            assert!(!e.contains("NaN is negative"), "{e}");
+        }
+    }
 
     #[test]
     fn builtins_parse() {

@@ -353,6 +353,27 @@ fn malformed_config_is_a_clear_error() {
     assert!(r.stderr.contains("--target"), "{}", r.stderr);
 }
 
+/// Issue 9 item 10: `--nthreads 100000` aborted with a backtrace; tiny or
+/// ambiguous limits silently meant "no limit" or two bytes.
+#[test]
+fn thread_counts_and_limits_that_make_no_sense_are_clear_errors() {
+    let r = effective(&["--nthreads", "100000"], &[], None);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(r.stderr.contains("from 1 to 1024"), "{}", r.stderr);
+    assert!(!r.stderr.contains("backtrace"), "{}", r.stderr);
+    for limit in ["1", "2", "0.4B", "1e-300", "2e-9"] {
+        let r = effective(&["--memory-limit", limit], &[], None);
+        assert_eq!(r.code, Some(1), "{limit}: {}", r.describe());
+        assert!(
+            r.stderr.contains("1.0 is the whole auto limit"),
+            "{}",
+            r.stderr
+        );
+    }
+    let r = effective(&["--memory-limit", "1.0", "--nthreads", "1024"], &[], None);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+}
+
 /// Issue 9 item 10: levels out of order, and sizes that are not sizes, are
 /// refused before anything runs, the way the agent refuses them.
 #[test]

@@ -37,7 +37,12 @@ impl TestUser {
             .stderr(Stdio::null())
             .status();
         let st = std::process::Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin"])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
             .arg(&name)
             .status()
             .expect("useradd");
@@ -96,12 +101,21 @@ fn a_symlink_at_the_spill_path_is_refused_and_its_target_untouched() {
         msg.contains("symbolic link") && msg.contains("remove the link"),
         "{msg}"
     );
-    assert!(victim.join("precious").exists(), "the link's target was emptied");
-    assert!(!victim.join("lock").exists(), "a lock was made through the link");
+    assert!(
+        victim.join("precious").exists(),
+        "the link's target was emptied"
+    );
+    assert!(
+        !victim.join("lock").exists(),
+        "a lock was made through the link"
+    );
 
     // The binary says so once and the nanny does not retry it as a crash.
     let s = Scratch::new();
-    let w = s.workload("t", "[[phase]]\n[[phase.op]]\nop = \"sleep\"\nduration = \"1ms\"\n");
+    let w = s.workload(
+        "t",
+        "[[phase]]\n[[phase.op]]\nop = \"sleep\"\nduration = \"1ms\"\n",
+    );
     let mut cmd = std::process::Command::new(bin());
     cmd.arg("run")
         .arg(&w)
@@ -136,7 +150,10 @@ fn directories_and_files_are_private_to_the_worker() {
     std::fs::write(open.join("0001.spill"), b"x").expect("write");
     let e = SpillDir::open(tmp.path(), "open").expect_err("0755 must be refused");
     assert!(e.to_string().contains("mode is 0755"), "{e}");
-    assert!(open.join("0001.spill").exists(), "emptied a refused directory");
+    assert!(
+        open.join("0001.spill").exists(),
+        "emptied a refused directory"
+    );
 }
 
 #[test]
@@ -198,7 +215,10 @@ fn a_fifo_lock_in_a_sibling_does_not_hang_any_worker() {
     let stale = local.join("amm-spill-trap");
     std::fs::create_dir_all(&stale).expect("mkdir");
     mkfifo(&stale.join("lock"));
-    let w = s.workload("t", "[[phase]]\n[[phase.op]]\nop = \"sleep\"\nduration = \"1ms\"\n");
+    let w = s.workload(
+        "t",
+        "[[phase]]\n[[phase.op]]\nop = \"sleep\"\nduration = \"1ms\"\n",
+    );
     let mut child = worker_cmd(&s, &w, &["--no-nanny", "--name", "victim"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -230,8 +250,7 @@ fn another_users_directory_is_refused_and_their_stale_one_left_alone() {
     }
     let user = TestUser::new("sd");
     let tmp = tempfile::tempdir().expect("tmp");
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o1777))
-        .expect("chmod");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     // The user made the directory root's worker will use, open to all, with
     // a `lock` that points at a file of root's.
     let root_file = tmp.path().join("root-file");
@@ -258,10 +277,17 @@ fn another_users_directory_is_refused_and_their_stale_one_left_alone() {
     std::fs::create_dir(&theirs).expect("mkdir");
     std::fs::write(theirs.join("lock"), b"").expect("lock");
     std::fs::write(theirs.join("0001.spill"), b"x").expect("value");
-    for p in [theirs.join("lock"), theirs.join("0001.spill"), theirs.clone()] {
+    for p in [
+        theirs.join("lock"),
+        theirs.join("0001.spill"),
+        theirs.clone(),
+    ] {
         user.chown(&p);
     }
     let ok = SpillDir::open(tmp.path(), "fine").expect("a fresh name works");
-    assert!(theirs.join("0001.spill").exists(), "root swept another user's files");
+    assert!(
+        theirs.join("0001.spill").exists(),
+        "root swept another user's files"
+    );
     drop(ok);
 }

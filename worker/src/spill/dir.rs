@@ -228,9 +228,8 @@ fn sweep_stale(parent: BorrowedFd<'_>, own: &str) {
             continue;
         };
         tracing::info!(dir = %text, "removing the spill directory of a dead worker");
-        let removed = empty(dir.as_fd(), None, 0).and_then(|()| {
-            unlinkat(parent, name, UnlinkatFlags::RemoveDir).map_err(io_err)
-        });
+        let removed = empty(dir.as_fd(), None, 0)
+            .and_then(|()| unlinkat(parent, name, UnlinkatFlags::RemoveDir).map_err(io_err));
         if let Err(e) = removed {
             tracing::warn!(dir = %text, "cannot remove stale spill directory: {e}");
         }

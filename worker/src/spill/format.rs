@@ -130,10 +130,10 @@ pub fn write_value(f: &mut File, key: &str, value: &Value, opts: WriteOptions) -
             f.write_all(chunk)?;
             let len = chunk.len() as u64;
             if opts.drop_cache {
-                sync_range(&f, off, len, false);
+                sync_range(f, off, len, false);
                 if let Some((poff, plen)) = pending.take() {
-                    sync_range(&f, poff, plen, true);
-                    drop_range(&f, poff, plen);
+                    sync_range(f, poff, plen, true);
+                    drop_range(f, poff, plen);
                 }
                 pending = Some((off, len));
             }
@@ -151,8 +151,8 @@ pub fn write_value(f: &mut File, key: &str, value: &Value, opts: WriteOptions) -
         // cache uses large folios, and DONTNEED skips a folio that is only
         // partly inside the range (the header's, or one across a chunk
         // boundary). Length 0 means "to the end of the file".
-        sync_range(&f, 0, 0, true);
-        drop_range(&f, 0, 0);
+        sync_range(f, 0, 0, true);
+        drop_range(f, 0, 0);
     }
     Ok(off)
 }
