@@ -103,7 +103,7 @@ impl FromStr for LimitSpec {
             let f: f64 = s
                 .parse()
                 .map_err(|_| LimitError::Invalid(text.to_string()))?;
-            if !(f > 0.0) {
+            if f == 0.0 {
                 // 0.0, 0.000: a fraction of nothing is not "no limit"
                 return Err(LimitError::TooSmall {
                     text: text.to_string(),
