@@ -42,7 +42,7 @@ pub use flags::ConfigFlags;
 pub use values::Raw;
 use values::{
     boolean, bytes_or_false, fraction_or_false, path_or_false, positive_duration, probe_interval,
-    signal_or_false,
+    signal_or_false, timeout_or_false,
 };
 
 /// How a key is given on the command line of `amm-worker run`.
@@ -185,6 +185,14 @@ config_keys! {
     max_spill: Option<u64> {
         key: "worker.memory.max-spill", flag: Flag::Value("max-spill"),
         value: "SIZE|false", default: "false", parse: bytes_or_false,
+    }
+    /// How long tasks may be held back by a pause while spilling fails (a
+    /// full disk, max-spill) before they fail with an error naming the
+    /// spill directory and its free space; false: wait for ever, as Dask
+    /// does.
+    spill_full_timeout: Option<Duration> {
+        key: "worker.memory.spill-full-timeout", flag: Flag::Value("spill-full-timeout"),
+        value: "DURATION|false", default: "5m", parse: timeout_or_false, serde: "opt_millis",
     }
     /// `MALLOC_TRIM_THRESHOLD_` for a system-allocator worker; the hoard
     /// size above which a jemalloc worker purges; false disables both.

@@ -8,8 +8,10 @@
 //! | pause | process | no new task starts (running ones go on); unpause below pause |
 //! | terminate | process | exit with [`TERMINATE_EXIT_CODE`]; the nanny restarts the worker |
 //!
-//! If spilling fails (disk full, `max-spill`) while process memory is above
-//! spill, the manager pauses instead of dying, and retries every tick.
+//! If spilling fails (disk full, `max-spill`), values stay in memory, the
+//! worker pauses only at the pause level, spilling is retried with back-off
+//! and tasks held back for `spill-full-timeout` fail with an error that
+//! names the directory and its free space (see `health`).
 //!
 //! For a jemalloc worker, the purgeable hoard (dirty + muzzy pages) is
 //! purged once it passes `trim-threshold` (the number Dask's nanny puts in
@@ -45,6 +47,8 @@ use crate::config::MemoryConfig;
 use crate::proc;
 use crate::spill::SpillBuffer;
 use crate::timeline::Timeline;
+
+mod health;
 
 /// Exit code of a worker that hit the terminate threshold.
 pub const TERMINATE_EXIT_CODE: i32 = 75;
@@ -95,20 +99,47 @@ pub fn levels(cfg: &MemoryConfig, limit: Option<u64>) -> Levels {
 /// The pause gate task threads pass before starting a task.
 #[derive(Debug, Default)]
 pub struct Gate {
-    paused: Mutex<bool>,
+    state: Mutex<GateState>,
     cv: Condvar,
     started: AtomicU64,
     finished: AtomicU64,
 }
 
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    /// Tasks fail with this instead of waiting (set while paused, cleared
+    /// when the pause ends).
+    failed: Option<String>,
+}
+
 impl Gate {
-    /// Blocks while paused, then counts a task start.
-    pub fn wait_to_start(&self) {
-        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        while *p {
-            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks while paused, then counts a task start; `Err` when the gate
+    /// gave up (see [`Gate::fail`]): the task must fail, not start.
+    pub fn wait_to_start(&self) -> Result<(), String> {
+        let mut s = self.state();
+        loop {
+            if let Some(why) = &s.failed {
+                return Err(why.clone());
+            }
+            if !s.paused {
+                break;
+            }
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         self.started.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes tasks that wait (and later ones, until the pause ends) fail
+    /// with `why` instead of waiting for ever.
+    pub fn fail(&self, why: String) {
+        self.state().failed = Some(why);
+        self.cv.notify_all();
     }
 
     /// Counts a task end.
@@ -117,18 +148,22 @@ impl Gate {
     }
 
     /// Pauses or unpauses; returns whether that changed anything, with the
-    /// counts of started and finished tasks at that instant.
+    /// counts of started and finished tasks at that instant. Unpausing ends
+    /// a failure too.
     pub fn set_paused(&self, paused: bool) -> Option<(u64, u64)> {
-        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        if *p == paused {
+        let mut s = self.state();
+        if !paused {
+            s.failed = None;
+        }
+        if s.paused == paused {
             return None;
         }
-        *p = paused;
+        s.paused = paused;
         let counts = (
             self.started.load(Ordering::SeqCst),
             self.finished.load(Ordering::SeqCst),
         );
-        drop(p);
+        drop(s);
         if !paused {
             self.cv.notify_all();
         }
@@ -137,7 +172,7 @@ impl Gate {
 
     /// Whether new tasks are held back.
     pub fn is_paused(&self) -> bool {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+        self.state().paused
     }
 
     /// Tasks started so far.
@@ -348,7 +383,7 @@ pub struct MemoryManager {
     /// `process - managed` right after the last purge (or at the first tick).
     unmanaged_at_purge: Option<u64>,
     paused_since: Option<Instant>,
-    spill_failing: bool,
+    health: health::SpillHealth,
     /// `nothing_to_spill` was written for the current rise past spill.
     nothing_to_spill_reported: bool,
     /// When the last "nothing to spill" warning was logged.
@@ -400,7 +435,7 @@ impl MemoryManager {
             last_purge: None,
             unmanaged_at_purge: None,
             paused_since: None,
-            spill_failing: false,
+            health: health::SpillHealth::default(),
             nothing_to_spill_reported: false,
             nothing_to_spill_warned: None,
             stats: ManagerStats::default(),
@@ -625,13 +660,12 @@ impl MemoryManager {
         let (mut values, mut bytes, mut unpurged, mut purges) = (0u64, 0u64, 0u64, 0u64);
         let mut batch_rss = rss;
         let mut error = None;
-        while rss > goal {
+        while rss > goal && self.health.may_try() {
             match self.buffer.evict() {
                 Ok(Some(n)) => {
                     values += 1;
                     bytes += n;
                     unpurged += n;
-                    self.spill_failing = false;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -642,22 +676,13 @@ impl MemoryManager {
             rss = proc::rss_bytes()?;
             if unpurged >= batch {
                 if batch_rss.saturating_sub(rss) < unpurged / 2 {
-                    // a failed jemalloc purge shows as RSS that did not fall
-                    let (cost, _) = alloc::release_hoard();
-                    let after = proc::rss_bytes()?;
+                    rss = self.release_after_spill(rss)?;
                     purges += 1;
-                    self.stats.purge_count += 1;
-                    self.stats.purged_bytes_total += rss.saturating_sub(after);
-                    self.stats.purge_us_total += cost.wall_us;
-                    self.stats.purge_cpu_us_total += cost.cpu_us;
-                    rss = after;
                 }
                 unpurged = 0;
                 batch_rss = rss;
             }
-            if let Some(t) = self.levels.terminate
-                && rss > t
-            {
+            if self.levels.terminate.is_some_and(|t| rss > t) {
                 break;
             }
         }
@@ -667,14 +692,11 @@ impl MemoryManager {
         {
             rss = r.rss_after;
         }
-        if let Some(e) = &error {
-            if !self.spill_failing {
-                tracing::error!("spilling failed, pausing until it works again: {e}");
-            }
-            self.spill_failing = true;
-            self.event("spill_failed", json!({"error": e, "process": rss}));
+        match error {
+            Some(e) => self.spill_outcome(Err(e)),
+            None => self.spill_outcome(Ok(values > 0)),
         }
-        if values == 0 && error.is_none() && rss > goal {
+        if values == 0 && self.health.may_try() && rss > goal {
             self.report_nothing_to_spill(rss, goal, start);
         }
         if values > 0 {
@@ -688,6 +710,19 @@ impl MemoryManager {
             );
         }
         Ok(rss)
+    }
+
+    /// RSS did not fall by half of what a batch of evictions freed: the
+    /// allocator kept it (a failed jemalloc purge shows the same way), so
+    /// give it back; returns the RSS after.
+    fn release_after_spill(&mut self, rss: u64) -> std::io::Result<u64> {
+        let (cost, _) = alloc::release_hoard();
+        let after = proc::rss_bytes()?;
+        self.stats.purge_count += 1;
+        self.stats.purged_bytes_total += rss.saturating_sub(after);
+        self.stats.purge_us_total += cost.wall_us;
+        self.stats.purge_cpu_us_total += cost.cpu_us;
+        Ok(after)
     }
 
     /// Process memory is above spill but no value is left in memory: all of
@@ -726,14 +761,27 @@ impl MemoryManager {
     /// One monitor tick: measure, act, record. Public so tests and a future
     /// event source can drive it synchronously.
     pub fn tick(&mut self) -> std::io::Result<Accounting> {
-        let detail = if self.timeline.is_some() {
-            Detail::Full
-        } else {
-            Detail::Totals
-        };
-        // The kernel saw a level crossed (amm-agent): act on its word first.
-        // Reading the allocator's statistics takes up to a millisecond and
-        // the decision needs only RSS, so spill (and pause) before measuring.
+        let hint = self.act_on_hint()?;
+        let (acc, heap) = self.measure_and_record()?;
+        let terminate_at = self.levels.terminate.filter(|t| acc.process > *t);
+        if terminate_at.is_some() || hint == Level::Terminate {
+            self.terminate(&acc, terminate_at.unwrap_or(0));
+            return Ok(acc);
+        }
+        self.spill_to_target();
+        let rss = self.spill_for_process(&acc, hint)?;
+        self.decide_pause(rss, hint);
+        self.check_spill_timeout();
+        self.threshold_purge(&heap);
+        self.probe_purge(&acc, &heap);
+        self.publish();
+        Ok(acc)
+    }
+
+    /// The kernel saw a level crossed (amm-agent): act on its word first.
+    /// Reading the allocator's statistics takes up to a millisecond and the
+    /// decision needs only RSS, so spill (and pause) before measuring.
+    fn act_on_hint(&mut self) -> std::io::Result<Level> {
         let hint = Level::from_u8(self.shared.hint.swap(Level::Below as u8, Ordering::SeqCst));
         if matches!(hint, Level::Spill | Level::Pause)
             && let Some(spill) = self.levels.spill
@@ -745,6 +793,17 @@ impl MemoryManager {
             let goal = self.levels.target.unwrap_or(spill).min(spill);
             self.spill_process(rss, goal)?;
         }
+        Ok(hint)
+    }
+
+    /// Measures, counts, hands the accounting to the tick hook and writes
+    /// the tick line (the measurement the decisions start from).
+    fn measure_and_record(&mut self) -> std::io::Result<(Accounting, HeapStats)> {
+        let detail = if self.timeline.is_some() {
+            Detail::Full
+        } else {
+            Detail::Totals
+        };
         let (acc, heap) = self.measure(detail)?;
         self.stats.ticks += 1;
         self.stats.peak_tick_rss = self.stats.peak_tick_rss.max(acc.process);
@@ -755,13 +814,8 @@ impl MemoryManager {
         if let Some(h) = &self.tick_hook {
             h(&acc);
         }
-        let cgroup_usage: Option<CgroupUsage> = if self.timeline.is_some() {
-            self.cgroup.as_ref().and_then(|c| c.usage())
-        } else {
-            None
-        };
-        // The tick line holds the measurement the decisions start from.
         if let Some(t) = &self.timeline {
+            let cgroup_usage: Option<CgroupUsage> = self.cgroup.as_ref().and_then(|c| c.usage());
             t.tick(&json!({
                 "process": acc.process, "managed": acc.managed,
                 "unmanaged_live": acc.unmanaged_live, "hoarded": acc.hoarded,
@@ -776,75 +830,70 @@ impl MemoryManager {
                 "spill": self.buffer.stats(), "cgroup": cgroup_usage, "heap": heap,
             }));
         }
+        Ok((acc, heap))
+    }
 
-        // terminate
-        if let Some(t) = self.levels.terminate
-            && acc.process > t
-        {
-            self.terminate(&acc, t);
-            return Ok(acc);
+    /// Managed memory above target: spill LRU values down to it (unless
+    /// spilling fails and its back-off has not passed).
+    fn spill_to_target(&mut self) {
+        let Some(target) = self.levels.target else {
+            return;
+        };
+        if self.buffer.managed() <= target || !self.health.may_try() {
+            return;
         }
-        if hint == Level::Terminate {
-            self.terminate(&acc, 0);
-            return Ok(acc);
+        let start = Instant::now();
+        let before = self.buffer.stats();
+        let result = self.buffer.evict_until(target);
+        let after = self.buffer.stats();
+        let moved = after.managed < before.managed;
+        if moved {
+            self.event(
+                "spill",
+                json!({"reason": "target", "values": after.spill_count - before.spill_count,
+                       "bytes": before.managed.saturating_sub(after.managed),
+                       "managed_before": before.managed, "managed_after": after.managed,
+                       "target": target, "ms": start.elapsed().as_millis() as u64}),
+            );
         }
+        self.spill_outcome(result.map(|_| moved).map_err(|e| e.to_string()));
+    }
 
-        // target: managed memory
-        if let Some(target) = self.levels.target
-            && self.buffer.managed() > target
-        {
-            let start = Instant::now();
-            let before = self.buffer.stats();
-            let result = self.buffer.evict_until(target);
-            let after = self.buffer.stats();
-            if after.managed < before.managed {
-                self.event(
-                    "spill",
-                    json!({"reason": "target", "values": after.spill_count - before.spill_count,
-                           "bytes": before.managed.saturating_sub(after.managed),
-                           "managed_before": before.managed, "managed_after": after.managed,
-                           "target": target, "ms": start.elapsed().as_millis() as u64}),
-                );
-            }
-            if let Err(e) = result {
-                self.event(
-                    "spill_failed",
-                    json!({"reason": "target", "error": e.to_string()}),
-                );
-                tracing::warn!("spilling to target failed: {e}");
-            }
-        }
-
-        // spill: process memory
+    /// Process memory above spill: purge the allocator's hoard first, then
+    /// spill down to target. Returns the process memory after.
+    fn spill_for_process(&mut self, acc: &Accounting, hint: Level) -> std::io::Result<u64> {
         let mut rss = acc.process;
-        if let Some(spill) = self.levels.spill
-            && (rss > spill || hint == Level::Spill)
-        {
-            self.stats.spill_ticks += 1;
-            // Allocator-aware: what the allocator hoards goes back first.
-            let threshold = self.cfg.trim_threshold.unwrap_or(0);
-            if acc.hoarded > threshold.max(1 << 20)
-                && let Some(r) = self.purge("pressure")
-            {
-                rss = r.rss_after;
+        let Some(spill) = self.levels.spill else {
+            return Ok(rss);
+        };
+        if rss <= spill && hint != Level::Spill {
+            if self.levels.target.is_none_or(|t| rss <= t) {
+                self.nothing_to_spill_reported = false;
             }
-            let goal = self.levels.target.unwrap_or(spill).min(spill);
-            if rss > spill || hint == Level::Spill {
-                rss = self.spill_process(rss, goal)?;
-            }
-        } else if self.levels.target.is_none_or(|t| rss <= t) {
-            self.spill_failing = false;
-            self.nothing_to_spill_reported = false;
+            return Ok(rss);
         }
+        self.stats.spill_ticks += 1;
+        // Allocator-aware: what the allocator hoards goes back first.
+        let threshold = self.cfg.trim_threshold.unwrap_or(0);
+        if acc.hoarded > threshold.max(1 << 20)
+            && let Some(r) = self.purge("pressure")
+        {
+            rss = r.rss_after;
+        }
+        let goal = self.levels.target.unwrap_or(spill).min(spill);
+        if rss > spill || hint == Level::Spill {
+            rss = self.spill_process(rss, goal)?;
+        }
+        Ok(rss)
+    }
 
-        // pause
+    /// Pauses above the pause level (or on the kernel's word), unpauses
+    /// below it. Values that cannot be spilled stay in memory below pause.
+    fn decide_pause(&mut self, rss: u64, hint: Level) {
         let over_pause = self.levels.pause.is_some_and(|p| rss > p);
-        let stuck = self.spill_failing && self.levels.spill.is_some_and(|s| rss > s);
-        if over_pause || stuck || hint == Level::Pause {
+        if over_pause || hint == Level::Pause {
             let reason = if over_pause {
                 "pause threshold"
-            } else if stuck {
-                "spilling failed above the spill threshold"
             } else {
                 "level event"
             };
@@ -852,11 +901,13 @@ impl MemoryManager {
         } else {
             self.set_paused(false, "below pause", rss);
         }
+    }
 
-        // threshold purge of jemalloc's hoard, rate-limited; what a purge
-        // can return is the dirty and muzzy pages (slab slack and metadata,
-        // also in `hoarded`, stay)
-        if let HeapStats::Jemalloc(je) = &heap
+    /// Threshold purge of jemalloc's hoard, rate-limited; what a purge can
+    /// return is the dirty and muzzy pages (slab slack and metadata, also
+    /// in `hoarded`, stay).
+    fn threshold_purge(&mut self, heap: &HeapStats) {
+        if let HeapStats::Jemalloc(je) = heap
             && let Some(threshold) = self.cfg.trim_threshold
             && je.dirty_bytes + je.muzzy_bytes > threshold
         {
@@ -869,9 +920,6 @@ impl MemoryManager {
                 self.purge("threshold");
             }
         }
-        self.probe_purge(&acc, &heap);
-        self.publish();
-        Ok(acc)
     }
 }
 
@@ -1047,7 +1095,7 @@ mod tests {
     #[test]
     fn gate_counts_and_reports_transitions() {
         let g = Gate::default();
-        g.wait_to_start();
+        g.wait_to_start().expect("open");
         assert_eq!(g.set_paused(true), Some((1, 0)));
         assert_eq!(g.set_paused(true), None);
         g.finished();

@@ -110,13 +110,19 @@ fn worker_loop(q: &Queue, gate: &Gate) {
                 jobs = q.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
             }
         };
-        gate.wait_to_start();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task));
-        gate.finished();
-        let err = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(_) => Some("task panicked".to_string()),
+        // A gate that gave up (spilling failed for too long while paused)
+        // fails the task instead of starting it.
+        let err = match gate.wait_to_start() {
+            Err(why) => Some(why),
+            Ok(()) => {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task));
+                gate.finished();
+                match result {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(_) => Some("task panicked".to_string()),
+                }
+            }
         };
         let mut r = batch.remaining.lock().unwrap_or_else(|e| e.into_inner());
         r.0 -= 1;

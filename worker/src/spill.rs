@@ -23,7 +23,7 @@ pub mod format;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -331,6 +331,9 @@ pub struct SpillBuffer {
     target: AtomicU64,
     opts: SpillOptions,
     on_pressure: OnceLock<PressureHook>,
+    /// Set by the memory manager while spilling fails: `put` then leaves
+    /// values in memory instead of trying the disk on every call.
+    spill_blocked: AtomicBool,
 }
 
 impl std::fmt::Debug for SpillBuffer {
@@ -359,6 +362,7 @@ impl SpillBuffer {
             target: AtomicU64::new(opts.target.unwrap_or(u64::MAX)),
             opts,
             on_pressure: OnceLock::new(),
+            spill_blocked: AtomicBool::new(false),
         }
     }
 
@@ -370,6 +374,17 @@ impl SpillBuffer {
     /// The spill directory.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir_path
+    }
+
+    /// Free bytes on the spill directory's file system, if it can be read.
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.dir.free_bytes().ok()
+    }
+
+    /// While `true`, `put` does not try to spill (the memory manager
+    /// retries with back-off instead).
+    pub fn set_spill_blocked(&self, blocked: bool) {
+        self.spill_blocked.store(blocked, Ordering::Relaxed);
     }
 
     /// The managed-memory target in bytes (`None`: no target).
@@ -442,7 +457,9 @@ impl SpillBuffer {
         }
         let target = self.target.load(Ordering::Relaxed);
         if self.managed() > target {
-            if let Err(e) = self.evict() {
+            if self.spill_blocked.load(Ordering::Relaxed) {
+                // the manager retries with back-off
+            } else if let Err(e) = self.evict() {
                 tracing::debug!("spill on put failed: {e}");
             }
             if self.managed() > target
@@ -743,6 +760,9 @@ impl SpillBuffer {
         let Some(target) = self.target() else {
             return;
         };
+        if self.spill_blocked.load(Ordering::Relaxed) {
+            return; // spilling fails: the manager retries with back-off
+        }
         while self.managed() + incoming > target {
             match self.evict() {
                 Ok(Some(_)) => {}

@@ -1,13 +1,9 @@
 //! Spilling under a real cgroup hard limit: `matmul` finishes with the right
 //! result where the same run without spilling is OOM-killed; reading back
 //! more spilled data than fits does not kill the worker; spilled bytes leave
-//! the cgroup's page cache; a full spill disk pauses the worker instead of
-//! killing it.
+//! the cgroup's page cache. A full spill disk: `full_disk.rs`.
 
 mod common;
-
-use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -212,116 +208,4 @@ duration = "400ms"
         file_keep / MIB
     );
     assert!(usage_keep > usage_drop + 100 * MIB);
-}
-
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("run mount");
-        assert!(st.success(), "mount tmpfs failed");
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
-#[test]
-fn full_spill_disk_pauses_instead_of_dying() {
-    if !require_root("full_spill_disk_pauses_instead_of_dying") {
-        return;
-    }
-    let s = Scratch::new();
-    let disk = s.path("small-disk");
-    let _fs = Tmpfs::mount(&disk, "8m");
-    // 0.75 of a 256 MiB limit as managed values: above spill (0.7), below
-    // pause (0.8). Spilling fails after 8 MiB, so the manager must pause
-    // (and not die, not lose data); SIGTERM then ends it cleanly.
-    let w = s.workload(
-        "full",
-        r#"
-[[phase]]
-[[phase.op]]
-op = "allocate"
-bytes = "184MiB"
-chunk = "2MiB"
-keep = "managed"
-key = "d"
-[[phase]]
-[[phase.op]]
-op = "sleep"
-duration = "60s"
-"#,
-    );
-    let tl = s.path("tl.jsonl");
-    let mut cmd = std::process::Command::new(bin());
-    cmd.arg("run")
-        .arg(&w)
-        .args([
-            "--no-nanny",
-            "--memory-limit",
-            "256MiB",
-            "--monitor-interval",
-            "50ms",
-            "--name",
-            "fulldisk",
-            "--timeline",
-        ])
-        .arg(&tl)
-        .arg("--local-directory")
-        .arg(&disk)
-        .env_remove("AMM_ALLOCATOR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn");
-    let start = Instant::now();
-    let mut paused = None;
-    while start.elapsed() < Duration::from_secs(60) {
-        let t = timeline(&tl);
-        if let Some(i) = first_event(&t, "pause", |e| {
-            e["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("spilling failed"))
-        }) {
-            paused = Some(t[i].clone());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // SAFETY: kill has no memory-safety preconditions; the child is ours.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let r = Run::from_output(child.wait_with_output().expect("wait"));
-    let paused = paused.unwrap_or_else(|| panic!("never paused on a full disk: {}", r.describe()));
-    let t = timeline(&tl);
-    let failed = events(&t, "spill_failed");
-    assert!(
-        failed.iter().any(|e| e["error"]
-            .as_str()
-            .is_some_and(|m| m.contains("no space left") && m.contains("key"))),
-        "no clean disk-full error: {failed:?}"
-    );
-    assert!(
-        f(&paused, "fraction") < 0.8,
-        "paused by the pause threshold instead"
-    );
-    assert_eq!(r.code, Some(128 + libc::SIGTERM), "{}", r.describe());
-    assert!(r.u64("spill_failures") > 0);
-    // Nothing was lost before the stop: every value is either in memory or
-    // fully on disk (the summary counts what was written successfully).
-    assert!(r.u64("spill_count") >= 1 && r.u64("spill_count") <= 4);
-    let left: Vec<_> = std::fs::read_dir(&disk)
-        .expect("read tmpfs")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(left.is_empty(), "spill directory not cleaned: {left:?}");
 }

@@ -117,6 +117,14 @@ pub fn probe_interval(raw: &Raw) -> Result<Option<Duration>, String> {
     duration_or_false(raw, Duration::from_secs(5))
 }
 
+/// A time limit, or `false` for none (`true` is refused: say how long).
+pub fn timeout_or_false(raw: &Raw) -> Result<Option<Duration>, String> {
+    match raw {
+        Raw::Bool(true) => Err("expected a duration such as 5m, or false".into()),
+        other => duration_or_false(other, Duration::ZERO),
+    }
+}
+
 /// A byte size (`10GiB`, or a whole number of bytes), or `false`. NaN,
 /// infinities, negative and fractional numbers of bytes are refused.
 pub fn bytes_or_false(raw: &Raw) -> Result<Option<u64>, String> {

@@ -381,6 +381,13 @@ impl SpillDir {
         open_regular(self.fd.as_fd(), OsStr::new(name), false, false)
     }
 
+    /// Bytes an unprivileged writer may still put on the directory's file
+    /// system (`fstatvfs`: available blocks times fragment size).
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let st = nix::sys::statvfs::fstatvfs(&self.fd).map_err(io_err)?;
+        Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    }
+
     /// Removes the spill file `name` (not following a link).
     pub fn remove(&self, name: &str) -> io::Result<()> {
         unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir).map_err(io_err)
