@@ -315,6 +315,20 @@ fn describe(what: &SampleKind) -> String {
             iec(sp.non_heap),
             iec(sp.spilled)
         ),
+        SampleKind::Heap(h) => format!(
+            "heap ({:?}) resident {} dirty {} free chunks {}",
+            h.allocator,
+            iec(h.resident.max(h.uordblks + h.fordblks + h.hblkhd)),
+            iec(h.dirty + h.muzzy),
+            iec(h.fordblks)
+        ),
+        SampleKind::Purge(p) => format!(
+            "{} purge returned {} (hoarded {} -> {})",
+            p.reason,
+            iec(p.returned_bytes),
+            iec(p.hoarded_before),
+            iec(p.hoarded_after)
+        ),
         SampleKind::Exit { peak_rss_bytes } => format!("exit, peak {}", iec(*peak_rss_bytes)),
         SampleKind::Unwatched { peak_rss_bytes } => {
             format!("unwatched, peak {}", iec(*peak_rss_bytes))

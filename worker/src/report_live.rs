@@ -1,8 +1,8 @@
 //! `amm-worker report --agent SOCKET [--pid PID]`: the report of a running
 //! (or recently ended) worker from the timeline amm-agent holds for it —
-//! the accounting split the worker pushes each tick and the kernel's level,
-//! spike and exit samples. No allocator statistics travel to the agent, so
-//! the report says hoard and fragmentation cannot be told apart there.
+//! the accounting split the worker pushes each tick, its allocator's
+//! statistics and purges when it sends them (amm_dask does), and the
+//! kernel's level, spike and exit samples (`amm_report::from_agent`).
 
 use std::path::Path;
 use std::time::Duration;

@@ -91,8 +91,14 @@ fn install_package(root: &Path, python: &Path) -> Result<()> {
         return Ok(());
     }
     println!("building and installing amm-dask ({PACKAGE}) into the venv");
+    // maturin's PEP 517 hooks run the `maturin` binary: the venv's, first
+    let bin = python.parent().map(Path::to_path_buf).unwrap_or_default();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))
+        .context("cannot build PATH for maturin")?;
     run(
         Command::new(python)
+            .env("PATH", path)
             .args(["-m", "pip", "install", "--disable-pip-version-check"])
             .args([
                 "--no-input",

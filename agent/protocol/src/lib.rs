@@ -291,6 +291,65 @@ pub struct Split {
     pub unmanaged_recent: u64,
 }
 
+/// Which allocator a [`HeapSample`] describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocatorKind {
+    /// jemalloc (`mallctl` statistics).
+    #[default]
+    Jemalloc,
+    /// glibc malloc (`mallinfo2`).
+    Glibc,
+}
+
+/// The allocator's own statistics at one accounting tick, in bytes, for the
+/// leak/hoard/fragmentation verdict of `amm-worker report --agent`. Fields
+/// an allocator does not have stay 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HeapSample {
+    /// Which allocator.
+    pub allocator: AllocatorKind,
+    /// jemalloc `stats.allocated`.
+    pub allocated: u64,
+    /// jemalloc `stats.active`.
+    pub active: u64,
+    /// jemalloc `stats.resident`.
+    pub resident: u64,
+    /// jemalloc dirty pages of all arenas.
+    pub dirty: u64,
+    /// jemalloc muzzy pages of all arenas.
+    pub muzzy: u64,
+    /// glibc `uordblks`.
+    pub uordblks: u64,
+    /// glibc `fordblks`.
+    pub fordblks: u64,
+    /// glibc `hblkhd`.
+    pub hblkhd: u64,
+    /// glibc `keepcost`.
+    pub keepcost: u64,
+}
+
+/// One purge (jemalloc) or trim (glibc) a worker ran, and what it gave back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PurgeSample {
+    /// Why it ran (`threshold`, `scheduler`, ...).
+    pub reason: String,
+    /// Bytes the kernel saw leave the process.
+    pub returned_bytes: u64,
+    /// RSS before.
+    pub rss_before: u64,
+    /// RSS after.
+    pub rss_after: u64,
+    /// Hoarded bytes before.
+    pub hoarded_before: u64,
+    /// Hoarded bytes after.
+    pub hoarded_after: u64,
+    /// How long it took, µs.
+    pub duration_us: u64,
+}
+
 /// One entry of a worker's timeline at the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
@@ -333,6 +392,11 @@ pub enum SampleKind {
     },
     /// The worker's own accounting.
     Accounting(Split),
+    /// The allocator's statistics that came with the accounting of the same
+    /// `t_ns`.
+    Heap(HeapSample),
+    /// A purge/trim the worker ran.
+    Purge(PurgeSample),
     /// The process exited.
     Exit {
         /// Peak RSS.
@@ -426,6 +490,19 @@ pub enum ClientMessage {
         t_ns: u64,
         /// The split.
         split: Split,
+        /// The allocator's statistics then (optional).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heap: Option<HeapSample>,
+    },
+    /// A purge/trim the worker ran, for a pid this client registered (no
+    /// answer; refused silently if the pid is not the client's).
+    Purge {
+        /// The watched process.
+        pid: u32,
+        /// The client's CLOCK_MONOTONIC ns when it ended.
+        t_ns: u64,
+        /// What it gave back.
+        purge: PurgeSample,
     },
     /// Liveness check; the agent answers [`ServerMessage::Pong`].
     Ping {

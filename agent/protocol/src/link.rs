@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use crate::client::Client;
 use crate::ring::RingReader;
-use crate::{ClientMessage, EventMessage, Registration, Split, ThresholdBytes};
+use crate::{
+    ClientMessage, EventMessage, HeapSample, PurgeSample, Registration, Split, ThresholdBytes,
+};
 
 /// What the link reports to its owner.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +60,15 @@ pub struct LinkConfig {
 }
 
 enum Outgoing {
-    Accounting { t_ns: u64, split: Split },
+    Accounting {
+        t_ns: u64,
+        split: Split,
+        heap: Option<HeapSample>,
+    },
+    Purge {
+        t_ns: u64,
+        purge: PurgeSample,
+    },
     Stop,
 }
 
@@ -92,7 +102,29 @@ impl Link {
     /// Sends the worker's accounting to the agent (dropped while the agent
     /// is away).
     pub fn report(&self, t_ns: u64, split: Split) {
-        if self.tx.send(Outgoing::Accounting { t_ns, split }).is_ok() {
+        self.send(Outgoing::Accounting {
+            t_ns,
+            split,
+            heap: None,
+        });
+    }
+
+    /// Sends the worker's accounting with its allocator's statistics.
+    pub fn report_with_heap(&self, t_ns: u64, split: Split, heap: HeapSample) {
+        self.send(Outgoing::Accounting {
+            t_ns,
+            split,
+            heap: Some(heap),
+        });
+    }
+
+    /// Tells the agent about a purge/trim the worker ran.
+    pub fn report_purge(&self, t_ns: u64, purge: PurgeSample) {
+        self.send(Outgoing::Purge { t_ns, purge });
+    }
+
+    fn send(&self, m: Outgoing) {
+        if self.tx.send(m).is_ok() {
             let _ = std::io::Write::write(&mut &self.wake, &[1]);
         }
     }
@@ -220,8 +252,19 @@ fn session(
             for m in rx.try_iter() {
                 match m {
                     Outgoing::Stop => return End::Stop,
-                    Outgoing::Accounting { t_ns, split } => {
-                        let msg = ClientMessage::Accounting { pid, t_ns, split };
+                    Outgoing::Accounting { t_ns, split, heap } => {
+                        let msg = ClientMessage::Accounting {
+                            pid,
+                            t_ns,
+                            split,
+                            heap,
+                        };
+                        if let Err(e) = client.send_message(&msg) {
+                            return End::Lost(format!("the agent went away: {e}"));
+                        }
+                    }
+                    Outgoing::Purge { t_ns, purge } => {
+                        let msg = ClientMessage::Purge { pid, t_ns, purge };
                         if let Err(e) = client.send_message(&msg) {
                             return End::Lost(format!("the agent went away: {e}"));
                         }

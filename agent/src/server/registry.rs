@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use amm_ebpf::{EventKind, Level};
-use amm_protocol::{EventMessage, Sample, SampleKind, ServerMessage, Split, WatchStatus};
+use amm_protocol::{EventMessage, Sample, SampleKind, ServerMessage, WatchStatus};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
@@ -323,18 +323,24 @@ impl Shared {
         lock(&self.ended).push(owner_uid, w);
     }
 
-    /// Records a worker's accounting in its timeline, if `client` owns it.
-    pub fn accounting(&self, client: u64, pid: u32, t_ns: u64, split: Split) {
+    /// Records a worker's accounting (with its allocator's statistics, or a
+    /// purge it ran: `(rss, sample)` pairs of one instant) in its timeline,
+    /// if `client` owns it.
+    pub fn accounting(&self, client: u64, pid: u32, t_ns: u64, samples: Vec<(u64, SampleKind)>) {
         let mut watches = lock(&self.watches);
         if let Some(entry) = watches.get_mut(&pid)
             && entry.client.id == client
         {
-            entry.record(Sample {
-                t_ns,
-                rss_bytes: split.process,
-                what: SampleKind::Accounting(split),
-            });
-            self.observe(|| Observation::Accounting { pid, t_ns, split });
+            for (rss_bytes, what) in samples {
+                if let SampleKind::Accounting(split) = what {
+                    self.observe(|| Observation::Accounting { pid, t_ns, split });
+                }
+                entry.record(Sample {
+                    t_ns,
+                    rss_bytes,
+                    what,
+                });
+            }
         }
     }
 

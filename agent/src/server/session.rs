@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amm_protocol::{
-    ClientMessage, Denial, FrameError, Registration, ServerMessage, TerminateBy, VERSION, decode,
-    nonblocking,
+    ClientMessage, Denial, FrameError, Registration, SampleKind, ServerMessage, TerminateBy,
+    VERSION, decode, nonblocking,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -217,8 +217,20 @@ fn answer(
             ServerMessage::Status(shared.status_page(viewer, after, pid))
         }
         ClientMessage::Timeline { pid, from, max } => shared.timeline_page(viewer, pid, from, max),
-        ClientMessage::Accounting { pid, t_ns, split } => {
-            shared.accounting(handle.id, pid, t_ns, split);
+        ClientMessage::Accounting {
+            pid,
+            t_ns,
+            split,
+            heap,
+        } => {
+            let mut samples = vec![(split.process, SampleKind::Accounting(split))];
+            samples.extend(heap.map(|h| (split.process, SampleKind::Heap(h))));
+            shared.accounting(handle.id, pid, t_ns, samples);
+            return Ok(None);
+        }
+        ClientMessage::Purge { pid, t_ns, purge } => {
+            let rss = purge.rss_after;
+            shared.accounting(handle.id, pid, t_ns, vec![(rss, SampleKind::Purge(purge))]);
             return Ok(None);
         }
         ClientMessage::Register(reg) => {

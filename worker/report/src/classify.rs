@@ -124,6 +124,11 @@ fn allocator_info(run: &Run) -> AllocatorInfo {
                     .into(),
             ),
         },
+        Source::AgentTimeline if run.ticks.iter().any(|t| t.heap.is_some()) => AllocatorInfo {
+            available: true,
+            name: run.allocator.clone(),
+            note: None,
+        },
         Source::AgentTimeline => AllocatorInfo {
             available: false,
             name: None,

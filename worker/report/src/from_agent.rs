@@ -1,11 +1,13 @@
 //! The [`Run`] of a process's timeline at amm-agent: the accounting split a
-//! worker pushes each tick and the kernel's level, spike and exit samples
-//! (`amm-worker report --agent`, the agent's live page). No allocator
-//! statistics travel to the agent, so such a report says hoard and
-//! fragmentation cannot be told apart there.
+//! worker pushes each tick, the allocator's statistics and purges when the
+//! worker sends them (the Dask plugin does), and the kernel's level, spike
+//! and exit samples (`amm-worker report --agent`, the agent's live page).
+//! Without allocator statistics such a report says hoard and fragmentation
+//! cannot be told apart there.
 
-use amm_protocol::{Sample, SampleKind, WatchStatus};
+use amm_protocol::{AllocatorKind, HeapSample, Sample, SampleKind, WatchStatus};
 
+use crate::input::{GlibcHeap, Heap, JeHeap, Purge};
 use crate::{EventKind, Levels, Run, Source, Split, Tick};
 
 /// The [`Run`] a timeline of agent samples makes.
@@ -57,6 +59,19 @@ pub fn run_of_samples(watch: &WatchStatus, samples: &[Sample]) -> Run {
                 },
             ),
             SampleKind::AgentSignal { .. } => run.push_event(t, EventKind::Terminate),
+            SampleKind::Heap(h) => attach_heap(&mut run, t, h),
+            SampleKind::Purge(p) => run.push_event(
+                t,
+                EventKind::Purge(Purge {
+                    reason: p.reason.clone(),
+                    returned_bytes: p.returned_bytes,
+                    rss_before: p.rss_before,
+                    rss_after: p.rss_after,
+                    hoarded_before: p.hoarded_before,
+                    hoarded_after: p.hoarded_after,
+                    duration_us: p.duration_us,
+                }),
+            ),
         }
     }
     if run.ticks.is_empty() {
@@ -68,6 +83,38 @@ pub fn run_of_samples(watch: &WatchStatus, samples: &[Sample]) -> Run {
         );
     }
     run
+}
+
+/// An allocator sample belongs to the accounting tick of the same instant.
+fn attach_heap(run: &mut Run, t: f64, h: &HeapSample) {
+    let Some(tick) = run.ticks.last_mut().filter(|k| k.t == t) else {
+        return;
+    };
+    let (heap, name) = match h.allocator {
+        AllocatorKind::Jemalloc => (
+            Heap::Jemalloc(JeHeap {
+                allocated: h.allocated,
+                active: h.active,
+                resident: h.resident,
+                dirty_bytes: h.dirty,
+                muzzy_bytes: h.muzzy,
+                ..JeHeap::default()
+            }),
+            "jemalloc",
+        ),
+        AllocatorKind::Glibc => (
+            Heap::Glibc(GlibcHeap {
+                uordblks: h.uordblks,
+                fordblks: h.fordblks,
+                hblkhd: h.hblkhd,
+                keepcost: h.keepcost,
+                ..GlibcHeap::default()
+            }),
+            "system",
+        ),
+    };
+    tick.heap = Some(heap);
+    run.allocator.get_or_insert_with(|| name.to_string());
 }
 
 #[cfg(test)]
@@ -137,6 +184,56 @@ mod tests {
             report.verdict.headline
         );
         assert!(!report.allocator.available);
+    }
+
+    #[test]
+    fn allocator_samples_and_a_trim_make_a_hoard_through_the_agent() {
+        // 300 MiB freed into glibc's free chunks at 2 s, trimmed at 3 s
+        let mut samples = Vec::new();
+        for i in 0..=40u64 {
+            let hoard = if (20..30).contains(&i) { 300 * MIB } else { 0 };
+            let mut a = accounting(i * 100, 10 * MIB);
+            if let SampleKind::Accounting(sp) = &mut a.what {
+                sp.hoarded = hoard;
+                sp.process += hoard;
+                a.rss_bytes = sp.process;
+            }
+            let heap = Sample {
+                t_ns: a.t_ns,
+                rss_bytes: a.rss_bytes,
+                what: SampleKind::Heap(HeapSample {
+                    allocator: AllocatorKind::Glibc,
+                    uordblks: 74 * MIB,
+                    fordblks: hoard,
+                    ..HeapSample::default()
+                }),
+            };
+            samples.push(a);
+            samples.push(heap);
+        }
+        samples.push(Sample {
+            t_ns: 1_000_000_000 + 2_950_000_000,
+            rss_bytes: 100 * MIB,
+            what: SampleKind::Purge(amm_protocol::PurgeSample {
+                reason: "threshold".into(),
+                returned_bytes: 300 * MIB,
+                rss_before: 400 * MIB,
+                rss_after: 100 * MIB,
+                hoarded_before: 300 * MIB,
+                hoarded_after: 0,
+                duration_us: 900,
+            }),
+        });
+        let run = run_of_samples(&watch(), &samples);
+        assert!(run.ticks.iter().all(|t| t.heap.is_some()));
+        let report = crate::analyze(&run, &crate::Thresholds::default());
+        assert!(report.allocator.available);
+        assert_eq!(
+            report.verdict.kind,
+            crate::Kind::Hoard,
+            "{}",
+            report.verdict.headline
+        );
     }
 
     #[test]

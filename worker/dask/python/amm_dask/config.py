@@ -1,0 +1,45 @@
+"""amm_dask's section of Dask's config (``amm:``), with its defaults from
+``amm.yaml`` next to this file."""
+
+from __future__ import annotations
+
+import os
+
+import dask.config
+import yaml
+from dask.utils import parse_bytes, parse_timedelta
+
+_HERE = os.path.dirname(__file__)
+with open(os.path.join(_HERE, "amm.yaml")) as f:
+    DEFAULTS = yaml.safe_load(f)
+
+dask.config.update_defaults(DEFAULTS)
+# DASK_AMM__* variables set after dask was imported
+dask.config.refresh()
+
+
+def get(key: str, default=None):
+    """``amm.<key>`` from Dask's config."""
+    return dask.config.get(f"amm.{key}", default=default)
+
+
+def get_bytes(key: str) -> int | None:
+    v = get(key)
+    if v is None:
+        return None
+    return int(parse_bytes(v)) if isinstance(v, str) else int(v)
+
+
+def get_seconds(key: str) -> float:
+    return float(parse_timedelta(get(key)))
+
+
+def trim_threshold() -> int:
+    """MALLOC_TRIM_THRESHOLD_ semantics: purge when hoarded passes this."""
+    v = get_bytes("trim-threshold")
+    if v is not None:
+        return v
+    env = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    if env and env.isdigit():
+        return int(env)
+    return 64 << 20

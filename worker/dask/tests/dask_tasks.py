@@ -1,0 +1,87 @@
+"""Task functions of amm_dask's tests. The workers import this module (the
+test cluster puts this directory on their PYTHONPATH), so the functions
+travel by reference, as a user's own module's would."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+MIB = 1 << 20
+
+
+def spike(nbytes):
+    """Faults in `nbytes` at full speed (every page written)."""
+    import numpy as np
+
+    held = []
+    chunk = 16 * MIB
+    for _ in range(nbytes // chunk):
+        a = np.empty(chunk, dtype=np.uint8)
+        a.fill(0xA5)
+        held.append(a)
+    return len(held)
+
+
+def hold_then_release(fraction, limit, hold_s, path):
+    """Brings RSS to `fraction` of `limit`, returns at once, and releases
+    the memory `hold_s` later from a thread, writing the time it did."""
+    import threading
+
+    import numpy as np
+    import psutil
+
+    need = int(fraction * limit) - psutil.Process().memory_info().rss
+    box = [np.ones(max(need, 0), dtype=np.uint8)]
+
+    def release():
+        time.sleep(hold_s)
+        box.clear()
+        with open(path, "w") as f:
+            f.write(repr(time.time()))
+
+    threading.Thread(target=release, daemon=True).start()
+    return need
+
+
+def started_at():
+    """When this task started, and this worker's RSS then."""
+    import psutil
+
+    return time.time(), psutil.Process().memory_info().rss
+
+
+def leak(step, every_s, steps):
+    """A module-level list that grows from a thread: a leak (nothing frees
+    it, nothing managed changes)."""
+    import threading
+    import types
+
+    store = sys.modules.setdefault("amm_test_leak", types.ModuleType("amm_test_leak"))
+    store.items = getattr(store, "items", [])
+
+    def grow():
+        for _ in range(steps):
+            store.items.append(b"\x01" * step)
+            time.sleep(every_s)
+
+    threading.Thread(target=grow, daemon=True).start()
+    return steps * step
+
+
+def hoard(total, size, hold_s):
+    """Many small allocations, freed: memory the allocator keeps (a hoard),
+    held `hold_s` while the worker keeps running."""
+    parts = [bytearray(b"\x02" * size) for _ in range(total // size)]
+    keep = parts[::64]  # a few live ones pin the heap's top
+    del parts
+    time.sleep(hold_s)
+    return len(keep)
+
+
+def random_block(nbytes, seed):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8)
+
+

@@ -1,0 +1,201 @@
+"""amm_dask on real Dask: a real scheduler, real nanny-managed workers each
+in its own hard-limited memory cgroup, one real amm-agent (see conftest).
+
+No timed assertions: every wait is a bounded poll for a state, and the
+orders checked (a task started after memory was released) are orders of
+events, not durations.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+from distributed import KilledWorker
+
+from conftest import MIB, wait_until
+from dask_tasks import hoard, hold_then_release, leak, random_block, spike, started_at
+
+LIMIT = 512 * MIB
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_workers_register_and_stay_registered(agent, cluster_factory):
+    c = cluster_factory(agent)
+    c.add_worker("a", LIMIT)
+    c.add_worker("b", LIMIT)
+    c.connect(2)
+    pids = c.pids()
+    wait_until(lambda: set(pids.values()) <= agent.watched(), "both workers registered")
+    st = {w["pid"]: w for w in agent.status()["watches"]}
+    for pid in pids.values():
+        # Dask's terminate level of Dask's memory_limit, in the kernel
+        assert st[pid]["limit_bytes"] == LIMIT
+        assert st[pid]["thresholds"]["terminate"] == int(LIMIT * 0.95)
+
+    # a worker dies: its nanny restarts it and the new process registers
+    os.kill(pids["a"], signal.SIGKILL)
+    new_a = wait_until(
+        lambda: (p := c.pids().get("a")) and p != pids["a"] and p, "worker a restarted", 120
+    )
+    wait_until(lambda: new_a in agent.watched(), "the restarted worker registered")
+
+    # the agent dies and comes back: every worker registers again
+    agent.kill()
+    agent.start()
+    wait_until(lambda: {new_a, pids["b"]} <= agent.watched(), "re-registration after the agent's restart")
+    assert "registered with amm-agent" in c.log("a")
+    assert "amm-agent lost" in c.log("b")
+
+
+def test_a_spike_is_killed_at_the_page_and_named_in_the_error(agent, cluster_factory):
+    c = cluster_factory(agent, env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"})
+    w = c.add_worker("a", LIMIT)
+    client = c.connect(1)
+    first = c.pids()["a"]
+    wait_until(lambda: first in agent.watched(), "worker registered")
+    fut = client.submit(spike, int(1.5 * LIMIT), key="spike-task", pure=False)
+    with pytest.raises(KilledWorker) as ei:
+        fut.result(timeout=300)
+    msg = str(ei.value)
+    assert "spike-task" in msg
+    assert "the kernel killed" in msg and "terminate page" in msg, msg
+    story = ei.value.amm["kills"][-1]
+    assert story["killed_at_page"] and story["pid"] == first
+    # at the page: the kill came at 95 % (plus at most the page in flight)
+    assert story["rss_at_kill"] <= int(0.951 * LIMIT), story
+    assert story["rate_bytes_per_ms"] > 0, story
+    assert any(t["key"] == "spike-task" for t in story["tasks"])
+    assert w["cgroup"].oom_kills() == 0
+    assert "the kernel killed worker pid" in c.log("a")
+
+
+def test_pause_takes_effect_before_the_next_task_starts(agent, cluster_factory, tmp_path):
+    c = cluster_factory(agent)
+    c.add_worker("a", LIMIT)
+    client = c.connect(1)
+    addr = c.address("a")
+    wait_until(lambda: c.pids()["a"] in agent.watched(), "worker registered")
+    path = str(tmp_path / "released")
+    a = client.submit(hold_then_release, 0.85, LIMIT, 3.0, path, pure=False)
+    b = client.submit(started_at, pure=False)
+
+    def status():
+        return client.run_on_scheduler(
+            lambda dask_scheduler, addr=addr: dask_scheduler.workers[addr].status.name
+        )
+
+    wait_until(lambda: status() == "paused", "the scheduler sees the worker paused")
+    a.result(timeout=60)
+    b_start, b_rss = b.result(timeout=120)
+    with open(path) as f:
+        released = float(f.read())
+    # the next task waited at the gate until the memory was gone
+    assert b_start >= released, (b_start, released)
+    assert b_rss < 0.8 * LIMIT
+    wait_until(lambda: status() == "running", "the scheduler sees the worker running again")
+    assert "amm: pausing worker" in c.log("a")
+    assert "amm: resuming worker" in c.log("a")
+
+
+def test_a_leak_is_reported_as_a_leak_through_the_agent_the_log_and_metrics(
+    agent, cluster_factory
+):
+    c = cluster_factory(agent, env={"DASK_AMM__VERDICT_INTERVAL": "1s"})
+    c.add_worker("a", 1024 * MIB)
+    client = c.connect(1)
+    pid = c.pids()["a"]
+    wait_until(lambda: pid in agent.watched(), "worker registered")
+    time.sleep(2)  # a steady stretch first (no assertion on time)
+    client.submit(leak, 4 * MIB, 0.1, 80, pure=False).result(timeout=60)
+
+    def verdict():
+        r = agent.report(pid)
+        return r if r["verdict"]["kind"] == "leak" else None
+
+    r = wait_until(verdict, "`amm-worker report --agent` says leak", 120, 1.0)
+    print(r["verdict"]["headline"])
+    assert r["allocator"]["available"], r["allocator"]
+    # the worker's own verdict, in its log
+    wait_until(lambda: "amm: memory verdict: leak" in c.log("a"), "the verdict in the log", 120, 0.5)
+    # amm's series in the worker's Prometheus endpoint
+    addr = c.address("a")
+    port = client.scheduler_info(n_workers=-1)["workers"][addr]["services"]["dashboard"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    for series in (
+        'dask_worker_amm_memory_bytes{type="unmanaged_live"}',
+        'dask_worker_amm_memory_bytes{type="hoarded"}',
+        'dask_worker_amm_memory_bytes{type="heap_live"}',
+        'dask_worker_amm_memory_bytes{type="non_heap"}',
+        "dask_worker_amm_agent_connected 1.0",
+        'dask_worker_amm_verdict{kind="leak"} 1.0',
+        "dask_worker_amm_kills_at_page_total",
+    ):
+        assert series in text, series
+
+
+def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory):
+    # amm trims what glibc keeps (MALLOC_TRIM_THRESHOLD_ semantics) and
+    # tells the agent what the trim returned: that decides "hoard"
+    c = cluster_factory(agent)
+    c.add_worker("a", 1024 * MIB)
+    client = c.connect(1)
+    pid = c.pids()["a"]
+    wait_until(lambda: pid in agent.watched(), "worker registered")
+    time.sleep(2)
+    client.submit(hoard, 300 * MIB, 1024, 6.0, pure=False).result(timeout=120)
+    r = agent.report(pid)
+    print(r["verdict"], r["allocator"])
+    kinds = [r["verdict"]["kind"]] + [s["verdict"] for s in r["stretches"]]
+    assert "hoard" in kinds, r["verdict"]
+    assert r["verdict"]["kind"] not in ("leak", "undecided"), r["verdict"]
+
+
+def test_the_policy_retires_a_leaking_worker_without_losing_its_keys(agent, cluster_factory, tmp_path):
+    cfg = tmp_path / "dask-config"
+    cfg.mkdir()
+    (cfg / "amm-test.yaml").write_text(
+        "distributed:\n"
+        "  scheduler:\n"
+        "    active-memory-manager:\n"
+        "      start: true\n"
+        "      interval: 1s\n"
+        "      policies:\n"
+        "        - class: distributed.active_memory_manager.ReduceReplicas\n"
+        "        - class: amm_dask.AmmPolicy\n"
+        "          min_leak: 64MiB\n"
+        "  worker:\n"
+        "    heartbeat-interval: 500ms\n"
+        "amm:\n"
+        "  verdict-interval: 2s\n"
+    )
+    c = cluster_factory(agent, env={"DASK_CONFIG": str(cfg)})
+    c.add_worker("a", 1024 * MIB)
+    c.add_worker("b", 1024 * MIB)
+    client = c.connect(2)
+    a_addr = c.address("a")
+    a_pid = c.pids()["a"]
+    futs = [
+        client.submit(random_block, 4 * MIB, None, workers=[a_addr], pure=False, key=f"blk-{i}")
+        for i in range(8)
+    ]
+    before = client.gather(futs)
+    assert all(a_addr in ws for ws in client.who_has(futs).values())
+    client.submit(leak, 4 * MIB, 0.1, 100, workers=[a_addr], pure=False).result(timeout=60)
+
+    def restarted():
+        return (p := c.pids().get("a")) and p != a_pid
+
+    wait_until(restarted, "the leaking worker retired and restarted", 180, 0.5)
+    after = client.gather(futs)
+    for x, y in zip(before, after):
+        assert (x == y).all(), "a key was recomputed: its data was lost"
+    holders = client.who_has(futs)
+    assert all(hs and a_addr not in hs for hs in holders.values()), holders
+    events = client.get_events("amm")
+    assert any(e.get("action") == "retire-leak" and e.get("worker") == a_addr for _, e in events)
