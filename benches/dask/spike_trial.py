@@ -9,7 +9,15 @@ spill 0.7, pause 0.8, terminate 0.95) and its own restart logic, runs one
 workload on it, and prints ONE JSON object on stdout:
 
     {"finished": bool, "worker_restarts": int, "killed_worker": bool,
-     "wall_ms": float, "error": str|null, ...}
+     "wall_ms": float, "error": str|null, "after_release": {...}, ...}
+
+With ``--amm-socket SOCK`` the worker runs with amm_dask (the worker plugin
+through ``LocalCluster(plugins=...)``, the nanny plugin through
+``preload_nanny``) registered with the amm-agent on SOCK; ``--allocator
+jemalloc --preload-library PATH`` also puts it on the jemalloc preload.
+Whatever the mode, 5 s after the workload the script measures each worker's
+RSS and managed memory ("unmanaged after release") and, with amm, the
+plugin's counters and reaction times.
 
 Worker pids. Each worker process (the first and every one the nanny starts
 after a death) announces itself on stderr as ``WORKER_PID <pid>`` before it
@@ -36,6 +44,10 @@ scale linearly):
           filter cells (>= 120 genes) and genes (>= 20 cells), normalise to
           10 000 + log1p, 1 000 most variable genes, their gram matrix; raw
           and normalised blocks kept.
+- churn:  churn then release: 3 rounds of a task that builds 400 000 small
+          NumPy arrays (1 KiB each, 400 MiB) and drops them; nothing is
+          kept. What the worker still holds afterwards is unmanaged memory
+          the allocator did not give back.
 - mix:    managed growth plus spikes (amm has no mix.toml; defined here):
           10 rounds of +128 MiB kept results (8 MiB each), then one 1.5 GiB
           spike (64 MiB chunks, held 0.5 s), then a 1 s sleep. Managed memory
@@ -112,6 +124,16 @@ def spike(total, chunk, hold_s):
     time.sleep(hold_s)
     del held
     return done
+
+
+def churn(n_arrays, size):
+    """Many small NumPy arrays, built and dropped: returns their bytes."""
+    import numpy as np
+
+    parts = [np.ones(size // 8) for _ in range(n_arrays)]
+    total = sum(p.nbytes for p in parts)
+    del parts
+    return total
 
 
 def sleep_task(seconds):
@@ -340,7 +362,23 @@ def run_sparse(client, scale, seed, wait_all):
     return {"cells": cells, "genes": genes, "gram_sum": gsum, "gram_trace": gtrace}
 
 
-WORKLOADS = {"spike": run_spike, "matmul": run_matmul, "sparse": run_sparse, "mix": run_mix}
+def run_churn(client, scale, seed, wait_all):
+    n = max(1, int(400_000 * scale))
+    done = 0
+    for r in range(3):
+        f = client.submit(churn, n, 1024, pure=False)
+        wait_all([f])
+        done += f.result()
+    return {"rounds": 3, "bytes_churned": done}
+
+
+WORKLOADS = {
+    "spike": run_spike,
+    "matmul": run_matmul,
+    "sparse": run_sparse,
+    "mix": run_mix,
+    "churn": run_churn,
+}
 
 
 # ---------------------------------------------------------------- main
@@ -364,7 +402,13 @@ def parse_args():
         default=0,
         help="each worker waits up to this long, before exec, to be moved into another cgroup",
     )
+    p.add_argument("--amm-socket", default=None, help="run with amm_dask, registered with this agent")
+    p.add_argument("--allocator", choices=["glibc", "jemalloc"], default="glibc")
+    p.add_argument("--preload-library", default=None, help="amm's jemalloc preload (with --allocator jemalloc)")
+    p.add_argument("--spill-mode", choices=["incremental", "thread"], default=None)
     args = p.parse_args()
+    if args.allocator == "jemalloc" and not args.preload_library:
+        p.error("--allocator jemalloc needs --preload-library")
     if args.limit_bytes < 64 * MIB:
         p.error("--limit-bytes must be at least 64 MiB (a Dask worker alone needs ~100 MiB)")
     return args
@@ -403,6 +447,18 @@ def main():
 
         if args.poll_ms is not None:
             dask.config.set({"distributed.worker.memory.monitor-interval": f"{args.poll_ms}ms"})
+        if args.amm_socket:
+            import amm_dask  # noqa: F401  (the amm: config defaults)
+
+            amm = {
+                "amm.socket": args.amm_socket,
+                "amm.nanny.allocator": args.allocator,
+                "amm.nanny.preload-library": args.preload_library,
+            }
+            if args.spill_mode:
+                amm["amm.spill"] = args.spill_mode
+            dask.config.set(amm)
+            result["amm"] = {"allocator": args.allocator, "spill": dask.config.get("amm.spill")}
         result["poll_ms"] = (
             dask.utils.parse_timedelta(
                 dask.config.get("distributed.worker.memory.monitor-interval")
@@ -485,6 +541,78 @@ def stuck_state(client, cluster):
     return view
 
 
+from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
+
+
+class LoopLag(WorkerPlugin):
+    """A worker plugin in every mode: how long Dask's event loop was held.
+    A 10 ms timer notes by how much each tick came late; the longest delay
+    is the longest the loop could not serve anything (a pause waiting
+    behind a spill, a heartbeat, the scheduler's messages)."""
+
+    name = "loop-lag"
+
+    def setup(self, worker):
+        import asyncio
+
+        self.max_ms = 0.0
+        self.late_50 = 0  # ticks more than 50 ms late
+        self.stopped = False
+        loop = asyncio.get_running_loop()
+        step = 0.010
+
+        def tick(expected):
+            if self.stopped:
+                return
+            now = loop.time()
+            lag = (now - expected) * 1000.0
+            self.max_ms = max(self.max_ms, lag)
+            self.late_50 += lag > 50.0
+            loop.call_at(now + step, tick, now + step)
+
+        loop.call_soon(tick, loop.time())
+
+    def teardown(self, worker):
+        self.stopped = True
+
+
+def worker_memory(dask_worker):
+    """RSS, managed (in memory) and amm's counters of one worker."""
+    import psutil
+
+    data = dask_worker.data
+    fast = getattr(data, "fast", None)
+    out = {
+        "pid": os.getpid(),
+        "rss": psutil.Process().memory_info().rss,
+        "managed": int(getattr(fast, "total_weight", 0) or 0),
+    }
+    lag = dask_worker.plugins.get("loop-lag")
+    if lag is not None:
+        out["loop_lag_max_ms"] = lag.max_ms
+        out["loop_late_50ms"] = lag.late_50
+    plugin = dask_worker.plugins.get("amm")
+    if plugin is not None and getattr(plugin, "levels", None) is not None:
+        out["amm_stats"] = dict(plugin.stats)
+        out["amm_reactions"] = {k: list(v) for k, v in plugin.reactions.items()}
+        out["allocator"] = plugin.last.get("allocator")
+    return out
+
+
+def after_release(client, settle_s=5.0):
+    """Each worker's memory `settle_s` after the workload ended."""
+    time.sleep(settle_s)
+    try:
+        per = client.run(worker_memory, nanny=False)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {
+        "settle_s": settle_s,
+        "workers": list(per.values()),
+        "unmanaged_bytes": sum(max(0, w["rss"] - w["managed"]) for w in per.values()),
+    }
+
+
 def run(args, result, scratch):
     from distributed import Client, KilledWorker, LocalCluster
 
@@ -492,6 +620,12 @@ def run(args, result, scratch):
     # Diagnostics only: AMM_DASK_LOG_LEVEL=info shows why workers close
     # (LocalCluster's default shows warnings and up).
     level = getattr(logging, os.environ.get("AMM_DASK_LOG_LEVEL", "warning").upper(), logging.WARNING)
+    lag_plugin = LoopLag()
+    extra = {"plugins": {lag_plugin}}
+    if args.amm_socket:
+        from amm_dask import AmmWorkerPlugin
+
+        extra = {"plugins": {lag_plugin, AmmWorkerPlugin()}, "preload_nanny": ["amm_dask"]}
     cluster = LocalCluster(
         n_workers=1,
         threads_per_worker=1,
@@ -500,6 +634,7 @@ def run(args, result, scratch):
         dashboard_address=None,
         local_directory=os.path.join(scratch, "dask"),
         silence_logs=level,
+        **extra,
     )
     client = Client(cluster)
     try:
@@ -521,6 +656,15 @@ def run(args, result, scratch):
         except Exception as e:
             result["error"] = f"{type(e).__name__}: {e}"
         result["wall_ms"] = (time.monotonic() - t0) * 1000.0
+        result["after_release"] = after_release(client)
+        try:
+            events = client.get_events("amm-worker-killed")
+            result["amm_kills"] = [
+                {k: ev.get(k) for k in ("pid", "killed_at_page", "rss_at_kill", "rate_bytes_per_ms")}
+                for _, ev in events
+            ]
+        except Exception as e:
+            result["amm_kills"] = None
         try:
             events = client.get_events("worker-restart-memory")
             result["nanny_terminations"] = [

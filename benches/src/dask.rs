@@ -18,13 +18,14 @@
 //! events and exit (peak RSS), the cgroup's peak and OOM-kill count. Dask
 //! decides restarts itself; nothing here signals the worker.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -84,15 +85,18 @@ pub enum Workload {
     Sparse,
     /// Managed growth plus spikes.
     Mix,
+    /// Many small NumPy arrays built and dropped: what stays after release.
+    Churn,
 }
 
 impl Workload {
     /// Every workload, in table order.
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::Spike,
         Workload::Matmul,
         Workload::Sparse,
         Workload::Mix,
+        Workload::Churn,
     ];
 
     /// Its name on the command line and in the results.
@@ -102,6 +106,37 @@ impl Workload {
             Workload::Matmul => "matmul",
             Workload::Sparse => "sparse",
             Workload::Mix => "mix",
+            Workload::Churn => "churn",
+        }
+    }
+}
+
+/// How the worker runs: plain Dask, or with amm_dask (on glibc, or on the
+/// jemalloc preload).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Dask as it is (glibc, Dask's own monitor and nanny).
+    #[default]
+    Plain,
+    /// Dask + amm_dask registered with amm-agent, glibc.
+    Amm,
+    /// Dask + amm_dask on amm's jemalloc preload.
+    AmmJemalloc,
+}
+
+impl Mode {
+    /// Every mode, in table order.
+    pub const ALL: [Mode; 3] = [Mode::Plain, Mode::Amm, Mode::AmmJemalloc];
+
+    /// Its name on the command line and in the results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Amm => "amm",
+            Mode::AmmJemalloc => "amm-jemalloc",
         }
     }
 }
@@ -109,6 +144,8 @@ impl Workload {
 /// One trial's settings.
 #[derive(Debug, Clone)]
 pub struct TrialConfig {
+    /// Plain Dask or with amm_dask.
+    pub mode: Mode,
     /// What the worker runs.
     pub workload: Workload,
     /// Dask's `memory_limit` and the cgroup's hard limit, in bytes.
@@ -165,6 +202,9 @@ pub enum LifeEnd {
     OomKilled,
     /// Killed by Dask's nanny for passing the terminate level.
     TerminatedByNanny,
+    /// Killed by the kernel at the page that crossed terminate (amm_dask's
+    /// registration; its nanny said so).
+    KilledAtPage,
     /// Closed with the cluster at the end of the trial.
     Shutdown,
     /// Died for another reason (or the trial script did not say).
@@ -219,6 +259,19 @@ pub struct WorkerLife {
 pub struct TrialResult {
     /// Which workload.
     pub workload: Workload,
+    /// Plain Dask or with amm_dask.
+    #[serde(default)]
+    pub mode: Mode,
+    /// The workers' RSS minus managed memory 5 s after the workload ended.
+    #[serde(default)]
+    pub unmanaged_after_release_bytes: Option<u64>,
+    /// amm_dask's reaction times (kernel crossing → its link thread, →
+    /// Dask's event loop), ms, by event, of the last worker.
+    #[serde(default)]
+    pub amm_reactions_ms: BTreeMap<String, Vec<f64>>,
+    /// amm_dask's counters of the last worker (pauses, spills, purges...).
+    #[serde(default)]
+    pub amm_stats: BTreeMap<String, u64>,
     /// The limit, in bytes.
     pub limit_bytes: u64,
     /// The data seed.
@@ -286,6 +339,33 @@ struct ScriptResult {
     poll_ms: Option<f64>,
     #[serde(default)]
     nanny_terminations: Option<Vec<NannyTermination>>,
+    #[serde(default)]
+    amm_kills: Option<Vec<AmmKill>>,
+    #[serde(default)]
+    after_release: Option<AfterRelease>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AmmKill {
+    pid: Option<u32>,
+    #[serde(default)]
+    killed_at_page: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AfterRelease {
+    #[serde(default)]
+    unmanaged_bytes: Option<u64>,
+    #[serde(default)]
+    workers: Vec<WorkerMemory>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WorkerMemory {
+    #[serde(default)]
+    amm_reactions: Option<BTreeMap<String, Vec<f64>>>,
+    #[serde(default)]
+    amm_stats: Option<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +387,10 @@ pub struct DaskRunner {
     /// Where to keep each trial's full stderr (`None`: only a tail, in
     /// errors).
     pub log_dir: Option<PathBuf>,
+    /// The `amm-agent run` socket amm_dask registers with (amm modes).
+    pub agent_socket: Option<PathBuf>,
+    /// amm's jemalloc preload (`amm-jemalloc` mode).
+    pub preload_library: Option<PathBuf>,
 }
 
 /// Lines from the trial script's stderr, as the reader thread sees them.
@@ -345,6 +429,51 @@ pub fn abort_running_trial() {
         // own group; no memory is involved.
         unsafe { libc::kill(-group, libc::SIGKILL) };
     }
+}
+
+/// Blocks SIGINT and SIGTERM in every thread (call it before any thread
+/// starts) and handles them on a thread of their own: the first kills the
+/// running trial and stops the run (its cgroups are removed as usual), the
+/// second quits at once. Children start with an empty signal mask (std
+/// resets it), so Dask's own signals are untouched.
+pub fn handle_stop_signals() -> Result<Arc<AtomicBool>> {
+    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
+    // initialises it; sigaddset only writes inside it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    };
+    // SAFETY: the set is initialised; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        bail!(
+            "cannot block SIGINT/SIGTERM: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        loop {
+            let mut sig = 0;
+            // SAFETY: the set is initialised and sig is a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "signal {sig}: killing the running trial and stopping (again to quit at once)"
+            );
+            abort_running_trial();
+        }
+    });
+    Ok(stop)
 }
 
 /// Kills the trial's process group (the script and anything it left) on
@@ -411,6 +540,8 @@ impl DaskRunner {
             agent,
             bpf_object,
             log_dir: None,
+            agent_socket: None,
+            preload_library: None,
         })
     }
 
@@ -437,6 +568,7 @@ impl DaskRunner {
         if let Some(p) = cfg.poll_ms {
             cmd.arg("--poll-ms").arg(p.to_string());
         }
+        self.mode_args(cfg.mode, &mut cmd)?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.venv.python.display()))?;
@@ -550,6 +682,27 @@ impl DaskRunner {
                 ),
             };
         Ok(assemble(cfg, script, raw, parse_error, lives, closing_ns))
+    }
+
+    /// The trial script's arguments for a mode.
+    fn mode_args(&self, mode: Mode, cmd: &mut Command) -> Result<()> {
+        if mode == Mode::Plain {
+            return Ok(());
+        }
+        let socket = self
+            .agent_socket
+            .as_ref()
+            .context("an amm mode needs an `amm-agent run` socket")?;
+        cmd.arg("--amm-socket").arg(socket);
+        if mode == Mode::AmmJemalloc {
+            let lib = self
+                .preload_library
+                .as_ref()
+                .context("the amm-jemalloc mode needs amm's preload library (--preload-library)")?;
+            cmd.args(["--allocator", "jemalloc", "--preload-library"])
+                .arg(lib);
+        }
+        Ok(())
     }
 
     /// Cgroup, watch, then the move that lets the worker exec.
@@ -841,11 +994,20 @@ fn assemble(
         .flatten()
         .filter_map(|t| t.pid)
         .collect();
+    let at_page: Vec<u32> = script
+        .amm_kills
+        .iter()
+        .flatten()
+        .filter(|k| k.killed_at_page == Some(true))
+        .filter_map(|k| k.pid)
+        .collect();
     let n = lives.len();
     for l in lives.iter_mut() {
         l.nanny_terminated = terminated.contains(&l.pid);
         l.end = if l.oom_kills > 0 {
             LifeEnd::OomKilled
+        } else if at_page.contains(&l.pid) {
+            LifeEnd::KilledAtPage
         } else if l.nanny_terminated {
             LifeEnd::TerminatedByNanny
         } else if closing_ns.is_some_and(|c| l.exit_ns.is_none_or(|x| x >= c)) {
@@ -857,7 +1019,7 @@ fn assemble(
     let first_death = lives.iter().find(|l| l.end != LifeEnd::Shutdown);
     let outcome = match first_death.map(|l| l.end) {
         Some(LifeEnd::OomKilled) => Outcome::OomKilled,
-        Some(LifeEnd::TerminatedByNanny) => Outcome::TerminatedRestarted,
+        Some(LifeEnd::TerminatedByNanny | LifeEnd::KilledAtPage) => Outcome::TerminatedRestarted,
         Some(_) => Outcome::Failed,
         None if script.finished => Outcome::Finished,
         None => Outcome::Failed,
@@ -878,8 +1040,21 @@ fn assemble(
             errors.push(format!("worker {}: {e}", l.pid));
         }
     }
+    let last = script.after_release.as_ref().and_then(|a| a.workers.last());
     TrialResult {
         workload: cfg.workload,
+        mode: cfg.mode,
+        unmanaged_after_release_bytes: script
+            .after_release
+            .as_ref()
+            .and_then(|a| a.unmanaged_bytes),
+        amm_reactions_ms: last
+            .and_then(|w| w.amm_reactions.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(|s| s * 1e3).collect()))
+            .collect(),
+        amm_stats: last.and_then(|w| w.amm_stats.clone()).unwrap_or_default(),
         limit_bytes: cfg.limit_bytes,
         seed: cfg.seed,
         poll_ms: script.poll_ms.or(cfg.poll_ms),
@@ -894,7 +1069,7 @@ fn assemble(
             .map(|p| p as f64 / limit),
         overshoot_bytes: decisive.and_then(|l| l.overshoot_bytes),
         reaction_ms: decisive
-            .filter(|l| l.end == LifeEnd::TerminatedByNanny)
+            .filter(|l| matches!(l.end, LifeEnd::TerminatedByNanny | LifeEnd::KilledAtPage))
             .and_then(|l| l.exit_after_terminate_ms),
         wall_ms: script.wall_ms,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
@@ -955,6 +1130,7 @@ mod tests {
 
     fn cfg() -> TrialConfig {
         TrialConfig {
+            mode: Mode::Plain,
             workload: Workload::Spike,
             limit_bytes: L,
             poll_ms: None,

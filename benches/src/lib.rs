@@ -4,9 +4,11 @@
 //!
 //! [`amm_trial`] and [`dask`] run one trial of the spike benchmark for
 //! amm-worker and for real Dask; [`spike_table`] turns trials into its
-//! Markdown table.
+//! Markdown table; [`dask_table`] the table of `bench-dask` (plain Dask
+//! against Dask + amm_dask).
 
 pub mod dask;
+pub mod dask_table;
 pub mod spike_table;
 
 use std::path::{Path, PathBuf};

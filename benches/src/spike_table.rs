@@ -48,7 +48,7 @@ impl From<&TrialResult> for Sample {
         let mut unanswered = 0;
         for l in &t.lives {
             let killed = match l.end {
-                LifeEnd::TerminatedByNanny => {
+                LifeEnd::TerminatedByNanny | LifeEnd::KilledAtPage => {
                     deaths[0] += 1;
                     true
                 }

@@ -12,12 +12,11 @@
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use amm_benches::dask::{
-    DaskRunner, DaskVenv, TrialConfig, TrialResult, Workload, abort_running_trial,
+    DaskRunner, DaskVenv, TrialConfig, TrialResult, Workload, handle_stop_signals,
 };
 use amm_benches::spike_table::{self, Sample};
 use amm_benches::target_dir;
@@ -111,51 +110,6 @@ fn describe(r: &TrialResult) -> String {
     )
 }
 
-/// Blocks SIGINT and SIGTERM in every thread (call it before any thread
-/// starts) and handles them on a thread of their own: the first kills the
-/// running trial and stops the run (its cgroups are removed as usual), the
-/// second quits at once. Children start with an empty signal mask (std
-/// resets it), so Dask's own signals are untouched.
-fn handle_stop_signals() -> Result<Arc<AtomicBool>> {
-    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
-    // initialises it; sigaddset only writes inside it.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        set
-    };
-    // SAFETY: the set is initialised; the old mask is not wanted.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        bail!(
-            "cannot block SIGINT/SIGTERM: {}",
-            std::io::Error::from_raw_os_error(rc)
-        );
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    std::thread::spawn(move || {
-        loop {
-            let mut sig = 0;
-            // SAFETY: the set is initialised and sig is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            if flag.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            let _ = writeln!(
-                std::io::stderr(),
-                "signal {sig}: killing the running trial and stopping (again to quit at once)"
-            );
-            abort_running_trial();
-        }
-    });
-    Ok(stop)
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(path) = &args.table_from {
@@ -183,6 +137,7 @@ fn main() -> Result<()> {
     let mut out = fs::File::create(&out_path)
         .with_context(|| format!("cannot create {}", out_path.display()))?;
     let config = |workload, seed| TrialConfig {
+        mode: amm_benches::dask::Mode::Plain,
         workload,
         limit_bytes: args.limit,
         poll_ms: args.poll_ms,

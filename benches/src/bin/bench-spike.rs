@@ -136,6 +136,7 @@ fn main() -> Result<()> {
                         w.name()
                     )?;
                     let r = runner.run_trial(&TrialConfig {
+                        mode: amm_benches::dask::Mode::Plain,
                         workload: *w,
                         limit_bytes: limit,
                         poll_ms: None,
