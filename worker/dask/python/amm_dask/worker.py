@@ -430,10 +430,18 @@ class AmmWorkerPlugin(WorkerPlugin):
             self.spiller.gc.collect()  # after pausing, not before
         elif worker.status == Status.paused and lv.resume and memory < lv.resume:
             self._resume(f"process memory {_fmt(memory)} is below target")
+        elif worker.status == Status.paused and not self._can_spill_more():
+            # nothing left to spill will bring it below target: resume below
+            # pause, as Dask does, rather than stay paused for good
+            self._resume(f"process memory {_fmt(memory)} is below pause, nothing left to spill")
         try:
             self._account(memory)
         except Exception:
             logger.exception("amm: accounting failed")
+
+    def _can_spill_more(self) -> bool:
+        fast = getattr(self.worker.data, "fast", None)
+        return bool(fast) or self.spiller.running
 
     def _account(self, memory: int) -> None:
         data = self.worker.data
