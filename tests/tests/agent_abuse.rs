@@ -266,6 +266,7 @@ fn a_client_sees_only_its_own_uid_s_watches() {
             managed: 42,
             ..Split::default()
         },
+        heap: None,
     })
     .expect("accounting");
     let mut u = Faulter::spawn_as(user.uid, user.gid).expect("user's process");
@@ -352,6 +353,7 @@ fn status_pages_through_a_thousand_watches_and_full_timelines() {
                 pid: s.id(),
                 t_ns,
                 split,
+                heap: None,
             })
             .expect("accounting");
         }
