@@ -6,11 +6,17 @@
 //! (jemalloc `stats.allocated`; glibc `uordblks + hblkhd`), `resident` =
 //! what the allocator holds in RAM (jemalloc `stats.resident`; glibc
 //! `arena + hblkhd`, the bytes it got from the system), `hoarded` =
-//! resident − live (glibc: `fordblks`, an upper bound: free chunks never
-//! touched are not resident).
+//! resident − live (glibc: `fordblks` less what trims gave back since,
+//! an upper bound: free chunks never touched are not resident).
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// glibc: bytes of free chunks a trim gave back to the kernel (their pages
+/// are no longer resident, though `fordblks` still counts them), until the
+/// heap reuses them.
+static TRIMMED: AtomicU64 = AtomicU64::new(0);
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -118,7 +124,11 @@ fn glibc() -> Heap {
     // SAFETY: mallinfo2 has no preconditions and returns a struct by value.
     let m = unsafe { libc::mallinfo2() };
     let live = (m.uordblks + m.hblkhd) as u64;
-    let resident = (m.arena + m.hblkhd) as u64;
+    // trimmed free chunks are not resident; what the heap reused since is
+    let trimmed = TRIMMED
+        .fetch_min(m.fordblks as u64, Ordering::Relaxed)
+        .min(m.fordblks as u64);
+    let resident = ((m.arena + m.hblkhd) as u64).saturating_sub(trimmed);
     Heap {
         allocator: "glibc",
         live,
@@ -146,8 +156,11 @@ pub fn release() -> &'static str {
             "jemalloc"
         }
         None => {
+            let before = crate::gate::rss_now();
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
+            let returned = before.saturating_sub(crate::gate::rss_now());
+            TRIMMED.fetch_add(returned, Ordering::Relaxed);
             "glibc"
         }
     }
@@ -179,12 +192,7 @@ pub fn release_hoard(py: Python<'_>) -> (&'static str, u64, u64, u64, u64, f64) 
         let (rss0, h0) = (crate::gate::rss_now(), read().hoarded());
         let which = release();
         let rss1 = crate::gate::rss_now();
-        // glibc's free chunks stay free after a trim (fordblks does not
-        // move): what is left hoarded is what the kernel did not get back
-        let h1 = match which {
-            "glibc" => h0.saturating_sub(rss0.saturating_sub(rss1)),
-            _ => read().hoarded(),
-        };
+        let h1 = read().hoarded();
         (which, rss0, rss1, h0, h1, start.elapsed().as_secs_f64())
     })
 }
