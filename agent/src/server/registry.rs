@@ -365,6 +365,7 @@ impl Shared {
             .filter(|(p, e)| e.client.id == client && pid.is_none_or(|x| x == **p))
             .map(|(p, _)| *p)
             .collect();
+        let mut ended = Vec::with_capacity(pids.len());
         for p in &pids {
             let state = lock(&self.probe).watch_of(*p).map(|w| w.state);
             if let Some(mut entry) = watches.remove(p) {
@@ -382,17 +383,22 @@ impl Shared {
                 }
                 let owner = entry.owner_uid;
                 self.keep_ended(owner, entry.ended(*p, 0));
-                self.observe(|| Observation::Ended {
-                    pid: *p,
-                    how: Ending::Unwatched,
-                    t_ns: monotonic_ns(),
-                });
+                ended.push(*p);
             }
             if let Err(e) = lock(&self.probe).unwatch(*p) {
                 warn!(pid = p, "cannot remove the watch: {e}");
             }
         }
+        // the probe's state first, so an observer that sees the watch count
+        // drop also sees the probe detached (as end_watch does)
         self.follow_watches(watches.len());
+        for p in ended {
+            self.observe(|| Observation::Ended {
+                pid: p,
+                how: Ending::Unwatched,
+                t_ns: monotonic_ns(),
+            });
+        }
         pids
     }
 
