@@ -7,9 +7,11 @@
 //! `AMM_REQUIRE_BPF=1` is set by `.ci/run`.
 //!
 //! [`cgroup`] gives tests and benchmarks a real hard memory limit
-//! ([`cgroup::HardLimit`]); [`python`] finds the project's Python venv.
+//! ([`cgroup::HardLimit`]); [`python`] finds the project's Python venv;
+//! [`preload`] runs programs on the preload libraries.
 
 pub mod cgroup;
+pub mod preload;
 pub mod python;
 
 use std::io::{BufRead, BufReader, Write};

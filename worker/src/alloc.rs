@@ -12,12 +12,11 @@
 //! (it sets it in the worker's environment) or, with `--no-nanny`, through a
 //! re-exec of the binary (see `cli`).
 
-pub mod glibc;
-pub mod jemalloc;
+pub use amm_alloc::{Detail, HeapStats, PurgeCost, PurgeReport, glibc, jemalloc, thread_cpu_us};
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tikv_jemallocator::Jemalloc;
@@ -132,159 +131,21 @@ unsafe impl GlobalAlloc for Dispatch {
     }
 }
 
-/// What the allocator holds right now, in the terms of the accounting.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "allocator", rename_all = "lowercase")]
-pub enum HeapStats {
-    /// glibc malloc.
-    System(glibc::GlibcStats),
-    /// jemalloc.
-    Jemalloc(jemalloc::JemallocStats),
-}
-
-impl HeapStats {
-    /// Bytes handed out and not yet freed (`heap_live`).
-    pub fn live(&self) -> u64 {
-        match self {
-            HeapStats::System(s) => s.live(),
-            HeapStats::Jemalloc(s) => s.allocated,
-        }
-    }
-
-    /// Bytes the allocator holds in physically resident pages: live data,
-    /// free-but-resident space, and its metadata.
-    pub fn resident(&self) -> u64 {
-        match self {
-            HeapStats::System(s) => s.resident(),
-            HeapStats::Jemalloc(s) => s.resident,
-        }
-    }
-
-    /// Resident bytes holding no live allocation (`hoarded`).
-    pub fn hoarded(&self) -> u64 {
-        self.resident().saturating_sub(self.live())
-    }
-}
-
-/// How much detail to read: the summary numbers every tick needs, or also
-/// the per-arena and per-size-class tables the timeline keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detail {
-    /// Totals only (cheap).
-    Totals,
-    /// Totals plus arenas and size classes.
-    Full,
-}
-
 /// Reads the active allocator's statistics.
 pub fn heap_stats(detail: Detail) -> std::io::Result<HeapStats> {
-    match active() {
-        Allocator::Jemalloc => jemalloc::stats(detail).map(HeapStats::Jemalloc),
-        Allocator::System => glibc::stats(detail).map(HeapStats::System),
-    }
+    amm_alloc::heap_stats(active(), detail)
 }
 
-/// What one purge (jemalloc) or trim (glibc) gave back.
-#[derive(Debug, Clone, Serialize)]
-pub struct PurgeReport {
-    /// Which allocator was asked.
-    pub allocator: Allocator,
-    /// Why the purge ran (`threshold`, `pressure`, `workload`, ...).
-    pub reason: String,
-    /// Process RSS before, in bytes.
-    pub rss_before: u64,
-    /// Process RSS after, in bytes.
-    pub rss_after: u64,
-    /// Bytes the kernel saw leave the process (`rss_before - rss_after`, 0 if
-    /// other threads grew meanwhile).
-    pub returned_bytes: u64,
-    /// The allocator's own resident bytes before.
-    pub resident_before: u64,
-    /// The allocator's own resident bytes after.
-    pub resident_after: u64,
-    /// Hoarded bytes before (resident - live).
-    pub hoarded_before: u64,
-    /// Hoarded bytes after.
-    pub hoarded_after: u64,
-    /// How long the purge took, in microseconds.
-    pub duration_us: u64,
-    /// CPU time the purging thread spent on it (user + kernel), in
-    /// microseconds: the purge's cost, which wall time overstates on a busy
-    /// machine.
-    pub cpu_us: u64,
-}
-
-/// Gives the allocator's hoard back to the kernel: jemalloc
-/// `arena.<MALLCTL_ARENAS_ALL>.purge`, glibc `malloc_trim(0)`; measures what
-/// came back (kernel RSS and the allocator's own resident figure).
+/// Gives the active allocator's hoard back to the kernel and measures what
+/// came back (see [`amm_alloc::reclaim`]).
 pub fn reclaim(reason: &str) -> std::io::Result<PurgeReport> {
-    let allocator = active();
-    let before = heap_stats(Detail::Totals)?;
-    let rss_before = crate::proc::rss_bytes()?;
-    let (cost, purged) = release_hoard();
-    purged?;
-    let rss_after = crate::proc::rss_bytes()?;
-    let after = heap_stats(Detail::Totals)?;
-    Ok(PurgeReport {
-        allocator,
-        reason: reason.to_string(),
-        rss_before,
-        rss_after,
-        returned_bytes: rss_before.saturating_sub(rss_after),
-        resident_before: before.resident(),
-        resident_after: after.resident(),
-        hoarded_before: before.hoarded(),
-        hoarded_after: after.hoarded(),
-        duration_us: cost.wall_us,
-        cpu_us: cost.cpu_us,
-    })
+    amm_alloc::reclaim(active(), reason)
 }
 
-/// What one purge/trim cost the thread that ran it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PurgeCost {
-    /// Wall time, microseconds.
-    pub wall_us: u64,
-    /// CPU time (user + kernel), microseconds.
-    pub cpu_us: u64,
-}
-
-/// Purges (jemalloc) or trims (glibc) the hoard, nothing more: no
-/// statistics are read (see [`reclaim`] for a purge that says what it
-/// returned). The cost is measured even when jemalloc refuses the purge.
+/// Purges (jemalloc) or trims (glibc) the active allocator's hoard, nothing
+/// more (see [`amm_alloc::release_hoard`]).
 pub fn release_hoard() -> (PurgeCost, std::io::Result<()>) {
-    let start = Instant::now();
-    let cpu_start = thread_cpu_us();
-    let result = match active() {
-        Allocator::Jemalloc => jemalloc::purge_all(),
-        Allocator::System => {
-            glibc::trim();
-            Ok(())
-        }
-    };
-    let cost = PurgeCost {
-        wall_us: duration_micros(start.elapsed()),
-        cpu_us: thread_cpu_us().saturating_sub(cpu_start),
-    };
-    (cost, result)
-}
-
-/// CPU time of the calling thread so far (`CLOCK_THREAD_CPUTIME_ID`), in
-/// microseconds; 0 if the clock cannot be read.
-pub fn thread_cpu_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid, writable timespec; the clock id is a constant.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
-}
-
-fn duration_micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+    amm_alloc::release_hoard(active())
 }
 
 /// The outcome of [`verify_serving`]: which allocator's counters moved when

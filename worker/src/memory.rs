@@ -47,15 +47,14 @@ use crate::config::MemoryConfig;
 use crate::proc;
 use crate::spill::SpillBuffer;
 use crate::timeline::Timeline;
+use amm_alloc::Governor;
 
 mod health;
 
 /// Exit code of a worker that hit the terminate threshold.
 pub const TERMINATE_EXIT_CODE: i32 = 75;
 
-/// Most of the run's wall time that threshold and probe purges may cost,
-/// counted in the CPU time they took.
-pub const PURGE_BUDGET: f64 = 0.02;
+pub use amm_alloc::PURGE_BUDGET;
 
 /// `--probe-purge` purges when at least this much is hoarded (jemalloc:
 /// dirty + muzzy pages) or unmanaged memory grew by this much since the
@@ -378,8 +377,9 @@ pub struct MemoryManager {
     shared: Arc<Shared>,
     on_terminate: TerminateAction,
     recent: RecentWindow,
-    start: Instant,
-    last_purge: Option<Instant>,
+    /// When purges may run (interval, CPU budget): the rules amm-worker and
+    /// the preload library share.
+    governor: Governor,
     /// `process - managed` right after the last purge (or at the first tick).
     unmanaged_at_purge: Option<u64>,
     paused_since: Option<Instant>,
@@ -431,8 +431,7 @@ impl MemoryManager {
             shared,
             on_terminate,
             recent: RecentWindow::default(),
-            start: Instant::now(),
-            last_purge: None,
+            governor: Governor::default(),
             unmanaged_at_purge: None,
             paused_since: None,
             health: health::SpillHealth::default(),
@@ -533,7 +532,7 @@ impl MemoryManager {
     fn purge(&mut self, reason: &str) -> Option<alloc::PurgeReport> {
         match alloc::reclaim(reason) {
             Ok(r) => {
-                self.last_purge = Some(Instant::now());
+                self.governor.record(r.cpu_us);
                 self.unmanaged_at_purge = Some(r.rss_after.saturating_sub(self.buffer.managed()));
                 self.stats.purge_count += 1;
                 self.stats.purged_bytes_total += r.returned_bytes;
@@ -566,20 +565,15 @@ impl MemoryManager {
         };
         let unmanaged = acc.process.saturating_sub(acc.managed);
         let baseline = *self.unmanaged_at_purge.get_or_insert(unmanaged);
-        let due = self
-            .last_purge
-            .map_or(self.start.elapsed(), |t| t.elapsed())
-            >= every;
+        let due = self.governor.since_last() >= every;
         // jemalloc's hoarded bytes include its metadata, which no purge
         // returns: only its dirty and muzzy pages count
-        let hoarded = match heap {
-            HeapStats::Jemalloc(je) => je.dirty_bytes + je.muzzy_bytes,
-            HeapStats::System(_) => acc.hoarded,
-        };
+        let hoarded = heap.purgeable();
         let grew = unmanaged.saturating_sub(baseline);
-        let elapsed_us = self.start.elapsed().as_micros() as f64;
-        let budget_ok = (self.stats.purge_cpu_us_total as f64) <= PURGE_BUDGET * elapsed_us;
-        if due && budget_ok && (hoarded >= PROBE_MIN_BYTES || grew >= PROBE_MIN_BYTES) {
+        if due
+            && self.governor.within_budget()
+            && (hoarded >= PROBE_MIN_BYTES || grew >= PROBE_MIN_BYTES)
+        {
             self.purge("probe");
         }
     }
@@ -722,6 +716,7 @@ impl MemoryManager {
         self.stats.purged_bytes_total += rss.saturating_sub(after);
         self.stats.purge_us_total += cost.wall_us;
         self.stats.purge_cpu_us_total += cost.cpu_us;
+        self.governor.charge(cost.cpu_us);
         Ok(after)
     }
 
@@ -903,22 +898,19 @@ impl MemoryManager {
         }
     }
 
-    /// Threshold purge of jemalloc's hoard, rate-limited; what a purge can
-    /// return is the dirty and muzzy pages (slab slack and metadata, also
-    /// in `hoarded`, stay).
+    /// Threshold purge of jemalloc's hoard, rate-limited and within the CPU
+    /// budget (the `Governor` the preload library shares); what a purge can
+    /// return is the dirty and muzzy pages (slab slack and metadata, also in
+    /// `hoarded`, stay). glibc trims its own top past the threshold.
     fn threshold_purge(&mut self, heap: &HeapStats) {
-        if let HeapStats::Jemalloc(je) = heap
-            && let Some(threshold) = self.cfg.trim_threshold
-            && je.dirty_bytes + je.muzzy_bytes > threshold
+        if matches!(heap, HeapStats::Jemalloc(_))
+            && self.governor.threshold_due(
+                heap.purgeable(),
+                self.cfg.trim_threshold,
+                self.cfg.purge_interval,
+            )
         {
-            let since_ok = self
-                .last_purge
-                .is_none_or(|t| t.elapsed() >= self.cfg.purge_interval);
-            let elapsed_us = self.start.elapsed().as_micros() as f64;
-            let budget_ok = (self.stats.purge_cpu_us_total as f64) <= PURGE_BUDGET * elapsed_us;
-            if since_ok && budget_ok {
-                self.purge("threshold");
-            }
+            self.purge("threshold");
         }
     }
 }

@@ -19,6 +19,13 @@ struct Cli {
 enum Command {
     /// Compile ebpf/c/amm.bpf.c with clang into target/bpf/amm.bpf.o.
     BuildEbpf,
+    /// Build the BPF object, every binary and the preload libraries
+    /// (target/debug/libamm_preload.so, libamm_preload_glibc.so).
+    Build {
+        /// Build in release (target/release).
+        #[arg(long)]
+        release: bool,
+    },
     /// Create or reuse the Python venv (target/venv) from the pinned
     /// worker/dask/requirements-test.txt and install amm-dask into it.
     Venv,
@@ -33,7 +40,7 @@ enum Command {
     /// and print what the kernel saw between polls.
     Demo,
     /// Run a benchmark from benches/ (release build): `overhead`, `latency`,
-    /// `spike`, `spike-dask` or `dask`.
+    /// `spike`, `spike-dask`, `dask` or `preload`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -49,6 +56,7 @@ fn main() -> Result<()> {
         Command::BuildEbpf => build_ebpf::build().map(|path| {
             println!("{}", path.display());
         }),
+        Command::Build { release } => run::build_all(release),
         Command::Venv => venv::ensure().map(|python| {
             println!("{}", python.display());
         }),

@@ -1,5 +1,5 @@
-//! `cargo xtask test | demo | bench`: thin wrappers that build what they need
-//! first, so a newcomer's one command works on a fresh checkout.
+//! `cargo xtask build | test | demo | bench`: thin wrappers that build what
+//! they need first, so a newcomer's one command works on a fresh checkout.
 
 use std::process::Command;
 
@@ -24,13 +24,22 @@ fn run(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-/// Builds the object, the binaries and the Python venv, then runs every
-/// test.
-pub fn test(args: &[String]) -> Result<()> {
+/// Builds the BPF object, every binary and the preload libraries
+/// (`libamm_preload.so`, `libamm_preload_glibc.so`), in release or not.
+pub fn build_all(release: bool) -> Result<()> {
     build()?;
     let mut b = cargo();
-    b.args(["build", "--workspace", "--bins"]);
-    run(b)?;
+    b.args(["build", "--workspace", "--lib", "--bins"]);
+    if release {
+        b.arg("--release");
+    }
+    run(b)
+}
+
+/// Builds the object, the binaries, the preload libraries and the Python
+/// venv, then runs every test.
+pub fn test(args: &[String]) -> Result<()> {
+    build_all(false)?;
     crate::venv::ensure()?;
     let mut t = cargo();
     t.args(["test", "--workspace"]).args(args);
@@ -39,10 +48,7 @@ pub fn test(args: &[String]) -> Result<()> {
 
 /// Builds in release and runs the end-to-end demo.
 pub fn demo() -> Result<()> {
-    build()?;
-    let mut b = cargo();
-    b.args(["build", "--release", "--workspace", "--bins"]);
-    run(b)?;
+    build_all(true)?;
     let mut d = cargo();
     d.args([
         "run",
@@ -58,10 +64,7 @@ pub fn demo() -> Result<()> {
 
 /// Builds in release (and the Python venv) and runs one benchmark.
 pub fn bench(name: &str, args: &[String]) -> Result<()> {
-    build()?;
-    let mut b = cargo();
-    b.args(["build", "--release", "--workspace", "--bins"]);
-    run(b)?;
+    build_all(true)?;
     crate::venv::ensure()?;
     let mut r = cargo();
     r.args(["run", "--release", "--quiet", "-p", "amm-benches", "--bin"])

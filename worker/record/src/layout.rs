@@ -172,6 +172,12 @@ pub struct JemallocSection {
     pub muzzy_bytes: u64,
     /// `arenas.narenas`: arenas that exist.
     pub narenas: u64,
+    /// `opt.dirty_decay_ms` as configured (-1, never, is `u64::MAX`).
+    pub dirty_decay_ms: u64,
+    /// `opt.muzzy_decay_ms` as configured (-1, never, is `u64::MAX`).
+    pub muzzy_decay_ms: u64,
+    /// 1 when jemalloc's own background threads run.
+    pub background_thread: u64,
     /// The arenas holding the most dirty + muzzy pages, by index.
     pub arenas: ArenaList,
 }
@@ -279,8 +285,6 @@ pub enum PurgeReason {
     Request,
     /// The hoard passed `MALLOC_TRIM_THRESHOLD_`.
     Threshold,
-    /// The program called `malloc_trim` (jemalloc preload).
-    MallocTrim,
 }
 
 impl PurgeReason {
@@ -289,7 +293,6 @@ impl PurgeReason {
         match self {
             PurgeReason::Request => 1,
             PurgeReason::Threshold => 2,
-            PurgeReason::MallocTrim => 3,
         }
     }
 
@@ -298,7 +301,6 @@ impl PurgeReason {
         match code {
             1 => Some(PurgeReason::Request),
             2 => Some(PurgeReason::Threshold),
-            3 => Some(PurgeReason::MallocTrim),
             _ => None,
         }
     }
