@@ -9,6 +9,7 @@
 
 pub mod dask;
 pub mod dask_table;
+pub mod preload_bench;
 pub mod spike_table;
 
 use std::path::{Path, PathBuf};
