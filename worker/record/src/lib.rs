@@ -203,8 +203,8 @@ pub enum OpenError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     /// The publisher stayed inside a write for [`READ_PATIENCE`] (it died or
-    /// stopped mid-update).
-    #[error("the record stayed mid-update: its publisher seems stopped inside a write")]
+    /// stopped mid-update), or has published nothing in that time.
+    #[error("the record stayed mid-update or unpublished: its publisher seems stopped")]
     Stuck,
     /// The publisher moved to a new record: open the process again.
     #[error("the record was superseded: open the process again")]

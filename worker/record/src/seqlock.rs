@@ -47,7 +47,8 @@ pub enum ReadOutcome {
 }
 
 /// Copies one whole publication into `out`, retrying while the writer is
-/// inside a write (spinning first, then yielding, then sleeping briefly).
+/// inside a write or has not published yet (spinning first, then yielding,
+/// then sleeping briefly).
 pub fn read(
     shared_seq: &AtomicU64,
     data: &[AtomicU64; STATS_WORDS],
@@ -59,7 +60,9 @@ pub fn read(
     loop {
         attempt = attempt.saturating_add(1);
         let before = shared_seq.load(Ordering::Acquire);
-        if before & 1 == 0 {
+        // 0: created, nothing published yet (the first publication follows
+        // at once); odd: a write is under way
+        if before & 1 == 0 && before != 0 {
             for (w, slot) in words.iter_mut().zip(data.iter()) {
                 *w = slot.load(Ordering::Relaxed);
             }
@@ -173,6 +176,13 @@ mod tests {
         while Instant::now() < until {
             std::hint::spin_loop();
         }
+    }
+
+    #[test]
+    fn a_record_never_published_is_not_read_as_zeros() {
+        let s = shared();
+        let mut out = Stats::default();
+        assert_eq!(read(&s.seq, &s.data, &mut out), ReadOutcome::Stuck);
     }
 
     #[test]
