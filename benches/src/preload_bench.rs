@@ -29,10 +29,12 @@ pub struct Libs {
 }
 
 impl Libs {
-    /// Finds the libraries of this build and Debian's jemalloc.
-    pub fn find() -> Result<Libs> {
+    /// Finds the libraries in `dir` (default: this build's) and Debian's
+    /// jemalloc.
+    pub fn find(dir: Option<&Path>) -> Result<Libs> {
+        let dir = dir.map_or_else(profile_dir, Path::to_path_buf);
         let lib = |n: &str| {
-            let p = profile_dir().join(n);
+            let p = dir.join(n);
             if p.exists() {
                 Ok(p)
             } else {

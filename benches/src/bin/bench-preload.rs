@@ -44,11 +44,14 @@ struct Args {
     /// target/venv/bin/python from `cargo xtask venv`).
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Where the preload libraries are (default: beside this binary).
+    #[arg(long)]
+    lib_dir: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let libs = Libs::find()?;
+    let libs = Libs::find(a.lib_dir.as_deref())?;
     let only: Option<Vec<String>> = a.modes.map(|m| m.split(',').map(str::to_string).collect());
     let wants = |p: &str| a.parts == "all" || a.parts.split(',').any(|x| x == p);
     println!("{}", preload_bench::machine_line());
