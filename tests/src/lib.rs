@@ -10,6 +10,7 @@
 //! ([`cgroup::HardLimit`]); [`python`] finds the project's Python venv;
 //! [`preload`] runs programs on the preload libraries.
 
+pub mod browser;
 pub mod cgroup;
 pub mod preload;
 pub mod python;

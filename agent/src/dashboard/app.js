@@ -31,9 +31,12 @@ function newRow(r) {
   const e = el("div", "row");
   e.dataset.pid = r.pid;
   const who = el("div", "who");
-  const name = el("div", "name");
+  const line = el("div", "line");
+  const name = el("span", "name");
+  const badge = el("span", "badge");
+  line.append(name, badge);
   const meta = el("div", "meta");
-  who.append(name, meta);
+  who.append(line, meta);
   const box = el("div", "barbox");
   const bar = el("div", "bar");
   const parts = {};
@@ -63,7 +66,7 @@ function newRow(r) {
   canvas.width = 340;
   canvas.height = 60;
   e.append(who, box, nums, canvas);
-  return { el: e, name, meta, box, parts, marks, now, peak, nums, canvas, spark: new Map(), sig: "" };
+  return { el: e, name, badge, meta, box, parts, marks, now, peak, nums, canvas, spark: new Map(), sig: "" };
 }
 
 function levelText(r) {
@@ -77,9 +80,9 @@ function updateRow(x, r, frame) {
   const lvl = r.ended ? "ended" : r.level;
   x.el.className = "row lvl-" + r.level + (r.ended ? " ended" : "");
   x.el.dataset.level = lvl;
-  x.name.textContent = r.name + " ";
-  const badge = el("span", "badge", levelText(r));
-  x.name.append(badge);
+  x.name.textContent = r.name;
+  x.name.title = r.name;
+  x.badge.textContent = levelText(r);
   x.meta.textContent = "";
   x.meta.append("pid " + r.pid + " · uid " + r.uid + " · ");
   const a = el("a", null, "report");
