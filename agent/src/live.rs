@@ -139,6 +139,8 @@ pub struct Row {
     pub name: String,
     /// The user that registered it.
     pub uid: u32,
+    /// Its memory cgroup (the container, pod or unit it runs in).
+    pub cgroup: String,
     /// Its memory limit.
     pub limit: u64,
     /// Its levels.
@@ -300,14 +302,27 @@ impl Default for Live {
     }
 }
 
-/// A process's command name, if `pid` is still the process that started
-/// at `start_time`.
-fn comm_of(pid: u32, start_time: u64) -> Option<String> {
-    let stat = procfs::process::Process::new(i32::try_from(pid).ok()?)
-        .ok()?
-        .stat()
-        .ok()?;
-    (stat.starttime == start_time).then_some(stat.comm)
+/// A process's command name and memory cgroup, if `pid` is still the
+/// process that started at `start_time`.
+fn identity_of(pid: u32, start_time: u64) -> Option<(String, String)> {
+    let p = procfs::process::Process::new(i32::try_from(pid).ok()?).ok()?;
+    let cgroups = p.cgroups().ok();
+    let stat = p.stat().ok()?;
+    if stat.starttime != start_time {
+        return None;
+    }
+    // the v1 memory hierarchy where there is one, else the v2 one
+    let cgroup = cgroups
+        .and_then(|c| {
+            let all = c.0;
+            let v1 = all
+                .iter()
+                .find(|g| g.controllers.iter().any(|c| c == "memory"));
+            v1.or_else(|| all.iter().find(|g| g.hierarchy == 0))
+                .map(|g| g.pathname.clone())
+        })
+        .unwrap_or_default();
+    Some((stat.comm, cgroup))
 }
 
 impl Live {
@@ -371,10 +386,13 @@ impl Live {
                 if self.rows.len() >= MAX_ROWS {
                     return;
                 }
+                let (name, cgroup) =
+                    identity_of(pid, start_time).unwrap_or_else(|| ("?".into(), String::new()));
                 let mut row = Row {
                     pid,
-                    name: comm_of(pid, start_time).unwrap_or_else(|| "?".into()),
+                    name,
                     uid,
+                    cgroup,
                     limit: thresholds.limit,
                     levels: Levels::of(&thresholds),
                     rss: rss_bytes,

@@ -41,6 +41,13 @@ pub fn target_dir() -> PathBuf {
 #[derive(Debug)]
 pub struct AgentProc(std::process::Child);
 
+impl AgentProc {
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
         // SAFETY: signalling our own child.
@@ -53,6 +60,47 @@ impl Drop for AgentProc {
 /// waits (at most 20 s) until it accepts connections; its log (warnings
 /// only) goes to `stderr`.
 pub fn start_agent(socket: &Path, stderr: std::process::Stdio) -> anyhow::Result<AgentProc> {
+    spawn_agent(socket, &[], "warn", stderr)
+}
+
+/// Like [`start_agent`], with `--http 127.0.0.1:0` (the live page and
+/// `/metrics`); its log goes to `log`. Returns the address it serves.
+pub fn start_agent_http(
+    socket: &Path,
+    log: &Path,
+) -> anyhow::Result<(AgentProc, std::net::SocketAddr)> {
+    use anyhow::Context;
+    let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let agent = spawn_agent(
+        socket,
+        &["--http", "127.0.0.1:0"],
+        "warn,amm_agent::http=info",
+        file.into(),
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(addr) = text
+            .split("live page on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|a| a.parse().ok())
+        {
+            return Ok((agent, addr));
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("amm-agent did not say where it serves HTTP; its log:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn_agent(
+    socket: &Path,
+    extra: &[&str],
+    log_filter: &str,
+    stderr: std::process::Stdio,
+) -> anyhow::Result<AgentProc> {
     use anyhow::Context;
     let child = std::process::Command::new(profile_dir().join("amm-agent"))
         .arg("run")
@@ -60,7 +108,8 @@ pub fn start_agent(socket: &Path, stderr: std::process::Stdio) -> anyhow::Result
         .arg(socket)
         .arg("--bpf-object")
         .arg(target_dir().join("bpf/amm.bpf.o"))
-        .env("AMM_LOG", "warn")
+        .args(extra)
+        .env("AMM_LOG", log_filter)
         .stderr(stderr)
         .spawn()
         .context("start amm-agent")?;

@@ -668,6 +668,11 @@ impl MemoryManager {
                 }
             }
             rss = proc::rss_bytes()?;
+            // a spill to a slow disk takes long: a pause the kernel saw
+            // meanwhile must not wait for it to end
+            if self.shared.hint.load(Ordering::SeqCst) >= Level::Pause as u8 {
+                self.set_paused(true, "level event", rss);
+            }
             if unpurged >= batch {
                 if batch_rss.saturating_sub(rss) < unpurged / 2 {
                     rss = self.release_after_spill(rss)?;

@@ -36,11 +36,20 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The end-to-end demo: as root, watch a process that spikes its memory
-    /// and print what the kernel saw between polls.
-    Demo,
+    /// The end-to-end demo (as root): the same worker polling and on
+    /// amm-agent's events, under a hard cgroup limit; `--dashboard` also
+    /// shows it on the agent's live page and saves a screenshot.
+    Demo {
+        /// Serve the live page, open it in headless Chromium, save
+        /// target/demo-dashboard.png.
+        #[arg(long)]
+        dashboard: bool,
+        /// Extra arguments for the demo (`--runs 20`, `--limit-mib 512`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run a benchmark from benches/ (release build): `overhead`, `latency`,
-    /// `spike`, `spike-dask`, `dask` or `preload`.
+    /// `spike`, `spike-dask`, `dask`, `preload` or `dashboard`.
     Bench {
         /// Which benchmark.
         name: String,
@@ -61,7 +70,7 @@ fn main() -> Result<()> {
             println!("{}", python.display());
         }),
         Command::Test { args } => run::test(&args),
-        Command::Demo => run::demo(),
+        Command::Demo { dashboard, args } => run::demo(dashboard, &args),
         Command::Bench { name, args } => run::bench(&name, &args),
     }
 }

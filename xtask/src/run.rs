@@ -47,7 +47,7 @@ pub fn test(args: &[String]) -> Result<()> {
 }
 
 /// Builds in release and runs the end-to-end demo.
-pub fn demo() -> Result<()> {
+pub fn demo(dashboard: bool, args: &[String]) -> Result<()> {
     build_all(true)?;
     let mut d = cargo();
     d.args([
@@ -58,7 +58,12 @@ pub fn demo() -> Result<()> {
         "amm-benches",
         "--bin",
         "amm-demo",
+        "--",
     ]);
+    if dashboard {
+        d.arg("--dashboard");
+    }
+    d.args(args);
     run(d)
 }
 

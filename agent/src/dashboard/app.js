@@ -85,6 +85,11 @@ function updateRow(x, r, frame) {
   x.badge.textContent = levelText(r);
   x.meta.textContent = "";
   x.meta.append("pid " + r.pid + " · uid " + r.uid + " · ");
+  if (r.cgroup && r.cgroup !== "/") {
+    const cg = el("span", "cg", r.cgroup.split("/").pop());
+    cg.title = "cgroup " + r.cgroup;
+    x.meta.append(cg, " · ");
+  }
   const a = el("a", null, "report");
   a.href = "/report/" + r.pid;
   a.target = "_blank";

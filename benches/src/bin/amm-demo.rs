@@ -1,12 +1,24 @@
-//! amm's end-to-end demo (`sudo cargo xtask demo`): the same worker under
-//! the same hard cgroup limit, running memory spikes, once polling only (as
-//! Dask does) and once with amm-agent's kernel events; then what happened,
-//! in a form a person reads in ten seconds.
+//! amm's end-to-end demo (`cargo xtask demo`, as root): the same worker
+//! under the same hard cgroup limit, running bursts of memory, once acting
+//! on its 200 ms poll only (as Dask does) and once on amm-agent's kernel
+//! events; then what happened, in a form a person reads in ten seconds.
+//! `--dashboard` also serves the agent's live page, opens it in headless
+//! Chromium and saves a screenshot.
+//!
+//! The workload decides: each burst puts a managed base of 55 % of the limit
+//! (under target, so nothing spills on put), then grows unmanaged memory by
+//! 45 % in small tasks as fast as the machine faults pages. Unless the
+//! worker spills and pauses in time, that is 100 % of a hard limit: the
+//! kernel's OOM killer. With the agent the pause comes at the page that
+//! crosses 80 % and growth stops there; a poll comes up to 200 ms later.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use amm_benches::{profile_dir, start_agent};
+use amm_benches::{AgentProc, profile_dir, start_agent, start_agent_http, target_dir};
+use amm_integration_tests::browser::Browser;
 use amm_integration_tests::cgroup::HardLimit;
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
@@ -17,53 +29,96 @@ use serde_json::Value;
 #[derive(Parser)]
 struct Args {
     /// The worker's memory limit, which is also its cgroup's hard limit, MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 256)]
     limit_mib: u64,
     /// Runs of each mode (interleaved).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Bursts per run.
+    #[arg(long, default_value_t = 3)]
+    bursts: u32,
+    /// Serve the agent's live page, open it in headless Chromium and save
+    /// a screenshot (see --screenshot).
+    #[arg(long)]
+    dashboard: bool,
+    /// Where the screenshot goes.
+    #[arg(long, default_value = "target/demo-dashboard.png")]
+    screenshot: PathBuf,
+    /// With --dashboard: keep the agent and its page up this many seconds
+    /// after the runs, to look at it in a browser of your own.
+    #[arg(long, default_value_t = 0)]
+    linger_s: u64,
 }
 
 fn iec(b: u64) -> String {
     ByteSize(b).display().iec().to_string()
 }
 
-/// A managed base of 30 % of the limit, then four spikes of task memory of
-/// 70 % each, faulted in as fast as the machine can, held briefly.
-fn workload(limit: u64) -> String {
+/// `bursts` times: a managed base of 55 % of the limit (1 MiB values: a
+/// spill to a slow disk checks for a pause between two), then 45 % more of
+/// unmanaged memory in 4 MiB tasks at full speed; drop that, read the base
+/// back and check it, drop it.
+fn workload(limit: u64, bursts: u32) -> String {
     let mib = |f: f64| format!("{}MiB", (limit as f64 * f) as u64 >> 20);
+    let tasks = ((limit as f64 * 0.45) as u64 >> 22).max(1);
     format!(
         r#"
-name = "demo-spikes"
+name = "demo-bursts"
+repeat = {bursts}
 [[phase]]
 name = "base"
 [[phase.op]]
 op = "allocate"
-bytes = "{}"
-chunk = "8MiB"
+bytes = "{base}"
+chunk = "1MiB"
 keep = "managed"
 key = "base"
 [[phase]]
-name = "spike"
-repeat = 4
+name = "burst"
 [[phase.op]]
 op = "allocate"
-bytes = "{}"
-chunk = "32MiB"
-keep = "task"
-hold = "300ms"
+bytes = "{burst}"
+chunk = "4MiB"
+keep = "unmanaged"
+key = "cache"
+tasks = {tasks}
+[[phase]]
+name = "release"
 [[phase.op]]
-op = "sleep"
-duration = "700ms"
+op = "drop"
+key = "cache"
 [[phase]]
 name = "check"
 [[phase.op]]
 op = "read-back"
 key = "base"
+[[phase]]
+name = "drop"
+[[phase.op]]
+op = "drop"
+key = "base"
 "#,
-        mib(0.30),
-        mib(0.70)
+        base = mib(0.55),
+        burst = mib(0.45),
     )
+}
+
+/// How the worker meets memory pressure.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Acts on its 200 ms poll; the agent only watches (for the page).
+    Poll,
+    /// Acts on the agent's kernel events too.
+    Agent,
+}
+
+impl Mode {
+    fn tag(self) -> &'static str {
+        match self {
+            Mode::Poll => "poll",
+            Mode::Agent => "agent",
+        }
+    }
 }
 
 struct Outcome {
@@ -73,11 +128,12 @@ struct Outcome {
     cgroup_peak: Option<u64>,
 }
 
-fn run_worker(dir: &Path, limit: u64, agent: Option<&Path>) -> Result<Outcome> {
-    let tag = if agent.is_some() { "agent" } else { "poll" };
+fn run_worker(dir: &Path, limit: u64, bursts: u32, socket: &Path, mode: Mode) -> Result<Outcome> {
+    let tag = mode.tag();
     let w = dir.join("demo.toml");
-    std::fs::write(&w, workload(limit))?;
+    std::fs::write(&w, workload(limit, bursts))?;
     let timeline = dir.join(format!("timeline-{tag}.jsonl"));
+    let _ = std::fs::remove_file(&timeline);
     let cg = HardLimit::create(&format!("demo-{tag}"), limit)?;
     let mut cmd = Command::new(profile_dir().join("amm-worker"));
     cmd.arg("run")
@@ -88,12 +144,15 @@ fn run_worker(dir: &Path, limit: u64, agent: Option<&Path>) -> Result<Outcome> {
         .arg(dir)
         .arg("--timeline")
         .arg(&timeline)
-        .args(["--max-restarts", "0"])
+        .args(["--max-restarts", "0", "--name", &format!("demo-{tag}")])
+        .arg("--agent")
+        .arg(socket)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    if let Some(a) = agent {
-        cmd.arg("--agent").arg(a);
+    if mode == Mode::Poll {
+        // the agent watches it (for the page) and never acts for it
+        cmd.arg("--agent-observe-only");
     }
     cg.enter_before_exec(&mut cmd)?;
     let out = cmd.output().context("run amm-worker")?;
@@ -134,62 +193,20 @@ fn verdict(o: &Outcome) -> String {
     }
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if !amm_agent::probe::is_root() {
-        bail!(
-            "the demo creates cgroups and starts amm-agent, which loads BPF: run it as root (sudo cargo xtask demo)"
-        );
-    }
-    let limit = args.limit_mib << 20;
-    let dir = tempfile::tempdir()?;
-    let socket: PathBuf = dir.path().join("agent.sock");
-    println!(
-        "amm demo: a worker under a hard {} cgroup limit keeps a {} managed base and runs 4 spikes of {} task memory, faulted in at full speed.",
-        iec(limit),
-        iec(limit * 30 / 100),
-        iec(limit * 70 / 100)
-    );
-    println!(
-        "Running it {} times each, interleaved: polling every 200 ms (Dask's documented default), and with amm-agent ...",
-        args.runs
-    );
-    let agent = start_agent(&socket, Stdio::null())?;
-    let mut polls = Vec::new();
-    let mut withs = Vec::new();
-    let mut failure = None;
-    for _ in 0..args.runs {
-        match run_worker(dir.path(), limit, None)
-            .and_then(|p| Ok((p, run_worker(dir.path(), limit, Some(&socket))?)))
-        {
-            Ok((p, w)) => {
-                polls.push(p);
-                withs.push(w);
-            }
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
+/// "17x OOM-killed", "3x finished", ... in order of first appearance.
+fn outcomes(runs: &[Outcome]) -> Vec<String> {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for o in runs {
+        let v = verdict(o);
+        match seen.iter_mut().find(|(k, _)| *k == v) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((v, 1)),
         }
     }
-    drop(agent);
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    seen.iter().map(|(v, n)| format!("{n}x {v}")).collect()
+}
 
-    let outcomes = |runs: &[Outcome]| {
-        let mut seen: Vec<(String, usize)> = Vec::new();
-        for o in runs {
-            let v = verdict(o);
-            match seen.iter_mut().find(|(k, _)| *k == v) {
-                Some((_, n)) => *n += 1,
-                None => seen.push((v, 1)),
-            }
-        }
-        seen.iter()
-            .map(|(v, n)| format!("{n}x {v}"))
-            .collect::<Vec<_>>()
-    };
+fn print_table(polls: &[Outcome], withs: &[Outcome], limit: u64) {
     let worst_peak = |runs: &[Outcome]| {
         let p = runs
             .iter()
@@ -212,16 +229,14 @@ fn main() -> Result<()> {
         iec(b / runs.len().max(1) as u64)
     };
     let pauses = |runs: &[Outcome]| {
-        runs.iter()
-            .map(|o| count(&o.timeline, "pause"))
-            .sum::<usize>()
-            .to_string()
+        let n: usize = runs.iter().map(|o| count(&o.timeline, "pause")).sum();
+        n.to_string()
     };
     let row = |name: &str, a: String, b: String| println!("  {name:<22}{a:<52}{b}");
     println!();
     row("", "poll only, 200 ms".into(), "with amm-agent".into());
     // one line per kind of outcome, side by side
-    let (a, b) = (outcomes(&polls), outcomes(&withs));
+    let (a, b) = (outcomes(polls), outcomes(withs));
     for i in 0..a.len().max(b.len()) {
         row(
             if i == 0 { "outcome" } else { "" },
@@ -229,15 +244,17 @@ fn main() -> Result<()> {
             b.get(i).cloned().unwrap_or_default(),
         );
     }
-    row("worst peak RSS", worst_peak(&polls), worst_peak(&withs));
+    row("worst peak RSS", worst_peak(polls), worst_peak(withs));
     row(
         "worst cgroup usage",
-        worst_cgroup(&polls),
-        worst_cgroup(&withs),
+        worst_cgroup(polls),
+        worst_cgroup(withs),
     );
-    row("spilled, per run", spilled(&polls), spilled(&withs));
-    row("pauses, all runs", pauses(&polls), pauses(&withs));
-    let with = withs.first().context("no run")?;
+    row("spilled, per run", spilled(polls), spilled(withs));
+    row("pauses, all runs", pauses(polls), pauses(withs));
+}
+
+fn print_kernel_events(with: &Outcome) {
     println!();
     let kernel: Vec<&Value> = with
         .timeline
@@ -246,32 +263,142 @@ fn main() -> Result<()> {
         .collect();
     if kernel.is_empty() {
         println!("The worker got no kernel event (is the agent working?).");
-    } else {
+        return;
+    }
+    println!(
+        "What the kernel told the worker, at the page it happened (delay = kernel -> worker):"
+    );
+    for e in kernel.iter().take(12) {
+        let what = match e["agent_event"].as_str() {
+            Some("spike") => format!(
+                "spike alarm: terminate predicted in {:.0} ms",
+                e["eta_ns"].as_f64().unwrap_or(0.0) / 1e6
+            ),
+            _ => format!(
+                "{} -> {}",
+                e["prev_level"].as_str().unwrap_or("?"),
+                e["level"].as_str().unwrap_or("?")
+            ),
+        };
         println!(
-            "What the kernel told the worker, at the page it happened (delay = kernel -> worker):"
+            "  {:>7} ms  {what:<46} rss {:>10}   delay {} µs",
+            e["t_ms"].as_u64().unwrap_or(0),
+            iec(e["rss"].as_u64().unwrap_or(0)),
+            e["delay_us"]
         );
-        for e in kernel.iter().take(12) {
-            let what = match e["agent_event"].as_str() {
-                Some("spike") => format!(
-                    "spike alarm: terminate predicted in {:.0} ms",
-                    e["eta_ns"].as_f64().unwrap_or(0.0) / 1e6
-                ),
-                _ => format!(
-                    "{} -> {}",
-                    e["prev_level"].as_str().unwrap_or("?"),
-                    e["level"].as_str().unwrap_or("?")
-                ),
-            };
-            println!(
-                "  {:>7} ms  {what:<46} rss {:>10}   delay {} µs",
-                e["t_ms"].as_u64().unwrap_or(0),
-                iec(e["rss"].as_u64().unwrap_or(0)),
-                e["delay_us"]
-            );
-        }
-        if kernel.len() > 12 {
-            println!("  ... and {} more", kernel.len() - 12);
+    }
+    if kernel.len() > 12 {
+        println!("  ... and {} more", kernel.len() - 12);
+    }
+}
+
+/// The agent's live page in headless Chromium.
+struct Dashboard {
+    browser: Browser,
+    addr: SocketAddr,
+}
+
+impl Dashboard {
+    fn open(addr: SocketAddr) -> Result<Dashboard> {
+        let browser = Browser::start(1500, 900)?;
+        browser.goto(&format!("http://{addr}/"))?;
+        Ok(Dashboard { browser, addr })
+    }
+
+    /// A screenshot of the whole page (the window grown to its height).
+    fn screenshot(&self, path: &Path) -> Result<PathBuf> {
+        let h = self
+            .browser
+            .eval("return document.documentElement.scrollHeight;")?
+            .as_u64()
+            .unwrap_or(900)
+            .clamp(600, 4000);
+        self.browser.resize(1500, h as u32 + 20)?;
+        std::thread::sleep(Duration::from_millis(300));
+        self.browser.screenshot(path)
+    }
+}
+
+/// `path` relative to the workspace (target/..).
+fn screenshot_path(path: &Path) -> PathBuf {
+    let root = target_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    root.join(path)
+}
+
+fn start(args: &Args, socket: &Path, dir: &Path) -> Result<(AgentProc, Option<Dashboard>)> {
+    if !args.dashboard {
+        return Ok((start_agent(socket, Stdio::null())?, None));
+    }
+    let (agent, addr) = start_agent_http(socket, &dir.join("agent.log"))?;
+    println!(
+        "Live page: http://{addr}/ (open it in a browser on this machine; a headless Chromium watches it too)"
+    );
+    Ok((agent, Some(Dashboard::open(addr)?)))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !amm_agent::probe::is_root() {
+        bail!(
+            "the demo creates cgroups and starts amm-agent, which loads BPF: run `cargo xtask demo` as root"
+        );
+    }
+    let limit = args.limit_mib << 20;
+    let dir = tempfile::tempdir()?;
+    let socket: PathBuf = dir.path().join("agent.sock");
+    println!(
+        "amm demo: a worker under a hard {} cgroup limit, {} times: a managed base of {} (55 %), then {} (45 %) more of unmanaged memory in small tasks, faulted in at full speed.",
+        iec(limit),
+        args.bursts,
+        iec(limit * 55 / 100),
+        iec(limit * 45 / 100)
+    );
+    println!(
+        "Running it {} times each, interleaved: acting on a poll every 200 ms (Dask's documented default), and on amm-agent's kernel events ...",
+        args.runs
+    );
+    let (agent, dash) = start(&args, &socket, dir.path())?;
+    let mut polls = Vec::new();
+    let mut withs = Vec::new();
+    let mut shot = None;
+    for i in 0..args.runs {
+        let p = run_worker(dir.path(), limit, args.bursts, &socket, Mode::Poll)?;
+        let agent_run = || run_worker(dir.path(), limit, args.bursts, &socket, Mode::Agent);
+        let w = match &dash {
+            // the screenshot shows the last run live, the earlier ones ended
+            Some(d) if i + 1 == args.runs => std::thread::scope(|s| {
+                let run = s.spawn(agent_run);
+                std::thread::sleep(Duration::from_millis(1500));
+                shot = Some(d.screenshot(&screenshot_path(&args.screenshot)));
+                run.join()
+                    .unwrap_or_else(|_| bail!("the demo's run panicked"))
+            })?,
+            _ => agent_run()?,
+        };
+        println!(
+            "  run {:>2}: poll: {:<40} agent: {}",
+            i + 1,
+            verdict(&p),
+            verdict(&w)
+        );
+        polls.push(p);
+        withs.push(w);
+    }
+    print_table(&polls, &withs, limit);
+    print_kernel_events(withs.first().context("no run")?);
+    if let Some(d) = &dash {
+        let saved = shot.context("no screenshot was taken")??;
+        println!();
+        println!("The live page during the last run: {}", saved.display());
+        if args.linger_s > 0 {
+            println!("Keeping http://{}/ up for {} s ...", d.addr, args.linger_s);
+            std::thread::sleep(Duration::from_secs(args.linger_s));
         }
     }
+    drop(dash);
+    drop(agent);
     Ok(())
 }
