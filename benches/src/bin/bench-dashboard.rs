@@ -123,7 +123,7 @@ fn fleet(socket: &std::path::Path, n: usize) -> Result<Fleet> {
     for _ in 0..n {
         let mut c = Faulter::spawn()?;
         c.cmd("free")?;
-        let base = amm_agent::identity::proc_info(c.pid())?.rss_bytes;
+        let base = amm_agent::identity::ProcInfo::read(c.pid())?.rss_bytes();
         // spill (70 %) at 90 % of a touch
         let limit = ((base + (TOUCH_MIB << 20) * 9 / 10) as f64 / 0.7) as u64;
         client.register(&Registration::new(c.pid(), limit))?;
@@ -137,7 +137,7 @@ impl Fleet {
     /// without managed data would push it.
     fn push(&mut self) -> Result<()> {
         for c in &self.children {
-            let rss = amm_agent::identity::proc_info(c.pid())?.rss_bytes;
+            let rss = amm_agent::identity::ProcInfo::read(c.pid())?.rss_bytes();
             let split = Split {
                 process: rss,
                 managed: 0,
