@@ -34,7 +34,12 @@ function newRow(r) {
   const line = el("div", "line");
   const name = el("span", "name");
   const badge = el("span", "badge");
-  line.append(name, badge);
+  const report = el("a", "report", "report");
+  report.href = "/report/" + r.pid;
+  report.target = "_blank";
+  report.rel = "noopener";
+  report.title = "the leak-vs-hoard report of this process, from the agent's timeline";
+  line.append(name, badge, report);
   const meta = el("div", "meta");
   who.append(line, meta);
   const box = el("div", "barbox");
@@ -84,17 +89,12 @@ function updateRow(x, r, frame) {
   x.name.title = r.name;
   x.badge.textContent = levelText(r);
   x.meta.textContent = "";
-  x.meta.append("pid " + r.pid + " · uid " + r.uid + " · ");
+  x.meta.append("pid " + r.pid + " · uid " + r.uid);
   if (r.cgroup && r.cgroup !== "/") {
     const cg = el("span", "cg", r.cgroup.split("/").pop());
     cg.title = "cgroup " + r.cgroup;
-    x.meta.append(cg, " · ");
+    x.meta.append(" · ", cg);
   }
-  const a = el("a", null, "report");
-  a.href = "/report/" + r.pid;
-  a.target = "_blank";
-  a.rel = "noopener";
-  x.meta.append(a);
 
   const limit = r.limit;
   const s = r.split;
@@ -138,8 +138,12 @@ function updateRow(x, r, frame) {
 
 function drawSpark(x, r, frame) {
   const nowBucket = Math.floor(frame.now_ns / 1e6 / frame.bucket_ms);
-  const first = nowBucket - 359;
-  for (const b of x.spark.keys()) if (b < first) x.spark.delete(b);
+  for (const b of x.spark.keys()) if (b < nowBucket - 359) x.spark.delete(b);
+  // the row's own history, at least 30 s, at most the 3 minutes kept
+  const keys = [...x.spark.keys()];
+  const last = r.ended && keys.length ? Math.max(...keys) : nowBucket;
+  const span = Math.min(359, Math.max(59, last - Math.min(last, ...keys)));
+  const first = last - span;
   const sig = r.ended ? "e" + x.spark.size : nowBucket + ":" + (x.spark.get(nowBucket) || 0) + ":" + x.spark.size;
   if (sig === x.sig) return;
   x.sig = sig;
@@ -159,7 +163,7 @@ function drawSpark(x, r, frame) {
   g.setLineDash([]);
   const pts = [...x.spark.entries()].sort((a, b) => a[0] - b[0]);
   if (!pts.length) return;
-  const xs = (b) => ((b - first) / 359) * (W - 2) + 1;
+  const xs = (b) => ((b - first) / span) * (W - 2) + 1;
   g.beginPath();
   g.moveTo(xs(pts[0][0]), H);
   for (const [b, v] of pts) g.lineTo(xs(b), y(v));
@@ -276,6 +280,12 @@ function apply(frame) {
   for (const r of frame.rows) {
     const key = r.ended ? "e" + r.pid + ":" + r.since_ns : String(r.pid);
     let x = rows.get(key);
+    if (!x && r.ended && rows.has(String(r.pid))) {
+      // the watch just ended: the same row, with its sparkline, moves on
+      x = rows.get(String(r.pid));
+      rows.delete(String(r.pid));
+      rows.set(key, x);
+    }
     if (!x) {
       x = newRow(r);
       rows.set(key, x);
