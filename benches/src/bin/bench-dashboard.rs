@@ -151,6 +151,7 @@ impl Fleet {
                 pid: c.pid(),
                 t_ns: monotonic_ns(),
                 split,
+                heap: None,
             })?;
         }
         // drain events so the agent never sees us as not reading
