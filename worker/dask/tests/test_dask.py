@@ -199,3 +199,52 @@ def test_the_policy_retires_a_leaking_worker_without_losing_its_keys(agent, clus
     assert all(hs and a_addr not in hs for hs in holders.values()), holders
     events = client.get_events("amm")
     assert any(e.get("action") == "retire-leak" and e.get("worker") == a_addr for _, e in events)
+
+
+_WITHOUT_AMM_DASK = """
+import pickle, sys
+
+class NoAmmDask:
+    # a client machine that never installed amm_dask
+    def find_spec(self, name, path=None, target=None):
+        if name == "amm_dask" or name.startswith("amm_dask."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, NoAmmDask())
+from distributed import KilledWorker
+err = pickle.loads(sys.stdin.buffer.read())
+assert "amm_dask" not in sys.modules, sorted(m for m in sys.modules if m.startswith("amm"))
+assert isinstance(err, KilledWorker), type(err).__mro__
+print(type(err).__name__)
+print(err.amm["kills"][0]["pid"])
+print(str(err))
+"""
+
+
+def test_the_killed_worker_story_unpickles_on_a_client_without_amm_dask():
+    import pickle
+    import subprocess
+    import sys
+
+    from types import SimpleNamespace
+
+    from amm_dask.killed import AmmKilledWorker
+
+    story = {"kills": [{"pid": 4242, "killed_at_page": True}]}
+    worker = SimpleNamespace(address="tcp://w:1")
+    err = AmmKilledWorker("spike-task", worker, 1, story, "the kernel killed worker pid 4242")
+    data = pickle.dumps(err)
+    # where amm_dask is importable, the class itself comes back
+    back = pickle.loads(data)
+    assert type(back) is AmmKilledWorker and back.amm == story
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_AMM_DASK],
+        input=data,
+        capture_output=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    name, pid, text = out.stdout.decode().splitlines()[:3]
+    assert name == "AmmKilledWorker" and pid == "4242"
+    assert "spike-task" in text and "the kernel killed worker pid 4242" in text, text

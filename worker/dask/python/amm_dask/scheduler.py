@@ -26,6 +26,7 @@ from distributed import SchedulerPlugin
 from distributed.active_memory_manager import ActiveMemoryManagerPolicy
 
 from amm_dask import config
+from amm_dask.killed import AmmKilledWorker
 
 logger = logging.getLogger("distributed.scheduler.amm")
 
@@ -100,24 +101,12 @@ def explain(info: dict | None) -> str:
     return " ".join(parts)
 
 
-class AmmKilledWorker(_ORIGINAL_KILLED_WORKER):
-    """Dask's KilledWorker with what amm knows about the task that killed
-    the workers (``.amm``: the kill stories and the last pressure report)."""
-
-    def __init__(self, task, last_worker, allowed_failures, amm=None):
-        if amm is None:
-            amm = REGISTRY.about(task, getattr(last_worker, "address", None))
-        super().__init__(task, last_worker, allowed_failures)
-        self.args = (task, last_worker, allowed_failures, amm)
-
-    @property
-    def amm(self) -> dict | None:
-        return self.args[3] if len(self.args) > 3 else None
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        extra = explain(self.amm)
-        return f"{text} {extra}" if extra else text
+def killed_worker(task, last_worker, allowed_failures):
+    """What the scheduler raises instead of ``KilledWorker`` while amm's
+    plugin runs: an :class:`~amm_dask.killed.AmmKilledWorker` with what amm
+    knows about `task`."""
+    amm = REGISTRY.about(task, getattr(last_worker, "address", None))
+    return AmmKilledWorker(task, last_worker, allowed_failures, amm, explain(amm))
 
 
 class AmmSchedulerPlugin(SchedulerPlugin):
@@ -128,7 +117,7 @@ class AmmSchedulerPlugin(SchedulerPlugin):
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
-        dscheduler.KilledWorker = AmmKilledWorker
+        dscheduler.KilledWorker = killed_worker
 
     async def close(self) -> None:
         dscheduler.KilledWorker = _ORIGINAL_KILLED_WORKER
