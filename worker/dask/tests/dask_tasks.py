@@ -25,7 +25,7 @@ def spike(nbytes):
 
 def hold_then_release(fraction, limit, hold_s, path):
     """Brings RSS to `fraction` of `limit`, returns at once, and releases
-    the memory `hold_s` later from a thread, writing the time it did."""
+    the memory `hold_s` later from a thread, writing the time it began to."""
     import threading
 
     import numpy as np
@@ -36,9 +36,12 @@ def hold_then_release(fraction, limit, hold_s, path):
 
     def release():
         time.sleep(hold_s)
+        # the time the release began: a task let in by the drop can start
+        # before this thread gets the CPU back after the free
+        began = time.time()
         box.clear()
         with open(path, "w") as f:
-            f.write(repr(time.time()))
+            f.write(repr(began))
 
     threading.Thread(target=release, daemon=True).start()
     return need
