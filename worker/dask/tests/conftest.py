@@ -190,6 +190,10 @@ class HardLimit:
                 f.write("0")
         return join
 
+    def procs(self) -> list[int]:
+        """The pids in the cgroup, as this (the host's) PID namespace sees them."""
+        return [int(p) for p in self._read("cgroup.procs").split()]
+
     def oom_kills(self) -> int:
         text = self._read("memory.events" if self.v2 else "memory.oom_control")
         for line in text.splitlines():
@@ -252,10 +256,13 @@ class DaskCluster:
         wait_until(lambda: os.path.exists(self.sched_file), "the scheduler's file", 60)
 
     def add_worker(self, name: str, limit: int, *, amm: bool = True, nthreads: int = 1,
-                   extra_env: dict | None = None, cgroup_slack: int = 256 * MIB) -> dict:
+                   extra_env: dict | None = None, cgroup_slack: int = 256 * MIB,
+                   wrapper: list[str] | None = None) -> dict:
+        """A nanny-managed worker in its own cgroup; `wrapper` runs it through
+        a command first (``unshare --pid ...``: a container's PID namespace)."""
         cg = HardLimit("dasktest", limit + cgroup_slack)
         self.cgroups.append(cg)
-        args = [dask_bin(), "worker", "--scheduler-file", self.sched_file,
+        args = list(wrapper or []) + [dask_bin(), "worker", "--scheduler-file", self.sched_file,
                 "--nthreads", str(nthreads), "--memory-limit", str(limit), "--name", name,
                 "--local-directory", os.path.join(self.tmp, name),
                 "--dashboard-address", "127.0.0.1:0"]

@@ -53,6 +53,29 @@ def test_workers_register_and_stay_registered(agent, cluster_factory):
     assert "amm-agent lost" in c.log("b")
 
 
+def test_a_worker_in_another_pid_namespace_registers_as_itself(agent, cluster_factory):
+    # a container: the worker and its nanny see pid 1.. of their own PID
+    # namespace; the agent (on the host) must watch the host's pid of the
+    # worker process, never the pid number the worker believes it has
+    c = cluster_factory(agent)
+    w = c.add_worker("a", LIMIT, wrapper=["unshare", "--pid", "--fork", "--mount-proc"])
+    c.connect(1)
+    inner = c.pids()["a"]
+
+    def host_pid():
+        return next((p for p in w["cgroup"].procs() if p in agent.watched()), None)
+
+    outer = wait_until(host_pid, "the namespaced worker registered", 120)
+    with open(f"/proc/{outer}/status") as f:
+        nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+    # the watched process is the worker: its pid in its own namespace is
+    # the one Dask reports
+    assert len(nspid) == 2 and int(nspid[0]) == outer and int(nspid[1]) == inner, nspid
+    st = {x["pid"]: x for x in agent.status()["watches"]}
+    assert st[outer]["limit_bytes"] == LIMIT
+    assert "registered with amm-agent" in c.log("a")
+
+
 def test_a_spike_is_killed_at_the_page_and_named_in_the_error(agent, cluster_factory):
     c = cluster_factory(agent, env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"})
     w = c.add_worker("a", LIMIT)
