@@ -271,3 +271,29 @@ def test_the_killed_worker_story_unpickles_on_a_client_without_amm_dask():
     name, pid, text = out.stdout.decode().splitlines()[:3]
     assert name == "AmmKilledWorker" and pid == "4242"
     assert "spike-task" in text and "the kernel killed worker pid 4242" in text, text
+
+
+def test_the_preload_library_is_never_taken_from_the_working_directory_or_a_writable_place(
+    tmp_path, monkeypatch
+):
+    from amm_dask import nanny
+
+    monkeypatch.delenv("AMM_ROOT", raising=False)
+    monkeypatch.delenv(nanny.PRELOAD_ENV, raising=False)
+    planted = tmp_path / "target" / "release"
+    planted.mkdir(parents=True)
+    (planted / "libamm_preload.so").write_bytes(b"\x7fELF")
+    monkeypatch.chdir(tmp_path)
+    assert nanny.find_preload_library() is None
+
+    lib = tmp_path / "lib" / "libamm_preload.so"
+    lib.parent.mkdir()
+    lib.write_bytes(b"\x7fELF")
+    monkeypatch.setenv(nanny.PRELOAD_ENV, str(lib))
+    lib.chmod(0o666)
+    assert nanny.find_preload_library() is None
+    lib.chmod(0o644)
+    lib.parent.chmod(0o777)
+    assert nanny.find_preload_library() is None
+    lib.parent.chmod(0o755)
+    assert nanny.find_preload_library() == str(lib)

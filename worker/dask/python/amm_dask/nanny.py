@@ -34,18 +34,43 @@ PRELOAD_ENV = "AMM_PRELOAD_LIBRARY"
 def find_preload_library() -> str | None:
     """The amm preload library: ``amm.nanny.preload-library``,
     ``$AMM_PRELOAD_LIBRARY``, one bundled next to this package, or one built
-    in the amm checkout this package was installed from."""
+    in the amm checkout named by ``$AMM_ROOT``. Never one found in the
+    working directory: a library preloaded into a worker (often root's) must
+    come from a place its user chose, and one that another user could have
+    written is refused."""
     candidates = [config.get("nanny.preload-library"), os.environ.get(PRELOAD_ENV)]
     here = os.path.dirname(__file__)
     candidates.append(os.path.join(here, "libamm_preload.so"))
-    for root in (os.environ.get("AMM_ROOT"), os.getcwd()):
-        if root:
-            for profile in ("release", "debug"):
-                candidates.append(os.path.join(root, "target", profile, "libamm_preload.so"))
+    root = os.environ.get("AMM_ROOT")
+    if root:
+        for profile in ("release", "debug"):
+            candidates.append(os.path.join(root, "target", profile, "libamm_preload.so"))
     for c in candidates:
         if c and os.path.isfile(c):
-            return os.path.abspath(c)
+            path = os.path.realpath(c)
+            problem = untrusted(path)
+            if problem:
+                logger.warning("amm: not preloading %s: %s", path, problem)
+                continue
+            return path
     return None
+
+
+def untrusted(path: str) -> str | None:
+    """Why `path` (and its directories) could have been written by someone
+    other than this user or root, or None when it could not."""
+    me = os.geteuid()
+    d = path
+    while True:
+        st = os.stat(d)
+        if st.st_uid not in (0, me):
+            return f"{d} belongs to uid {st.st_uid}"
+        if st.st_mode & 0o022 and not (os.path.isdir(d) and st.st_mode & 0o1000):
+            return f"{d} is writable by its group or by others"
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
 
 
 def worker_environment() -> dict[str, str]:
