@@ -21,13 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use amm_ebpf::{EventKind, Level as KernelLevel};
+use amm_ebpf::EventKind;
 use amm_protocol::link::{Link, LinkConfig, LinkEvent};
 use amm_protocol::{Fractions, Registration, Split, TerminateBy};
 use serde_json::json;
 
 use crate::config::MemoryConfig;
-use crate::memory::{Accounting, EventSink, Level};
+use crate::memory::{Accounting, EventSink};
 use crate::timeline::{Timeline, monotonic_ns};
 
 /// What the worker saw of the agent, for its summary.
@@ -56,15 +56,6 @@ pub struct AgentLink {
 impl std::fmt::Debug for AgentLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentLink").finish_non_exhaustive()
-    }
-}
-
-fn level_of(l: KernelLevel) -> Level {
-    match l {
-        KernelLevel::Below => Level::Below,
-        KernelLevel::Spill => Level::Spill,
-        KernelLevel::Pause => Level::Pause,
-        KernelLevel::Terminate => Level::Terminate,
     }
 }
 
@@ -193,9 +184,7 @@ fn handle(
             // act first, record after
             if let Some(sink) = sink {
                 match m.event {
-                    EventKind::Level if m.level > m.prev_level => {
-                        sink.on_level_event(level_of(m.level))
-                    }
+                    EventKind::Level if m.level > m.prev_level => sink.on_level_event(m.level),
                     EventKind::Level => sink.wake(),
                     EventKind::Spike => {
                         // until the predicted crossing, then look again

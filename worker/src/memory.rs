@@ -61,31 +61,9 @@ pub use amm_alloc::PURGE_BUDGET;
 /// last purge: the least amount the report gives a verdict on.
 pub const PROBE_MIN_BYTES: u64 = 4 << 20;
 
-/// A memory level, as the agent's BPF program reports it (`amm_ebpf::Level`
-/// maps one to one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    /// Below spill.
-    Below = 0,
-    /// At or above spill.
-    Spill = 1,
-    /// At or above pause.
-    Pause = 2,
-    /// At or above terminate.
-    Terminate = 3,
-}
-
-impl Level {
-    fn from_u8(v: u8) -> Level {
-        match v {
-            1 => Level::Spill,
-            2 => Level::Pause,
-            3 => Level::Terminate,
-            _ => Level::Below,
-        }
-    }
-}
+/// A memory level: the one vocabulary of the kernel's program, the agent
+/// and the worker (`enum amm_level` in ebpf/include/amm.h).
+pub use amm_ebpf::Level;
 
 pub use amm_report::Levels;
 
@@ -670,7 +648,7 @@ impl MemoryManager {
             rss = proc::rss_bytes()?;
             // a spill to a slow disk takes long: a pause the kernel saw
             // meanwhile must not wait for it to end
-            if self.shared.hint.load(Ordering::SeqCst) >= Level::Pause as u8 {
+            if self.shared.hint.load(Ordering::SeqCst) >= Level::Pause.raw() as u8 {
                 self.set_paused(true, "level event", rss);
             }
             if unpurged >= batch {
@@ -782,7 +760,11 @@ impl MemoryManager {
     /// Reading the allocator's statistics takes up to a millisecond and the
     /// decision needs only RSS, so spill (and pause) before measuring.
     fn act_on_hint(&mut self) -> std::io::Result<Level> {
-        let hint = Level::from_u8(self.shared.hint.swap(Level::Below as u8, Ordering::SeqCst));
+        let raw = self
+            .shared
+            .hint
+            .swap(Level::Below.raw() as u8, Ordering::SeqCst);
+        let hint = Level::from_raw(u32::from(raw)).unwrap_or(Level::Below);
         if matches!(hint, Level::Spill | Level::Pause)
             && let Some(spill) = self.levels.spill
         {
@@ -941,7 +923,9 @@ impl EventSink {
     /// the tick spill down to target as far as its own measurement shows the
     /// process above target.
     pub fn on_level_event(&self, level: Level) {
-        self.shared.hint.fetch_max(level as u8, Ordering::SeqCst);
+        self.shared
+            .hint
+            .fetch_max(level.raw() as u8, Ordering::SeqCst);
         self.shared.wake();
     }
 
