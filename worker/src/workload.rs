@@ -59,6 +59,9 @@
 //! [[phase.op]]
 //! op = "purge"                     # purge/trim the allocator now, report what came back
 //! [[phase.op]]
+//! op = "barrier"                   # the ops after it start when the ops before it
+//!                                  # (in this phase) have finished, however long they took
+//! [[phase.op]]
 //! op = "crash"                     # abort | segfault, while AMM_WORKER_ATTEMPT < until-attempt
 //! how = "abort"
 //! until-attempt = 1
@@ -333,6 +336,10 @@ pub enum Op {
     },
     /// Purge/trim the allocator.
     Purge {},
+    /// Not an operation: the operations after it in the phase start when
+    /// those before it have finished, so a pause written after a burst lasts
+    /// as long as written on a slow machine too.
+    Barrier {},
     /// End the process abnormally (for nanny tests).
     Crash {
         /// How.
@@ -561,21 +568,13 @@ impl Runner {
                     if let Some(t) = &self.state.timeline {
                         t.event("phase", json!({"name": name, "round": rep, "repeat": prep}));
                     }
-                    let errs: Vec<String> = std::thread::scope(|s| {
-                        let handles: Vec<_> = phase
-                            .ops
-                            .iter()
-                            .map(|op| s.spawn(move || self.run_op(op)))
-                            .collect();
-                        handles
-                            .into_iter()
-                            .filter_map(|h| match h.join() {
-                                Ok(Ok(())) => None,
-                                Ok(Err(e)) => Some(format!("{name}: {e:#}")),
-                                Err(_) => Some(format!("{name}: operation panicked")),
-                            })
-                            .collect()
-                    });
+                    let mut errs: Vec<String> = Vec::new();
+                    for group in phase.ops.split(|op| matches!(op, Op::Barrier {})) {
+                        errs = self.run_together(&name, group);
+                        if !errs.is_empty() {
+                            break;
+                        }
+                    }
                     if !errs.is_empty() {
                         for e in &errs {
                             tracing::error!("{e}");
@@ -600,6 +599,24 @@ impl Runner {
             purged_bytes: self.state.purged.load(Ordering::Relaxed),
             purges: self.state.purges.load(Ordering::Relaxed),
         }
+    }
+
+    /// Runs `ops` concurrently and returns what failed.
+    fn run_together(&self, phase: &str, ops: &[Op]) -> Vec<String> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ops
+                .iter()
+                .map(|op| s.spawn(move || self.run_op(op)))
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("{phase}: {e:#}")),
+                    Err(_) => Some(format!("{phase}: operation panicked")),
+                })
+                .collect()
+        })
     }
 
     fn stage(&self, tasks: Vec<Task>) -> anyhow::Result<()> {
@@ -775,6 +792,7 @@ impl Runner {
                     .collect();
                 self.stage(list)
             }
+            Op::Barrier {} => Ok(()),
             Op::Purge {} => {
                 let st = st.clone();
                 self.stage(vec![Box::new(move || {
@@ -1222,6 +1240,40 @@ mod tests {
         assert!(err.contains("\"d/4\""), "{err}");
         let many: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
         assert!(named_list(&many, "wrong").ends_with("k9 (and 2 more)"));
+    }
+
+    /// A pause written after a burst must not start with the burst: on a
+    /// loaded machine the burst takes most of the pause, and the floor
+    /// between two bursts is never seen (the suite's spike cases).
+    #[test]
+    fn ops_after_a_barrier_start_when_those_before_it_finished() {
+        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
+        let tmp = tempfile::tempdir().expect("tmp");
+        let buffer = Arc::new(SpillBuffer::new(
+            SpillDir::open(tmp.path(), "b").expect("dir"),
+            SpillOptions {
+                target: None,
+                max_spill: None,
+                write: WriteOptions {
+                    fsync: false,
+                    drop_cache: false,
+                },
+            },
+        ));
+        let runner =
+            Runner::new(2, buffer.clone(), Arc::new(Gate::default()), None, 0).expect("runner");
+        // 8 values put 20 ms apart, then all of them dropped
+        let w = Workload::parse(
+            "[[phase]]\n[[phase.op]]\nop = \"allocate\"\nbytes = \"8MiB\"\nchunk = \"1MiB\"\n\
+             keep = \"managed\"\nkey = \"b\"\ntasks = 1\ndelay = \"20ms\"\n\
+             [[phase.op]]\nop = \"barrier\"\n[[phase.op]]\nop = \"drop\"\nkey = \"b\"\n",
+            "t.toml",
+        )
+        .expect("workload");
+        let out = runner.run(&w);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(buffer.managed(), 0, "drop ran before the values were put");
+        assert!(buffer.keys_with_prefix("b").is_empty());
     }
 
     /// Issue 9 item 10: `bytes = nan` said "NaN is negative".
