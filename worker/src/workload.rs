@@ -22,7 +22,8 @@
 //! key = "data"
 //! tasks = 64                       # default: one per 8 MiB or per chunk if larger
 //!                                  # (keep = "task": 1)
-//! delay = "5ms"                    # between two chunks of a task
+//! delay = "5ms"                    # chunk i of a task is due i delays after it
+//!                                  # started (a late wake-up catches up)
 //! hold = "1s"                      # before a task ends
 //!
 //! [[phase]]
@@ -268,7 +269,9 @@ pub enum Op {
         key: Option<String>,
         /// Number of tasks.
         tasks: Option<u32>,
-        /// Pause between chunks.
+        /// Pause between chunks: chunk i is due i delays after the task
+        /// started, so a late wake-up on a busy machine catches up and the
+        /// rate holds.
         delay: Option<Dur>,
         /// Pause before a task ends.
         hold: Option<Dur>,
@@ -670,6 +673,7 @@ impl Runner {
                         per_task
                     };
                     list.push(Box::new(move || {
+                        let start = Instant::now();
                         let mut rng = Rng::new(seed_of(&key) ^ (base + t));
                         let mut held: Held = Vec::new();
                         let (mut done, mut i) = (0u64, 0u64);
@@ -693,7 +697,11 @@ impl Runner {
                             done += size as u64;
                             i += 1;
                             if let Some(d) = delay {
-                                std::thread::sleep(d);
+                                // chunk i is due at i delays after the start:
+                                // a wake-up late on a busy machine catches up,
+                                // so the rate written is the rate run
+                                let due = start + d.mul_f64(i as f64);
+                                std::thread::sleep(due.saturating_duration_since(Instant::now()));
                             }
                         }
                         if let Some(h) = hold {
