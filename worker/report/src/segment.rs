@@ -11,7 +11,9 @@
 //!    lines fit its unmanaged memory (process − managed; RSS for kernel-only
 //!    runs) much better than one ([`Thresholds::split_gain`]), and the two
 //!    lines differ by a significant amount at the cut or over the shorter
-//!    side. At most three levels of cuts.
+//!    side, where growth starts, stops or turns back or memory drops (a
+//!    rise that only goes slower or faster is not cut: on a busy machine a
+//!    steady leak's rate varies). At most three levels of cuts.
 
 use std::ops::Range;
 
@@ -194,11 +196,20 @@ fn split(run: &Run, th: &Thresholds, s: Span, depth: usize, out: &mut Vec<Span>)
         out.push(s);
         return;
     };
-    let tk = pts[k].0;
+    // the step between the two lines where they meet, not past either's
+    // data
+    let tk = (pts[k - 1].0 + pts[k].0) / 2.0;
     let step = (fl.at(tk) - fr.at(tk)).abs();
-    let shorter = (l[l.len() - 1].0 - l[0].0).min(r[r.len() - 1].0 - r[0].0);
-    let bend = (fl.slope - fr.slope).abs() * shorter;
-    if step < sig && bend < sig {
+    let (dl, dr) = (l[l.len() - 1].0 - l[0].0, r[r.len() - 1].0 - r[0].0);
+    let bend = (fl.slope - fr.slope).abs() * dl.min(dr);
+    // a cut marks a change of what happens (growth that starts, stops or
+    // turns back, or memory that drops), not of how fast: a leak that slows
+    // down while the machine is busy is one leak, and two lines through a
+    // curving rise leave a gap between them that is no step
+    let flat = |slope: f64, d: f64| (slope * d).abs() < sig / 2.0;
+    let turns = fl.slope.signum() != fr.slope.signum() || flat(fl.slope, dl) || flat(fr.slope, dr);
+    let drops = fl.at(tk) - fr.at(tk) >= sig;
+    if (step < sig && bend < sig) || !(turns || drops) {
         out.push(s);
         return;
     }
@@ -338,5 +349,26 @@ mod tests {
             segment(&run(straight, vec![]), &Thresholds::default()).len(),
             1
         );
+    }
+
+    /// The suite's fast leak on a loaded machine: 30 MiB/s for 5 s, then
+    /// 10 MiB/s while its thread got less CPU. Cut there, the leak phase's
+    /// first stretch held less than half of the leak.
+    #[test]
+    fn a_leak_that_slows_down_is_one_stretch() {
+        let mib = 1u64 << 20;
+        let ticks: Vec<Tick> = (0..55)
+            .map(|i| {
+                let t = i as f64 * 0.2;
+                let u = if t < 5.0 {
+                    t * 30.0
+                } else {
+                    150.0 + (t - 5.0) * 10.0
+                };
+                tick(t, (u * mib as f64) as u64)
+            })
+            .collect();
+        let s = segment(&run(ticks, vec![]), &Thresholds::default());
+        assert_eq!(s.len(), 1, "{s:?}");
     }
 }
