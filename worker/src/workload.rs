@@ -1198,14 +1198,11 @@ fn free_fraction(st: &State, key: &str, fraction: f64, pattern: FreePattern) {
 mod tests {
     use super::*;
 
-    /// Issue 9 item 10: with 5 corrupt spilled keys only the first 3 were
-    /// named and the check said "0 wrong".
-    #[test]
-    fn read_back_counts_and_names_every_bad_value() {
+    /// A SpillBuffer in `dir` that spills only when told to.
+    fn scratch_buffer(dir: &Path, name: &str) -> Arc<SpillBuffer> {
         use crate::spill::{SpillDir, SpillOptions, WriteOptions};
-        let tmp = tempfile::tempdir().expect("tmp");
-        let buffer = Arc::new(SpillBuffer::new(
-            SpillDir::open(tmp.path(), "rb").expect("dir"),
+        Arc::new(SpillBuffer::new(
+            SpillDir::open(dir, name).expect("dir"),
             SpillOptions {
                 target: None,
                 max_spill: None,
@@ -1214,7 +1211,15 @@ mod tests {
                     drop_cache: false,
                 },
             },
-        ));
+        ))
+    }
+
+    /// Issue 9 item 10: with 5 corrupt spilled keys only the first 3 were
+    /// named and the check said "0 wrong".
+    #[test]
+    fn read_back_counts_and_names_every_bad_value() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let buffer = scratch_buffer(tmp.path(), "rb");
         for i in 0..7u8 {
             buffer.put(&format!("d/{i}"), Value::bytes(vec![i; 1000]));
         }
@@ -1255,19 +1260,8 @@ mod tests {
     /// between two bursts is never seen (the suite's spike cases).
     #[test]
     fn ops_after_a_barrier_start_when_those_before_it_finished() {
-        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
         let tmp = tempfile::tempdir().expect("tmp");
-        let buffer = Arc::new(SpillBuffer::new(
-            SpillDir::open(tmp.path(), "b").expect("dir"),
-            SpillOptions {
-                target: None,
-                max_spill: None,
-                write: WriteOptions {
-                    fsync: false,
-                    drop_cache: false,
-                },
-            },
-        ));
+        let buffer = scratch_buffer(tmp.path(), "b");
         let runner =
             Runner::new(2, buffer.clone(), Arc::new(Gate::default()), None, 0).expect("runner");
         // 8 values put 20 ms apart, then all of them dropped
