@@ -98,6 +98,19 @@ struct RunArgs {
     /// Most HTTP connections open at once (more are answered 503).
     #[arg(long, default_value_t = 32, requires = "http")]
     http_max_connections: usize,
+    /// File the HTTP listener's bearer token is written to at each start
+    /// (mode 0640, removed at exit); default: beside the socket, with the
+    /// extension `.http-token`.
+    #[arg(long, value_name = "PATH", requires = "http")]
+    http_token_file: Option<PathBuf>,
+    /// Group (name or gid) that may read the token file, and so the page
+    /// and /metrics (e.g. the group Prometheus runs as).
+    #[arg(long, value_name = "GROUP", requires = "http")]
+    http_group: Option<String>,
+    /// Serve the page and /metrics without a token to anyone who can
+    /// connect (a single-user machine; they show every user's processes).
+    #[arg(long, requires = "http", conflicts_with_all = ["http_token_file", "http_group"])]
+    http_public: bool,
 }
 
 #[derive(Debug, Args)]
@@ -365,6 +378,31 @@ fn set_realtime(priority: u8) {
     }
 }
 
+/// The `--http*` flags as the listener's settings, with a fresh token
+/// unless `--http-public`.
+fn http_config(a: &RunArgs) -> Result<Option<crate::http::HttpConfig>> {
+    use crate::http_auth::{self, Access};
+    let Some(addr) = a.http else {
+        return Ok(None);
+    };
+    let access = if a.http_public {
+        Access::Public
+    } else {
+        let file = a
+            .http_token_file
+            .clone()
+            .unwrap_or_else(|| http_auth::default_file(&a.socket));
+        Access::with_token(file)?
+    };
+    Ok(Some(crate::http::HttpConfig {
+        addr,
+        allow_remote: a.http_allow_remote,
+        max_connections: a.http_max_connections,
+        access,
+        token_group: a.http_group.as_deref().map(server::group_id).transpose()?,
+    }))
+}
+
 fn run(a: RunArgs) -> Result<()> {
     if a.max_clients_per_uid > a.max_clients {
         bail!(
@@ -373,6 +411,7 @@ fn run(a: RunArgs) -> Result<()> {
             a.max_clients
         );
     }
+    let http = http_config(&a)?;
     let config = ServerConfig {
         socket: a.socket,
         socket_mode: a.socket_mode,
@@ -388,17 +427,15 @@ fn run(a: RunArgs) -> Result<()> {
         hello_timeout: Duration::from_millis(a.hello_timeout_ms),
         frame_timeout: Duration::from_millis(a.frame_timeout_ms),
         default_spike_horizon: Duration::from_millis(a.spike_horizon_ms),
-        http: a.http.map(|addr| crate::http::HttpConfig {
-            addr,
-            allow_remote: a.http_allow_remote,
-            max_connections: a.http_max_connections,
-        }),
+        http,
         ..ServerConfig::default()
     };
     if let Some(h) = &config.http {
         // before loading anything: a refused address is a usage error
         crate::http::check(h)?;
     }
+    // removes the token file however `run` ends
+    let _token_file = config.http.as_ref().and_then(|h| h.access.remover());
     raise_fd_limit();
     // loaded now (so a broken object fails at start), attached with the
     // first watch

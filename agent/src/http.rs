@@ -16,8 +16,10 @@
 //! connection lives at most [`PLAIN_LIFETIME`], a live stream is dropped
 //! when its reader has taken nothing for [`STALL_TIMEOUT`]; a `Host` that is
 //! not loopback is refused (DNS rebinding) unless remote access was asked
-//! for. The page shows what `amm-agent status` shows root: keep the
-//! listener on loopback or behind an authenticating proxy (SECURITY.md).
+//! for. The page shows what `amm-agent status` shows root, so every route
+//! first asks [`http_auth`](crate::http_auth) whether the request carries
+//! the agent's token (401 saying where the token file is, or a 303 that
+//! turns a `?token=` into a cookie); `--http-public` switches that off.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -43,6 +45,7 @@ use tokio_stream::wrappers::WatchStream;
 use tracing::{debug, info, warn};
 
 use crate::clock::monotonic_ns;
+use crate::http_auth::{self, Access, Verdict};
 use crate::live::Live;
 use crate::observe::{self, Observations, Observer};
 use crate::probe::{Probe, ProbeView};
@@ -70,15 +73,21 @@ pub struct HttpConfig {
     pub allow_remote: bool,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Who may read it: the token's holders, or everyone who can connect.
+    pub access: Access,
+    /// Group that may read the token file, when not the agent's own.
+    pub token_group: Option<u32>,
 }
 
 impl HttpConfig {
-    /// Loopback `addr`, the default connection cap.
-    pub fn new(addr: SocketAddr) -> Self {
+    /// `addr` admitting `access`, the default connection cap.
+    pub fn new(addr: SocketAddr, access: Access) -> Self {
         HttpConfig {
             addr,
             allow_remote: false,
             max_connections: 32,
+            access,
+            token_group: None,
         }
     }
 }
@@ -117,8 +126,9 @@ pub fn check(config: &HttpConfig) -> Result<()> {
     Ok(())
 }
 
-/// Binds the listener and starts the HTTP thread; returns the relay's end
-/// of the observation channel.
+/// Binds the listener, writes the token file and starts the HTTP thread;
+/// returns the relay's end of the observation channel. The caller removes
+/// the token file at shutdown ([`Access::remover`]).
 pub fn start(config: &HttpConfig, probe: &Probe, socket: &Path) -> Result<Observer> {
     check(config)?;
     let listener = std::net::TcpListener::bind(config.addr)
@@ -127,9 +137,10 @@ pub fn start(config: &HttpConfig, probe: &Probe, socket: &Path) -> Result<Observ
         .set_nonblocking(true)
         .context("cannot make the HTTP listener non-blocking")?;
     let addr = listener.local_addr().unwrap_or(config.addr);
+    config.access.publish(config.token_group)?;
     let view = probe.view()?;
     let (observer, observations) = observe::channel(observe::CHANNEL_CAP);
-    let config = config.clone();
+    let owned = config.clone();
     let socket = socket.to_path_buf();
     std::thread::Builder::new()
         .name("amm-http".into())
@@ -148,10 +159,20 @@ pub fn start(config: &HttpConfig, probe: &Probe, socket: &Path) -> Result<Observ
                     return;
                 }
             };
-            rt.block_on(serve(listener, config, socket, view, observations));
+            rt.block_on(serve(listener, owned, socket, view, observations));
         })
         .context("cannot start the HTTP thread")?;
-    info!("serving /metrics and the live page on http://{addr}/");
+    match &config.access {
+        Access::Token { file, .. } => info!(
+            "serving /metrics and the live page on http://{addr}/ to holders of the token in {} \
+             (a browser opens http://{addr}/?token=TOKEN once)",
+            file.display()
+        ),
+        Access::Public => warn!(
+            "serving /metrics and the live page on http://{addr}/ to anyone who can connect \
+             (--http-public)"
+        ),
+    }
     Ok(observer)
 }
 
@@ -161,6 +182,8 @@ struct Ctx {
     frames: watch::Receiver<Bytes>,
     socket: PathBuf,
     config: HttpConfig,
+    /// The port actually bound (names the login cookie).
+    port: u16,
     slots: Arc<Semaphore>,
     refused: AtomicU64,
 }
@@ -208,11 +231,15 @@ async fn serve(
             return;
         }
     };
+    let port = listener
+        .local_addr()
+        .map_or(config.addr.port(), |a| a.port());
     let (tx, frames) = watch::channel(Bytes::new());
     let ctx = Arc::new(Ctx {
         live: Mutex::new(Live::new()),
         frames,
         socket,
+        port,
         slots: Arc::new(Semaphore::new(config.max_connections)),
         config,
         refused: AtomicU64::new(0),
@@ -383,7 +410,9 @@ fn has_body(headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.trim() != "0")
 }
 
-async fn route(ctx: &Ctx, req: &Request<Incoming>, progress: &Arc<Progress>) -> Response<Body> {
+/// The answer to a request that is not served: a wrong method, a foreign
+/// `Host`, a body, or no token (401) or a token to turn into a cookie (303).
+fn gate(ctx: &Ctx, req: &Request<Incoming>) -> Option<Response<Body>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -391,17 +420,60 @@ async fn route(ctx: &Ctx, req: &Request<Incoming>, progress: &Arc<Progress>) -> 
         );
         r.headers_mut()
             .insert("allow", HeaderValue::from_static("GET, HEAD"));
-        return r;
+        return Some(r);
     }
     if !ctx.config.allow_remote && !host_is_loopback(req.headers()) {
-        return text(
+        return Some(text(
             StatusCode::FORBIDDEN,
             "this Host is not loopback: open the page as http://127.0.0.1:PORT/ (a page of \
              another site cannot read it through DNS rebinding)",
-        );
+        ));
     }
     if has_body(req.headers()) {
-        return text(StatusCode::BAD_REQUEST, "a GET request carries no body");
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "a GET request carries no body",
+        ));
+    }
+    match http_auth::check(&ctx.config.access, ctx.port, req.headers(), req.uri()) {
+        Verdict::Allowed => None,
+        Verdict::Login { location, cookie } => Some(login(&location, &cookie)),
+        Verdict::Refused(why) => {
+            debug!("HTTP request for {} refused: {why}", req.uri().path());
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                http_auth::refusal(&ctx.config.access, why),
+            );
+            r.headers_mut().insert(
+                "www-authenticate",
+                HeaderValue::from_static("Bearer realm=\"amm-agent\""),
+            );
+            Some(r)
+        }
+    }
+}
+
+/// 303 to `location` (the token left the address), keeping the token in a
+/// cookie.
+fn login(location: &str, cookie: &str) -> Response<Body> {
+    let mut r = text(
+        StatusCode::SEE_OTHER,
+        format!("logged in; go to {location}"),
+    );
+    for (name, value) in [("location", location), ("set-cookie", cookie)] {
+        match HeaderValue::from_str(value) {
+            Ok(v) => {
+                r.headers_mut().insert(name, v);
+            }
+            Err(_) => return text(StatusCode::BAD_REQUEST, "the address cannot be sent back"),
+        }
+    }
+    r
+}
+
+async fn route(ctx: &Ctx, req: &Request<Incoming>, progress: &Arc<Progress>) -> Response<Body> {
+    if let Some(refused) = gate(ctx, req) {
+        return refused;
     }
     let path = req.uri().path();
     use crate::dashboard as d;
@@ -523,12 +595,18 @@ mod tests {
         );
         assert_eq!(parse_addr("[::1]:9"), Ok("[::1]:9".parse().expect("addr")));
         assert!(parse_addr("banana").is_err());
-        let mut c = HttpConfig::new("0.0.0.0:9464".parse().expect("addr"));
+        let mut c = HttpConfig::new("0.0.0.0:9464".parse().expect("addr"), Access::Public);
         let e = check(&c).expect_err("0.0.0.0 refused");
         assert!(e.to_string().contains("--http-allow-remote"), "{e}");
         c.allow_remote = true;
         assert!(check(&c).is_ok());
-        assert!(check(&HttpConfig::new("127.0.0.2:1".parse().expect("addr"))).is_ok());
+        assert!(
+            check(&HttpConfig::new(
+                "127.0.0.2:1".parse().expect("addr"),
+                Access::Public
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

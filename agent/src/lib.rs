@@ -13,6 +13,7 @@ pub mod cli;
 pub mod clock;
 pub mod dashboard;
 pub mod http;
+pub mod http_auth;
 pub mod identity;
 pub mod kernel_report;
 pub mod live;
