@@ -64,35 +64,21 @@ pub fn start_agent(socket: &Path, stderr: std::process::Stdio) -> anyhow::Result
 }
 
 /// Like [`start_agent`], with `--http 127.0.0.1:0` (the live page and
-/// `/metrics`); its log goes to `log`. Returns the address it serves.
+/// `/metrics`); its log goes to `log`. Returns its listener (address and
+/// the token from the file beside the socket).
 pub fn start_agent_http(
     socket: &Path,
     log: &Path,
-) -> anyhow::Result<(AgentProc, std::net::SocketAddr)> {
+) -> anyhow::Result<(AgentProc, amm_integration_tests::HttpListener)> {
     use anyhow::Context;
     let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-    let agent = spawn_agent(
-        socket,
-        &["--http", "127.0.0.1:0"],
-        "warn,amm_agent::http=info",
-        file.into(),
+    let args = ["--http", "127.0.0.1:0"];
+    let agent = spawn_agent(socket, &args, "warn,amm_agent::http=info", file.into())?;
+    let listener = amm_integration_tests::HttpListener::wait(
+        || std::fs::read_to_string(log).unwrap_or_default(),
+        amm_integration_tests::http::token_file(socket, &args),
     )?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(addr) = text
-            .split("live page on http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|a| a.parse().ok())
-        {
-            return Ok((agent, addr));
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!("amm-agent did not say where it serves HTTP; its log:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Ok((agent, listener))
 }
 
 fn spawn_agent(

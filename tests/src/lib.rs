@@ -12,6 +12,7 @@
 
 pub mod browser;
 pub mod cgroup;
+pub mod http;
 pub mod preload;
 pub mod python;
 
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod region;
+
+pub use http::{HttpListener, http_get};
 
 /// True when this process runs as root.
 pub fn is_root() -> bool {
@@ -312,27 +315,14 @@ impl Agent {
     }
 
     /// Starts the agent with `--http 127.0.0.1:0` (and `extra`) and returns
-    /// it with the address its HTTP listener got.
-    pub fn start_http(extra: &[&str]) -> Result<(Self, std::net::SocketAddr)> {
+    /// it with its HTTP listener (address and token).
+    pub fn start_http(extra: &[&str]) -> Result<(Self, HttpListener)> {
         let mut args = vec!["--http", "127.0.0.1:0"];
         args.extend_from_slice(extra);
         let agent = Self::start_with(&args)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = agent.log();
-            if let Some(addr) = log
-                .split("live page on http://")
-                .nth(1)
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|a| a.parse().ok())
-            {
-                return Ok((agent, addr));
-            }
-            if Instant::now() > deadline {
-                bail!("amm-agent did not say where it serves HTTP; its log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let file = http::token_file(&agent.socket, extra);
+        let listener = HttpListener::wait(|| agent.log(), file)?;
+        Ok((agent, listener))
     }
 
     /// Kills the agent with SIGKILL (no clean-up: its socket file stays).
@@ -432,29 +422,4 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A plain HTTP/1.1 GET of `path` on `addr` (no keep-alive): the status code
-/// and the body. For the agent's `/metrics` and page in tests.
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("cannot connect to http://{addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP head in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, body.to_string()))
 }

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use amm_integration_tests::browser::{self, Browser};
-use amm_integration_tests::{Agent, bin, http_get, require_root};
+use amm_integration_tests::{Agent, bin, require_root};
 use serde_json::Value;
 
 const SPILLER: &str = r#"
@@ -143,9 +143,16 @@ fn the_page_shows_live_rows_true_bars_a_kill_and_opens_reports() {
         eprintln!("SKIPPED the browser test: chromium and chromium-driver are not installed");
         return;
     }
-    let (agent, addr) = Agent::start_http(&[]).expect("agent");
+    let (agent, http) = Agent::start_http(&[]).expect("agent");
     let b = Browser::start(1400, 700).expect("browser");
-    b.goto(&format!("http://{addr}/")).expect("page");
+    // as a person does: the address with the token once, then the cookie
+    b.goto(&http.login_url("/")).expect("page");
+    let address = b.eval("return location.href;").expect("href");
+    assert_eq!(
+        address.as_str(),
+        Some(format!("http://{}/", http.addr).as_str()),
+        "the token left the address bar"
+    );
     let wait = Duration::from_secs(60);
     b.wait_for(
         "the live stream",
@@ -270,10 +277,10 @@ fn the_page_shows_live_rows_true_bars_a_kill_and_opens_reports() {
         })
         .collect();
     for href in hrefs {
-        let (status, body) = http_get(addr, &href).expect("report");
+        let (status, body) = http.get(&href).expect("report");
         assert_eq!(status, 200, "{href}: {body}");
         assert!(body.contains("<title>amm report"), "{href}: not a report");
-        b.goto(&format!("http://{addr}{href}"))
+        b.goto(&format!("http://{}{href}", http.addr))
             .expect("report page");
         let title = b.eval("return document.title;").expect("title");
         assert!(

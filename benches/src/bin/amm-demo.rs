@@ -12,12 +12,12 @@
 //! kernel's OOM killer. With the agent the pause comes at the page that
 //! crosses 80 % and growth stops there; a poll comes up to 200 ms later.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use amm_benches::{AgentProc, profile_dir, start_agent, start_agent_http, target_dir};
+use amm_integration_tests::HttpListener;
 use amm_integration_tests::browser::Browser;
 use amm_integration_tests::cgroup::HardLimit;
 use anyhow::{Context, Result, bail};
@@ -295,14 +295,14 @@ fn print_kernel_events(with: &Outcome) {
 /// The agent's live page in headless Chromium.
 struct Dashboard {
     browser: Browser,
-    addr: SocketAddr,
+    http: HttpListener,
 }
 
 impl Dashboard {
-    fn open(addr: SocketAddr) -> Result<Dashboard> {
+    fn open(http: HttpListener) -> Result<Dashboard> {
         let browser = Browser::start(1500, 900)?;
-        browser.goto(&format!("http://{addr}/"))?;
-        Ok(Dashboard { browser, addr })
+        browser.goto(&http.login_url("/"))?;
+        Ok(Dashboard { browser, http })
     }
 
     /// A screenshot of the whole page (the window grown to its height).
@@ -332,11 +332,13 @@ fn start(args: &Args, socket: &Path, dir: &Path) -> Result<(AgentProc, Option<Da
     if !args.dashboard {
         return Ok((start_agent(socket, Stdio::null())?, None));
     }
-    let (agent, addr) = start_agent_http(socket, &dir.join("agent.log"))?;
+    let (agent, http) = start_agent_http(socket, &dir.join("agent.log"))?;
     println!(
-        "Live page: http://{addr}/ (open it in a browser on this machine; a headless Chromium watches it too)"
+        "Live page: {} (open it in a browser on this machine; the token in it lives as long as \
+         this demo's agent; a headless Chromium watches it too)",
+        http.login_url("/")
     );
-    Ok((agent, Some(Dashboard::open(addr)?)))
+    Ok((agent, Some(Dashboard::open(http)?)))
 }
 
 fn main() -> Result<()> {
@@ -394,7 +396,11 @@ fn main() -> Result<()> {
         println!();
         println!("The live page during the last run: {}", saved.display());
         if args.linger_s > 0 {
-            println!("Keeping http://{}/ up for {} s ...", d.addr, args.linger_s);
+            println!(
+                "Keeping {} up for {} s ...",
+                d.http.login_url("/"),
+                args.linger_s
+            );
             std::thread::sleep(Duration::from_secs(args.linger_s));
         }
     }

@@ -1,7 +1,9 @@
 //! The cost of the agent's `--http` side and what it costs the relay, with
 //! `--workers` watched processes (`amm-fault` children registered by this
 //! process, each pushing an accounting split 5 times a second as a worker
-//! does) against one real `amm-agent run --http`:
+//! does) against one real `amm-agent run --http` (each request carrying
+//! the token from the file beside the socket, as Prometheus and a browser
+//! do):
 //!
 //! 1. the agent's CPU (utime + stime from /proc, its HTTP thread apart)
 //!    with no viewer, with `--viewers` live streams (`/events`, read as a
@@ -18,13 +20,14 @@
 //! Run as root: `cargo xtask bench dashboard`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amm_benches::{Faulter, monotonic_ns, percentiles, settle, start_agent_http};
 use amm_ebpf::EventKind;
+use amm_integration_tests::HttpListener;
 use amm_integration_tests::browser::Browser;
 use amm_protocol::{Client, ClientMessage, Registration, Split};
 use anyhow::{Context, Result};
@@ -81,12 +84,13 @@ fn http_thread(agent: u32) -> Result<String> {
 }
 
 /// A live stream reader, as the page reads it; stops when `stop` is set.
-fn viewer(addr: SocketAddr, stop: Arc<AtomicBool>, read: bool) -> std::thread::JoinHandle<u64> {
+fn viewer(http: &HttpListener, stop: Arc<AtomicBool>, read: bool) -> std::thread::JoinHandle<u64> {
+    let (addr, auth) = (http.addr, http.auth_header());
     std::thread::spawn(move || {
         let Ok(mut s) = TcpStream::connect(addr) else {
             return 0;
         };
-        let _ = write!(s, "GET /events HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        let _ = write!(s, "GET /events HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n");
         let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
         let mut buf = vec![0u8; 1 << 16];
         let mut got = 0u64;
@@ -105,8 +109,8 @@ fn viewer(addr: SocketAddr, stop: Arc<AtomicBool>, read: bool) -> std::thread::J
     })
 }
 
-fn scrape(addr: SocketAddr) -> Result<usize> {
-    let (status, body) = amm_integration_tests::http_get(addr, "/metrics")?;
+fn scrape(http: &HttpListener) -> Result<usize> {
+    let (status, body) = http.get("/metrics")?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");
     Ok(body.len())
 }
@@ -229,7 +233,7 @@ fn main() -> Result<()> {
     );
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("agent.sock");
-    let (agent, addr) = start_agent_http(&socket, &dir.path().join("agent.log"))?;
+    let (agent, http) = start_agent_http(&socket, &dir.path().join("agent.log"))?;
     let agent_pid = agent.pid();
     let mut fleet = fleet(&socket, args.workers)?;
     println!(
@@ -245,7 +249,7 @@ fn main() -> Result<()> {
     cpu_phase("no viewer", &mut fleet, agent_pid, args.seconds)?;
     let stop = Arc::new(AtomicBool::new(false));
     let viewers: Vec<_> = (0..args.viewers)
-        .map(|_| viewer(addr, stop.clone(), true))
+        .map(|_| viewer(&http, stop.clone(), true))
         .collect();
     cpu_phase(
         &format!("{} live streams", args.viewers),
@@ -255,10 +259,10 @@ fn main() -> Result<()> {
     )?;
     let scraping = Arc::new(AtomicBool::new(false));
     let scraper = {
-        let s = scraping.clone();
+        let (s, http) = (scraping.clone(), http.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                let _ = scrape(addr);
+                let _ = scrape(&http);
                 std::thread::sleep(Duration::from_secs(1));
             }
         })
@@ -277,7 +281,7 @@ fn main() -> Result<()> {
     let mut size = 0;
     for _ in 0..args.scrapes {
         let t = Instant::now();
-        size = scrape(addr)?;
+        size = scrape(&http)?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     println!(
@@ -288,12 +292,12 @@ fn main() -> Result<()> {
         fmt(&mut ms)
     );
 
-    relay(&args, &mut fleet, addr)?;
+    relay(&args, &mut fleet, &http)?;
     stop.store(true, Ordering::Relaxed);
     for v in viewers {
         let _ = v.join();
     }
-    pixels(&args, &mut fleet, addr)?;
+    pixels(&args, &mut fleet, &http)?;
     println!(
         "load after: {}",
         std::fs::read_to_string("/proc/loadavg")?.trim()
@@ -303,7 +307,7 @@ fn main() -> Result<()> {
 }
 
 /// The relay's latency, quiet against under HTTP load.
-fn relay(args: &Args, fleet: &mut Fleet, addr: SocketAddr) -> Result<()> {
+fn relay(args: &Args, fleet: &mut Fleet, http: &HttpListener) -> Result<()> {
     let (mut quiet, mut loaded) = (Vec::new(), Vec::new());
     for block in 0..4 {
         let load = block % 2 == 1;
@@ -312,17 +316,17 @@ fn relay(args: &Args, fleet: &mut Fleet, addr: SocketAddr) -> Result<()> {
         let mut idle = Vec::new();
         if load {
             // a stream that never reads, idle connections, a scrape loop
-            threads.push(viewer(addr, stop.clone(), false));
+            threads.push(viewer(http, stop.clone(), false));
             for _ in 0..16 {
-                if let Ok(s) = TcpStream::connect(addr) {
+                if let Ok(s) = TcpStream::connect(http.addr) {
                     idle.push(s);
                 }
             }
-            let s = stop.clone();
+            let (s, http) = (stop.clone(), http.clone());
             threads.push(std::thread::spawn(move || {
                 let mut n = 0;
                 while !s.load(Ordering::Relaxed) {
-                    let _ = scrape(addr);
+                    let _ = scrape(&http);
                     n += 1;
                 }
                 n
@@ -354,9 +358,9 @@ fn relay(args: &Args, fleet: &mut Fleet, addr: SocketAddr) -> Result<()> {
 }
 
 /// Kernel → pixel, read from the page.
-fn pixels(args: &Args, fleet: &mut Fleet, addr: SocketAddr) -> Result<()> {
+fn pixels(args: &Args, fleet: &mut Fleet, http: &HttpListener) -> Result<()> {
     let b = Browser::start(1400, 900)?;
-    b.goto(&format!("http://{addr}/"))?;
+    b.goto(&http.login_url("/"))?;
     b.wait_for(
         "the live stream",
         "return window.ammLive && window.ammLive.frames > 2;",
