@@ -474,6 +474,33 @@ mod tests {
     }
 
     #[test]
+    fn http_access_flags_need_http_and_public_excludes_a_token() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["amm-agent", "run"].iter().chain(args)).map(|_| ())
+        };
+        assert!(parse(&["--http", "9464"]).is_ok());
+        assert!(
+            parse(&[
+                "--http",
+                "9464",
+                "--http-group",
+                "adm",
+                "--http-token-file",
+                "/t"
+            ])
+            .is_ok()
+        );
+        assert!(parse(&["--http", "9464", "--http-public"]).is_ok());
+        assert!(
+            parse(&["--http-public"]).is_err(),
+            "--http-public without --http"
+        );
+        assert!(parse(&["--http-group", "adm"]).is_err());
+        assert!(parse(&["--http", "9464", "--http-public", "--http-group", "adm"]).is_err());
+        assert!(parse(&["--http", "9464", "--http-public", "--http-token-file", "/t"]).is_err());
+    }
+
+    #[test]
     fn modes_parse() {
         assert_eq!(parse_mode("0660"), Ok(0o660));
         assert!(parse_mode("9").is_err());

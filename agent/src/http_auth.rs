@@ -220,7 +220,13 @@ pub fn write_file(path: &Path, token: &Token, gid: Option<u32>) -> Result<()> {
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.with_context(|| format!("cannot write the HTTP token to {}", path.display()))
+    written.with_context(|| {
+        format!(
+            "cannot write the HTTP token to {} (its directory must exist and be the agent's to \
+             write; or give --http-token-file elsewhere)",
+            path.display()
+        )
+    })
 }
 
 /// Removes the token file at `path` if it is still a regular file of the
