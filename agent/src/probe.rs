@@ -57,6 +57,10 @@ pub enum ProbeError {
     /// The pid cannot be watched (pid 0, or above the kernel's PID limit).
     #[error("pid {0} cannot be watched")]
     BadPid(u32),
+    /// A watch config not bound to a process (it would match any holder of
+    /// the pid).
+    #[error("the watch of pid {0} is bound to no process (born_before_ns is 0)")]
+    Unbound(u32),
     /// Reading system facts failed.
     #[error("{0}")]
     System(String),
@@ -74,15 +78,64 @@ impl ProbeError {
     }
 }
 
+/// The credentials a watched process must keep: a change (setuid/setgid or
+/// file-capability exec, setresuid) ends its watch in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// Real, effective, saved uid.
+    pub uids: [u32; 3],
+    /// Real, effective, saved gid.
+    pub gids: [u32; 3],
+    /// Capabilities it may hold (more is a change).
+    pub cap_permitted: u64,
+}
+
+impl Credentials {
+    /// The credentials /proc showed for the process.
+    pub fn of(info: &crate::identity::ProcInfo) -> Self {
+        Self {
+            uids: [info.uids[0], info.uids[1], info.uids[2]],
+            gids: [info.gids[0], info.gids[1], info.gids[2]],
+            cap_permitted: info.cap_permitted,
+        }
+    }
+}
+
+/// Whom a watch is for: the kernel program matches a task to it only if
+/// its thread group's leader started at or before `born_before_ns` (see
+/// [`crate::identity::Verified::born_before_ns`]) and, with `credentials`,
+/// only while the task keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    /// CLOCK_BOOTTIME at which the process was last seen running.
+    pub born_before_ns: u64,
+    /// The credentials it must keep (`None`: not checked, for
+    /// `amm-agent watch`, which never signals).
+    pub credentials: Option<Credentials>,
+}
+
+impl Binding {
+    /// The binding of a process the agent verified for a client: its time
+    /// and its credentials.
+    pub fn of(v: &crate::identity::Verified) -> Self {
+        Self {
+            born_before_ns: v.born_before_ns,
+            credentials: Some(Credentials::of(&v.info)),
+        }
+    }
+}
+
 /// The program's watch configuration for thresholds in bytes, a spike
-/// horizon, and the terminate-signal flags (`0, 0` for none).
+/// horizon, the terminate-signal flags (`0, 0` for none) and the process it
+/// is bound to.
 pub fn watch_config(
     t: &amm_protocol::ThresholdBytes,
     spike_horizon: std::time::Duration,
     flags: u32,
     signal: u32,
+    binding: &Binding,
 ) -> WatchConfig {
-    WatchConfig {
+    let mut c = WatchConfig {
         limit_bytes: t.limit,
         rearm_bytes: t.rearm,
         spill_bytes: t.spill,
@@ -91,7 +144,16 @@ pub fn watch_config(
         spike_horizon_ns: spike_horizon.as_nanos().min(u64::MAX as u128) as u64,
         flags,
         signal,
+        born_before_ns: binding.born_before_ns,
+        ..WatchConfig::default()
+    };
+    if let Some(cr) = binding.credentials {
+        c.flags |= amm_ebpf::WATCH_BIND_CREDENTIALS;
+        [c.uid, c.euid, c.suid] = cr.uids;
+        [c.gid, c.egid, c.sgid] = cr.gids;
+        c.cap_permitted = cr.cap_permitted;
     }
+    c
 }
 
 /// True when the process runs as root.
@@ -341,9 +403,13 @@ impl Probe {
         self.events.take().map(|ring| EventReader { ring })
     }
 
-    /// Starts watching `tgid` with `config`; its state starts zeroed.
+    /// Starts watching `tgid` with `config`; its state starts zeroed. The
+    /// config must be bound to a process ([`watch_config`]'s `binding`).
     pub fn watch(&mut self, tgid: u32, config: WatchConfig) -> Result<(), ProbeError> {
         let (word, mask) = bit_of(tgid)?;
+        if config.born_before_ns == 0 {
+            return Err(ProbeError::Unbound(tgid));
+        }
         let watch = Watch {
             config,
             state: WatchState::default(),
@@ -452,6 +518,8 @@ fn sum_stats(stats: &PerCpuArray<MapData, Stats>) -> Result<Stats, ProbeError> {
         s.dropped += c.dropped;
         s.bound += c.bound;
         s.exits += c.exits;
+        s.strangers += c.strangers;
+        s.credentials += c.credentials;
     }
     Ok(s)
 }

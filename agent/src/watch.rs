@@ -4,9 +4,9 @@
 //! leak-vs-hoard report from kernel data alone (`kernel_report`).
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amm_ebpf::{EventKind, Level};
 use amm_protocol::{EventMessage, Fractions, ThresholdBytes};
@@ -62,9 +62,11 @@ pub struct WatchOutcome {
 pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
     let mut recorder = None;
     if opts.report.is_some() {
-        for sig in [libc::SIGINT, libc::SIGTERM] {
+        use nix::sys::signal::{SigHandler, Signal, signal};
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
             // SAFETY: the handler only stores to an atomic.
-            unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+            unsafe { signal(sig, SigHandler::Handler(on_signal)) }
+                .with_context(|| format!("cannot handle {sig}"))?;
         }
     }
     let outcome = watch_recording(opts, out, &mut recorder)?;
@@ -73,6 +75,19 @@ pub fn watch(opts: &WatchOptions, out: &mut dyn Write) -> Result<WatchOutcome> {
         eprintln!("report written to {}", path.display());
     }
     Ok(outcome)
+}
+
+/// One watch in progress.
+struct Session<'a> {
+    pid: u32,
+    probe: Probe,
+    reader: EventReader,
+    pidfd: OwnedFd,
+    printer: Printer,
+    recorder: &'a mut Option<KernelRecorder>,
+    events: Vec<EventMessage>,
+    /// When the pidfd said the process exited, and its fault count then.
+    exited: Option<(Instant, Option<u64>)>,
 }
 
 fn watch_recording(
@@ -84,13 +99,15 @@ fn watch_recording(
         .fractions
         .to_bytes(opts.limit)
         .context("invalid thresholds")?;
-    let pidfd = identity::pidfd_open(opts.pid)
+    let pinned = identity::pin(opts.pid)
         .with_context(|| format!("cannot open pid {}: is it running?", opts.pid))?;
     let mut probe = Probe::load(opts.object.as_deref())?;
-    let mut reader = probe
+    let reader = probe
         .take_events()
         .context("the probe's ring buffer was already taken")?;
-    let config = crate::probe::watch_config(&thresholds, opts.spike_horizon, 0, 0);
+    // no signal and no credentials check: this watch only looks
+    let config =
+        crate::probe::watch_config(&thresholds, opts.spike_horizon, 0, 0, &pinned.binding());
     probe.watch(opts.pid, config)?;
     let start = monotonic_ns();
     *recorder = opts
@@ -102,119 +119,133 @@ fn watch_recording(
         thresholds,
         json: opts.json,
     };
-    if !opts.json {
-        writeln!(
-            out,
-            "watching pid {} (limit {}; spill {}, pause {}, terminate {}; re-arm below {})",
-            opts.pid,
-            ByteSize(thresholds.limit).display().iec(),
-            show(thresholds.spill),
-            show(thresholds.pause),
-            show(thresholds.terminate),
-            show(thresholds.rearm),
-        )?;
-    }
-    let mut events = Vec::new();
-    let mut exited_at: Option<std::time::Instant> = None;
-    let mut zombie_faults = None;
+    printer.header(opts.pid, out)?;
+    let mut s = Session {
+        pid: opts.pid,
+        probe,
+        reader,
+        pidfd: pinned.pidfd,
+        printer,
+        recorder,
+        events: Vec::new(),
+        exited: None,
+    };
     loop {
-        let ready = poll2(&reader, &pidfd, Duration::from_millis(100))?;
-        if let Some(r) = recorder.as_mut() {
-            r.sample(probe.watch_of(opts.pid).map(|w| w.state).as_ref());
-            if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
-                probe.unwatch(opts.pid)?;
-                return Ok(WatchOutcome {
-                    events,
-                    exit_from_kernel: false,
-                });
-            }
+        let exited = poll2(&s.reader, &s.pidfd, Duration::from_millis(100))?;
+        if let Some(done) = s.sample()? {
+            return Ok(done);
         }
-        while let Some(raw) = reader.next_event() {
-            let Some(msg) = EventMessage::from_kernel(&raw) else {
-                continue;
-            };
-            if msg.pid != opts.pid {
-                continue;
-            }
-            printer.print(&msg, out)?;
-            if let Some(r) = recorder.as_mut() {
-                r.event(&msg);
-            }
-            let done = msg.event == EventKind::Exit;
-            events.push(msg);
-            if done {
-                probe.unwatch(opts.pid)?;
-                return Ok(WatchOutcome {
-                    events,
-                    exit_from_kernel: true,
-                });
-            }
+        if let Some(done) = s.drain(out)? {
+            return Ok(done);
         }
-        if ready.1 && exited_at.is_none() {
-            exited_at = Some(std::time::Instant::now());
-            // the zombie still shows its fault counts, until it is reaped
-            zombie_faults = identity::ProcInfo::read(opts.pid).ok().map(|i| i.faults);
-        }
-        // the pidfd said it exited but no exit event came: the process
-        // exited before the watch was in place, or the ring buffer was full
-        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_millis(200)) {
-            let state = probe
-                .watch_of(opts.pid)
-                .map(|w| w.state)
-                .unwrap_or_default();
-            probe.unwatch(opts.pid)?;
-            let level = Level::from_raw(state.level).unwrap_or(Level::Below);
-            let msg = EventMessage {
-                event: EventKind::Exit,
-                t_ns: monotonic_ns(),
-                pid: opts.pid,
-                rss_bytes: state.rss_bytes,
-                level,
-                prev_level: level,
-                peak_rss_bytes: state.peak_rss_bytes,
-                faults: zombie_faults,
-                rate_bytes_per_ms: state.rate_bytes_per_ms,
-                eta_ns: None,
-                foreign: false,
-                signalled: false,
-            };
-            printer.print(&msg, out)?;
-            if let Some(r) = recorder.as_mut() {
-                r.event(&msg);
-            }
-            events.push(msg);
-            return Ok(WatchOutcome {
-                events,
-                exit_from_kernel: false,
-            });
+        if let Some(done) = s.backstop(exited, out)? {
+            return Ok(done);
         }
     }
 }
 
-/// Polls the ring buffer and the pidfd; returns which are readable.
-fn poll2(reader: &EventReader, pidfd: &OwnedFd, timeout: Duration) -> Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: reader.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: fds is a valid array of two pollfd for the call's duration.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis() as libc::c_int) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok((false, false));
-        }
-        bail!("poll failed: {e}");
+impl Session<'_> {
+    fn outcome(&mut self, exit_from_kernel: bool) -> Result<WatchOutcome> {
+        self.probe.unwatch(self.pid)?;
+        Ok(WatchOutcome {
+            events: std::mem::take(&mut self.events),
+            exit_from_kernel,
+        })
     }
-    Ok((fds[0].revents != 0, fds[1].revents != 0))
+
+    /// Samples RSS for the report; ends the watch when interrupted.
+    fn sample(&mut self) -> Result<Option<WatchOutcome>> {
+        let Some(r) = self.recorder.as_mut() else {
+            return Ok(None);
+        };
+        r.sample(self.probe.watch_of(self.pid).map(|w| w.state).as_ref());
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            return self.outcome(false).map(Some);
+        }
+        Ok(None)
+    }
+
+    fn record(&mut self, msg: EventMessage, out: &mut dyn Write) -> Result<()> {
+        self.printer.print(&msg, out)?;
+        if let Some(r) = self.recorder.as_mut() {
+            r.event(&msg);
+        }
+        self.events.push(msg);
+        Ok(())
+    }
+
+    /// Prints what the ring buffer holds; done at the exit.
+    fn drain(&mut self, out: &mut dyn Write) -> Result<Option<WatchOutcome>> {
+        while let Some(raw) = self.reader.next_event() {
+            let Some(msg) = EventMessage::from_kernel(&raw) else {
+                continue;
+            };
+            if msg.pid != self.pid {
+                continue;
+            }
+            let done = matches!(msg.event, EventKind::Exit | EventKind::Credentials);
+            self.record(msg, out)?;
+            if done {
+                return self.outcome(true).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The pidfd said the process exited but no exit event came (it exited
+    /// before the watch was in place, or the ring buffer was full): after a
+    /// moment, end from the map's last state.
+    fn backstop(&mut self, exited: bool, out: &mut dyn Write) -> Result<Option<WatchOutcome>> {
+        if exited && self.exited.is_none() {
+            // the zombie still shows its fault counts, until it is reaped
+            let faults = identity::ProcInfo::read(self.pid).ok().map(|i| i.faults);
+            self.exited = Some((Instant::now(), faults));
+        }
+        let Some((at, faults)) = self.exited else {
+            return Ok(None);
+        };
+        if at.elapsed() <= Duration::from_millis(200) {
+            return Ok(None);
+        }
+        let state = self
+            .probe
+            .watch_of(self.pid)
+            .map(|w| w.state)
+            .unwrap_or_default();
+        let level = Level::from_raw(state.level).unwrap_or(Level::Below);
+        let msg = EventMessage {
+            event: EventKind::Exit,
+            t_ns: monotonic_ns(),
+            pid: self.pid,
+            rss_bytes: state.rss_bytes,
+            level,
+            prev_level: level,
+            peak_rss_bytes: state.peak_rss_bytes,
+            faults,
+            rate_bytes_per_ms: state.rate_bytes_per_ms,
+            eta_ns: None,
+            foreign: false,
+            signalled: false,
+        };
+        self.record(msg, out)?;
+        self.outcome(false).map(Some)
+    }
+}
+
+/// Polls the ring buffer and the pidfd; true when the pidfd says the
+/// process exited.
+fn poll2(reader: &EventReader, pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [
+        PollFd::new(reader.as_fd(), PollFlags::POLLIN),
+        PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+    ];
+    let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, ms) {
+        Ok(_) => Ok(fds[1].any().unwrap_or(false)),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => bail!("poll failed: {e}"),
+    }
 }
 
 fn show(bytes: u64) -> String {
@@ -232,6 +263,22 @@ struct Printer {
 }
 
 impl Printer {
+    fn header(&self, pid: u32, out: &mut dyn Write) -> Result<()> {
+        if !self.json {
+            let t = &self.thresholds;
+            writeln!(
+                out,
+                "watching pid {pid} (limit {}; spill {}, pause {}, terminate {}; re-arm below {})",
+                ByteSize(t.limit).display().iec(),
+                show(t.spill),
+                show(t.pause),
+                show(t.terminate),
+                show(t.rearm),
+            )?;
+        }
+        Ok(())
+    }
+
     fn print(&self, m: &EventMessage, out: &mut dyn Write) -> Result<()> {
         if self.json {
             serde_json::to_writer(&mut *out, m)?;

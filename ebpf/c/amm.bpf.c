@@ -12,11 +12,18 @@
  * (benches/RESULTS.md has the numbers).
  *
  * The program emits on the `events` ring buffer only when something happens:
- * a level crossing upward, the fall below the re-arm level, a spike alarm, or
- * the exit of a watched process. It never acts on a process on its own: the
- * terminate signal is sent only when userspace set
- * AMM_WATCH_SIGNAL_ON_TERMINATE for it, which the agent does only for a
- * process that registered itself.
+ * a level crossing upward, the fall below the re-arm level, a spike alarm,
+ * the exit of a watched process, or the change of its credentials. It never
+ * acts on a process on its own: the terminate signal is sent only when
+ * userspace set AMM_WATCH_SIGNAL_ON_TERMINATE for it, which the agent does
+ * only for a process that registered itself (or its parent did).
+ *
+ * A watch is bound to the process, not to its pid number: a task counts for
+ * it only if its thread group's leader started no later than the agent last
+ * saw the process running (born_before_ns), so a recycled pid never matches;
+ * and, with AMM_WATCH_BIND_CREDENTIALS, only while it keeps the credentials
+ * it had, so a setuid exec ends the watch before anything is counted,
+ * emitted or signalled for the new program.
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -40,6 +47,24 @@ struct percpu_counter {
 	__s32 *counters;
 };
 struct task_struct;
+typedef struct {
+	__u32 val;
+} kuid_t;
+typedef struct {
+	__u32 val;
+} kgid_t;
+typedef struct {
+	__u64 val;
+} kernel_cap_t;
+struct cred {
+	kuid_t uid;
+	kgid_t gid;
+	kuid_t suid;
+	kgid_t sgid;
+	kuid_t euid;
+	kgid_t egid;
+	kernel_cap_t cap_permitted;
+};
 struct mm_struct {
 	struct percpu_counter rss_stat[AMM_NR_MM_COUNTERS];
 	struct task_struct *owner;
@@ -58,6 +83,8 @@ struct task_struct {
 	struct task_struct *group_leader;
 	unsigned long min_flt;
 	unsigned long maj_flt;
+	__u64 start_boottime;
+	const struct cred *real_cred;
 };
 #pragma clang attribute pop
 
@@ -141,9 +168,20 @@ struct {
 	__type(value, __u64);
 } ptr_scratch SEC(".maps");
 
-/* Keeps struct amm_event in the object's BTF (it is otherwise only used
- * through a ring-buffer pointer), so the layout test can read it. */
-struct amm_event *amm_event_btf_anchor __attribute__((unused));
+/* Keeps struct amm_event (otherwise only used through a ring-buffer
+ * pointer) and the shared enums (otherwise only constants) in the object's
+ * BTF, so the layout test can read them. */
+struct amm_btf_anchor {
+	struct amm_event event;
+	enum amm_level level;
+	enum amm_event_kind kind;
+	enum amm_watch_flag watch_flag;
+	enum amm_event_flag event_flag;
+	enum amm_end end;
+	enum amm_limit limit;
+	enum amm_stat stat;
+};
+struct amm_btf_anchor *amm_btf_anchor __attribute__((unused));
 
 __u64 cpu_offset[AMM_MAX_CPUS];
 __u32 cpu_offset_ready;
@@ -188,7 +226,7 @@ static __noinline int learn_cpu_offsets(void)
 	return 0;
 }
 
-static __always_inline void stat_add(int field)
+static __always_inline void stat_add(enum amm_stat field)
 {
 	__u32 zero = 0;
 	struct amm_stats *s = bpf_map_lookup_elem(&stats, &zero);
@@ -196,10 +234,12 @@ static __always_inline void stat_add(int field)
 	if (!s)
 		return;
 	switch (field) {
-	case 0: s->events++; break;
-	case 1: s->dropped++; break;
-	case 2: s->bound++; break;
-	case 3: s->exits++; break;
+	case AMM_STAT_EVENTS: s->events++; break;
+	case AMM_STAT_DROPPED: s->dropped++; break;
+	case AMM_STAT_BOUND: s->bound++; break;
+	case AMM_STAT_EXITS: s->exits++; break;
+	case AMM_STAT_STRANGERS: s->strangers++; break;
+	case AMM_STAT_CREDENTIALS: s->credentials++; break;
 	}
 }
 
@@ -269,14 +309,14 @@ static __always_inline void emit(__u32 tgid, struct amm_watch *w, __u32 kind, __
 
 	if (ring) {
 		if (bpf_ringbuf_output(ring, &e, sizeof(e), BPF_RB_FORCE_WAKEUP))
-			stat_add(1);
+			stat_add(AMM_STAT_DROPPED);
 		else if (kind != AMM_EVENT_EXIT)
 			wake = BPF_RB_NO_WAKEUP;
 	}
 	if (bpf_ringbuf_output(&events, &e, sizeof(e), wake))
-		stat_add(1);
+		stat_add(AMM_STAT_DROPPED);
 	else
-		stat_add(0);
+		stat_add(AMM_STAT_EVENTS);
 }
 
 /* Signed a * b / c for the rate arithmetic (BPF has no signed division
@@ -374,6 +414,59 @@ static __always_inline void update_peak(struct amm_watch *w, __u64 rss)
 	}
 }
 
+/* True when `t` (a task of the watched tgid, or the owner of its mm) is of
+ * the process the watch was made for: its thread group's leader started no
+ * later than the agent last saw that process running. A recycled pid's
+ * process started after. */
+static __always_inline int born_in_time(const struct amm_watch *w, struct task_struct *t)
+{
+	struct task_struct *leader = t->group_leader;
+
+	if (!leader || leader->start_boottime > w->config.born_before_ns) {
+		stat_add(AMM_STAT_STRANGERS);
+		return 0;
+	}
+	return 1;
+}
+
+/* True when `t` no longer has the ids it was watched with, or holds a
+ * capability it was not permitted then. */
+static __always_inline int creds_changed(const struct amm_watch_config *cfg, struct task_struct *t)
+{
+	const struct cred *c = t->real_cred;
+
+	if (!c)
+		return 1;
+	return c->uid.val != cfg->uid || c->euid.val != cfg->euid || c->suid.val != cfg->suid ||
+	       c->gid.val != cfg->gid || c->egid.val != cfg->egid || c->sgid.val != cfg->sgid ||
+	       (c->cap_permitted.val & ~cfg->cap_permitted) != 0;
+}
+
+/* May this update count for the watch? `t` is the task to judge it by (the
+ * faulting thread, or for another task's update the mm's owner; NULL when
+ * the mm has none left, its last teardown, which counts only for the mm the
+ * watch is bound to). A credentials change ends the watch here, once, with
+ * an event; nothing counts for it afterwards. */
+static __always_inline int counts_for(__u32 tgid, struct amm_watch *w, struct task_struct *t,
+				      __u64 mm_addr)
+{
+	if (w->state.ended)
+		return 0;
+	if (!t)
+		return w->state.mm == mm_addr;
+	if (!born_in_time(w, t))
+		return 0;
+	if (!(w->config.flags & AMM_WATCH_BIND_CREDENTIALS) || !creds_changed(&w->config, t))
+		return 1;
+	if (__sync_val_compare_and_swap(&w->state.ended, AMM_END_NONE, AMM_END_CREDENTIALS) ==
+	    AMM_END_NONE) {
+		stat_add(AMM_STAT_CREDENTIALS);
+		emit(tgid, w, AMM_EVENT_CREDENTIALS, w->state.level, w->state.level,
+		     w->state.rss_bytes, 0, 0, bpf_ktime_get_ns());
+	}
+	return 0;
+}
+
 /* Binds a watch to the mm it follows: on its first update, or after exec. */
 static __always_inline void bind_mm(__u32 tgid, struct amm_watch *w, struct mm_struct *mm,
 				    __u64 mm_addr)
@@ -390,13 +483,14 @@ static __always_inline void bind_mm(__u32 tgid, struct amm_watch *w, struct mm_s
 	w->state.rss_pages[AMM_MM_FILEPAGES] = read_counter(mm, AMM_MM_FILEPAGES);
 	w->state.rss_pages[AMM_MM_ANONPAGES] = read_counter(mm, AMM_MM_ANONPAGES);
 	w->state.rss_pages[AMM_MM_SHMEMPAGES] = read_counter(mm, AMM_MM_SHMEMPAGES);
-	stat_add(2);
+	stat_add(AMM_STAT_BOUND);
 }
 
 SEC("tp_btf/rss_stat")
 int BPF_PROG(amm_rss_stat, struct mm_struct *mm, int member)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_struct *judge = task;
 	struct amm_watch *w;
 	__u32 tgid, flags = 0;
 	__u64 mm_addr, rss, now;
@@ -415,15 +509,14 @@ int BPF_PROG(amm_rss_stat, struct mm_struct *mm, int member)
 
 		mm_addr = addr_of(mm);
 		owner = bpf_map_lookup_elem(&mm_owner, &mm_addr);
+		judge = mm->owner;
 		if (owner) {
 			tgid = *owner;
 		} else {
 			/* not bound yet: the watched process made no update of its own */
-			struct task_struct *o = mm->owner;
-
-			if (!o)
+			if (!judge)
 				return 0;
-			tgid = o->tgid;
+			tgid = judge->tgid;
 			if (!watched_bit(tgid))
 				return 0;
 		}
@@ -433,6 +526,8 @@ int BPF_PROG(amm_rss_stat, struct mm_struct *mm, int member)
 	if (!w)
 		return 0;
 	mm_addr = addr_of(mm);
+	if (!counts_for(tgid, w, judge, mm_addr))
+		return 0;
 	if (w->state.mm != mm_addr) {
 		/* an update for an mm this watch does not follow (yet) */
 		if (flags & AMM_EVENT_FLAG_FOREIGN && w->state.mm)
@@ -494,6 +589,9 @@ int BPF_PROG(amm_process_exit, struct task_struct *p)
 	w = bpf_map_lookup_elem(&watches, &tgid);
 	if (!w)
 		return 0;
+	/* a recycled pid's process exiting is not the watched one's exit */
+	if (!born_in_time(w, p))
+		return 0;
 	__builtin_memcpy(&copy, w, sizeof(copy));
 	copy.state.faults = exit_faults(p);
 	/* whoever deletes the entry emits: a racing thread exit emits nothing */
@@ -501,7 +599,10 @@ int BPF_PROG(amm_process_exit, struct task_struct *p)
 		return 0;
 	if (copy.state.mm)
 		bpf_map_delete_elem(&mm_owner, &copy.state.mm);
-	stat_add(3);
+	stat_add(AMM_STAT_EXITS);
+	/* a watch ended by a credentials change said its last word already */
+	if (copy.state.ended)
+		return 0;
 	emit(tgid, &copy, AMM_EVENT_EXIT, copy.state.level, copy.state.level, copy.state.rss_bytes,
 	     0, 0, bpf_ktime_get_ns());
 	return 0;

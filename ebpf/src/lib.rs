@@ -35,6 +35,16 @@ pub const MAX_CPUS: u32 = 512;
 /// `amm_watch_config.flags`: signal the process at the page that crosses
 /// terminate.
 pub const WATCH_SIGNAL_ON_TERMINATE: u32 = 1 << 0;
+/// `amm_watch_config.flags`: the process must keep the ids and (at most)
+/// the capabilities in its config; a change ends the watch with
+/// [`EventKind::Credentials`].
+pub const WATCH_BIND_CREDENTIALS: u32 = 1 << 1;
+
+/// `amm_watch_state.ended`: the watch is live.
+pub const END_NONE: u32 = 0;
+/// `amm_watch_state.ended`: the process changed credentials; nothing counts
+/// for the watch any more.
+pub const END_CREDENTIALS: u32 = 1;
 
 /// `amm_event.flags`: the update was made by another task (`curr == 0`).
 pub const EVENT_FLAG_FOREIGN: u32 = 1 << 0;
@@ -182,6 +192,25 @@ pub struct WatchConfig {
     pub flags: u32,
     /// Signal sent with [`WATCH_SIGNAL_ON_TERMINATE`].
     pub signal: u32,
+    /// CLOCK_BOOTTIME ns at which the agent last saw the process running: a
+    /// task whose thread group leader started later (a recycled pid) never
+    /// matches the watch.
+    pub born_before_ns: u64,
+    /// With [`WATCH_BIND_CREDENTIALS`]: the capabilities the process may
+    /// hold.
+    pub cap_permitted: u64,
+    /// With [`WATCH_BIND_CREDENTIALS`]: its real uid.
+    pub uid: u32,
+    /// Its effective uid.
+    pub euid: u32,
+    /// Its saved uid.
+    pub suid: u32,
+    /// Its real gid.
+    pub gid: u32,
+    /// Its effective gid.
+    pub egid: u32,
+    /// Its saved gid.
+    pub sgid: u32,
 }
 
 /// Mirror of `struct amm_watch_state`.
@@ -215,6 +244,10 @@ pub struct WatchState {
     /// Since when the growth has been calm (the alarm re-arms after a
     /// horizon of calm); 0 while it is not.
     pub spike_calm_since_ns: u64,
+    /// [`END_NONE`], or why the kernel ended the watch ([`END_CREDENTIALS`]).
+    pub ended: u32,
+    /// Padding, zero.
+    pub reserved: u32,
 }
 
 /// Mirror of `struct amm_watch`, the value of the `watches` map.
@@ -269,6 +302,11 @@ pub struct Stats {
     pub bound: u64,
     /// Watches removed by process exit.
     pub exits: u64,
+    /// Updates of a watched pid by another process than the watched one (a
+    /// recycled pid), ignored.
+    pub strangers: u64,
+    /// Watches ended by a credentials change.
+    pub credentials: u64,
 }
 
 // SAFETY: each type is repr(C), made only of integers, with no implicit
@@ -337,7 +375,15 @@ pub fn layouts() -> Vec<Layout> {
                 terminate_bytes,
                 spike_horizon_ns,
                 flags,
-                signal
+                signal,
+                born_before_ns,
+                cap_permitted,
+                uid,
+                euid,
+                suid,
+                gid,
+                egid,
+                sgid
             ]
         ),
         layout!(
@@ -356,7 +402,9 @@ pub fn layouts() -> Vec<Layout> {
                 foreign_updates,
                 level,
                 spike_active,
-                spike_calm_since_ns
+                spike_calm_since_ns,
+                ended,
+                reserved
             ]
         ),
         layout!("amm_watch", Watch, [config, state]),
@@ -378,7 +426,82 @@ pub fn layouts() -> Vec<Layout> {
                 cpu
             ]
         ),
-        layout!("amm_stats", Stats, [events, dropped, bound, exits]),
+        layout!(
+            "amm_stats",
+            Stats,
+            [events, dropped, bound, exits, strangers, credentials]
+        ),
+    ]
+}
+
+/// A C enum of `amm.h` and the values the Rust side gives its members, for
+/// the layout check against the object's BTF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CEnum {
+    /// The C enum's name.
+    pub c_name: &'static str,
+    /// Every member, as C names it, with the Rust value.
+    pub members: Vec<(&'static str, u64)>,
+}
+
+/// Every enum shared with the C side.
+pub fn c_enums() -> Vec<CEnum> {
+    let level = |l: Level| u64::from(l.raw());
+    let kind = |k: EventKind| u64::from(k.raw());
+    vec![
+        CEnum {
+            c_name: "amm_level",
+            members: vec![
+                ("AMM_LEVEL_BELOW", level(Level::Below)),
+                ("AMM_LEVEL_SPILL", level(Level::Spill)),
+                ("AMM_LEVEL_PAUSE", level(Level::Pause)),
+                ("AMM_LEVEL_TERMINATE", level(Level::Terminate)),
+            ],
+        },
+        CEnum {
+            c_name: "amm_event_kind",
+            members: vec![
+                ("AMM_EVENT_LEVEL", kind(EventKind::Level)),
+                ("AMM_EVENT_SPIKE", kind(EventKind::Spike)),
+                ("AMM_EVENT_EXIT", kind(EventKind::Exit)),
+                ("AMM_EVENT_CREDENTIALS", kind(EventKind::Credentials)),
+            ],
+        },
+        CEnum {
+            c_name: "amm_watch_flag",
+            members: vec![
+                (
+                    "AMM_WATCH_SIGNAL_ON_TERMINATE",
+                    u64::from(WATCH_SIGNAL_ON_TERMINATE),
+                ),
+                (
+                    "AMM_WATCH_BIND_CREDENTIALS",
+                    u64::from(WATCH_BIND_CREDENTIALS),
+                ),
+            ],
+        },
+        CEnum {
+            c_name: "amm_event_flag",
+            members: vec![
+                ("AMM_EVENT_FLAG_FOREIGN", u64::from(EVENT_FLAG_FOREIGN)),
+                ("AMM_EVENT_FLAG_SIGNALLED", u64::from(EVENT_FLAG_SIGNALLED)),
+            ],
+        },
+        CEnum {
+            c_name: "amm_end",
+            members: vec![
+                ("AMM_END_NONE", u64::from(END_NONE)),
+                ("AMM_END_CREDENTIALS", u64::from(END_CREDENTIALS)),
+            ],
+        },
+        CEnum {
+            c_name: "amm_limit",
+            members: vec![
+                ("AMM_PID_WORDS", u64::from(PID_WORDS)),
+                ("AMM_CLIENT_RING_BYTES", u64::from(CLIENT_RING_BYTES)),
+                ("AMM_MAX_CPUS", u64::from(MAX_CPUS)),
+            ],
+        },
     ]
 }
 

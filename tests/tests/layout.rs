@@ -1,5 +1,6 @@
 //! The C structs that cross into Rust have the same size and field offsets
-//! as their Rust mirrors: read from the BTF clang wrote into the object.
+//! as their Rust mirrors, and the C enums the same members and values: read
+//! from the BTF clang wrote into the object.
 
 use amm_integration_tests::bpf_object;
 use btf_rs::{Btf, Type};
@@ -53,6 +54,38 @@ fn c_structs_match_their_rust_mirrors() {
             c_fields, rust_fields,
             "fields (name, byte offset) of struct {} in C vs Rust",
             layout.c_name
+        );
+    }
+}
+
+#[test]
+fn c_enums_match_their_rust_values() {
+    let btf = object_btf();
+    for e in amm_ebpf::c_enums() {
+        let types = btf
+            .resolve_types_by_name(e.c_name)
+            .unwrap_or_else(|err| panic!("enum {} is not in the object's BTF: {err}", e.c_name));
+        let c_members: Vec<(String, u64)> = types
+            .iter()
+            .find_map(|t| match t {
+                Type::Enum(en) => Some(
+                    en.members
+                        .iter()
+                        .map(|m| {
+                            let name = btf.resolve_name(m).expect("member name");
+                            (name, u64::from(m.val()))
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{} is not an enum in BTF", e.c_name));
+        let rust_members: Vec<(String, u64)> =
+            e.members.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+        assert_eq!(
+            c_members, rust_members,
+            "members (name, value) of enum {} in C vs Rust",
+            e.c_name
         );
     }
 }

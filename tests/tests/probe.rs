@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use amm_agent::probe::{EventReader, Probe};
 use amm_ebpf::{EventKind, Level, WatchConfig};
-use amm_integration_tests::{Faulter, bpf_object, require_root};
+use amm_integration_tests::{Faulter, TestUser, bpf_object, require_root, spawn_at_pid};
 use amm_protocol::{EventMessage, Fractions};
 
 const MIB: u64 = 1 << 20;
@@ -16,11 +16,14 @@ fn page() -> u64 {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
-fn config(limit: u64) -> WatchConfig {
+/// A watch of `pid` (bound to the process running now) with Dask's
+/// thresholds of `limit`.
+fn config(pid: u32, limit: u64) -> WatchConfig {
     let t = Fractions::default()
         .to_bytes(limit)
         .expect("valid thresholds");
-    amm_agent::probe::watch_config(&t, Duration::ZERO, 0, 0)
+    let pinned = amm_agent::identity::pin(pid).expect("the process runs");
+    amm_agent::probe::watch_config(&t, Duration::ZERO, 0, 0, &pinned.binding())
 }
 
 fn load() -> (Probe, EventReader) {
@@ -77,7 +80,7 @@ fn events_carry_the_right_rss_and_the_peak_is_vmhwm() {
     let pid = f.pid();
     let (_, rss0) = f.hwm_rss().expect("status");
     let limit = rss0 + 400 * MIB;
-    let cfg = config(limit);
+    let cfg = config(pid, limit);
     probe.watch(pid, cfg).expect("watch");
 
     // 300 MiB more: past spill (70 % = 280 MiB above the base), below pause
@@ -92,6 +95,10 @@ fn events_carry_the_right_rss_and_the_peak_is_vmhwm() {
         cfg.spill_bytes
     );
     assert!(!up.foreign);
+    // the kernel's level_of (C) and amm-protocol's agree at the crossing
+    let t = Fractions::default().to_bytes(limit).expect("valid");
+    assert_eq!(t.level_of(up.rss_bytes), up.level);
+    assert_eq!(t.level_of(up.rss_bytes - page()), Level::Below);
 
     f.cmd("touch 50").expect("touch");
     let (hwm, rss) = f.hwm_rss().expect("status");
@@ -147,7 +154,7 @@ fn a_downward_crossing_rearms_the_levels() {
     let mut f = Faulter::spawn().expect("amm-fault");
     let pid = f.pid();
     let (_, rss0) = f.hwm_rss().expect("status");
-    let cfg = config(rss0 + 200 * MIB);
+    let cfg = config(pid, rss0 + 200 * MIB);
     probe.watch(pid, cfg).expect("watch");
 
     f.cmd("touch 150").expect("touch");
@@ -242,7 +249,7 @@ fn updates_by_other_tasks_are_attributed_to_the_watched_process() {
     let mut f = Faulter::spawn().expect("amm-fault");
     let pid = f.pid();
     let (_, rss0) = f.hwm_rss().expect("status");
-    let cfg = config(rss0 + 100 * MIB);
+    let cfg = config(pid, rss0 + 100 * MIB);
     // untouched memory, then the watch, then pages faulted by *this* task:
     // the child makes no RSS update of its own, so the watch must be found
     // through the mm alone
@@ -302,7 +309,7 @@ fn a_spike_is_announced_before_terminate() {
     let mut f = Faulter::spawn().expect("amm-fault");
     let pid = f.pid();
     let (_, rss0) = f.hwm_rss().expect("status");
-    let mut cfg = config(rss0 + 1024 * MIB);
+    let mut cfg = config(pid, rss0 + 1024 * MIB);
     // any growth that would reach terminate within 10 s is a spike
     cfg.spike_horizon_ns = 10_000_000_000;
     probe.watch(pid, cfg).expect("watch");
@@ -319,4 +326,59 @@ fn a_spike_is_announced_before_terminate() {
     assert!(eta <= cfg.spike_horizon_ns, "eta {eta} beyond the horizon");
     assert!(spike.rss_bytes < cfg.terminate_bytes);
     f.exit().expect("exit");
+}
+
+#[test]
+fn a_recycled_pid_never_matches_a_watch_and_is_never_signalled() {
+    if !require_root("a_recycled_pid_never_matches_a_watch_and_is_never_signalled") {
+        return;
+    }
+    let user = TestUser::create("r").expect("user");
+    let (mut probe, mut reader) = load();
+    let first = Faulter::spawn().expect("amm-fault");
+    let pid = first.pid();
+    // terminate at 95 % of 64 MiB, with SIGKILL, on both rings
+    let t = Fractions::default().to_bytes(64 * MIB).expect("valid");
+    let pinned = amm_agent::identity::pin(pid).expect("running");
+    let cfg = amm_agent::probe::watch_config(
+        &t,
+        Duration::from_millis(200),
+        amm_ebpf::WATCH_SIGNAL_ON_TERMINATE,
+        9,
+        &pinned.binding(),
+    );
+    let ring_fd = probe.client_ring(pid).expect("a client ring");
+    let mut ring =
+        amm_protocol::ring::RingReader::new(ring_fd, amm_ebpf::CLIENT_RING_BYTES as usize)
+            .expect("map the ring");
+    probe.watch(pid, cfg).expect("watch");
+    // the first process's exit goes unseen (as when a registration races
+    // it), and its pid goes to another user's process
+    probe.detach().expect("detach");
+    first.kill();
+    let mut second = spawn_at_pid(pid, || Faulter::spawn_as(user.uid, user.gid))
+        .expect("the pid could be steered through ns_last_pid");
+    probe.attach().expect("attach");
+    let reply = second.cmd("touch 200");
+    assert!(reply.is_ok(), "the second process was killed: {reply:?}");
+    second.cmd("status").expect("and still answers");
+    let ev = collect(&mut reader, pid, Duration::from_millis(500), |_| false);
+    assert!(ev.is_empty(), "events for another process: {ev:#?}");
+    let on_ring = ring.recv(Some(Duration::from_millis(100))).expect("ring");
+    assert!(
+        on_ring.is_none(),
+        "a record on the direct ring: {on_ring:?}"
+    );
+    let w = probe.watch_of(pid).expect("the stale watch is still there");
+    assert!(
+        w.state.rss_bytes < t.terminate && w.state.level == 0,
+        "{w:?}"
+    );
+    assert!(probe.stats().expect("stats").strangers > 0);
+    // nor does its exit end the watch made for the first
+    second.exit().expect("exit");
+    let ev = collect(&mut reader, pid, Duration::from_millis(300), |_| false);
+    assert!(ev.is_empty(), "{ev:#?}");
+    assert!(probe.watch_of(pid).is_some());
+    probe.unwatch(pid).expect("unwatch");
 }

@@ -335,7 +335,9 @@ fn try_register(
         .spike_horizon_ms
         .filter(|&ms| ms > 0)
         .map_or(shared.config.default_spike_horizon, Duration::from_millis);
-    let config = crate::probe::watch_config(&thresholds, horizon, plan.flags, plan.signal);
+    let binding = crate::probe::Binding::of(&verified);
+    let config =
+        crate::probe::watch_config(&thresholds, horizon, plan.flags, plan.signal, &binding);
     let pid = verified.pid;
     let rss = verified.info.rss_bytes();
     let start_time = verified.info.start_time;

@@ -205,6 +205,8 @@ fn set_mode(mode: Mode, probe: &mut Probe, others: &mut Others, me: u32) -> Resu
                     spike_horizon_ns: 0,
                     flags: 0,
                     signal: 0,
+                    born_before_ns: amm_agent::identity::pin(me)?.born_before_ns,
+                    ..WatchConfig::default()
                 },
             )?;
         }
