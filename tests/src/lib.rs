@@ -131,6 +131,12 @@ impl Faulter {
         Self::spawn_with(c)
     }
 
+    /// Starts one through a command of the caller's making (e.g. `unshare
+    /// ... amm-fault`), whose stdin and stdout become the line protocol.
+    pub fn spawn_command(c: Command) -> Result<Self> {
+        Self::spawn_with(c)
+    }
+
     fn spawn_with(mut c: Command) -> Result<Self> {
         let mut child = c
             .stdin(Stdio::piped())
@@ -221,6 +227,25 @@ impl Drop for Faulter {
     }
 }
 
+/// Makes `spawn` give its process `pid`, by writing `pid - 1` to
+/// `/proc/sys/kernel/ns_last_pid` before each try (root only). Other
+/// processes fork on this machine meanwhile and may take the pid first: up
+/// to 500 tries, each a fresh process (the misses are killed).
+pub fn spawn_at_pid(pid: u32, spawn: impl Fn() -> Result<Faulter>) -> Result<Faulter> {
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1))
+            .context("cannot write /proc/sys/kernel/ns_last_pid (root only)")?;
+        let f = spawn()?;
+        if f.pid() == pid {
+            return Ok(f);
+        }
+        f.kill();
+        // someone else holds it for now: let them go on
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    bail!("pid {pid} could not be steered to in 500 tries (busy machine?)")
+}
+
 /// A user made for one test (`useradd`), removed when dropped (`userdel`).
 /// Cross-user tests need users of their own: other engineers' tests run on
 /// the same machine at the same time.
@@ -287,6 +312,9 @@ pub struct Agent {
     child: Child,
     socket: PathBuf,
     extra: Vec<String>,
+    /// A command the agent runs under (e.g. `setpriv ... --`), which must
+    /// exec it (the pid stays the agent's).
+    wrapper: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -299,15 +327,23 @@ impl Agent {
 
     /// Like [`Self::start`], with more arguments for `amm-agent run`.
     pub fn start_with(extra: &[&str]) -> Result<Self> {
+        Self::start_wrapped(&[], extra)
+    }
+
+    /// Like [`Self::start_with`], the agent run under `wrapper` (a command
+    /// that execs what follows it, such as `setpriv ... --`).
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let socket = dir.path().join("agent.sock");
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = Self::spawn(&socket, &extra)?;
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (extra, wrapper) = (owned(extra), owned(wrapper));
+        let child = Self::spawn(&socket, &extra, &wrapper)?;
         let mut agent = Self {
             child,
             socket,
             extra,
+            wrapper,
             _dir: dir,
         };
         agent.wait_listening()?;
@@ -334,17 +370,24 @@ impl Agent {
     /// Starts a new agent on the same socket (after [`Self::kill`]).
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.child = Self::spawn(&self.socket, &self.extra)?;
+        self.child = Self::spawn(&self.socket, &self.extra, &self.wrapper)?;
         self.wait_listening()
     }
 
-    fn spawn(socket: &Path, extra: &[String]) -> Result<Child> {
+    fn spawn(socket: &Path, extra: &[String], wrapper: &[String]) -> Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(socket.with_file_name("agent.log"))?;
-        Command::new(bin("amm-agent"))
-            .arg("run")
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("amm-agent"));
+                c
+            }
+            None => Command::new(bin("amm-agent")),
+        };
+        cmd.arg("run")
             .arg("--socket")
             .arg(socket)
             .args(["--socket-mode", "0666", "--hello-timeout-ms", "1000"])

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use amm_ebpf::{EventKind, Level};
-use amm_integration_tests::{Agent, Faulter, event_where, require_root};
+use amm_integration_tests::{Agent, Faulter, event_where, require_root, spawn_at_pid};
 use amm_protocol::{
     ClientError, ClientMessage, MapEntries, Registration, ServerMessage, VERSION, decode, encode,
     read_frame,
@@ -196,19 +196,6 @@ fn registrations_that_prove_no_right_are_refused() {
     assert!(client.status().expect("status").watches.len() == 1);
 }
 
-/// Makes the next fork get `pid`, through ns_last_pid (root only).
-fn spawn_with_pid(pid: u32) -> Option<Faulter> {
-    for _ in 0..50 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).ok()?;
-        let f = Faulter::spawn().ok()?;
-        if f.pid() == pid {
-            return Some(f);
-        }
-        f.kill();
-    }
-    None
-}
-
 #[test]
 fn a_recycled_pid_is_refused() {
     if !require_root("a_recycled_pid_is_refused") {
@@ -222,7 +209,8 @@ fn a_recycled_pid_is_refused() {
     first.kill();
     // the tick counter must move so the new process has another start time
     std::thread::sleep(Duration::from_millis(50));
-    let second = spawn_with_pid(pid).expect("the pid could be reused through ns_last_pid");
+    let second =
+        spawn_at_pid(pid, Faulter::spawn).expect("the pid could be reused through ns_last_pid");
     let mut reg = Registration::new(pid, 1 << 30);
     reg.start_time = Some(start);
     match client.register(&reg) {

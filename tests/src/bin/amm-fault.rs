@@ -15,23 +15,36 @@
 //!   setuid copy) from the main thread or from a second thread; the new
 //!   program answers `ok PID` when it is ready
 //! - `child`: start `sleep 3600` as a child; `ok PID` (as this process sees it)
+//! - `zombie`: start a child that exits at once and leave it unreaped; `ok PID`
+//!   once /proc shows it a zombie
+//! - `reap PID`: reap that zombie; `ok`
+//! - `spawn`: start another amm-fault as a child; `ok PID`
+//! - `to-child LINE`: send LINE to that child; its answer, as it gave it
 //! - `connect SOCKET`: connect to an agent; `ok`
 //! - `register PID [START_TIME]`: register with limit 1 GiB (PID 0: myself);
 //!   `ok PID RSS` (the pid the agent knows it by) or `err REASON`
 //! - `register-direct PID LIMIT_MIB`: register with a ring buffer of our own
 //!   and a limit in MiB; `ok RSS` or `err REASON`
+//! - `register-kill PID LIMIT_MIB`: the same, with the kernel's SIGKILL at
+//!   terminate; `ok PID RSS` or `err REASON`
+//! - `register-agent-kill PID LIMIT_MIB`: the same, the agent sending
+//!   SIGKILL through its pidfd; `ok PID RSS` or `err REASON`
+//! - `unregister-host`: unregister the pid the last registration answered
+//!   with; `ok`
 //! - `status-pids`: ask the agent's status; `ok PID...` of the watches shown
 //! - `timeline PID`: ask the agent for PID's timeline; `ok SAMPLES` or `err REASON`
 //! - `flood SOCKET N`: open N more connections to the agent and hold them;
 //!   `ok OPENED REFUSED FIRST_REFUSAL`
-//! - `event`: wait up to 10 s for one event; `ok JSON` or `err ...`
-//! - `ring-event`: wait up to 10 s for one event on our own ring; `ok JSON`
+//! - `event`, `event-within MS`: wait up to 10 s (MS ms) for one event;
+//!   `ok JSON` or `err ...`
+//! - `ring-event`, `ring-event-within MS`: the same on our own ring
 //! - `exit`: exit 0
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Duration;
 
+use amm_integration_tests::Faulter;
 use amm_integration_tests::region::{Region, page_size as page};
 use amm_protocol::{Client, Registration};
 
@@ -86,8 +99,28 @@ struct State {
     regions: Vec<Region>,
     client: Option<Client>,
     ring: Option<amm_protocol::ring::RingReader>,
+    /// The pid the last registration answered with.
+    registered: Option<u32>,
     flood: Vec<Client>,
     children: Vec<std::process::Child>,
+    /// A child amm-fault driven through `to-child`.
+    worker: Option<Faulter>,
+}
+
+/// Waits up to 10 s until /proc shows `pid` a zombie.
+fn wait_zombie(pid: u32) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
 }
 
 fn touch(mib: &str, cmd: &str, regions: &mut Vec<Region>) -> String {
@@ -163,7 +196,62 @@ fn flood(socket: &str, n: &str, held: &mut Vec<Client>) -> String {
     format!("ok {opened} {refused} {first}")
 }
 
+/// The registration a `register*` command asks for, or why it is wrong.
+fn registration(words: &[&str]) -> Option<Result<Registration, String>> {
+    let pid = |p: &str| p.parse::<u32>().map_err(|e| format!("pid {p:?}: {e}"));
+    let mib = |m: &str| m.parse::<u64>().map_err(|e| format!("limit {m:?}: {e}"));
+    let kill = |by| -> Result<Registration, String> {
+        let (p, m) = (pid(words[1])?, mib(words[2])?);
+        Ok(Registration {
+            direct: true,
+            terminate_signal: Some(9),
+            terminate_by: by,
+            ..Registration::new(p, m << 20)
+        })
+    };
+    Some(match words {
+        ["register", p, rest @ ..] => pid(p).map(|p| Registration {
+            start_time: rest.first().and_then(|s| s.parse().ok()),
+            ..Registration::new(p, 1 << 30)
+        }),
+        ["register-direct", p, m] => pid(p).and_then(|p| {
+            Ok(Registration {
+                direct: true,
+                ..Registration::new(p, mib(m)? << 20)
+            })
+        }),
+        ["register-kill", _, _] => kill(amm_protocol::TerminateBy::Kernel),
+        ["register-agent-kill", _, _] => kill(amm_protocol::TerminateBy::Agent),
+        _ => return None,
+    })
+}
+
 impl State {
+    /// `register*`: `ok PID RSS` (`register-direct`: `ok RSS`).
+    fn register_command(&mut self, words: &[&str]) -> Option<String> {
+        let reg = match registration(words)? {
+            Ok(r) => r,
+            Err(e) => return Some(format!("err {e}")),
+        };
+        let Some(c) = self.client.as_mut() else {
+            return Some("err connect first".into());
+        };
+        Some(match register(c, &reg) {
+            Ok(r) => {
+                self.registered = Some(r.pid);
+                if r.ring.is_some() {
+                    self.ring = r.ring;
+                }
+                if words[0] == "register-direct" {
+                    format!("ok {}", r.rss_bytes)
+                } else {
+                    format!("ok {} {}", r.pid, r.rss_bytes)
+                }
+            }
+            Err(e) => format!("err {e}"),
+        })
+    }
+
     fn agent_command(&mut self, words: &[&str]) -> Option<String> {
         Some(match words {
             ["connect", sock] => {
@@ -175,18 +263,12 @@ impl State {
                     Err(e) => format!("err {e}"),
                 }
             }
-            ["register", pid, rest @ ..] => match (self.client.as_mut(), pid.parse::<u32>()) {
-                (Some(c), Ok(pid)) => {
-                    let reg = Registration {
-                        start_time: rest.first().and_then(|s| s.parse().ok()),
-                        ..Registration::new(pid, 1 << 30)
-                    };
-                    match register(c, &reg) {
-                        Ok(r) => format!("ok {} {}", r.pid, r.rss_bytes),
-                        Err(e) => format!("err {e}"),
-                    }
-                }
-                _ => "err connect first, and give a pid".into(),
+            ["unregister-host"] => match (self.client.as_mut(), self.registered.take()) {
+                (Some(c), Some(pid)) => match c.unregister(pid) {
+                    Ok(()) => "ok".into(),
+                    Err(e) => format!("err {e}"),
+                },
+                _ => "err nothing registered".into(),
             },
             ["register-direct", pid, limit_mib] => {
                 let parsed = (pid.parse::<u32>(), limit_mib.parse::<u64>());
@@ -229,22 +311,25 @@ impl State {
 
     fn event_command(&mut self, words: &[&str]) -> Option<String> {
         let json = |e: &amm_protocol::EventMessage| serde_json::to_string(e).unwrap_or_default();
+        let within = |ms: Option<&&str>| {
+            Duration::from_millis(ms.and_then(|m| m.parse().ok()).unwrap_or(10_000))
+        };
         Some(match words {
-            ["ring-event"] => match self.ring.as_mut() {
-                Some(r) => match r.recv(Some(Duration::from_secs(10))) {
+            ["ring-event" | "ring-event-within", ms @ ..] => match self.ring.as_mut() {
+                Some(r) => match r.recv(Some(within(ms.first()))) {
                     Ok(Some(raw)) => match amm_protocol::EventMessage::from_kernel(&raw) {
                         Some(e) => format!("ok {}", json(&e)),
                         None => "err unknown record".into(),
                     },
-                    Ok(None) => "err no event within 10 s".into(),
+                    Ok(None) => "err no event in time".into(),
                     Err(e) => format!("err {e}"),
                 },
                 None => "err no ring".into(),
             },
-            ["event"] => match self.client.as_mut() {
-                Some(c) => match c.next_event(Some(Duration::from_secs(10))) {
+            ["event" | "event-within", ms @ ..] => match self.client.as_mut() {
+                Some(c) => match c.next_event(Some(within(ms.first()))) {
                     Ok(Some(e)) => format!("ok {}", json(&e)),
-                    Ok(None) => "err no event within 10 s".into(),
+                    Ok(None) => "err no event in time".into(),
                     Err(e) => format!("err {e}"),
                 },
                 None => "err connect first".into(),
@@ -288,6 +373,55 @@ impl State {
             }
             ["exec", path] => exec(path, false),
             ["thread-exec", path] => exec(path, true),
+            _ => format!("err unknown command {line:?}"),
+        }
+    }
+
+    fn children_command(&mut self, words: &[&str]) -> Option<String> {
+        Some(match words {
+            ["zombie"] => match std::process::Command::new("true").spawn() {
+                Ok(c) => {
+                    let pid = c.id();
+                    self.children.push(c);
+                    if wait_zombie(pid) {
+                        format!("ok {pid}")
+                    } else {
+                        "err the child did not exit".into()
+                    }
+                }
+                Err(e) => format!("err {e}"),
+            },
+            ["reap", pid] => match self
+                .children
+                .iter()
+                .position(|c| c.id().to_string() == *pid)
+            {
+                Some(i) => match self.children.remove(i).wait() {
+                    Ok(_) => "ok".into(),
+                    Err(e) => format!("err {e}"),
+                },
+                None => "err no such child".into(),
+            },
+            ["spawn"] => match Faulter::spawn_command(std::process::Command::new(
+                std::env::current_exe().unwrap_or_default(),
+            )) {
+                Ok(f) => {
+                    let pid = f.pid();
+                    self.worker = Some(f);
+                    format!("ok {pid}")
+                }
+                Err(e) => format!("err {e}"),
+            },
+            ["to-child", rest @ ..] => match self.worker.as_mut() {
+                Some(w) => {
+                    let line = rest.join(" ");
+                    match w.try_cmd(&line) {
+                        Ok(reply) => reply,
+                        Err(e) => format!("err the child: {e}"),
+                    }
+                }
+                None => "err spawn first".into(),
+            },
             ["child"] => match std::process::Command::new("sleep").arg("3600").spawn() {
                 Ok(c) => {
                     let pid = c.id();
@@ -296,13 +430,19 @@ impl State {
                 }
                 Err(e) => format!("err {e}"),
             },
-            _ => format!("err unknown command {line:?}"),
-        }
+            _ => return None,
+        })
     }
 
     fn command(&mut self, line: &str) -> String {
         let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(r) = self.register_command(&words) {
+            return r;
+        }
         if let Some(r) = self.agent_command(&words) {
+            return r;
+        }
+        if let Some(r) = self.children_command(&words) {
             return r;
         }
         if let Some(r) = self.event_command(&words) {
