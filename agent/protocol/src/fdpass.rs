@@ -1,77 +1,49 @@
 //! Passing a file descriptor with a frame (`SCM_RIGHTS`), for the ring
-//! buffer the agent hands a client.
+//! buffer the agent hands a client. Through nix's `sendmsg`/`recvmsg`.
 
 use std::io;
+use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-const FD_SPACE: usize = 64;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// Most fds one receive keeps (the agent sends one per frame).
+const MAX_FDS: usize = 4;
 
 /// Sends `buf` on a Unix stream socket with `fd` attached to its first byte.
 /// `flags` are sendmsg(2) flags (e.g. `MSG_DONTWAIT`); `MSG_NOSIGNAL` is
 /// always added.
 pub fn send_with_fd(sock: RawFd, buf: &[u8], fd: BorrowedFd<'_>, flags: i32) -> io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    let mut control = [0u64; FD_SPACE / 8];
-    // SAFETY: msghdr is plain data; every pointer set below stays valid for
-    // the call; CMSG_* only compute offsets inside `control`, which is large
-    // enough for one fd (CMSG_SPACE(4) is far below 64 bytes).
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
-        let n = libc::sendmsg(sock, &msg, flags | libc::MSG_NOSIGNAL);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    }
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let flags = MsgFlags::from_bits_truncate(flags) | MsgFlags::MSG_NOSIGNAL;
+    Ok(sendmsg::<()>(
+        sock,
+        &[IoSlice::new(buf)],
+        &cmsg,
+        flags,
+        None,
+    )?)
 }
 
 /// Receives into `buf` from a Unix stream socket; any fds that come with
 /// the bytes are appended to `fds` (close-on-exec).
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut control = [0u64; FD_SPACE / 8];
-    // SAFETY: as in send_with_fd; the kernel fills at most msg_controllen
-    // bytes of `control`, and the CMSG_* walk stays inside what it filled.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = FD_SPACE as _;
-        let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            // SAFETY: the kernel just installed these fds in this process
+            // for us; nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg);
-                let count = ((*cmsg).cmsg_len as usize - (data as usize - cmsg as usize))
-                    / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-        Ok(n as usize)
     }
+    Ok(msg.bytes)
 }
 
 #[cfg(test)]
