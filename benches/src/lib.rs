@@ -60,7 +60,16 @@ impl Drop for AgentProc {
 /// waits (at most 20 s) until it accepts connections; its log (warnings
 /// only) goes to `stderr`.
 pub fn start_agent(socket: &Path, stderr: std::process::Stdio) -> anyhow::Result<AgentProc> {
-    spawn_agent(socket, &[], "warn", stderr)
+    start_agent_with(socket, &[], stderr)
+}
+
+/// [`start_agent`] with more `amm-agent run` flags.
+pub fn start_agent_with(
+    socket: &Path,
+    extra: &[&str],
+    stderr: std::process::Stdio,
+) -> anyhow::Result<AgentProc> {
+    spawn_agent(socket, extra, "warn", stderr)
 }
 
 /// Like [`start_agent`], with `--http 127.0.0.1:0` (the live page and

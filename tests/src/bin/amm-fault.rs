@@ -34,10 +34,13 @@
 //! - `status-pids`: ask the agent's status; `ok PID...` of the watches shown
 //! - `timeline PID`: ask the agent for PID's timeline; `ok SAMPLES` or `err REASON`
 //! - `flood SOCKET N`: open N more connections to the agent and hold them;
-//!   `ok OPENED REFUSED FIRST_REFUSAL`
+//!   `ok OPENED REFUSED FIRST_REFUSAL`; `unflood` closes them
 //! - `event`, `event-within MS`: wait up to 10 s (MS ms) for one event;
 //!   `ok JSON` or `err ...`
 //! - `ring-event`, `ring-event-within MS`: the same on our own ring
+//! - `drain`: read every event waiting on the socket and our own ring;
+//!   `ok SOCKET_EVENTS RING_EVENTS`
+//! - `account N`: push N accounting splits for the pid last registered; `ok`
 //! - `exit`: exit 0
 
 use std::io::{BufRead, Write};
@@ -298,6 +301,12 @@ impl State {
                 None => "err connect first".into(),
             },
             ["flood", sock, n] => flood(sock, n, &mut self.flood),
+            ["unflood"] => {
+                self.flood.clear();
+                "ok".into()
+            }
+            ["drain"] => self.drain(),
+            ["account", n] => self.account(n),
             ["timeline", pid] => match (self.client.as_mut(), pid.parse::<u32>()) {
                 (Some(c), Ok(pid)) => match c.timeline(pid) {
                     Ok(t) => format!("ok {}", t.len()),
@@ -449,6 +458,59 @@ impl State {
             return r;
         }
         self.process_command(&words, line)
+    }
+}
+
+impl State {
+    fn drain(&mut self) -> String {
+        let mut on_socket = 0;
+        if let Some(c) = self.client.as_mut() {
+            loop {
+                match c.next_event(Some(Duration::from_millis(1))) {
+                    Ok(Some(_)) => on_socket += 1,
+                    Ok(None) => break,
+                    Err(e) => return format!("err {e}"),
+                }
+            }
+        }
+        let mut on_ring = 0;
+        if let Some(r) = self.ring.as_mut() {
+            while r.next_event().is_some() {
+                on_ring += 1;
+            }
+        }
+        format!("ok {on_socket} {on_ring}")
+    }
+
+    fn account(&mut self, n: &str) -> String {
+        let (Some(c), Some(pid), Ok(n)) = (self.client.as_mut(), self.registered, n.parse::<u64>())
+        else {
+            return "err register first, and give a count".into();
+        };
+        for i in 0..n {
+            let process = status_bytes("VmRSS:");
+            let t_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .map_or(0, |t| {
+                    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+                });
+            let msg = amm_protocol::ClientMessage::Accounting {
+                pid,
+                t_ns,
+                split: amm_protocol::Split {
+                    process,
+                    managed: process / 2,
+                    unmanaged_live: process / 4,
+                    hoarded: process / 8,
+                    non_heap: process / 8,
+                    spilled: i,
+                    unmanaged_recent: 0,
+                },
+            };
+            if let Err(e) = c.send_message(&msg) {
+                return format!("err {e}");
+            }
+        }
+        "ok".into()
     }
 }
 
