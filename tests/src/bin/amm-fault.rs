@@ -505,6 +505,7 @@ impl State {
                     spilled: i,
                     unmanaged_recent: 0,
                 },
+                heap: None,
             };
             if let Err(e) = c.send_message(&msg) {
                 return format!("err {e}");
