@@ -272,17 +272,6 @@ static __always_inline __s64 read_counter(struct mm_struct *mm, int member)
 	return sum < 0 ? 0 : sum;
 }
 
-static __always_inline __u32 level_of(const struct amm_watch_config *cfg, __u64 rss)
-{
-	if (rss >= cfg->terminate_bytes)
-		return AMM_LEVEL_TERMINATE;
-	if (rss >= cfg->pause_bytes)
-		return AMM_LEVEL_PAUSE;
-	if (rss >= cfg->spill_bytes)
-		return AMM_LEVEL_SPILL;
-	return AMM_LEVEL_BELOW;
-}
-
 /* One event to the client's own ring (if it asked for one) first, then to
  * the agent's. When the client has it already, the agent is not woken for a
  * level or spike event (it would compete with the client for a CPU at the
@@ -382,7 +371,7 @@ static __always_inline void update_level(__u32 tgid, struct amm_watch *w, __u64 
 {
 	struct amm_watch_config *cfg = &w->config;
 	__u32 cur = w->state.level;
-	__u32 lvl = level_of(cfg, rss);
+	__u32 lvl = amm_level_of(cfg, rss);
 
 	if (lvl > cur) {
 		if (__sync_val_compare_and_swap(&w->state.level, cur, lvl) != cur)

@@ -175,4 +175,23 @@ struct amm_stats {
 	__u64 credentials;   /* watches ended by a credentials change */
 };
 
+/*
+ * The level `rss` reaches under a watch's thresholds: the highest level whose
+ * threshold it reaches. The one C definition: its Rust twin is
+ * amm_protocol::ThresholdBytes::level_of, and tests/tests/layout.rs compiles
+ * this very function for the host and checks both give the same level on
+ * every edge (each threshold, one byte either side, AMM_DISABLED, 0, 2^64-1).
+ */
+static inline __attribute__((always_inline)) __u32
+amm_level_of(const struct amm_watch_config *cfg, __u64 rss)
+{
+	if (rss >= cfg->terminate_bytes)
+		return AMM_LEVEL_TERMINATE;
+	if (rss >= cfg->pause_bytes)
+		return AMM_LEVEL_PAUSE;
+	if (rss >= cfg->spill_bytes)
+		return AMM_LEVEL_SPILL;
+	return AMM_LEVEL_BELOW;
+}
+
 #endif /* AMM_H */

@@ -116,3 +116,107 @@ fn the_object_has_the_programs_and_maps_the_agent_expects() {
         );
     }
 }
+
+/// The edges where a level can flip for `t`: 0, 2^64-1, and each threshold
+/// with one byte either side.
+fn edges(t: &amm_protocol::ThresholdBytes) -> Vec<u64> {
+    let mut out = vec![0, 1, u64::MAX - 1, u64::MAX];
+    for v in [t.spill, t.pause, t.terminate, t.rearm] {
+        out.extend([v.saturating_sub(1), v, v.saturating_add(1)]);
+    }
+    out
+}
+
+/// Compiles the kernel program's `amm_level_of` (ebpf/c/amm.h) for the host
+/// and returns the level it gives each (thresholds, rss).
+fn c_levels(cases: &[(amm_protocol::ThresholdBytes, u64)]) -> Vec<u32> {
+    use std::io::Write;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = dir.path().join("level_of_host");
+    let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
+    let built = std::process::Command::new(&clang)
+        .args(["-O2", "-Wall", "-Werror", "-I"])
+        .arg(root.join("../ebpf/c"))
+        .arg(root.join("c/level_of_host.c"))
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {clang} (cargo xtask build-ebpf needs it too): {e}")
+        });
+    assert!(built.success(), "{clang} failed on tests/c/level_of_host.c");
+    let mut child = std::process::Command::new(&exe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the host build of amm_level_of");
+    let mut input = String::new();
+    for (t, rss) in cases {
+        input += &format!("{} {} {} {rss}\n", t.spill, t.pause, t.terminate);
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("write cases");
+    drop(stdin);
+    let out = child.wait_with_output().expect("levels");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("ascii")
+        .lines()
+        .map(|l| l.parse().expect("a level number"))
+        .collect()
+}
+
+#[test]
+fn the_kernel_s_level_of_and_rust_s_agree_on_every_edge() {
+    use amm_protocol::Fractions;
+    let default = Fractions::default();
+    let fractions = [
+        default,
+        Fractions {
+            spill: None,
+            ..default
+        },
+        Fractions {
+            pause: None,
+            terminate: None,
+            ..default
+        },
+        Fractions {
+            target: None,
+            spill: Some(0.5),
+            pause: Some(0.5),
+            terminate: Some(1.0),
+        },
+        Fractions {
+            target: None,
+            spill: None,
+            pause: None,
+            terminate: Some(0.95),
+        },
+    ];
+    let limits = [
+        1 << 20,
+        4096 * 3 + 7,
+        64 << 30,
+        u64::MAX / 2,
+        u64::MAX - 4096,
+    ];
+    let mut cases = Vec::new();
+    for f in fractions {
+        for limit in limits {
+            let Ok(t) = f.to_bytes(limit) else { continue };
+            cases.extend(edges(&t).into_iter().map(|rss| (t, rss)));
+        }
+    }
+    assert!(cases.len() > 300, "too few cases: {}", cases.len());
+    let c = c_levels(&cases);
+    assert_eq!(c.len(), cases.len(), "one answer per case");
+    for ((t, rss), c_level) in cases.iter().zip(c) {
+        assert_eq!(
+            t.level_of(*rss).raw(),
+            c_level,
+            "level of rss {rss} under {t:?}: Rust vs the kernel's C"
+        );
+    }
+}

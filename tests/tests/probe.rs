@@ -95,7 +95,7 @@ fn events_carry_the_right_rss_and_the_peak_is_vmhwm() {
         cfg.spill_bytes
     );
     assert!(!up.foreign);
-    // the kernel's level_of (C) and amm-protocol's agree at the crossing
+    // the kernel's amm_level_of (C) and amm-protocol's agree at the crossing
     let t = Fractions::default().to_bytes(limit).expect("valid");
     assert_eq!(t.level_of(up.rss_bytes), up.level);
     assert_eq!(t.level_of(up.rss_bytes - page()), Level::Below);

@@ -208,8 +208,9 @@ impl Fractions {
 
 impl ThresholdBytes {
     /// The level of `rss` under these thresholds: the highest level whose
-    /// threshold `rss` reaches. The kernel program's `level_of` (C) computes
-    /// the same; the probe tests check both agree on every crossing.
+    /// threshold `rss` reaches. The kernel program's `amm_level_of` (C,
+    /// `ebpf/c/amm.h`) computes the same: `tests/tests/layout.rs` runs it
+    /// against this on every edge, and the probe tests at real crossings.
     pub fn level_of(&self, rss: u64) -> Level {
         if rss >= self.terminate {
             Level::Terminate
