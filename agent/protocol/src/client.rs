@@ -102,6 +102,14 @@ impl Client {
             path: path.display().to_string(),
             source,
         })?;
+        Self::handshake(stream, name)
+    }
+
+    /// Says hello on a connected socket and waits for the welcome. An agent
+    /// that refuses the connection (too many clients) may close it before
+    /// the hello is written: the write fails ("Broken pipe") and the
+    /// refusal waiting in the socket is the error returned.
+    fn handshake(stream: UnixStream, name: &str) -> Result<Self, ClientError> {
         let mut c = Self {
             stream,
             pending: VecDeque::new(),
@@ -330,5 +338,38 @@ impl Client {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_sent_before_the_hello_is_read_not_a_broken_pipe() {
+        let (client_end, mut agent_end) = UnixStream::pair().expect("socket pair");
+        let reason = "the agent is at its most clients for uid 1000 (32); close idle connections";
+        write_message(
+            &mut agent_end,
+            &ServerMessage::Error {
+                reason: reason.into(),
+                code: Some(Denial::TooManyClients),
+            },
+        )
+        .expect("the refusal");
+        // the agent closes before the client writes its hello
+        drop(agent_end);
+        match Client::handshake(client_end, "test") {
+            Err(ClientError::Busy(r)) => assert_eq!(r, reason),
+            other => panic!("expected the agent's refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_agent_that_closes_without_a_word_is_a_transient_error() {
+        let (client_end, agent_end) = UnixStream::pair().expect("socket pair");
+        drop(agent_end);
+        let err = Client::handshake(client_end, "test").expect_err("closed");
+        assert!(err.is_transient(), "{err}");
     }
 }
