@@ -437,6 +437,50 @@ fn a_thousand_short_lived_processes_leave_no_map_entries() {
 }
 
 #[test]
+fn an_exit_the_ring_buffer_dropped_still_ends_the_watch() {
+    if !require_root("an_exit_the_ring_buffer_dropped_still_ends_the_watch") {
+        return;
+    }
+    let agent = Agent::start().expect("agent");
+    let mut client = agent.client().expect("client");
+    let mut f = Faulter::spawn().expect("child");
+    let pid = f.pid();
+    // re-arm 1 MiB above where it is, every level within 4 MiB of it
+    let (_, rss0) = f.hwm_rss().expect("status");
+    let limit = (rss0 + MIB) * 10 / 6;
+    client
+        .register(&Registration::new(pid, limit))
+        .expect("register");
+    // the agent stops reading its ring; the churn fills it (each round is
+    // at least two level events: 1500 rounds are twice its 256 KiB), so the
+    // kernel's exit record is dropped
+    let agent_pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(agent_pid, nix::sys::signal::SIGSTOP).expect("stop the agent");
+    let churned = f.cmd("churn 1500 4");
+    let exited = f.exit();
+    nix::sys::signal::kill(agent_pid, nix::sys::signal::SIGCONT).expect("continue the agent");
+    churned.expect("churn");
+    exited.expect("exit");
+    // the pidfd tells the agent what the ring could not
+    let e = event_where(&mut client, "the exit", |e| e.event == EventKind::Exit);
+    assert_eq!(e.pid, pid);
+    assert!(!e.signalled);
+    let s = client.status().expect("status");
+    assert!(
+        s.dropped > 0,
+        "the ring never overflowed, so this test proved nothing: {s:?}"
+    );
+    assert!(s.watches.is_empty(), "{:?}", s.watches);
+    assert!(s.ended.iter().any(|w| w.pid == pid), "{:?}", s.ended);
+    assert_eq!(s.map_entries, MapEntries::default());
+    assert!(
+        agent.log().contains("exited without a kernel exit event"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn the_socket_speaks_framed_json_with_a_size_cap() {
     if !require_root("the_socket_speaks_framed_json_with_a_size_cap") {
         return;

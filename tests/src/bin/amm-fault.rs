@@ -7,6 +7,8 @@
 //! - `thread-touch MIB`: the same, faulted by a second thread; `ok ADDR`
 //! - `reserve MIB`: map MIB MiB of anonymous memory without touching it; `ok ADDR`
 //! - `free`: unmap everything `touch` mapped; `ok`
+//! - `churn N MIB`: map MIB MiB, then N times write every page and give
+//!   them back (each round crosses the levels up and back down); `ok`
 //! - `file PATH MIB`: map MIB MiB of a file read-only and read every page; `ok ADDR LEN`
 //! - `status`: `ok VMHWM_BYTES VMRSS_BYTES`
 //! - `pid`: `ok PID START_TIME` (the pid as this process sees it)
@@ -155,6 +157,21 @@ fn touch(mib: &str, cmd: &str, regions: &mut Vec<Region>) -> String {
     let addr = r.addr();
     regions.push(r);
     format!("ok {addr}")
+}
+
+fn churn(n: &str, mib: &str) -> String {
+    let (Ok(n), Ok(mib)) = (n.parse::<usize>(), mib.parse::<usize>()) else {
+        return "err give a count and MiB".into();
+    };
+    let r = match Region::new(mib << 20) {
+        Ok(r) => r,
+        Err(e) => return format!("err {e}"),
+    };
+    for _ in 0..n {
+        r.touch();
+        r.release();
+    }
+    "ok".into()
 }
 
 fn exec(path: &str, from_thread: bool) -> String {
@@ -356,6 +373,7 @@ impl State {
                 self.regions.clear();
                 "ok".into()
             }
+            ["churn", n, mib] => churn(n, mib),
             ["file", path, mib] => {
                 match mib
                     .parse()
