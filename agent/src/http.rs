@@ -109,10 +109,21 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an address; give PORT, 127.0.0.1:PORT or [::1]:PORT"))
 }
 
-/// Refuses a non-loopback address unless remote access was asked for.
+/// Most HTTP connections `--http-max-connections` may allow: one fd each,
+/// far beyond any sane limit, and within what a semaphore can count.
+pub const MAX_HTTP_CONNECTIONS: usize = 65_536;
+
+/// Refuses a non-loopback address unless remote access was asked for, and
+/// a connection limit of 0 or beyond [`MAX_HTTP_CONNECTIONS`].
 pub fn check(config: &HttpConfig) -> Result<()> {
     if config.max_connections == 0 {
         bail!("--http-max-connections must be at least 1");
+    }
+    if config.max_connections > MAX_HTTP_CONNECTIONS {
+        bail!(
+            "--http-max-connections {} is more than the {MAX_HTTP_CONNECTIONS} connections the agent can hold open; give at most {MAX_HTTP_CONNECTIONS}",
+            config.max_connections
+        );
     }
     if !config.addr.ip().is_loopback() && !config.allow_remote {
         bail!(

@@ -470,6 +470,19 @@ fn nonsense_flags_are_refused_with_a_clear_error() {
     }
     let err = agent_fails(&["run", "--max-clients", "8", "--max-clients-per-uid", "9"]);
     assert!(err.contains("--max-clients-per-uid 9 is above"), "{err}");
+    let err = agent_fails(&[
+        "run",
+        "--socket",
+        "/nonexistent/amm.sock",
+        "--http",
+        "127.0.0.1:0",
+        "--http-max-connections",
+        "18446744073709551615",
+    ]);
+    assert!(
+        err.contains("--http-max-connections 18446744073709551615 is more than"),
+        "{err}"
+    );
     let err = agent_fails(&["run", "--socket-mode", "0007"]);
     assert!(err.contains("owner read and write"), "{err}");
     let me = std::process::id().to_string();
@@ -497,4 +510,31 @@ fn nonsense_flags_are_refused_with_a_clear_error() {
         "1.0",
     ]);
     assert!(err.contains("never fire"), "{err}");
+}
+
+#[test]
+fn the_largest_client_limits_serve_root_and_users() {
+    if !require_root("the_largest_client_limits_serve_root_and_users") {
+        return;
+    }
+    let most = "18446744073709551615";
+    let agent =
+        Agent::start_with(&["--max-clients", most, "--max-clients-per-uid", most]).expect("agent");
+    agent
+        .client()
+        .expect("root connects")
+        .ping(1)
+        .expect("ping");
+    let out = status_cli(&agent);
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let user = TestUser::create("m").expect("user");
+    let mut f = Faulter::spawn_as(user.uid, user.gid).expect("a user's process");
+    f.cmd(&format!("connect {}", agent.socket().display()))
+        .expect("a user connects");
+    f.exit().expect("exit");
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }

@@ -59,13 +59,14 @@ impl Quotas {
     pub fn admit(self: &Arc<Self>, uid: u32, limits: Limits) -> Result<Slot, (Denial, String)> {
         let mut c = lock(&self.counts);
         let mine = c.per_uid.get(&uid).copied().unwrap_or(0);
+        // --max-clients may be as large as usize::MAX: the reserve saturates
+        let root_most = limits.max_clients.saturating_add(ROOT_RESERVE);
         if uid == 0 {
-            if c.total >= limits.max_clients + ROOT_RESERVE {
+            if c.total >= root_most {
                 return Err((
                     Denial::TooManyClients,
                     format!(
-                        "the agent serves at most {} clients at once (root included); try again later",
-                        limits.max_clients + ROOT_RESERVE
+                        "the agent serves at most {root_most} clients at once (root included); try again later"
                     ),
                 ));
             }
@@ -107,6 +108,20 @@ impl Quotas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_limits_admit_everyone_without_overflow() {
+        let q = Arc::new(Quotas::default());
+        let limits = Limits {
+            max_clients: usize::MAX,
+            max_clients_per_uid: usize::MAX,
+        };
+        let _root = q
+            .admit(0, limits)
+            .expect("root, with usize::MAX clients allowed");
+        let _user = q.admit(1000, limits).expect("a user");
+        assert_eq!(q.clients_seen_by(0), 2);
+    }
 
     #[test]
     fn one_user_cannot_take_every_slot_and_root_always_gets_in() {
