@@ -90,8 +90,8 @@ def worker_environment() -> dict[str, str]:
         else:
             env["LD_PRELOAD"] = preload
     pyalloc = config.get("nanny.python-allocator")
-    if pyalloc == "auto":
-        pyalloc = "malloc" if preload else None
+    if pyalloc == "auto":  # the old default: now the same as null
+        pyalloc = None
     if pyalloc:
         env["PYTHONMALLOC"] = str(pyalloc)
     return env
