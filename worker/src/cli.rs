@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::alloc::{self, ALLOCATOR_ENV, Allocator};
 use crate::config::{ConfigFlags, Loader, MemoryConfig};
 use crate::limit::{self, HostMemory, LimitSpec};
-use crate::nanny::{self, ATTEMPT_ENV, NAME_ENV, NannyOptions};
+use crate::nanny::{self, ATTEMPT_ENV, NAME_ENV, NannyOptions, RestartPolicy};
 use crate::pool::MAX_THREADS;
 use crate::units::parse_duration;
 use crate::worker::{self, WorkerOptions};
@@ -239,15 +239,17 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
         let backoff = parse_duration(&a.restart_backoff)
             .map_err(|e| anyhow::anyhow!("--restart-backoff: {e}"))?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        return nanny::run(
+        return nanny::builtin::run(
             args,
             NannyOptions {
                 allocator: want,
                 trim_threshold: memory.trim_threshold,
                 name,
                 local_directory,
-                max_restarts: a.max_restarts,
-                backoff,
+                restart: RestartPolicy {
+                    max_restarts: a.max_restarts,
+                    backoff,
+                },
                 agent: memory.agent_socket.clone(),
             },
         );

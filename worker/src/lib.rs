@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod alloc;
 pub mod cgroup;
+pub mod child;
 pub mod cli;
 pub mod compute;
 pub mod config;

@@ -1,285 +1,276 @@
-//! The nanny: by default `amm-worker run` is this small parent process. It
-//! spawns the worker (the same binary, same arguments, plus `--no-nanny`)
-//! with the allocator chosen in its environment (`AMM_ALLOCATOR`, and
-//! `MALLOC_TRIM_THRESHOLD_` for a glibc worker, as Dask's nanny does),
-//! restarts it after a terminate or a crash with exponential back-off, at
-//! most `--max-restarts` times, forwards SIGINT/SIGTERM to it, and prints
-//! the final summary with `restarts`, `terminations` and `crashes`.
+//! The nanny: a small parent process that runs a [`Program`] (amm-worker's
+//! own worker, or any command given after `--`), restarts it after a
+//! terminate or a crash with exponential back-off, at most
+//! `--max-restarts` times, forwards SIGINT/SIGTERM to it, and reports every
+//! attempt.
 //!
-//! A worker that exits 0 (done) or 3 (a result check failed: running it
-//! again gives the same answer) is not restarted.
+//! What counts as what:
+//! - **done**: exit 0 (and the built-in worker's exit 3, a failed result
+//!   check: running it again gives the same answer). Not restarted.
+//! - **refused**: the built-in worker's exit 78, it refused to start (an
+//!   unsafe or unusable spill directory): restarting cannot help.
+//! - **terminated**: the memory model ended it (the built-in worker's exit
+//!   75; the kernel's kill at the terminate page; the nanny's own terminate
+//!   of a program that passed the level). Restarted.
+//! - **crashed**: any other exit code or signal. Restarted.
+//! - **stopped**: it ended after the nanny forwarded SIGINT/SIGTERM. Never a
+//!   crash, never restarted.
+//!
+//! The child never outlives the nanny ([`crate::child`]).
 
-use std::ffi::OsString;
-use std::io::BufRead;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+pub mod builtin;
+
+pub use builtin::NannyOptions;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use serde_json::{Value, json};
+use nix::sys::signal::Signal;
+use serde::Serialize;
 
-use crate::alloc::{ALLOCATOR_ENV, Allocator};
-use crate::memory::TERMINATE_EXIT_CODE;
+use crate::child::{self, Child, Ending};
 use crate::signals;
-use crate::summary::{NANNY_GAVE_UP, REFUSED, RESULT_FAILED};
+use crate::summary::NANNY_GAVE_UP;
 
 /// Environment variable carrying the worker's name to the child.
 pub const NAME_ENV: &str = "AMM_WORKER_NAME";
 /// Environment variable carrying the attempt number (0, 1, ...).
 pub const ATTEMPT_ENV: &str = "AMM_WORKER_ATTEMPT";
 
-/// How the nanny runs its worker.
+/// How often the nanny looks at its child (signals, exit, the program's
+/// own monitor).
+const POLL: Duration = Duration::from_millis(20);
+
+/// The longest back-off between two restarts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How the nanny restarts.
 #[derive(Debug, Clone)]
-pub struct NannyOptions {
-    /// The worker's allocator.
-    pub allocator: Allocator,
-    /// `MALLOC_TRIM_THRESHOLD_` for a glibc worker (`None`: leave unset).
-    pub trim_threshold: Option<u64>,
-    /// The worker's name.
-    pub name: String,
-    /// Where its spill directory lives (cleaned after the last attempt).
-    pub local_directory: PathBuf,
+pub struct RestartPolicy {
     /// Most restarts before giving up.
     pub max_restarts: u32,
     /// First back-off (doubles per restart, at most 10 s).
     pub backoff: Duration,
-    /// amm-agent's socket, when the worker registers with it: the nanny asks
-    /// the agent why a worker died of a signal.
-    pub agent: Option<PathBuf>,
 }
 
-/// What amm-agent saw at the end of a worker killed by a signal: the RSS at
-/// the page where the kernel signalled it, if that is how it ended.
-fn killed_at_terminate(socket: &std::path::Path, pid: u32) -> Option<u64> {
-    use amm_protocol::{Client, SampleKind};
-    // the agent records the end when its exit event arrives; give it a moment
-    for _ in 0..10 {
-        let mut c = Client::connect(socket, "amm-worker nanny", Duration::from_secs(2)).ok()?;
-        let status = c.status_of(pid).ok()?;
-        if let Some(w) = status.ended.iter().rev().find(|w| w.pid == pid) {
-            return w.timeline.iter().rev().find_map(|s| match s.what {
-                SampleKind::Level {
-                    to: amm_ebpf::Level::Terminate,
-                    signalled: true,
-                    ..
-                } => Some(s.rss_bytes),
-                _ => None,
-            });
+/// How an attempt counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Verdict {
+    /// Finished; not restarted.
+    Done,
+    /// Finished, but its result is wrong (built-in worker); not restarted.
+    ResultFailed,
+    /// Refused to start (built-in worker, exit 78); not restarted.
+    Refused,
+    /// Ended by the memory model; `by` says who ended it.
+    Terminated {
+        /// Who: `worker` (it exited 75), `kernel` (amm-agent's kill at the
+        /// terminate page), `nanny` (the nanny's terminate).
+        by: String,
+    },
+    /// Ended otherwise (a signal nobody in amm sent, an error exit).
+    Crashed,
+    /// Ended after the nanny forwarded this signal to it.
+    Stopped {
+        /// The signal forwarded.
+        signal: i32,
+    },
+}
+
+/// One attempt, for the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    /// 0 for the first.
+    pub attempt: u32,
+    /// Its pid.
+    pub pid: u32,
+    /// How it counts.
+    pub verdict: Verdict,
+    /// `done`, `terminated`, `crashed`, `stopped`, ... in words.
+    pub ending: String,
+    /// Its status as a shell reports it (128 + N for signal N).
+    pub exit_code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// Its peak RSS as the kernel counts it (`ru_maxrss`).
+    pub max_rss_bytes: u64,
+    /// Wall time.
+    pub ms: u64,
+}
+
+/// What the nanny adds to the run's summary.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NannyReport {
+    /// Restarts made.
+    pub restarts: u32,
+    /// Attempts ended by the memory model.
+    pub terminations: u32,
+    /// Attempts that crashed.
+    pub crashes: u32,
+    /// Peak RSS over the attempts.
+    pub peak_rss_bytes: u64,
+    /// Every attempt.
+    pub attempts: Vec<Attempt>,
+    /// The nanny's wall time.
+    pub nanny_wall_ms: u64,
+    /// Gave up after `max_restarts`.
+    pub gave_up: bool,
+    /// The nanny's exit code.
+    pub exit_code: i32,
+    /// SIGINT/SIGTERM that stopped the run.
+    pub stopped_by_signal: Option<i32>,
+}
+
+/// What the nanny supervises.
+pub trait Program {
+    /// The command of attempt `attempt`, environment and stdio set.
+    fn command(&mut self, attempt: u32) -> anyhow::Result<Command>;
+    /// What the child gets when the nanny dies.
+    fn on_nanny_death(&self) -> Signal;
+    /// Attempt `attempt` started as `child` (take its stdout here).
+    fn started(&mut self, attempt: u32, child: &mut Child) -> anyhow::Result<()>;
+    /// Called every few ms while the child runs.
+    fn poll(&mut self, _pid: u32) {}
+    /// How an attempt that was not stopped by a signal counts.
+    fn verdict(&mut self, pid: u32, ending: Ending) -> Verdict;
+    /// The attempt is over and reaped; `peak` may be raised from what the
+    /// program itself reported.
+    fn finished(&mut self, _attempt: &mut Attempt) {}
+    /// The nanny's exit code once it stops: `last` is the last attempt,
+    /// `gave_up` whether restarts ran out.
+    fn exit_code(&self, last: &Attempt, gave_up: bool) -> i32;
+}
+
+/// Waits for the child, forwarding SIGINT/SIGTERM and polling the program;
+/// returns how it ended, its peak RSS and the signal forwarded, if any.
+fn supervise(program: &mut dyn Program, pid: u32) -> anyhow::Result<(Ending, u64, Option<i32>)> {
+    let mut forwarded = None;
+    loop {
+        if let Some(sig) = signals::take() {
+            tracing::warn!(signal = sig, pid, "nanny: forwarding signal to the worker");
+            child::send(pid, sig);
+            forwarded = Some(sig);
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-/// How one attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
-    /// Exited with a code.
-    Exited(i32),
-    /// Killed by a signal (9 is what the OOM killer sends).
-    Signaled(i32),
-}
-
-fn wait_child(pid: i32) -> anyhow::Result<Option<(Ending, u64)>> {
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child; status and ru are valid out-pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok(None);
+        if let Some((ending, maxrss)) = child::try_wait(pid)? {
+            return Ok((ending, maxrss, forwarded));
         }
-        return Err(e).context("wait4 on the worker");
+        program.poll(pid);
+        std::thread::sleep(POLL);
     }
-    if r == 0 {
-        return Ok(None);
+}
+
+fn words(v: &Verdict, ending: Ending) -> String {
+    match v {
+        Verdict::Done => "done".into(),
+        Verdict::ResultFailed => "result check failed".into(),
+        Verdict::Refused => "refused to start".into(),
+        Verdict::Terminated { by } if by == "worker" => "terminated".into(),
+        Verdict::Terminated { by } if by == "kernel" => {
+            "terminated at the page by amm-agent".into()
+        }
+        Verdict::Terminated { by } => format!("terminated by the {by}"),
+        Verdict::Crashed => match ending {
+            Ending::Signaled(_) => "killed by signal".into(),
+            Ending::Exited(_) => "crashed".into(),
+        },
+        Verdict::Stopped { .. } => "stopped".into(),
     }
-    let maxrss = ru.ru_maxrss.max(0) as u64 * 1024;
-    let ending = if libc::WIFEXITED(status) {
-        Ending::Exited(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Ending::Signaled(libc::WTERMSIG(status))
-    } else {
-        return Ok(None);
+}
+
+/// Runs one attempt to its end.
+fn attempt(program: &mut dyn Program, n: u32) -> anyhow::Result<Attempt> {
+    let cmd = program.command(n)?;
+    let t0 = Instant::now();
+    let mut c = child::spawn(cmd, program.on_nanny_death())?;
+    tracing::info!(pid = c.pid, attempt = n, "nanny: worker started");
+    program.started(n, &mut c)?;
+    let (ending, maxrss, forwarded) = supervise(program, c.pid)?;
+    let verdict = match forwarded {
+        Some(signal) => Verdict::Stopped { signal },
+        None => program.verdict(c.pid, ending),
     };
-    Ok(Some((ending, maxrss)))
+    let mut a = Attempt {
+        attempt: n,
+        pid: c.pid,
+        ending: words(&verdict, ending),
+        verdict,
+        exit_code: ending.shell_code(),
+        signal: ending.signal(),
+        max_rss_bytes: maxrss,
+        ms: t0.elapsed().as_millis() as u64,
+    };
+    program.finished(&mut a);
+    tracing::info!(attempt = n, ending = ?ending, kind = %a.ending, "nanny: worker ended");
+    Ok(a)
 }
 
-/// Runs the worker under supervision; returns the nanny's exit code.
-/// `args` are the arguments after the program name.
-pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
+/// Sleeps `backoff` unless SIGINT/SIGTERM comes first; returns the signal.
+fn back_off(backoff: Duration) -> Option<i32> {
+    let until = Instant::now() + backoff;
+    while Instant::now() < until && signals::peek().is_none() {
+        std::thread::sleep(POLL);
+    }
+    signals::take()
+}
+
+/// Runs `program` under supervision until it is done, stopped, or restarts
+/// run out; returns the report (its `exit_code` is the nanny's).
+pub fn run(program: &mut dyn Program, policy: &RestartPolicy) -> anyhow::Result<NannyReport> {
+    use anyhow::Context;
     signals::install().context("cannot install signal handlers")?;
-    let exe = std::env::current_exe().context("cannot find the amm-worker binary")?;
     let start = Instant::now();
-    let mut restarts = 0u32;
-    let mut terminations = 0u32;
-    let mut crashes = 0u32;
-    let mut attempts: Vec<Value> = Vec::new();
-    let mut backoff = opts.backoff;
-    let mut peak = 0u64;
-    let mut last_summary: Option<Value>;
-    let mut stopped_by: Option<i32> = None;
-    let code = loop {
-        let attempt = attempts.len() as u32;
-        let mut cmd = Command::new(&exe);
-        cmd.args(&args)
-            .arg("--no-nanny")
-            .env(ALLOCATOR_ENV, opts.allocator.name())
-            .env(NAME_ENV, &opts.name)
-            .env(ATTEMPT_ENV, attempt.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if opts.allocator == Allocator::System
-            && let Some(t) = opts.trim_threshold
-        {
-            cmd.env("MALLOC_TRIM_THRESHOLD_", t.to_string());
+    let mut r = NannyReport::default();
+    let mut backoff = policy.backoff;
+    loop {
+        let a = attempt(program, r.attempts.len() as u32)?;
+        r.peak_rss_bytes = r.peak_rss_bytes.max(a.max_rss_bytes);
+        match &a.verdict {
+            Verdict::Terminated { .. } => r.terminations += 1,
+            Verdict::Crashed => r.crashes += 1,
+            Verdict::Stopped { signal } => r.stopped_by_signal = Some(*signal),
+            Verdict::Done | Verdict::ResultFailed | Verdict::Refused => {}
         }
-        let t0 = Instant::now();
-        let mut child = cmd.spawn().context("cannot spawn the worker")?;
-        let pid = child.id() as i32;
-        tracing::info!(pid, attempt, allocator = %opts.allocator, "nanny: worker started");
-        let summary: Arc<Mutex<Option<Value>>> = Arc::new(Mutex::new(None));
-        let reader = child.stdout.take().map(|out| {
-            let summary = summary.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                    match serde_json::from_str::<Value>(&line) {
-                        Ok(v) if v.is_object() => {
-                            *summary.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
-                        }
-                        _ => println!("{line}"),
-                    }
-                }
-            })
-        });
-        let (ending, maxrss) = loop {
-            if let Some(sig) = signals::take() {
-                tracing::warn!(signal = sig, pid, "nanny: forwarding signal to the worker");
-                // SAFETY: pid is our child, not yet reaped.
-                unsafe { libc::kill(pid, sig) };
-                stopped_by = Some(sig);
-            }
-            if let Some(r) = wait_child(pid)? {
-                break r;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(r) = reader {
-            let _ = r.join();
+        let finished = !matches!(a.verdict, Verdict::Terminated { .. } | Verdict::Crashed);
+        r.gave_up = !finished && r.restarts >= policy.max_restarts;
+        r.exit_code = program.exit_code(&a, r.gave_up);
+        let kind = a.ending.clone();
+        r.attempts.push(a);
+        if finished {
+            break;
         }
-        peak = peak.max(maxrss);
-        last_summary = summary.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(p) = last_summary
-            .as_ref()
-            .and_then(|s| s.get("peak_rss_bytes"))
-            .and_then(Value::as_u64)
-        {
-            peak = peak.max(p);
-        }
-        let (kind, code) = match ending {
-            Ending::Exited(0) => ("done", 0),
-            Ending::Exited(RESULT_FAILED) => ("result check failed", RESULT_FAILED),
-            Ending::Exited(REFUSED) => ("refused to start", REFUSED),
-            Ending::Exited(TERMINATE_EXIT_CODE) => {
-                terminations += 1;
-                ("terminated", TERMINATE_EXIT_CODE)
-            }
-            Ending::Exited(c) => {
-                crashes += 1;
-                ("crashed", c)
-            }
-            Ending::Signaled(s) => match opts
-                .agent
-                .as_deref()
-                .and_then(|sock| killed_at_terminate(sock, pid as u32))
-            {
-                Some(rss) => {
-                    terminations += 1;
-                    tracing::warn!(
-                        pid,
-                        signal = s,
-                        rss_bytes = rss,
-                        "nanny: the kernel (amm-agent) killed the worker at the page that crossed terminate"
-                    );
-                    ("terminated at the page by amm-agent", 128 + s)
-                }
-                None => {
-                    crashes += 1;
-                    ("killed by signal", 128 + s)
-                }
-            },
-        };
-        attempts.push(json!({
-            "attempt": attempt, "ending": kind, "exit_code": code,
-            "signal": match ending { Ending::Signaled(s) => Some(s), _ => None },
-            "max_rss_bytes": maxrss, "ms": t0.elapsed().as_millis() as u64,
-        }));
-        tracing::info!(attempt, ending = ?ending, kind, "nanny: worker ended");
-        if stopped_by.is_some() || code == 0 || code == RESULT_FAILED || code == REFUSED {
-            break code;
-        }
-        if restarts >= opts.max_restarts {
+        if r.gave_up {
             tracing::error!(
-                restarts,
+                restarts = r.restarts,
                 "nanny: giving up after {} restarts (the worker {kind} every time)",
-                restarts
+                r.restarts
             );
-            break NANNY_GAVE_UP;
+            break;
         }
-        restarts += 1;
+        r.restarts += 1;
         tracing::warn!(
-            restart = restarts,
-            max = opts.max_restarts,
+            restart = r.restarts,
+            max = policy.max_restarts,
             backoff_ms = backoff.as_millis() as u64,
             "nanny: restarting the worker ({kind})"
         );
-        let until = Instant::now() + backoff;
-        while Instant::now() < until {
-            if signals::peek().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(sig) = back_off(backoff) {
+            r.stopped_by_signal = Some(sig);
+            r.exit_code = 128 + sig;
+            break;
         }
-        if let Some(sig) = signals::take() {
-            stopped_by = Some(sig);
-            break 128 + sig;
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-    };
-    // The worker's spill directory, in case it died without cleaning up.
-    let dir = crate::spill::dir::path_for(&opts.local_directory, &opts.name);
-    if dir.exists() {
-        let _ = std::fs::remove_dir_all(&dir);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    let mut s = last_summary.unwrap_or_else(|| {
-        json!({"workload": null, "name": opts.name, "allocator": opts.allocator.name(),
-               "result_ok": false, "spilled_bytes_total": 0, "spill_count": 0,
-               "paused_ms": 0, "purged_bytes_total": 0, "limit_bytes": null,
-               "errors": ["the last worker printed no summary"]})
-    });
-    if let Some(m) = s.as_object_mut() {
-        m.insert("restarts".into(), json!(restarts));
-        m.insert("terminations".into(), json!(terminations));
-        m.insert("crashes".into(), json!(crashes));
-        m.insert("peak_rss_bytes".into(), json!(peak));
-        m.insert("attempts".into(), Value::Array(attempts));
-        m.insert(
-            "nanny_wall_ms".into(),
-            json!(start.elapsed().as_millis() as u64),
-        );
-        m.insert("gave_up".into(), json!(code == NANNY_GAVE_UP));
-        m.insert("exit_code".into(), json!(code));
-        if code != 0 {
-            m.insert("result_ok".into(), json!(false));
-        }
-        if let Some(sig) = stopped_by {
-            m.insert("stopped_by_signal".into(), json!(sig));
-        }
+    r.nanny_wall_ms = start.elapsed().as_millis() as u64;
+    Ok(r)
+}
+
+/// The built-in worker's exit code from the nanny: 0 done, 3 a failed
+/// check, 76 when it gave up, else the worker's own status.
+pub fn worker_exit_code(last: &Attempt, gave_up: bool) -> i32 {
+    if gave_up {
+        NANNY_GAVE_UP
+    } else {
+        last.exit_code
     }
-    println!("{s}");
-    Ok(code)
 }

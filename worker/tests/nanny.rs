@@ -138,6 +138,100 @@ fn no_nanny_runs_the_worker_alone() {
     assert!(r.summary().get("attempts").is_none(), "a nanny ran");
 }
 
+const LONG: &str = r#"
+[[phase]]
+[[phase.op]]
+op = "allocate"
+bytes = "8MiB"
+chunk = "1MiB"
+keep = "managed"
+key = "d"
+[[phase]]
+[[phase.op]]
+op = "sleep"
+duration = "60s"
+"#;
+
+/// Waits until the worker named `name` has spilled a value (it is up).
+fn wait_until_spilled(dir: &std::path::Path) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let spilled = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "spill"))
+            })
+            .unwrap_or(false);
+        if spilled {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "worker never started: no spilled value in {}",
+        dir.display()
+    );
+}
+
+/// The pids of `pid`'s children.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Alive and not a zombie.
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Issue 9 item 10: SIGKILL of the nanny must not leave its worker running
+/// as an orphan. The worker gets SIGTERM from the kernel (PR_SET_PDEATHSIG)
+/// and cleans up its spill directory on its way out.
+#[test]
+fn a_killed_nanny_leaves_no_orphan_worker() {
+    let s = Scratch::new();
+    let w = s.workload("long", LONG);
+    let mut cmd = worker_cmd(&s, &w, &["--name", "orphan", "--target", "0.0000001"]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut nanny = cmd.spawn().expect("spawn");
+    let dir = s.path("spill").join("amm-spill-orphan");
+    wait_until_spilled(&dir);
+    let workers = children_of(nanny.id());
+    assert_eq!(workers.len(), 1, "the nanny has one worker: {workers:?}");
+    let worker = workers[0];
+    assert!(running(worker));
+    // SAFETY: kill has no memory-safety preconditions; the child is ours.
+    unsafe { libc::kill(nanny.id() as i32, libc::SIGKILL) };
+    let _ = nanny.wait();
+    let start = Instant::now();
+    while running(worker) && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let orphan = running(worker);
+    if orphan {
+        // SAFETY: as above; do not leave it behind even when failing.
+        unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    }
+    assert!(!orphan, "worker {worker} outlived its SIGKILLed nanny");
+    // it ended on SIGTERM, so it removed its spill directory itself
+    let start = Instant::now();
+    while dir.exists() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !dir.exists(),
+        "the orphaned worker left its spill directory"
+    );
+}
+
 #[test]
 fn nanny_forwards_sigterm_and_does_not_restart() {
     let s = Scratch::new();
@@ -181,10 +275,15 @@ duration = "60s"
     let r = Run::from_output(child.wait_with_output().expect("wait"));
     assert_eq!(r.code, Some(128 + libc::SIGTERM), "{}", r.describe());
     assert_eq!(r.u64("restarts"), 0);
+    // a stop asked for is not a crash (issue 9 item 10)
+    assert_eq!(r.u64("crashes"), 0, "{}", r.describe());
+    assert_eq!(r.u64("terminations"), 0);
     assert_eq!(r.summary()["stopped_by_signal"], libc::SIGTERM);
     let attempts: &Vec<Value> = r.summary()["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 1);
     // The worker got the signal and cleaned up itself.
     assert_eq!(attempts[0]["exit_code"], 128 + libc::SIGTERM);
+    assert_eq!(attempts[0]["verdict"]["kind"], "stopped");
+    assert_eq!(attempts[0]["verdict"]["signal"], libc::SIGTERM);
     assert!(!dir.exists(), "spill directory left behind");
 }

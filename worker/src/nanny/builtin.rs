@@ -1,0 +1,210 @@
+//! The nanny of amm-worker's own worker (`amm-worker run W`): the same
+//! binary with `--no-nanny`, on the allocator chosen in its environment
+//! (`AMM_ALLOCATOR`, and `MALLOC_TRIM_THRESHOLD_` for a glibc worker, as
+//! Dask's nanny does). The worker prints its JSON summary on stdout; the
+//! nanny adds its own fields and prints the result.
+
+use std::ffi::OsString;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use super::{ATTEMPT_ENV, Attempt, NAME_ENV, Program, RestartPolicy, Verdict};
+use crate::alloc::{ALLOCATOR_ENV, Allocator};
+use crate::child::{Child, Ending};
+use crate::memory::TERMINATE_EXIT_CODE;
+use crate::summary::{REFUSED, RESULT_FAILED};
+
+/// How the nanny runs its worker.
+#[derive(Debug, Clone)]
+pub struct NannyOptions {
+    /// The worker's allocator.
+    pub allocator: Allocator,
+    /// `MALLOC_TRIM_THRESHOLD_` for a glibc worker (`None`: leave unset).
+    pub trim_threshold: Option<u64>,
+    /// The worker's name.
+    pub name: String,
+    /// Where its spill directory lives (cleaned after the last attempt).
+    pub local_directory: PathBuf,
+    /// Restarts and back-off.
+    pub restart: RestartPolicy,
+    /// amm-agent's socket, when the worker registers with it: the nanny asks
+    /// the agent why a worker died of a signal.
+    pub agent: Option<PathBuf>,
+}
+
+/// What amm-agent saw at the end of a process killed by a signal: the RSS
+/// at the page where the kernel signalled it, if that is how it ended.
+pub fn killed_at_terminate(socket: &Path, pid: u32) -> Option<u64> {
+    use amm_protocol::{Client, SampleKind};
+    // the agent records the end when its exit event arrives; give it a moment
+    for _ in 0..10 {
+        let mut c = Client::connect(socket, "amm-worker nanny", Duration::from_secs(2)).ok()?;
+        let status = c.status_of(pid).ok()?;
+        if let Some(w) = status.ended.iter().rev().find(|w| w.pid == pid) {
+            return w.timeline.iter().rev().find_map(|s| match s.what {
+                SampleKind::Level {
+                    to: amm_ebpf::Level::Terminate,
+                    signalled: true,
+                    ..
+                } => Some(s.rss_bytes),
+                _ => None,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// amm-worker's own worker as the nanny's program.
+struct BuiltinWorker {
+    exe: PathBuf,
+    args: Vec<OsString>,
+    opts: NannyOptions,
+    summary: Arc<Mutex<Option<Value>>>,
+    reader: Option<JoinHandle<()>>,
+    last_summary: Option<Value>,
+}
+
+impl Program for BuiltinWorker {
+    fn command(&mut self, attempt: u32) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args)
+            .arg("--no-nanny")
+            .env(ALLOCATOR_ENV, self.opts.allocator.name())
+            .env(NAME_ENV, &self.opts.name)
+            .env(ATTEMPT_ENV, attempt.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if self.opts.allocator == Allocator::System
+            && let Some(t) = self.opts.trim_threshold
+        {
+            cmd.env("MALLOC_TRIM_THRESHOLD_", t.to_string());
+        }
+        Ok(cmd)
+    }
+
+    fn on_nanny_death(&self) -> Signal {
+        // the worker cleans its spill directory on SIGTERM
+        Signal::SIGTERM
+    }
+
+    fn started(&mut self, _attempt: u32, child: &mut Child) -> anyhow::Result<()> {
+        tracing::info!(allocator = %self.opts.allocator, "nanny: worker allocator");
+        let Some(out) = child.stdout.take() else {
+            return Ok(());
+        };
+        let summary = self.summary.clone();
+        self.reader = Some(std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) if v.is_object() => {
+                        *summary.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+                    }
+                    _ => println!("{line}"),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    fn verdict(&mut self, pid: u32, ending: Ending) -> Verdict {
+        match ending {
+            Ending::Exited(0) => Verdict::Done,
+            Ending::Exited(RESULT_FAILED) => Verdict::ResultFailed,
+            Ending::Exited(REFUSED) => Verdict::Refused,
+            Ending::Exited(TERMINATE_EXIT_CODE) => Verdict::Terminated {
+                by: "worker".into(),
+            },
+            Ending::Exited(_) => Verdict::Crashed,
+            Ending::Signaled(s) => {
+                match self
+                    .opts
+                    .agent
+                    .as_deref()
+                    .and_then(|a| killed_at_terminate(a, pid))
+                {
+                    Some(rss) => {
+                        tracing::warn!(
+                            pid,
+                            signal = s,
+                            rss_bytes = rss,
+                            "nanny: the kernel (amm-agent) killed the worker at the page that crossed terminate"
+                        );
+                        Verdict::Terminated {
+                            by: "kernel".into(),
+                        }
+                    }
+                    None => Verdict::Crashed,
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, attempt: &mut Attempt) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.last_summary = self
+            .summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(p) = self
+            .last_summary
+            .as_ref()
+            .and_then(|s| s.get("peak_rss_bytes"))
+            .and_then(Value::as_u64)
+        {
+            attempt.max_rss_bytes = attempt.max_rss_bytes.max(p);
+        }
+    }
+
+    fn exit_code(&self, last: &Attempt, gave_up: bool) -> i32 {
+        super::worker_exit_code(last, gave_up)
+    }
+}
+
+/// Runs the built-in worker under the nanny; prints the summary (the last
+/// worker's, with the nanny's fields) and returns the nanny's exit code.
+/// `args` are the command line after the program name.
+pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("cannot find the amm-worker binary")?;
+    let mut w = BuiltinWorker {
+        exe,
+        args,
+        opts,
+        summary: Arc::default(),
+        reader: None,
+        last_summary: None,
+    };
+    let policy = w.opts.restart.clone();
+    let report = super::run(&mut w, &policy)?;
+    // The worker's spill directory, in case it died without cleaning up.
+    let dir = crate::spill::dir::path_for(&w.opts.local_directory, &w.opts.name);
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let mut s = w.last_summary.take().unwrap_or_else(|| {
+        json!({"workload": null, "name": w.opts.name, "allocator": w.opts.allocator.name(),
+               "result_ok": false, "spilled_bytes_total": 0, "spill_count": 0,
+               "paused_ms": 0, "purged_bytes_total": 0, "limit_bytes": null,
+               "errors": ["the last worker printed no summary"]})
+    });
+    if let (Some(m), Value::Object(n)) = (s.as_object_mut(), serde_json::to_value(&report)?) {
+        m.extend(n);
+        if report.exit_code != 0 {
+            m.insert("result_ok".into(), json!(false));
+        }
+    }
+    println!("{s}");
+    Ok(report.exit_code)
+}
