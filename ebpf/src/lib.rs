@@ -85,11 +85,14 @@ pub mod globals {
 
 /// Memory level of a watched process, in increasing urgency
 /// (`enum amm_level`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 #[repr(u32)]
 pub enum Level {
     /// Below the spill threshold (or fallen back below the re-arm level).
+    #[default]
     Below,
     /// At or above spill.
     Spill,

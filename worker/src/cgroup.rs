@@ -48,6 +48,17 @@ pub struct CgroupLimit {
     pub file: PathBuf,
 }
 
+impl CgroupLimit {
+    /// A hard limit (v1 `memory.limit_in_bytes`, v2 `memory.max`): the
+    /// kernel OOM-kills at it. The others (soft limit, `memory.high`)
+    /// reclaim or throttle.
+    pub fn is_hard(&self) -> bool {
+        self.file
+            .file_name()
+            .is_some_and(|n| n == "memory.limit_in_bytes" || n == "memory.max")
+    }
+}
+
 /// What the cgroup is charged for right now.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CgroupUsage {

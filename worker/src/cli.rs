@@ -31,11 +31,69 @@ const REEXEC_ENV: &str = "AMM_REEXECED";
     name = "amm-worker",
     version,
     about = "A data-processing worker that stays alive under memory pressure: Dask's \
-             target/spill/pause/terminate, allocator-aware (jemalloc or glibc)."
+             target/spill/pause/terminate, allocator-aware (jemalloc or glibc). \
+             `amm-worker [OPTIONS] -- CMD ARGS...` puts any program on amm.",
+    args_conflicts_with_subcommands = true,
+    override_usage = "amm-worker [OPTIONS] -- CMD [ARGS]...\n       amm-worker <COMMAND>"
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    program: ProgramArgs,
+}
+
+/// `amm-worker [OPTIONS] -- CMD ARGS...`: the nanny supervising any program.
+#[derive(Args, Debug)]
+struct ProgramArgs {
+    /// jemalloc | system: the program's malloc, through the preload library
+    /// (system: glibc, observed) [default: $AMM_ALLOCATOR, else jemalloc].
+    #[arg(long)]
+    allocator: Option<String>,
+    /// The preload library (default: next to amm-worker, the target
+    /// directory, /usr/lib/amm/; or $AMM_PRELOAD_LIB).
+    #[arg(long, value_name = "PATH")]
+    preload: Option<PathBuf>,
+    /// auto | available | SIZE (4GiB, at least 16MiB) | FRACTION (0.5, 1.0) | 0 (no limit).
+    #[arg(long, default_value = "auto", allow_hyphen_values = true)]
+    memory_limit: String,
+    /// Dask's memory keys.
+    #[command(flatten)]
+    memory: MemoryFlags,
+    /// After a terminate signal other than SIGKILL, SIGKILL after this long.
+    #[arg(long, default_value = "3s")]
+    terminate_grace: String,
+    /// At a rise into spill: a signal for the program (SIGUSR1) or a program
+    /// to run (no shell; AMM_LEVEL, AMM_PID, AMM_RSS_BYTES, AMM_LIMIT_BYTES).
+    #[arg(long, value_name = "SIGNAL|PROGRAM")]
+    on_spill: Option<String>,
+    /// At a rise into pause: as --on-spill.
+    #[arg(long, value_name = "SIGNAL|PROGRAM")]
+    on_pause: Option<String>,
+    /// Run --on-spill/--on-pause with /bin/sh -c instead of as one path.
+    #[arg(long)]
+    hook_shell: bool,
+    /// A hook still running after this long is killed.
+    #[arg(long, default_value = "10s")]
+    hook_timeout: String,
+    /// Write the nanny's timeline (ticks, the kernel's events, exits).
+    #[arg(long, value_name = "PATH")]
+    timeline: Option<PathBuf>,
+    /// Write the nanny's JSON summary (attempts, causes) to this file.
+    #[arg(long, value_name = "PATH")]
+    summary: Option<PathBuf>,
+    /// Name (AMM_WORKER_NAME in the program's environment).
+    #[arg(long)]
+    name: Option<String>,
+    /// Most restarts before giving up (0: never restart).
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
+    /// First back-off before a restart (doubles each time, at most 10s).
+    #[arg(long, default_value = "500ms")]
+    restart_backoff: String,
+    /// The program and its arguments.
+    #[arg(last = true, value_name = "CMD")]
+    cmd: Vec<OsString>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,7 +121,7 @@ enum Command {
     /// Show which allocator serves this binary: allocate a block and report
     /// which allocator's counters grew (JSON).
     CheckAllocator {
-        /// jemalloc | system (default: $AMM_ALLOCATOR, else system).
+        /// jemalloc | system (default: $AMM_ALLOCATOR, else jemalloc).
         #[arg(long)]
         allocator: Option<String>,
         /// Size of the probe allocation.
@@ -102,7 +160,7 @@ struct ReportArgs {
 struct RunArgs {
     /// A built-in workload (see `amm-worker workloads`) or a TOML file.
     workload: String,
-    /// jemalloc | system (default: $AMM_ALLOCATOR, else system).
+    /// jemalloc | system (default: $AMM_ALLOCATOR, else jemalloc).
     #[arg(long)]
     allocator: Option<String>,
     /// auto | available | SIZE (4GiB, at least 16MiB) | FRACTION (0.5, 1.0) | 0 (no limit).
@@ -117,18 +175,12 @@ struct RunArgs {
     /// Worker name [default: from the nanny, else worker-<pid>].
     #[arg(long)]
     name: Option<String>,
-    /// TOML config file with Dask's keys ([worker.memory] target = 0.6 ...).
-    #[arg(long, env = "AMM_CONFIG")]
-    config: Option<PathBuf>,
+    /// Dask's memory keys.
+    #[command(flatten)]
+    memory: MemoryFlags,
     /// Write one JSON line per monitor tick (and events) to this file.
     #[arg(long)]
     timeline: Option<PathBuf>,
-    /// Every `[worker.*]` config key as a flag (declared in `config.rs`).
-    #[command(
-        flatten,
-        next_help_heading = "Config keys (flag > AMM_* env > --config file)"
-    )]
-    config_flags: ConfigFlags,
     /// Run the worker in this process, without a nanny.
     #[arg(long)]
     no_nanny: bool,
@@ -138,6 +190,22 @@ struct RunArgs {
     /// Nanny: first back-off before a restart (doubles each time, at most 10s).
     #[arg(long, default_value = "500ms")]
     restart_backoff: String,
+}
+
+/// Dask's memory keys (`[worker.memory]`, `[worker.agent]`): a TOML file,
+/// the `AMM_*` environment and a flag per key, the same for the built-in
+/// worker and for `-- CMD`.
+#[derive(Args, Debug)]
+struct MemoryFlags {
+    /// TOML config file with Dask's keys ([worker.memory] target = 0.6 ...).
+    #[arg(long, env = "AMM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Every `[worker.*]` config key as a flag (declared in `config.rs`).
+    #[command(
+        flatten,
+        next_help_heading = "Config keys (flag > AMM_* env > --config file)"
+    )]
+    config_flags: ConfigFlags,
 }
 
 /// `--nthreads`: 1 to [`MAX_THREADS`] (100000 used to abort in the
@@ -151,7 +219,7 @@ fn nthreads(text: &str) -> Result<usize, String> {
     }
 }
 
-fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
+fn memory_config(a: &MemoryFlags) -> anyhow::Result<MemoryConfig> {
     let mut l = Loader::new();
     if let Some(p) = &a.config {
         l.file(p).map_err(anyhow::Error::msg)?;
@@ -161,7 +229,8 @@ fn memory_config(a: &RunArgs) -> anyhow::Result<MemoryConfig> {
     l.build().map_err(anyhow::Error::msg)
 }
 
-/// The allocator asked for: the flag, else `$AMM_ALLOCATOR`, else system.
+/// The allocator asked for: the flag, else `$AMM_ALLOCATOR`, else
+/// jemalloc (the mission's default; `--allocator system` opts out).
 fn wanted_allocator(flag: Option<&str>) -> anyhow::Result<Allocator> {
     if let Some(f) = flag {
         return f.parse().map_err(anyhow::Error::msg);
@@ -170,7 +239,7 @@ fn wanted_allocator(flag: Option<&str>) -> anyhow::Result<Allocator> {
         Ok(v) => v
             .parse()
             .map_err(|e: String| anyhow::anyhow!("{ALLOCATOR_ENV}: {e}")),
-        Err(_) => Ok(Allocator::System),
+        Err(_) => Ok(Allocator::Jemalloc),
     }
 }
 
@@ -224,11 +293,15 @@ fn init_logging() {
 
 fn run(a: RunArgs) -> anyhow::Result<i32> {
     let want = wanted_allocator(a.allocator.as_deref())?;
-    let memory = memory_config(&a)?;
+    let memory = memory_config(&a.memory)?;
     let spec: LimitSpec = a.memory_limit.parse()?;
-    // Check the limit before spawning anything: a bad value fails once.
-    let host = HostMemory::current()?;
-    limit::resolve(spec, &host)?;
+    // Check the limit before spawning anything: a bad value fails once, and
+    // the nanny warns once about a cgroup that gives less.
+    if a.no_nanny {
+        limit::resolve(spec, &HostMemory::current()?)?;
+    } else {
+        resolve_limit(&a.memory_limit)?;
+    }
     let workload = Workload::load(&a.workload)?;
     let local_directory = a.local_directory.clone().unwrap_or_else(std::env::temp_dir);
     if !a.no_nanny {
@@ -274,6 +347,98 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
         timeline: a.timeline.clone(),
         attempt,
     })
+}
+
+/// `amm-worker [OPTIONS] -- CMD ARGS...`.
+fn run_program(a: ProgramArgs) -> anyhow::Result<i32> {
+    use crate::hook::Action;
+    use crate::nanny::program::{AnyProgram, ProgramOptions};
+    if a.cmd.is_empty() {
+        bail!(
+            "nothing to run: give a command after `--` (amm-worker -- python job.py), \
+             or a subcommand (amm-worker --help)"
+        );
+    }
+    let allocator = wanted_allocator(a.allocator.as_deref())?;
+    let memory = memory_config(&a.memory)?;
+    let limit = resolve_limit(&a.memory_limit)?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let library = match (
+        crate::inject::find_library(a.preload.as_deref(), euid),
+        allocator,
+    ) {
+        (Ok(l), _) => Some(l),
+        (Err(e), Allocator::Jemalloc) => return Err(e),
+        (Err(e), Allocator::System) => {
+            tracing::warn!("{e:#}; running on plain glibc, without allocator statistics");
+            None
+        }
+    };
+    let python = crate::inject::is_python(&a.cmd[0]);
+    let injection = crate::inject::injection(
+        allocator,
+        library.as_deref(),
+        memory.trim_threshold,
+        python,
+        &|k| std::env::var_os(k),
+    );
+    let hook = |text: &Option<String>, flag: &str| -> anyhow::Result<Option<Action>> {
+        let Some(t) = text else { return Ok(None) };
+        let action = Action::parse(t, a.hook_shell).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+        action
+            .check(euid)
+            .map_err(|e| anyhow::anyhow!("{flag}: will not run {t:?}: {e}"))?;
+        Ok(Some(action))
+    };
+    let duration =
+        |text: &str, flag: &str| parse_duration(text).map_err(|e| anyhow::anyhow!("{flag}: {e}"));
+    let opts = ProgramOptions {
+        on_spill: hook(&a.on_spill, "--on-spill")?,
+        on_pause: hook(&a.on_pause, "--on-pause")?,
+        hook_timeout: duration(&a.hook_timeout, "--hook-timeout")?,
+        terminate_grace: duration(&a.terminate_grace, "--terminate-grace")?,
+        argv: a.cmd.clone(),
+        allocator,
+        injection,
+        memory,
+        limit,
+        name: a
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("nanny-{}", std::process::id())),
+        timeline: a.timeline.clone(),
+    };
+    tracing::info!(
+        allocator = %allocator,
+        preload = ?opts.injection.library,
+        python,
+        "amm-worker: supervising {:?}",
+        a.cmd
+    );
+    let policy = RestartPolicy {
+        max_restarts: a.max_restarts,
+        backoff: duration(&a.restart_backoff, "--restart-backoff")?,
+    };
+    let report = nanny::run(&mut AnyProgram::new(opts), &policy)?;
+    if let Some(path) = &a.summary {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write the summary {}", path.display()))?;
+    }
+    Ok(report.exit_code)
+}
+
+/// Resolves `--memory-limit` for this process's host and cgroup, and warns
+/// when the cgroup allows less than the limit (the kernel would OOM-kill
+/// the program before amm's terminate level).
+fn resolve_limit(spec: &str) -> anyhow::Result<limit::Limit> {
+    let spec: LimitSpec = spec.parse()?;
+    let host = HostMemory::current()?;
+    let l = limit::resolve(spec, &host)?;
+    tracing::info!("memory limit: {l}");
+    if let Some(w) = limit::cgroup_shortfall(&l, &host) {
+        tracing::warn!("{w}");
+    }
+    Ok(l)
 }
 
 fn print_limit(spec: &str, root: &Path) -> anyhow::Result<i32> {
@@ -366,10 +531,11 @@ pub fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run(*a),
-        Command::Report(a) => report(&a),
-        Command::Limit { memory_limit, root } => print_limit(&memory_limit, &root),
-        Command::Workloads => {
+        None => run_program(cli.program),
+        Some(Command::Run(a)) => run(*a),
+        Some(Command::Report(a)) => report(&a),
+        Some(Command::Limit { memory_limit, root }) => print_limit(&memory_limit, &root),
+        Some(Command::Workloads) => {
             for (name, _) in BUILTINS {
                 match Workload::load(name) {
                     Ok(w) => println!("{name:10} {}", w.description.unwrap_or_default()),
@@ -378,7 +544,7 @@ pub fn main() -> ExitCode {
             }
             Ok(0)
         }
-        Command::CheckAllocator { allocator, bytes } => {
+        Some(Command::CheckAllocator { allocator, bytes }) => {
             check_allocator(allocator.as_deref(), &bytes)
         }
     };

@@ -19,6 +19,7 @@
 //! The child never outlives the nanny ([`crate::child`]).
 
 pub mod builtin;
+pub mod program;
 
 pub use builtin::NannyOptions;
 
@@ -97,6 +98,8 @@ pub struct Attempt {
     pub max_rss_bytes: u64,
     /// Wall time.
     pub ms: u64,
+    /// Who or what ended it, in words, when the nanny can tell.
+    pub cause: Option<String>,
 }
 
 /// What the nanny adds to the run's summary.
@@ -128,6 +131,11 @@ pub trait Program {
     fn command(&mut self, attempt: u32) -> anyhow::Result<Command>;
     /// What the child gets when the nanny dies.
     fn on_nanny_death(&self) -> Signal;
+    /// Hold the child before exec until [`Program::started`] returned (its
+    /// stdio is then the nanny's).
+    fn gated(&self) -> bool {
+        false
+    }
     /// Attempt `attempt` started as `child` (take its stdout here).
     fn started(&mut self, attempt: u32, child: &mut Child) -> anyhow::Result<()>;
     /// Called every few ms while the child runs.
@@ -182,9 +190,21 @@ fn words(v: &Verdict, ending: Ending) -> String {
 fn attempt(program: &mut dyn Program, n: u32) -> anyhow::Result<Attempt> {
     let cmd = program.command(n)?;
     let t0 = Instant::now();
-    let mut c = child::spawn(cmd, program.on_nanny_death())?;
+    let mut c = if program.gated() {
+        child::spawn_gated(&cmd, program.on_nanny_death())?
+    } else {
+        child::spawn(cmd, program.on_nanny_death())?
+    };
     tracing::info!(pid = c.pid, attempt = n, "nanny: worker started");
     program.started(n, &mut c)?;
+    if let Err(e) = c.release() {
+        // exec failed (no such program...): the child exits 127 at once;
+        // reap it and stop, as running it again cannot help
+        while child::try_wait(c.pid)?.is_none() {
+            std::thread::sleep(POLL);
+        }
+        return Err(e);
+    }
     let (ending, maxrss, forwarded) = supervise(program, c.pid)?;
     let verdict = match forwarded {
         Some(signal) => Verdict::Stopped { signal },
@@ -199,6 +219,7 @@ fn attempt(program: &mut dyn Program, n: u32) -> anyhow::Result<Attempt> {
         signal: ending.signal(),
         max_rss_bytes: maxrss,
         ms: t0.elapsed().as_millis() as u64,
+        cause: None,
     };
     program.finished(&mut a);
     tracing::info!(attempt = n, ending = ?ending, kind = %a.ending, "nanny: worker ended");

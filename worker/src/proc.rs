@@ -1,4 +1,6 @@
-//! Reading this process's memory as the kernel counts it (`/proc/self`).
+//! Reading memory as the kernel counts it: this process's (`/proc/self`)
+//! and, through the `procfs` crate, a supervised program's (`/proc/PID`).
+//! Every /proc read of the worker and its nanny is here.
 
 use std::io;
 use std::sync::OnceLock;
@@ -84,6 +86,46 @@ pub fn peak_rss_bytes() -> io::Result<u64> {
     status_field("VmHWM")?.ok_or_else(|| io::Error::other("no VmHWM in /proc/self/status"))
 }
 
+/// A process's resident memory by kind, bytes (`/proc/PID/status`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RssParts {
+    /// `RssAnon`.
+    pub anon: u64,
+    /// `RssFile`.
+    pub file: u64,
+    /// `RssShmem`.
+    pub shmem: u64,
+}
+
+impl RssParts {
+    /// All resident bytes, as the kernel's RSS counts them.
+    pub fn total(&self) -> u64 {
+        self.anon + self.file + self.shmem
+    }
+}
+
+/// The resident memory of process `pid`.
+pub fn rss_of(pid: u32) -> io::Result<RssParts> {
+    let status = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .map_err(io::Error::other)?;
+    let kb = |v: Option<u64>| v.unwrap_or(0) * 1024;
+    Ok(RssParts {
+        anon: kb(status.rssanon),
+        file: kb(status.rssfile),
+        shmem: kb(status.rssshmem),
+    })
+}
+
+/// The start time of process `pid` in clock ticks after boot (field 22 of
+/// `/proc/PID/stat`), which names it uniquely with its pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|s| s.starttime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +144,15 @@ mod tests {
         assert_eq!(kb_field(t, "VmHWM"), Some(2048 * 1024));
         assert_eq!(kb_field(t, "Threads"), Some(3));
         assert_eq!(kb_field(t, "VmRSS"), None);
+    }
+
+    #[test]
+    fn another_process_is_read_through_procfs() {
+        let me = std::process::id();
+        let parts = rss_of(me).expect("rss");
+        assert!(parts.total() > 0 && parts.anon > 0, "{parts:?}");
+        assert!(start_time(me).is_some());
+        assert!(rss_of(u32::MAX / 2).is_err());
     }
 
     #[test]

@@ -287,3 +287,25 @@ duration = "60s"
     assert_eq!(attempts[0]["verdict"]["signal"], libc::SIGTERM);
     assert!(!dir.exists(), "spill directory left behind");
 }
+
+/// Workers run on jemalloc unless told otherwise (the mission's default).
+#[test]
+fn the_default_allocator_is_jemalloc() {
+    let s = Scratch::new();
+    let w = s.workload(
+        "small",
+        r#"
+[[phase]]
+[[phase.op]]
+op = "allocate"
+bytes = "4MiB"
+chunk = "1MiB"
+keep = "managed"
+key = "d"
+"#,
+    );
+    let r = run(worker_cmd(&s, &w, &[]));
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    assert_eq!(r.summary()["allocator"], "jemalloc");
+    assert_eq!(r.summary()["allocator_verified"], true);
+}

@@ -1,0 +1,511 @@
+//! `amm-worker [OPTIONS] -- CMD ARGS...`: the nanny supervising any program.
+//!
+//! Each attempt: the program starts with amm's allocator in its environment
+//! ([`crate::inject`]), never outlives the nanny, is registered with
+//! amm-agent when `--agent` is given (the kernel kills it at the page that
+//! crosses terminate, or sends the configured signal and the nanny kills it
+//! after `--terminate-grace`), and is polled every monitor interval: its RSS
+//! goes into the timeline, a rise into spill or pause fires `--on-spill` /
+//! `--on-pause` ([`crate::hook`]), and terminate reached by polling alone
+//! (no agent, or the agent away) is enforced by the nanny itself.
+//!
+//! Each end is explained: the exit code, or the signal and who sent it (the
+//! kernel at the terminate page, the nanny, the cgroup's OOM killer, or
+//! someone else), and the nanny exits with the program's own status, as a
+//! shell reports it (the code, or 128 + the signal).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use amm_protocol::link::{Link, LinkConfig, LinkEvent};
+use amm_protocol::{Fractions, Registration, TerminateBy};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use super::{ATTEMPT_ENV, Attempt, NAME_ENV, Program, Verdict};
+use crate::child::{self, Child, Ending};
+use crate::config::MemoryConfig;
+use crate::hook::{Action, Facts, Hooks};
+use crate::inject::Injection;
+use crate::limit::Limit;
+use crate::memory::{Level, Levels, levels};
+use crate::timeline::{Timeline, monotonic_ns};
+
+/// How long a program waits before exec for amm-agent's answer.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
+
+/// Everything `amm-worker -- CMD` needs.
+#[derive(Debug, Clone)]
+pub struct ProgramOptions {
+    /// The command and its arguments.
+    pub argv: Vec<OsString>,
+    /// `jemalloc` or `system`, for the record.
+    pub allocator: crate::alloc::Allocator,
+    /// The environment changes.
+    pub injection: Injection,
+    /// Thresholds, intervals, agent settings.
+    pub memory: MemoryConfig,
+    /// The effective limit.
+    pub limit: Limit,
+    /// The worker's name (`AMM_WORKER_NAME` in its environment).
+    pub name: String,
+    /// `--timeline PATH`.
+    pub timeline: Option<PathBuf>,
+    /// `--on-spill`.
+    pub on_spill: Option<Action>,
+    /// `--on-pause`.
+    pub on_pause: Option<Action>,
+    /// `--hook-timeout`.
+    pub hook_timeout: Duration,
+    /// Time between a terminate signal other than SIGKILL and SIGKILL.
+    pub terminate_grace: Duration,
+}
+
+/// What one attempt knows while it runs.
+#[derive(Debug, Default)]
+struct AttemptState {
+    pid: u32,
+    /// The level as polls and the kernel's events saw it.
+    level: Level,
+    last_poll: Option<Instant>,
+    /// The kernel signalled it at the terminate page.
+    kernel_signalled: bool,
+    /// The nanny sent the terminate signal, at this instant.
+    nanny_terminated: Option<Instant>,
+    killed_after_grace: bool,
+    /// The agent's exit event came.
+    kernel_exit: bool,
+    /// OOM kills of the cgroup when the attempt started.
+    oom_kills_at_start: Option<u64>,
+    /// RSS at the last poll of a live process.
+    rss: u64,
+    /// RSS when terminate was acted on (by the kernel or the nanny).
+    terminate_rss: Option<u64>,
+}
+
+/// Any program as the nanny's program.
+pub struct AnyProgram {
+    opts: ProgramOptions,
+    levels: Levels,
+    hooks: Hooks,
+    timeline: Option<Arc<Timeline>>,
+    link: Option<Link>,
+    events: Option<mpsc::Receiver<LinkEvent>>,
+    state: AttemptState,
+    cgroup: Option<crate::cgroup::MemoryCgroup>,
+}
+
+impl std::fmt::Debug for AnyProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnyProgram")
+            .field("argv", &self.opts.argv)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AnyProgram {
+    /// A program to supervise.
+    pub fn new(opts: ProgramOptions) -> AnyProgram {
+        let levels = levels(&opts.memory, opts.limit.bytes);
+        AnyProgram {
+            hooks: Hooks::new(opts.hook_timeout),
+            levels,
+            opts,
+            timeline: None,
+            link: None,
+            events: None,
+            state: AttemptState::default(),
+            cgroup: crate::cgroup::find(std::path::Path::new("/"))
+                .ok()
+                .flatten(),
+        }
+    }
+
+    fn record(&self, name: &str, fields: serde_json::Value) {
+        if let Some(t) = &self.timeline {
+            t.event(name, fields);
+        }
+    }
+
+    fn terminate_signal(&self) -> Signal {
+        self.opts
+            .memory
+            .agent_terminate_signal
+            .and_then(|s| Signal::try_from(s).ok())
+            .unwrap_or(Signal::SIGKILL)
+    }
+
+    /// Registers the child with amm-agent; its events come back on a
+    /// channel the nanny drains on its own thread.
+    fn register(&mut self, pid: u32) {
+        let (Some(socket), Some(limit)) = (&self.opts.memory.agent_socket, self.opts.limit.bytes)
+        else {
+            return;
+        };
+        let m = &self.opts.memory;
+        let registration = Registration {
+            start_time: crate::proc::start_time(pid),
+            thresholds: Fractions {
+                target: m.target,
+                spill: m.spill,
+                pause: m.pause,
+                terminate: m.terminate,
+            },
+            terminate_signal: m.agent_terminate_signal.filter(|_| !m.agent_observe_only),
+            terminate_by: TerminateBy::Kernel,
+            ..Registration::new(pid, limit)
+        };
+        let (tx, rx) = mpsc::channel();
+        let config = LinkConfig {
+            socket: socket.clone(),
+            registration,
+            name: format!("amm-worker nanny {} for {pid}", std::process::id()),
+            retry: Duration::from_millis(500),
+            short_slice: false,
+        };
+        match Link::spawn(config, move |e| {
+            let _ = tx.send(e);
+        }) {
+            Ok(l) => {
+                self.link = Some(l);
+                self.events = Some(rx);
+            }
+            Err(e) => tracing::warn!("cannot start the link to amm-agent: {e}; polling only"),
+        }
+    }
+
+    /// Waits (the child held before exec) until the agent watches it, so
+    /// the kernel sees its first page; polling only if the agent does not
+    /// answer in time.
+    fn await_registration(&mut self) {
+        let Some(rx) = &self.events else { return };
+        let first = rx.recv_timeout(REGISTRATION_WAIT);
+        match first {
+            Ok(e) => self.on_link_event(e),
+            Err(_) => tracing::warn!(
+                "amm-agent did not answer within {} ms: starting the program, polling until it does",
+                REGISTRATION_WAIT.as_millis()
+            ),
+        }
+    }
+
+    /// Acts on what the agent sent since the last look.
+    fn drain_events(&mut self) {
+        let Some(rx) = &self.events else { return };
+        let events: Vec<LinkEvent> = rx.try_iter().collect();
+        for e in events {
+            self.on_link_event(e);
+        }
+    }
+
+    fn on_link_event(&mut self, e: LinkEvent) {
+        match e {
+            LinkEvent::Connected { rss_bytes, .. } => {
+                tracing::info!(
+                    pid = self.state.pid,
+                    rss_bytes,
+                    "amm-agent watches the program"
+                );
+                self.record("agent_connected", json!({"rss": rss_bytes}));
+            }
+            LinkEvent::Lost(why) => {
+                tracing::warn!("amm-agent unavailable ({why}); polling only until it is back");
+                self.record("agent_lost", json!({"reason": why}));
+            }
+            LinkEvent::Refused(why) => {
+                tracing::warn!("amm-agent refused to watch the program ({why}); polling only");
+                self.record("agent_refused", json!({"reason": why}));
+            }
+            LinkEvent::Event(m) => {
+                self.record(
+                    "agent",
+                    json!({"agent_event": m.event, "level": m.level, "prev_level": m.prev_level,
+                           "rss": m.rss_bytes, "t_ns": m.t_ns, "signalled": m.signalled,
+                           "delay_us": monotonic_ns().saturating_sub(m.t_ns) / 1000}),
+                );
+                match m.event {
+                    amm_ebpf::EventKind::Exit => self.state.kernel_exit = true,
+                    amm_ebpf::EventKind::Level => {
+                        if m.level == Level::Terminate && m.signalled {
+                            self.state.kernel_signalled = true;
+                            self.state.terminate_rss = Some(m.rss_bytes);
+                            // a signal other than SIGKILL: kill after the grace
+                            self.state.nanny_terminated.get_or_insert_with(Instant::now);
+                        }
+                        self.set_level(m.level, m.rss_bytes);
+                    }
+                    amm_ebpf::EventKind::Spike => {}
+                }
+            }
+        }
+    }
+
+    /// A new level from a poll or the kernel: hooks on a rise into spill or
+    /// pause.
+    fn set_level(&mut self, level: Level, rss: u64) {
+        let old = self.state.level;
+        self.state.level = level;
+        if level <= old {
+            return;
+        }
+        let limit = self.opts.limit.bytes.unwrap_or(0);
+        for (l, name, action) in [
+            (Level::Spill, "spill", &self.opts.on_spill),
+            (Level::Pause, "pause", &self.opts.on_pause),
+        ] {
+            if old < l
+                && level >= l
+                && let Some(a) = action
+            {
+                let facts = Facts {
+                    level: name,
+                    pid: self.state.pid,
+                    rss,
+                    limit,
+                };
+                let said = self.hooks.fire(a, facts);
+                tracing::info!("{said}");
+                self.record("hook", json!({"level": name, "rss": rss, "what": said}));
+            }
+        }
+    }
+
+    /// One poll of the program's memory: a tick, a level, terminate.
+    fn poll_memory(&mut self, pid: u32) {
+        let every = self.opts.memory.monitor_interval;
+        if self.state.last_poll.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.state.last_poll = Some(Instant::now());
+        let rss = match crate::proc::rss_of(pid) {
+            // a zombie has no memory left to show: the wait will tell
+            Ok(r) if r.total() > 0 => r,
+            _ => return,
+        };
+        self.state.rss = rss.total();
+        if let Some(t) = &self.timeline {
+            t.tick(&json!({"process": rss.total(), "rss_anon": rss.anon,
+                           "rss_file_shmem": rss.file + rss.shmem,
+                           "limit": self.opts.limit.bytes, "pid": pid}));
+        }
+        // SEAM(preload): read the record (amm-record `open(pid)`) here, put
+        // its split and statistics in the tick, and ask for a purge when
+        // hoarded passes trim-threshold (rate-limited by purge-interval).
+        let level = level_of(&self.levels, self.state.level, rss.total());
+        if level != self.state.level {
+            self.set_level(level, rss.total());
+        }
+        if level == Level::Terminate && self.state.nanny_terminated.is_none() {
+            let sig = self.terminate_signal();
+            tracing::warn!(
+                pid,
+                rss = rss.total(),
+                "process memory passed terminate: the nanny sends {sig}"
+            );
+            self.record("terminate", json!({"by": "nanny", "rss": rss.total()}));
+            child::send(pid, sig as i32);
+            self.state.nanny_terminated = Some(Instant::now());
+            self.state.terminate_rss = Some(rss.total());
+        }
+    }
+
+    /// SIGKILL once the grace after a softer terminate signal is over.
+    fn enforce_grace(&mut self, pid: u32) {
+        if let Some(t) = self.state.nanny_terminated
+            && !self.state.killed_after_grace
+            && t.elapsed() >= self.opts.terminate_grace
+            && self.terminate_signal() != Signal::SIGKILL
+        {
+            tracing::warn!(pid, "terminate grace over: SIGKILL");
+            child::send(pid, libc::SIGKILL);
+            self.state.killed_after_grace = true;
+        }
+    }
+
+    /// Waits a little for the agent's exit event, so every event of the
+    /// attempt (the kernel's terminate among them) is in.
+    fn await_kernel_exit(&mut self) {
+        if self.events.is_none() {
+            return;
+        }
+        let until = Instant::now() + Duration::from_millis(500);
+        while !self.state.kernel_exit && Instant::now() < until {
+            self.drain_events();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn oom_kills(&self) -> Option<u64> {
+        self.cgroup.as_ref()?.usage().map(|u| u.oom_kills)
+    }
+
+    /// Who ended the attempt, in words, and whether amm's model did.
+    fn cause(&self, ending: Ending) -> (String, Option<&'static str>) {
+        let oom = matches!((self.oom_kills(), self.state.oom_kills_at_start), (Some(a), Some(b)) if a > b);
+        let pct = |rss: Option<u64>| match (rss, self.opts.limit.bytes) {
+            (Some(r), Some(l)) if l > 0 => {
+                format!(" at {:.1} % of the limit", 100.0 * r as f64 / l as f64)
+            }
+            _ => String::new(),
+        };
+        let at_terminate = self.state.terminate_rss;
+        let last = Some(self.state.rss).filter(|r| *r > 0);
+        match ending {
+            Ending::Exited(c) if self.state.nanny_terminated.is_some() => (
+                format!(
+                    "exited {c} after amm's terminate signal{}",
+                    pct(at_terminate)
+                ),
+                Some(if self.state.kernel_signalled {
+                    "kernel"
+                } else {
+                    "nanny"
+                }),
+            ),
+            Ending::Exited(c) => (format!("exited with code {c}"), None),
+            Ending::Signaled(s) if self.state.kernel_signalled => (
+                format!(
+                    "killed by signal {s}: amm-agent's kernel program at the page that crossed terminate{}",
+                    pct(at_terminate)
+                ),
+                Some("kernel"),
+            ),
+            Ending::Signaled(s) if self.state.nanny_terminated.is_some() => (
+                format!(
+                    "killed by signal {s}: the nanny's terminate{}",
+                    pct(at_terminate)
+                ),
+                Some("nanny"),
+            ),
+            Ending::Signaled(s) if oom => (
+                format!(
+                    "killed by signal {s}: the kernel's OOM killer (cgroup limit); last seen{}",
+                    pct(last)
+                ),
+                None,
+            ),
+            Ending::Signaled(s) => (
+                format!("killed by signal {s}, sent by a process outside amm"),
+                None,
+            ),
+        }
+    }
+}
+
+/// The level for `rss`, from `current`: up at a crossing, back to below
+/// only under the target (re-arm) level, as the kernel program does.
+pub fn level_of(levels: &Levels, current: Level, rss: u64) -> Level {
+    let at = |b: Option<u64>| b.is_some_and(|b| rss >= b);
+    let up = if at(levels.terminate) {
+        Level::Terminate
+    } else if at(levels.pause) {
+        Level::Pause
+    } else if at(levels.spill) {
+        Level::Spill
+    } else {
+        Level::Below
+    };
+    if up >= current {
+        return up;
+    }
+    match levels.target {
+        Some(t) if rss < t => Level::Below,
+        _ => current,
+    }
+}
+
+impl Program for AnyProgram {
+    fn command(&mut self, attempt: u32) -> anyhow::Result<Command> {
+        let Some((prog, args)) = self.opts.argv.split_first() else {
+            anyhow::bail!("no command given after --");
+        };
+        let mut cmd = Command::new(prog);
+        cmd.args(args)
+            .envs(self.opts.injection.set.iter().map(|(k, v)| (k, v)))
+            .env(NAME_ENV, &self.opts.name)
+            .env(ATTEMPT_ENV, attempt.to_string())
+            .stdin(Stdio::inherit())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        if let Some(p) = &self.opts.timeline {
+            let t = Timeline::create(p, attempt > 0)?;
+            self.timeline = Some(Arc::new(t));
+        }
+        Ok(cmd)
+    }
+
+    fn on_nanny_death(&self) -> Signal {
+        // a program may ignore SIGTERM; an orphan must not stay
+        Signal::SIGKILL
+    }
+
+    fn gated(&self) -> bool {
+        // registered before its first page; an exec failure is reported
+        true
+    }
+
+    fn started(&mut self, attempt: u32, child: &mut Child) -> anyhow::Result<()> {
+        self.state = AttemptState {
+            pid: child.pid,
+            oom_kills_at_start: self.oom_kills(),
+            ..AttemptState::default()
+        };
+        let origin = self.timeline.as_ref().map(|t| t.origin_monotonic_ns());
+        self.record(
+            "start",
+            json!({"attempt": attempt, "pid": child.pid, "allocator": self.opts.allocator,
+                   "limit": self.opts.limit.bytes, "levels": self.levels,
+                   "program": self.opts.argv.first().map(|a| a.to_string_lossy()),
+                   "preload": self.opts.injection.library, "t0_monotonic_ns": origin}),
+        );
+        self.register(child.pid);
+        self.await_registration();
+        Ok(())
+    }
+
+    fn poll(&mut self, pid: u32) {
+        self.drain_events();
+        self.poll_memory(pid);
+        self.enforce_grace(pid);
+        for line in self.hooks.reap() {
+            tracing::info!("{line}");
+        }
+    }
+
+    fn verdict(&mut self, _pid: u32, ending: Ending) -> Verdict {
+        self.await_kernel_exit();
+        match (ending, self.cause(ending).1) {
+            (Ending::Exited(0), None) => Verdict::Done,
+            (_, Some(by)) => Verdict::Terminated { by: by.into() },
+            _ => Verdict::Crashed,
+        }
+    }
+
+    fn finished(&mut self, attempt: &mut Attempt) {
+        let ending = match attempt.signal {
+            Some(s) => Ending::Signaled(s),
+            None => Ending::Exited(attempt.exit_code),
+        };
+        let (cause, _) = self.cause(ending);
+        tracing::info!(attempt = attempt.attempt, "program ended: {cause}");
+        self.record(
+            "exit",
+            json!({"exit_code": attempt.exit_code, "signal": attempt.signal, "cause": cause,
+                   "verdict": attempt.verdict, "max_rss_bytes": attempt.max_rss_bytes}),
+        );
+        attempt.cause = Some(cause);
+        self.link = None;
+        self.events = None;
+        if let Some(t) = self.timeline.take() {
+            t.flush();
+        }
+    }
+
+    fn exit_code(&self, last: &Attempt, _gave_up: bool) -> i32 {
+        last.exit_code
+    }
+}
