@@ -229,6 +229,15 @@ impl AnyProgram {
                 );
                 match m.event {
                     amm_ebpf::EventKind::Exit => self.state.kernel_exit = true,
+                    amm_ebpf::EventKind::Credentials => {
+                        // the agent's watch is over (setuid exec...): polls only
+                        tracing::warn!(
+                            pid = self.state.pid,
+                            "the program's credentials changed: amm-agent stopped watching it; \
+                             the nanny's polls go on"
+                        );
+                        self.state.kernel_exit = true;
+                    }
                     amm_ebpf::EventKind::Level => {
                         if m.level == Level::Terminate && m.signalled {
                             self.state.kernel_signalled = true;
