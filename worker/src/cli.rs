@@ -57,9 +57,6 @@ struct ProgramArgs {
     /// auto | available | SIZE (4GiB, at least 16MiB) | FRACTION (0.5, 1.0) | 0 (no limit).
     #[arg(long, default_value = "auto", allow_hyphen_values = true)]
     memory_limit: String,
-    /// Dask's memory keys.
-    #[command(flatten)]
-    memory: MemoryFlags,
     /// After a terminate signal other than SIGKILL, SIGKILL after this long.
     #[arg(long, default_value = "3s")]
     terminate_grace: String,
@@ -91,6 +88,9 @@ struct ProgramArgs {
     /// First back-off before a restart (doubles each time, at most 10s).
     #[arg(long, default_value = "500ms")]
     restart_backoff: String,
+    /// Dask's memory keys (listed last in `--help`, under their own heading).
+    #[command(flatten)]
+    memory: MemoryFlags,
     /// The program and its arguments.
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<OsString>,
@@ -175,9 +175,6 @@ struct RunArgs {
     /// Worker name [default: from the nanny, else worker-<pid>].
     #[arg(long)]
     name: Option<String>,
-    /// Dask's memory keys.
-    #[command(flatten)]
-    memory: MemoryFlags,
     /// Write one JSON line per monitor tick (and events) to this file.
     #[arg(long)]
     timeline: Option<PathBuf>,
@@ -190,6 +187,9 @@ struct RunArgs {
     /// Nanny: first back-off before a restart (doubles each time, at most 10s).
     #[arg(long, default_value = "500ms")]
     restart_backoff: String,
+    /// Dask's memory keys (listed last in `--help`, under their own heading).
+    #[command(flatten)]
+    memory: MemoryFlags,
 }
 
 /// Dask's memory keys (`[worker.memory]`, `[worker.agent]`): a TOML file,
