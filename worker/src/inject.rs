@@ -1,8 +1,9 @@
 //! What `amm-worker -- CMD` puts into the program's environment to put it
 //! on amm's allocator: `LD_PRELOAD` of the preload library
-//! (`libamm_preload.so`, crate `amm-preload`) in jemalloc mode or in glibc
-//! observe mode, `MALLOC_TRIM_THRESHOLD_`, and for a Python program the
-//! allocator choice of [`PYTHON_MALLOC`].
+//! for the chosen allocator ([`preload_file`]: `libamm_preload.so`, jemalloc
+//! as the process's malloc, or `libamm_preload_glibc.so`, which only observes
+//! glibc), `MALLOC_TRIM_THRESHOLD_`, and for a Python program the allocator
+//! choice of [`python_malloc`].
 //!
 //! The library is looked for in `--preload PATH` / `$AMM_PRELOAD_LIB`, next
 //! to the amm-worker binary (the cargo target directory in a checkout), in
@@ -15,22 +16,25 @@ use std::path::{Path, PathBuf};
 
 use crate::alloc::Allocator;
 
-/// The library's file name.
-pub const PRELOAD_FILE: &str = "libamm_preload.so";
+/// The library for `allocator`: jemalloc becomes the program's malloc
+/// (`libamm_preload.so`), or glibc stays and is only observed
+/// (`libamm_preload_glibc.so`, `--allocator system`).
+pub fn preload_file(allocator: Allocator) -> &'static str {
+    match allocator {
+        Allocator::Jemalloc => "libamm_preload.so",
+        Allocator::System => "libamm_preload_glibc.so",
+    }
+}
 /// Overrides where the library is looked for.
 pub const PRELOAD_PATH_ENV: &str = "AMM_PRELOAD_LIB";
-/// Tells the library which mode to run in: `jemalloc` (it is the process's
-/// malloc) or `glibc` (it only observes glibc malloc).
-// SEAM(preload): the variable name and values are amm-preload's; keep in
-// step with worker/preload when it lands.
-pub const PRELOAD_MODE_ENV: &str = "AMM_PRELOAD_MODE";
 /// What `PYTHONMALLOC` is set to for a Python program, unless the user set
-/// it: `malloc` sends Python's small objects to the allocator amm reads and
-/// purges instead of pymalloc's arenas, which no trim or purge returns
-/// (dask-trial-2026-12: ~300 MiB held after a dicts/strings churn).
-// SEAM(preload): the preload engineer measures this choice (issue 10 §1);
-// follow their recommendation here.
-pub const PYTHON_MALLOC: &str = "malloc";
+/// it: nothing. Measured (benches/RESULTS.md, "Preload libraries"): pymalloc
+/// kept less after release than `PYTHONMALLOC=malloc` on glibc (numpy churn
+/// 210 vs 337 MiB, dicts 2 vs 294 MiB) and on the preload (after release 68
+/// vs 119 and 2 vs 80 MiB), and was faster; its arenas count as non-heap.
+pub fn python_malloc() -> Option<&'static str> {
+    None
+}
 
 /// The environment changes for the program, in order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -42,7 +46,8 @@ pub struct Injection {
 }
 
 /// Where the library is looked for, in order (`explicit` first).
-pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+pub fn candidates(explicit: Option<&Path>, allocator: Allocator) -> Vec<PathBuf> {
+    let file = preload_file(allocator);
     let mut out = Vec::new();
     if let Some(p) = explicit {
         out.push(p.to_path_buf());
@@ -55,32 +60,37 @@ pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     if let Ok(exe) = std::env::current_exe()
         && let Some(dir) = exe.parent()
     {
-        out.push(dir.join(PRELOAD_FILE));
+        out.push(dir.join(file));
         // a test or bench binary in target/debug/deps
         if dir.ends_with("deps")
             && let Some(up) = dir.parent()
         {
-            out.push(up.join(PRELOAD_FILE));
+            out.push(up.join(file));
         }
         if let Some(target) = dir.ancestors().find(|d| d.ends_with("target")) {
             for profile in ["debug", "release"] {
-                out.push(target.join(profile).join(PRELOAD_FILE));
+                out.push(target.join(profile).join(file));
             }
         }
     }
-    out.push(Path::new("/usr/lib/amm").join(PRELOAD_FILE));
+    out.push(Path::new("/usr/lib/amm").join(file));
     out
 }
 
 /// Finds the library and checks it is safe to load for `euid`.
-pub fn find_library(explicit: Option<&Path>, euid: u32) -> anyhow::Result<PathBuf> {
-    let looked = candidates(explicit);
+pub fn find_library(
+    explicit: Option<&Path>,
+    allocator: Allocator,
+    euid: u32,
+) -> anyhow::Result<PathBuf> {
+    let looked = candidates(explicit, allocator);
     let Some(found) = looked.iter().find(|p| p.exists()) else {
         let list: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
         anyhow::bail!(
-            "{PRELOAD_FILE} not found (looked in: {}). Build it with `cargo xtask build`, \
+            "{} not found (looked in: {}). Build it with `cargo xtask build`, \
              give its path with --preload PATH (or ${PRELOAD_PATH_ENV}), or run the program \
              on plain glibc (no allocator statistics) with --allocator system",
+            preload_file(allocator),
             list.join(", ")
         );
     };
@@ -144,11 +154,10 @@ pub fn which(argv0: &OsStr) -> Option<PathBuf> {
         .find(|c| c.is_file())
 }
 
-/// The environment for a program on `allocator`, loading `library` (none:
-/// plain glibc without statistics). `current` is the nanny's own
-/// environment: a variable the user set there is left as it is.
+/// The environment for a program loading `library` (the allocator's, from
+/// [`find_library`]; none: plain glibc without statistics). `current` is the
+/// nanny's own environment: a variable the user set there is left as it is.
 pub fn injection(
-    allocator: Allocator,
     library: Option<&Path>,
     trim_threshold: Option<u64>,
     python: bool,
@@ -163,11 +172,6 @@ pub fn injection(
             v.push(old);
         }
         set("LD_PRELOAD", v);
-        let mode = match allocator {
-            Allocator::Jemalloc => "jemalloc",
-            Allocator::System => "glibc",
-        };
-        set(PRELOAD_MODE_ENV, mode.into());
         inj.library = Some(lib.to_path_buf());
     }
     if let Some(t) = trim_threshold
@@ -175,8 +179,10 @@ pub fn injection(
     {
         set("MALLOC_TRIM_THRESHOLD_", t.to_string().into());
     }
-    if python && current("PYTHONMALLOC").is_none() {
-        set("PYTHONMALLOC", PYTHON_MALLOC.into());
+    if let Some(choice) = python_malloc().filter(|_| python)
+        && current("PYTHONMALLOC").is_none()
+    {
+        set("PYTHONMALLOC", choice.into());
     }
     inj
 }
@@ -197,17 +203,25 @@ mod tests {
     fn jemalloc_python_gets_the_library_first_and_keeps_the_users_choices() {
         let lib = Path::new("/usr/lib/amm/libamm_preload.so");
         let env = env_of(&[("LD_PRELOAD", "/x/libfoo.so"), ("PYTHONMALLOC", "pymalloc")]);
-        let inj = injection(Allocator::Jemalloc, Some(lib), Some(65536), true, &env);
+        let inj = injection(Some(lib), Some(65536), true, &env);
         let get = |k: &str| inj.set.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone());
         assert_eq!(
             get("LD_PRELOAD"),
             Some("/usr/lib/amm/libamm_preload.so:/x/libfoo.so".into())
         );
-        assert_eq!(get(PRELOAD_MODE_ENV), Some("jemalloc".into()));
         assert_eq!(get("MALLOC_TRIM_THRESHOLD_"), Some("65536".into()));
         assert_eq!(get("PYTHONMALLOC"), None, "the user's PYTHONMALLOC stays");
-        let inj = injection(Allocator::System, None, None, true, &env_of(&[]));
-        assert_eq!(inj.set, vec![("PYTHONMALLOC".into(), PYTHON_MALLOC.into())]);
+        // pymalloc stays (measured: see python_malloc)
+        let inj = injection(None, None, true, &env_of(&[]));
+        assert!(inj.set.is_empty(), "{:?}", inj.set);
+    }
+
+    #[test]
+    fn each_allocator_looks_for_its_own_library() {
+        let jemalloc = candidates(None, Allocator::Jemalloc);
+        let glibc = candidates(None, Allocator::System);
+        assert!(jemalloc.iter().all(|p| p.ends_with("libamm_preload.so")));
+        assert!(glibc.iter().all(|p| p.ends_with("libamm_preload_glibc.so")));
     }
 
     #[test]
@@ -227,8 +241,12 @@ mod tests {
 
     #[test]
     fn a_missing_library_says_how_to_get_one() {
-        let e = find_library(Some(Path::new("/nonexistent/libamm_preload.so")), 1000)
-            .expect_err("missing");
+        let e = find_library(
+            Some(Path::new("/nonexistent/libamm_preload.so")),
+            Allocator::Jemalloc,
+            1000,
+        )
+        .expect_err("missing");
         let e = e.to_string();
         assert!(
             e.contains("cargo xtask build") && e.contains("--preload"),
