@@ -466,3 +466,34 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// A workload that spills: 240 MiB of managed data, then 160 MiB of task
+/// memory in one task, then holds everything for `hold` (`"3s"`, `"60s"`).
+pub fn spill_then_hold(hold: &str) -> String {
+    format!(
+        r#"
+[[phase]]
+name = "managed"
+[[phase.op]]
+op = "allocate"
+bytes = "240MiB"
+chunk = "4MiB"
+keep = "managed"
+key = "m"
+[[phase]]
+name = "unmanaged"
+[[phase.op]]
+op = "allocate"
+bytes = "160MiB"
+chunk = "4MiB"
+keep = "unmanaged"
+key = "u"
+tasks = 1
+[[phase]]
+name = "hold"
+[[phase.op]]
+op = "sleep"
+duration = "{hold}"
+"#
+    )
+}

@@ -11,33 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use amm_integration_tests::browser::{self, Browser};
-use amm_integration_tests::{Agent, bin, require_root};
+use amm_integration_tests::{Agent, bin, require_root, spill_then_hold};
 use serde_json::Value;
-
-const SPILLER: &str = r#"
-[[phase]]
-name = "managed"
-[[phase.op]]
-op = "allocate"
-bytes = "240MiB"
-chunk = "4MiB"
-keep = "managed"
-key = "m"
-[[phase]]
-name = "unmanaged"
-[[phase.op]]
-op = "allocate"
-bytes = "160MiB"
-chunk = "4MiB"
-keep = "unmanaged"
-key = "u"
-tasks = 1
-[[phase]]
-name = "hold"
-[[phase.op]]
-op = "sleep"
-duration = "60s"
-"#;
 
 /// Task memory past its limit, faulted at full speed: the kernel kills it
 /// at the page that crosses terminate.
@@ -168,7 +143,13 @@ fn the_page_shows_live_rows_true_bars_a_kill_and_opens_reports() {
     b.eval("window.notReloaded = 42; return 1;").expect("mark");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let spiller = Worker::start(dir.path(), "spiller", SPILLER, "512MiB", &agent);
+    let spiller = Worker::start(
+        dir.path(),
+        "spiller",
+        &spill_then_hold("60s"),
+        "512MiB",
+        &agent,
+    );
     let killed = Worker::start(dir.path(), "killed", KILLED, "384MiB", &agent);
     let (sp, kp) = (spiller.pid(), killed.pid());
 

@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amm_integration_tests::http::{http_request, token_file};
-use amm_integration_tests::{Agent, Faulter, HttpListener, TestUser, bin, http_get, require_root};
+use amm_integration_tests::{
+    Agent, Faulter, HttpListener, TestUser, bin, http_get, require_root, spill_then_hold,
+};
 use serde_json::Value;
 
 /// One sample line of the exposition: name, labels, value.
@@ -66,31 +68,6 @@ fn scrape(http: &HttpListener) -> Vec<Series> {
     parse(&body)
 }
 
-const WORKLOAD: &str = r#"
-[[phase]]
-name = "managed"
-[[phase.op]]
-op = "allocate"
-bytes = "240MiB"
-chunk = "4MiB"
-keep = "managed"
-key = "m"
-[[phase]]
-name = "unmanaged"
-[[phase.op]]
-op = "allocate"
-bytes = "160MiB"
-chunk = "4MiB"
-keep = "unmanaged"
-key = "u"
-tasks = 1
-[[phase]]
-name = "hold"
-[[phase.op]]
-op = "sleep"
-duration = "3s"
-"#;
-
 #[test]
 fn metrics_during_a_real_run_match_the_workers_own_numbers() {
     if !require_root("metrics_during_a_real_run_match_the_workers_own_numbers") {
@@ -99,7 +76,7 @@ fn metrics_during_a_real_run_match_the_workers_own_numbers() {
     let (agent, http) = Agent::start_http(&[]).expect("agent");
     let dir = tempfile::tempdir().expect("tempdir");
     let w = dir.path().join("w.toml");
-    std::fs::write(&w, WORKLOAD).expect("workload");
+    std::fs::write(&w, spill_then_hold("3s")).expect("workload");
     let timeline = dir.path().join("timeline.jsonl");
     let mut child = Command::new(bin("amm-worker"))
         .arg("run")
