@@ -22,6 +22,16 @@ from dask_tasks import hoard, hold_then_release, leak, random_block, spike, star
 LIMIT = 512 * MIB
 
 
+def huge_page_bytes():
+    """The size of the largest page one fault can map (a PMD huge page),
+    or 0 where the kernel has no transparent huge pages."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -90,8 +100,13 @@ def test_a_spike_is_killed_at_the_page_and_named_in_the_error(agent, cluster_fac
     assert "the kernel killed" in msg and "terminate page" in msg, msg
     story = ei.value.amm["kills"][-1]
     assert story["killed_at_page"] and story["pid"] == first
-    # at the page: the kill came at 95 % (plus at most the page in flight)
-    assert story["rss_at_kill"] <= int(0.951 * LIMIT), story
+    # at the page: the kill came at the fault that crossed 95 %. numpy
+    # asks for transparent huge pages on big arrays (madvise), so that
+    # fault can map a whole huge page at once: the kernel counts its 512
+    # pages in one RSS update, and the crossing is seen up to one huge
+    # page past the terminate level, never more.
+    overshoot = story["rss_at_kill"] - story["terminate"]
+    assert 0 <= overshoot <= max(huge_page_bytes(), 4096), story
     assert story["rate_bytes_per_ms"] > 0, story
     assert any(t["key"] == "spike-task" for t in story["tasks"])
     assert w["cgroup"].oom_kills() == 0
@@ -174,8 +189,14 @@ def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory
     client.submit(hoard, 300 * MIB, 1024, 6.0, pure=False).result(timeout=120)
     r = agent.report(pid)
     print(r["verdict"], r["allocator"])
-    kinds = [r["verdict"]["kind"]] + [s["verdict"] for s in r["stretches"]]
-    assert "hoard" in kinds, r["verdict"]
+    # the hoard is found, with the trim that proves it, and sized: the trim
+    # returned most of the 300 MiB the task freed. The same bytes were the
+    # task's temporaries first, so a stretch may also say "transient"; which
+    # of the two true findings it names first is not what this test is about
+    hoards = [f for s in r["stretches"] for f in s["findings"] if f["kind"] == "hoard"]
+    assert hoards, r["verdict"]
+    assert max(f["bytes"] for f in hoards) >= 200 * MIB, hoards
+    assert all(f["purges"] for f in hoards), hoards
     assert r["verdict"]["kind"] not in ("leak", "undecided"), r["verdict"]
 
 
