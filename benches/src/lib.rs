@@ -8,6 +8,7 @@
 //! against Dask + amm_dask).
 
 pub mod dask;
+pub mod dask_rounds;
 pub mod dask_table;
 pub mod preload_bench;
 pub mod spike_table;

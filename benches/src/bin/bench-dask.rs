@@ -10,19 +10,19 @@
 //! warm-up; the Markdown table goes to stdout, one JSON line per trial to
 //! `--out`, each trial's Dask log to `<out>.logs/`. Needs root.
 
-use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use amm_benches::dask::{
     DaskRunner, DaskVenv, Mode, TrialConfig, TrialResult, Workload, handle_stop_signals,
 };
+use amm_benches::dask_rounds::{Rounds, error_line, percent, read_results, wall};
 use amm_benches::{dask_table, start_agent, target_dir};
 use amm_integration_tests::cgroup::HardLimit;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 
 /// Plain Dask against Dask + amm_dask.
@@ -77,7 +77,6 @@ struct Args {
 }
 
 fn describe(r: &TrialResult) -> String {
-    let pct = |f: Option<f64>| f.map_or_else(|| "?".into(), |f| format!("{:.1}%", f * 100.0));
     format!(
         "{:<6} {:<12} seed {:<3} {:<20} completed {:<5} restarts {} peak {} wall {} unmanaged after {}{}",
         r.workload.name(),
@@ -86,34 +85,17 @@ fn describe(r: &TrialResult) -> String {
         r.outcome.name(),
         r.completed,
         r.worker_restarts,
-        pct(r.peak_fraction),
-        r.wall_ms
-            .map_or_else(|| "-".into(), |ms| format!("{:.1} s", ms / 1000.0)),
+        percent(r.peak_fraction),
+        wall(r),
         r.unmanaged_after_release_bytes
             .map_or_else(|| "-".into(), |b| format!("{} MiB", b >> 20)),
-        r.error
-            .as_deref()
-            .map(|e| format!("\n       error: {}", e.lines().next().unwrap_or("")))
-            .unwrap_or_default(),
+        error_line(r),
     )
 }
 
+/// The table of the trials an earlier run wrote.
 fn table_from(path: &std::path::Path) -> Result<String> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut results = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        results.push(
-            serde_json::from_str::<TrialResult>(line).with_context(|| {
-                format!("{} line {}: not a trial result", path.display(), i + 1)
-            })?,
-        );
-    }
-    Ok(dask_table::markdown(&results))
+    Ok(dask_table::markdown(&read_results(path)?))
 }
 
 fn runner(args: &Args, socket: PathBuf) -> Result<DaskRunner> {
@@ -161,8 +143,6 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| target_dir().join("bench-dask.jsonl"));
     runner.log_dir = Some(out_path.with_extension("logs"));
-    let mut out = fs::File::create(&out_path)
-        .with_context(|| format!("cannot create {}", out_path.display()))?;
     let config = |workload, mode, seed| TrialConfig {
         mode,
         workload,
@@ -171,40 +151,33 @@ fn main() -> Result<()> {
         seed,
         timeout: Duration::from_secs(args.timeout_s),
     };
-    let started = Instant::now();
-    for i in 0..args.warmup {
-        let w = args.workloads[i % args.workloads.len()];
-        let m = args.modes[i % args.modes.len()];
-        let r = runner.run_trial(&config(w, m, args.seed))?;
-        writeln!(err, "warm-up  {}", describe(&r))?;
-    }
-    let mut results = Vec::new();
-    'rounds: for round in 0..args.trials {
-        for &w in &args.workloads {
-            for &m in &args.modes {
-                let seed = args.seed + round as u64;
-                let r = runner
-                    .run_trial(&config(w, m, seed))
-                    .with_context(|| format!("trial {round} of {} {}", w.name(), m.name()))?;
-                if stop.load(Ordering::SeqCst) {
-                    writeln!(err, "interrupted: the table has the trials that completed")?;
-                    break 'rounds;
+    let warmup = (0..args.warmup)
+        .map(|i| {
+            let w = args.workloads[i % args.workloads.len()];
+            let m = args.modes[i % args.modes.len()];
+            config(w, m, args.seed)
+        })
+        .collect();
+    let rounds = (0..args.trials)
+        .map(|round| {
+            let seed = args.seed + round as u64;
+            let mut trials = Vec::new();
+            for &w in &args.workloads {
+                for &m in &args.modes {
+                    trials.push(config(w, m, seed));
                 }
-                writeln!(err, "trial {round:<2} {}", describe(&r))?;
-                serde_json::to_writer(&mut out, &r)?;
-                writeln!(out)?;
-                out.flush()?;
-                results.push(r);
             }
-        }
+            trials
+        })
+        .collect();
+    let results = Rounds {
+        runner: &runner,
+        warmup,
+        rounds,
+        stop: &stop,
+        describe,
     }
-    writeln!(
-        err,
-        "{} trials in {:.0} s; raw results in {}",
-        results.len(),
-        started.elapsed().as_secs_f64(),
-        out_path.display()
-    )?;
+    .run(&out_path)?;
     print!("{}", dask_table::markdown(&results));
     if stop.load(Ordering::SeqCst) {
         std::process::exit(130);

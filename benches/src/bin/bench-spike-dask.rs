@@ -9,19 +9,19 @@
 //! next to it, in `<out>.logs/`. Needs root; build first with
 //! `cargo build --release -p amm-agent -p amm-benches && cargo xtask build-ebpf`.
 
-use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use amm_benches::dask::{
     DaskRunner, DaskVenv, TrialConfig, TrialResult, Workload, handle_stop_signals,
 };
+use amm_benches::dask_rounds::{Rounds, error_line, percent, read_results, wall};
 use amm_benches::spike_table::{self, Sample};
 use amm_benches::target_dir;
 use amm_integration_tests::cgroup::HardLimit;
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::Parser;
 
 /// Real-Dask baseline of the spike benchmark.
@@ -73,23 +73,11 @@ struct Args {
 
 /// The table of the trials an earlier run wrote.
 fn table_from(path: &std::path::Path) -> Result<String> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut samples = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let r: TrialResult = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not a trial result", path.display(), i + 1))?;
-        samples.push(Sample::from(&r));
-    }
+    let samples: Vec<Sample> = read_results(path)?.iter().map(Sample::from).collect();
     Ok(spike_table::markdown(&samples))
 }
 
 fn describe(r: &TrialResult) -> String {
-    let pct = |f: Option<f64>| f.map_or_else(|| "?".into(), |f| format!("{:.1}%", f * 100.0));
     format!(
         "{:<6} seed {:<3} {:<20} completed {:<5} restarts {} peak {} (cgroup {}) reaction {} wall {}{}",
         r.workload.name(),
@@ -97,16 +85,12 @@ fn describe(r: &TrialResult) -> String {
         r.outcome.name(),
         r.completed,
         r.worker_restarts,
-        pct(r.peak_fraction),
-        pct(r.cgroup_peak_fraction),
+        percent(r.peak_fraction),
+        percent(r.cgroup_peak_fraction),
         r.reaction_ms
             .map_or_else(|| "-".into(), |ms| format!("{ms:.0} ms")),
-        r.wall_ms
-            .map_or_else(|| "-".into(), |ms| format!("{:.1} s", ms / 1000.0)),
-        r.error
-            .as_deref()
-            .map(|e| format!("\n       error: {}", e.lines().next().unwrap_or("")))
-            .unwrap_or_default(),
+        wall(r),
+        error_line(r),
     )
 }
 
@@ -134,8 +118,6 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| target_dir().join("bench-spike-dask.jsonl"));
     runner.log_dir = Some(out_path.with_extension("logs"));
-    let mut out = fs::File::create(&out_path)
-        .with_context(|| format!("cannot create {}", out_path.display()))?;
     let config = |workload, seed| TrialConfig {
         mode: amm_benches::dask::Mode::Plain,
         workload,
@@ -144,41 +126,23 @@ fn main() -> Result<()> {
         seed,
         timeout: Duration::from_secs(args.timeout_s),
     };
-
-    let started = Instant::now();
-    for i in 0..args.warmup {
-        let w = args.workloads[i % args.workloads.len()];
-        let r = runner.run_trial(&config(w, args.seed))?;
-        if stop.load(Ordering::SeqCst) {
-            bail!("interrupted during the warm-up");
-        }
-        writeln!(err, "warm-up  {}", describe(&r))?;
-    }
-    let mut results = Vec::new();
-    'rounds: for round in 0..args.trials {
-        for &w in &args.workloads {
+    let warmup = (0..args.warmup)
+        .map(|i| config(args.workloads[i % args.workloads.len()], args.seed))
+        .collect();
+    let rounds = (0..args.trials)
+        .map(|round| {
             let seed = args.seed + round as u64;
-            let r = runner
-                .run_trial(&config(w, seed))
-                .with_context(|| format!("trial {round} of {}", w.name()))?;
-            if stop.load(Ordering::SeqCst) {
-                writeln!(err, "interrupted: the table has the trials that completed")?;
-                break 'rounds;
-            }
-            writeln!(err, "trial {round:<2} {}", describe(&r))?;
-            serde_json::to_writer(&mut out, &r)?;
-            writeln!(out)?;
-            out.flush()?;
-            results.push(r);
-        }
+            args.workloads.iter().map(|&w| config(w, seed)).collect()
+        })
+        .collect();
+    let results = Rounds {
+        runner: &runner,
+        warmup,
+        rounds,
+        stop: &stop,
+        describe,
     }
-    writeln!(
-        err,
-        "{} trials in {:.0} s; raw results in {}",
-        results.len(),
-        started.elapsed().as_secs_f64(),
-        out_path.display()
-    )?;
+    .run(&out_path)?;
     let samples: Vec<Sample> = results.iter().map(Sample::from).collect();
     print!("{}", spike_table::markdown(&samples));
     if stop.load(Ordering::SeqCst) {
