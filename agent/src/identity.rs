@@ -12,8 +12,9 @@
 //! Every /proc read goes through [`ProcInfo`] (the `procfs` crate).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use procfs::process::{Process, Stat, Status};
 
@@ -132,19 +133,23 @@ impl ProcInfo {
     }
 }
 
-/// Opens a pidfd on `pid` (nix has no wrapper for `pidfd_open`).
+/// Opens a pidfd on `pid` (rustix's `pidfd_open`; nix has no wrapper).
+/// Pid 0 and pids past `i32::MAX` are EINVAL, as the kernel says of them.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall with integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(Errno::EINVAL as i32))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
-/// Sends `sig` through a pidfd (nix has no wrapper for
-/// `pidfd_send_signal`).
+/// Sends `sig` through a pidfd: one narrow call through `libc::syscall`,
+/// because a client may ask for any signal number 1..=64, real-time ones
+/// included, which neither nix's `Signal` nor rustix's checked `Signal`
+/// can hold (nix has no `pidfd_send_signal` at all).
 pub fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> io::Result<()> {
     // SAFETY: plain syscall; a null siginfo is allowed.
     let rc = unsafe {
@@ -391,7 +396,9 @@ pub fn verify(peer: &Peer, requested: u32, start_time: Option<u64>) -> Result<Ve
     check_peer_alive(peer)?;
     let pid = resolve(peer, requested)?;
     let pidfd = pidfd_open(pid).map_err(|e| match e.raw_os_error() {
-        Some(libc::ESRCH) | Some(libc::EINVAL) => Refusal::NoSuchProcess(pid),
+        Some(e) if e == Errno::ESRCH as i32 || e == Errno::EINVAL as i32 => {
+            Refusal::NoSuchProcess(pid)
+        }
         _ => Refusal::Unreadable {
             pid,
             detail: e.to_string(),

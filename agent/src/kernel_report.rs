@@ -47,8 +47,6 @@ impl KernelRecorder {
     /// `.json`, anything else: text); times count from `start_ns`
     /// (CLOCK_MONOTONIC).
     pub fn new(path: &Path, pid: u32, thresholds: &ThresholdBytes, start_ns: u64) -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let levels = Levels {
             target: level_bytes(thresholds.rearm),
             spill: level_bytes(thresholds.spill),
@@ -59,7 +57,7 @@ impl KernelRecorder {
             path: path.to_path_buf(),
             pid,
             start_ns,
-            page: if page > 0 { page as u64 } else { 4096 },
+            page: amm_protocol::sys::page_size() as u64,
             last: None,
             run: Run::kernel(Some(thresholds.limit), levels),
         }

@@ -10,6 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
@@ -63,7 +64,7 @@ impl Outbox {
                         sock.as_raw_fd(),
                         buf,
                         f.as_fd(),
-                        libc::MSG_DONTWAIT,
+                        MsgFlags::MSG_DONTWAIT,
                     )
                 })?
             }

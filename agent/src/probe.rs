@@ -9,6 +9,7 @@ use aya::maps::{Array, HashMap, HashOfMaps, IterableMap, MapData, MapError, PerC
 use aya::programs::BtfTracePoint;
 use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::{Btf, Ebpf, EbpfLoader};
+use nix::errno::Errno;
 
 /// Why the probe could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +72,7 @@ impl ProbeError {
     pub fn is_full(&self) -> bool {
         match self {
             Self::MapOp(MapError::SyscallError(e)) => {
-                e.io_error.raw_os_error() == Some(libc::E2BIG)
+                e.io_error.raw_os_error() == Some(Errno::E2BIG as i32)
             }
             _ => false,
         }
@@ -158,8 +159,7 @@ pub fn watch_config(
 
 /// True when the process runs as root.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// Finds the object to load: an explicit path, or the first candidate of
@@ -189,13 +189,7 @@ pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf, ProbeError> {
 }
 
 fn page_shift() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 {
-        (size as u64).trailing_zeros()
-    } else {
-        12
-    }
+    amm_protocol::sys::page_size().trailing_zeros()
 }
 
 fn possible_cpus() -> Result<u32, ProbeError> {
@@ -552,7 +546,11 @@ impl ProbeView {
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(Errno::ENOENT as i32) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -609,8 +607,6 @@ impl AsRawFd for EventReader {
 
 impl AsFd for EventReader {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the fd belongs to the ring buffer map, which lives as long
-        // as self.
-        unsafe { BorrowedFd::borrow_raw(self.ring.as_raw_fd()) }
+        self.ring.as_fd()
     }
 }

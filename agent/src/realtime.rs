@@ -5,6 +5,8 @@
 
 use std::io;
 
+/// sched_setscheduler(2) for the calling thread: neither nix nor rustix
+/// wraps it, so it is this one call through libc.
 fn set_policy(policy: i32, priority: i32) -> io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
@@ -27,15 +29,4 @@ pub fn set_fifo(priority: u8) -> io::Result<()> {
 /// a thread spawned by a `SCHED_FIFO` thread inherits its policy.
 pub fn set_normal() -> io::Result<()> {
     set_policy(libc::SCHED_OTHER, 0)
-}
-
-/// The calling thread's policy (`libc::SCHED_*`).
-pub fn policy() -> io::Result<i32> {
-    // SAFETY: sched_getscheduler has no memory arguments; 0 is this thread.
-    let p = unsafe { libc::sched_getscheduler(0) };
-    if p < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(p)
-    }
 }

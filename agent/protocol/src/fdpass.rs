@@ -11,12 +11,17 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 const MAX_FDS: usize = 4;
 
 /// Sends `buf` on a Unix stream socket with `fd` attached to its first byte.
-/// `flags` are sendmsg(2) flags (e.g. `MSG_DONTWAIT`); `MSG_NOSIGNAL` is
-/// always added.
-pub fn send_with_fd(sock: RawFd, buf: &[u8], fd: BorrowedFd<'_>, flags: i32) -> io::Result<usize> {
+/// `flags` are sendmsg(2) flags (e.g. `MsgFlags::MSG_DONTWAIT`);
+/// `MSG_NOSIGNAL` is always added.
+pub fn send_with_fd(
+    sock: RawFd,
+    buf: &[u8],
+    fd: BorrowedFd<'_>,
+    flags: MsgFlags,
+) -> io::Result<usize> {
     let fds = [fd.as_raw_fd()];
     let cmsg = [ControlMessage::ScmRights(&fds)];
-    let flags = MsgFlags::from_bits_truncate(flags) | MsgFlags::MSG_NOSIGNAL;
+    let flags = flags | MsgFlags::MSG_NOSIGNAL;
     Ok(sendmsg::<()>(
         sock,
         &[IoSlice::new(buf)],
@@ -57,7 +62,7 @@ mod tests {
     fn an_fd_travels_with_its_bytes() {
         let (a, mut b) = UnixStream::pair().expect("socketpair");
         let file = tempfile_fd();
-        let n = send_with_fd(a.as_raw_fd(), b"hi", file.as_fd(), 0).expect("send");
+        let n = send_with_fd(a.as_raw_fd(), b"hi", file.as_fd(), MsgFlags::empty()).expect("send");
         assert_eq!(n, 2);
         let mut fds = Vec::new();
         let mut buf = [0u8; 2];

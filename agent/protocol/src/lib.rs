@@ -22,6 +22,7 @@ pub mod fdpass;
 pub mod link;
 pub mod ring;
 pub mod sched;
+pub mod sys;
 pub use client::{Client, ClientError, Registered};
 
 /// Protocol version spoken by this crate.

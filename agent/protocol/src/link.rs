@@ -8,14 +8,15 @@
 //! the socket carries the worker's accounting to the agent and tells when
 //! the agent goes away.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::poll::{PollFd, PollFlags};
+
 use crate::client::Client;
-use crate::ring::RingReader;
 use crate::{
     ClientMessage, EventMessage, HeapSample, PurgeSample, Registration, Split, ThresholdBytes,
 };
@@ -181,7 +182,7 @@ fn run(
             }
         }
         // wait before retrying, but stop at once when asked
-        if wait_readable(&[wake.as_raw_fd()], Some(config.retry)).is_some_and(|r| r[0]) {
+        if wait_readable(&[wake.as_fd()], Some(config.retry)).is_some_and(|r| r[0]) {
             drain(&wake);
             if rx.try_iter().any(|m| matches!(m, Outgoing::Stop)) {
                 return;
@@ -231,11 +232,7 @@ fn session(
                 }
             }
         }
-        let fds = [
-            ring_fd(&ring),
-            client.stream().as_raw_fd(),
-            wake.as_raw_fd(),
-        ];
+        let fds = [ring.as_fd(), client.stream().as_fd(), wake.as_fd()];
         let Some(ready) = wait_readable(&fds, None) else {
             return End::Lost("poll failed".into());
         };
@@ -275,34 +272,23 @@ fn session(
     }
 }
 
-fn ring_fd(ring: &RingReader) -> i32 {
-    std::os::fd::AsFd::as_fd(ring).as_raw_fd()
-}
-
 fn drain(s: &std::os::unix::net::UnixStream) {
     let mut buf = [0u8; 64];
     while matches!(std::io::Read::read(&mut &*s, &mut buf), Ok(n) if n > 0) {}
 }
 
-/// poll(2) for readability; `None` on error.
-fn wait_readable(fds: &[i32], timeout: Option<Duration>) -> Option<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
+/// poll(2) for readability: for each fd, whether it is readable (or hung
+/// up, or in error); `None` on error.
+fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Option<Vec<bool>> {
+    let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|&fd| PollFd::new(fd, PollFlags::POLLIN))
         .collect();
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-    loop {
-        // SAFETY: pfds is a valid array of pollfd for the call.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-        if rc >= 0 {
-            return Some(pfds.iter().map(|p| p.revents != 0).collect());
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return None;
-        }
-    }
+    crate::sys::poll(&mut pfds, timeout).ok()?;
+    // flags nix does not know are still flags the kernel set
+    Some(
+        pfds.iter()
+            .map(|p| p.revents().is_none_or(|r| !r.is_empty()))
+            .collect(),
+    )
 }

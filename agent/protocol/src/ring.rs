@@ -13,20 +13,66 @@
 //! offset) followed by the sample, padded to 8 bytes.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 const BUSY: u32 = 1 << 31;
 const DISCARD: u32 = 1 << 30;
 const HEADER: usize = 8;
 
+/// One shared mapping of the ring buffer's fd, unmapped when dropped.
+#[derive(Debug)]
+struct Mapping {
+    at: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from `offset` (page-aligned) with `prot`.
+    fn new(fd: &OwnedFd, len: usize, prot: ProtFlags, offset: usize) -> io::Result<Self> {
+        let length = NonZeroUsize::new(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty ring mapping"))?;
+        let offset = offset.try_into().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("ring offset {offset} is beyond what mmap takes"),
+            )
+        })?;
+        // SAFETY: a new shared mapping (no address asked for, so nothing
+        // existing is replaced) of a ring buffer map fd at a page-aligned
+        // offset, the only kind the kernel accepts for it; it is only read
+        // through the bounds RingReader checks, and unmapped once, in drop.
+        let at = unsafe { mmap(None, length, prot, MapFlags::MAP_SHARED, fd, offset) }?;
+        Ok(Self { at: at.cast(), len })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.at.as_ptr()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped, once; nothing borrows it
+        // past the life of self. An error (never seen for a mapping made
+        // here) would leave it mapped, which is harmless.
+        let _ = unsafe { munmap(self.at.cast(), self.len) };
+    }
+}
+
 /// A mapped ring buffer of [`amm_ebpf::Event`] records.
 #[derive(Debug)]
 pub struct RingReader {
+    // the mappings go before the fd they map (fields drop in order)
+    consumer: Mapping,
+    producer: Mapping,
     fd: OwnedFd,
-    consumer: *mut u8,
-    producer: *mut u8,
     data_bytes: usize,
     page: usize,
 }
@@ -34,25 +80,6 @@ pub struct RingReader {
 // SAFETY: the mappings belong to this value alone and are only touched
 // through &mut self (reads) or atomics.
 unsafe impl Send for RingReader {}
-
-fn map(fd: &OwnedFd, len: usize, prot: i32, offset: usize) -> io::Result<*mut u8> {
-    // SAFETY: shared mapping of a ring buffer map fd at page-aligned offsets,
-    // the only kind the kernel accepts for it.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            prot,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(p.cast())
-}
 
 impl RingReader {
     /// Maps the ring buffer behind `fd`, whose data area is `data_bytes`
@@ -64,21 +91,23 @@ impl RingReader {
                 format!("ring size {data_bytes} is not a power of two"),
             ));
         }
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let consumer = map(&fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
-        let producer = match map(&fd, page + 2 * data_bytes, libc::PROT_READ, page) {
-            Ok(p) => p,
-            Err(e) => {
-                // SAFETY: unmapping what was just mapped.
-                unsafe { libc::munmap(consumer.cast(), page) };
-                return Err(e);
-            }
-        };
+        let page = crate::sys::page_size();
+        // the producer page, then the data area mapped twice
+        let producer_len = data_bytes
+            .checked_mul(2)
+            .and_then(|d| d.checked_add(page))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("ring size {data_bytes} is too large to map"),
+                )
+            })?;
+        let consumer = Mapping::new(&fd, page, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, 0)?;
+        let producer = Mapping::new(&fd, producer_len, ProtFlags::PROT_READ, page)?;
         Ok(Self {
-            fd,
             consumer,
             producer,
+            fd,
             data_bytes,
             page,
         })
@@ -87,12 +116,12 @@ impl RingReader {
     fn consumer_pos(&self) -> &AtomicU64 {
         // SAFETY: the first word of the consumer page, 8-byte aligned,
         // mapped for the life of self.
-        unsafe { &*self.consumer.cast::<AtomicU64>() }
+        unsafe { &*self.consumer.ptr().cast::<AtomicU64>() }
     }
 
     fn producer_pos(&self) -> &AtomicU64 {
         // SAFETY: the first word of the producer page, as above.
-        unsafe { &*self.producer.cast::<AtomicU64>() }
+        unsafe { &*self.producer.ptr().cast::<AtomicU64>() }
     }
 
     /// The next committed event, if any. Records the kernel discarded are
@@ -108,7 +137,7 @@ impl RingReader {
             let at = self.page + (cons & mask) as usize;
             // SAFETY: `at` is inside the data area (masked), 8-byte aligned
             // as every record header is.
-            let hdr = unsafe { &*self.producer.add(at).cast::<AtomicU32>() };
+            let hdr = unsafe { &*self.producer.ptr().add(at).cast::<AtomicU32>() };
             let len = hdr.load(Ordering::Acquire);
             if len & BUSY != 0 {
                 return None; // reserved, not committed yet
@@ -119,7 +148,7 @@ impl RingReader {
                 // SAFETY: the sample follows its header; the data area is
                 // mapped twice, so it is contiguous even when it wraps.
                 let bytes = unsafe {
-                    std::slice::from_raw_parts(self.producer.add(at + HEADER), sample_len)
+                    std::slice::from_raw_parts(self.producer.ptr().add(at + HEADER), sample_len)
                 };
                 amm_ebpf::Event::from_bytes(bytes)
             });
@@ -134,23 +163,8 @@ impl RingReader {
     /// Waits until a record may be ready or `timeout` passes (`None`: no
     /// limit). Returns false on timeout.
     pub fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
-        let mut fds = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-        loop {
-            // SAFETY: one valid pollfd.
-            let rc = unsafe { libc::poll(&mut fds, 1, ms) };
-            if rc >= 0 {
-                return Ok(rc > 0);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        Ok(crate::sys::poll(&mut fds, timeout)? > 0)
     }
 
     /// The next event, waiting at most `timeout` for one.
@@ -171,15 +185,5 @@ impl RingReader {
 impl AsFd for RingReader {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-}
-
-impl Drop for RingReader {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the two mappings made in new(), once.
-        unsafe {
-            libc::munmap(self.consumer.cast(), self.page);
-            libc::munmap(self.producer.cast(), self.page + 2 * self.data_bytes);
-        }
     }
 }

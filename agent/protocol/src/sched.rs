@@ -9,38 +9,29 @@
 use std::io;
 use std::time::Duration;
 
-/// `struct sched_attr` of sched_setattr(2).
-#[repr(C)]
-#[derive(Default)]
-struct SchedAttr {
-    size: u32,
-    sched_policy: u32,
-    sched_flags: u64,
-    sched_nice: i32,
-    sched_priority: u32,
-    sched_runtime: u64,
-    sched_deadline: u64,
-    sched_period: u64,
-    sched_util_min: u32,
-    sched_util_max: u32,
-}
-
 /// Asks the kernel for a `slice` time slice for the calling thread (normal
 /// policy, its nice value kept). The kernel clamps it to 0.1–100 ms; older
 /// kernels ignore the request or refuse it (the error says so).
 pub fn request_short_slice(slice: Duration) -> io::Result<()> {
-    // SAFETY: getpriority has no memory arguments.
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
+    let nice = rustix::process::getpriority_process(None)?;
+    set_attr(&libc::sched_attr {
+        size: std::mem::size_of::<libc::sched_attr>() as u32,
         sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
         sched_nice: nice,
+        sched_priority: 0,
         sched_runtime: slice.as_nanos().min(u64::MAX as u128) as u64,
-        ..SchedAttr::default()
-    };
-    // SAFETY: attr is a valid sched_attr of the size it declares; pid 0 is
-    // the calling thread.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+        sched_deadline: 0,
+        sched_period: 0,
+    })
+}
+
+/// sched_setattr(2) for the calling thread: neither nix nor rustix wraps
+/// it, so it is this one call through `libc::syscall`.
+fn set_attr(attr: &libc::sched_attr) -> io::Result<()> {
+    // SAFETY: attr is a valid sched_attr of the size it declares, borrowed
+    // for the call; pid 0 is the calling thread; flags 0.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, std::ptr::from_ref(attr), 0) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
