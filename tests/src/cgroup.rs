@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// How long [`HardLimit::kill_all`] and the clean-up wait for the cgroup to
 /// empty, and the removal retries.
@@ -105,11 +108,14 @@ fn check_purpose(purpose: &str) -> Result<()> {
 /// Explains an I/O error on a cgroup file in terms of what to do.
 fn hint(e: &io::Error) -> &'static str {
     match e.raw_os_error() {
-        Some(libc::EACCES) | Some(libc::EPERM) => " (cgroups need root: run as root)",
-        Some(libc::EBUSY) => " (the kernel refused it: the limit may be below current usage)",
-        Some(libc::ESRCH) => " (no such process: it has exited)",
-        Some(libc::EROFS) => " (the cgroup file system is mounted read-only here)",
-        _ => "",
+        Some(n) => match Errno::from_raw(n) {
+            Errno::EACCES | Errno::EPERM => " (cgroups need root: run as root)",
+            Errno::EBUSY => " (the kernel refused it: the limit may be below current usage)",
+            Errno::ESRCH => " (no such process: it has exited)",
+            Errno::EROFS => " (the cgroup file system is mounted read-only here)",
+            _ => "",
+        },
+        None => "",
     }
 }
 
@@ -122,9 +128,11 @@ fn write_file(path: &Path, value: &str) -> Result<()> {
 
 /// True when process `pid` exists (it may be a zombie).
 fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence and permission.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // signal 0 only checks for existence and permission
+    matches!(kill(Pid::from_raw(pid), None), Ok(()) | Err(Errno::EPERM))
 }
 
 impl HardLimit {
@@ -242,16 +250,13 @@ impl HardLimit {
                 anyhow::anyhow!("cannot open {} for writing: {e}{h}", path.display())
             })?;
         // SAFETY: between fork and exec the closure only calls write(2) on a
-        // descriptor it owns: async-signal-safe and allocation-free.
+        // descriptor it owns (nix's write is the bare call) and builds its
+        // error from a code: async-signal-safe and allocation-free.
         unsafe {
-            cmd.pre_exec(move || {
-                use std::os::fd::AsRawFd;
-                let rc = libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1);
-                if rc == 1 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
+            cmd.pre_exec(move || match nix::unistd::write(&procs, b"0") {
+                Ok(1) => Ok(()),
+                Ok(_) => Err(io::ErrorKind::WriteZero.into()),
+                Err(e) => Err(e.into()),
             });
         }
         Ok(())
@@ -361,10 +366,9 @@ impl HardLimit {
             if self.version == Version::V2 && kill_file.exists() {
                 write_file(&kill_file, "1")?;
             } else {
-                for pid in pids {
-                    // SAFETY: kill(2) has no memory-safety preconditions; the
-                    // pid was read from this cgroup, which only we populate.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                // the pids were read from this cgroup, which only we populate
+                for pid in pids.into_iter().filter_map(|p| i32::try_from(p).ok()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -398,7 +402,10 @@ impl HardLimit {
                     return Ok(());
                 }
                 // an exiting member can keep it busy for a moment
-                Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                Err(e)
+                    if Instant::now() < deadline
+                        && e.raw_os_error() == Some(Errno::EBUSY as i32) =>
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {

@@ -24,15 +24,24 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 pub mod region;
 
 pub use http::{HttpListener, http_get};
 
+/// Sends `sig` to a child this test spawned and has not reaped (so its pid
+/// is still its own); a child that already exited is no error.
+pub fn signal_child(child: &Child, sig: Signal) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
+}
+
 /// True when this process runs as root.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// Whether a test that needs root and BPF can run. Outside CI it prints a
@@ -453,8 +462,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         // SIGTERM first so it removes its socket, then make sure
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        signal_child(&self.child, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {

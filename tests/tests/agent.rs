@@ -130,8 +130,7 @@ fn registrations_that_prove_no_right_are_refused() {
 
     // forged: a pid that is neither the client nor its child (init, and
     // this test's own parent)
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() } as u32;
+    let parent = nix::unistd::getppid().as_raw() as u32;
     for pid in [1, parent] {
         match client.register(&Registration::new(pid, 1 << 30)) {
             Err(ClientError::Refused { reason, .. }) => {

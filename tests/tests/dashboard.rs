@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use amm_integration_tests::browser::{self, Browser};
-use amm_integration_tests::{Agent, bin, require_root, spill_then_hold};
+use amm_integration_tests::{Agent, bin, require_root, signal_child, spill_then_hold};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 /// Task memory past its limit, faulted at full speed: the kernel kills it
@@ -93,8 +94,7 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         // SIGTERM to the nanny: it stops its worker and cleans up
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        signal_child(&self.child, Signal::SIGTERM);
         let _ = self.child.wait();
     }
 }

@@ -1,19 +1,22 @@
 //! The BPF probe against the real kernel: load, attach, watch real child
 //! processes, and check what it reports against /proc. Needs root.
 
-use std::os::fd::AsRawFd;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use amm_agent::probe::{EventReader, Probe};
 use amm_ebpf::{EventKind, Level, WatchConfig};
 use amm_integration_tests::{Faulter, TestUser, bpf_object, require_root, spawn_at_pid};
 use amm_protocol::{EventMessage, Fractions};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::uio::{RemoteIoVec, process_vm_writev};
+use nix::unistd::Pid;
 
 const MIB: u64 = 1 << 20;
 
 fn page() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
+    amm_protocol::sys::page_size() as u64
 }
 
 /// A watch of `pid` (bound to the process running now) with Dask's
@@ -52,13 +55,9 @@ fn collect(
         if done(&out) || Instant::now() > deadline {
             return out;
         }
-        let mut fds = libc::pollfd {
-            fd: reader.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut fds, 1, 50) };
+        // a wait, not a check: an error or a timeout reads the ring again
+        let mut fds = [PollFd::new(reader.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(50u8));
     }
 }
 
@@ -196,22 +195,19 @@ fn write_into(pid: u32, addr: usize, len: usize) {
     let mut done = 0;
     while done < len {
         let n = buf.len().min(len - done);
-        let local = libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: n,
+        let remote = RemoteIoVec {
+            base: addr + done,
+            len: n,
         };
-        let remote = libc::iovec {
-            iov_base: (addr + done) as *mut libc::c_void,
-            iov_len: n,
-        };
-        // SAFETY: valid iovecs; the remote range is the child's mapping.
-        let w = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-        assert!(
-            w > 0,
-            "process_vm_writev: {}",
-            std::io::Error::last_os_error()
+        let w = process_vm_writev(
+            Pid::from_raw(pid as i32),
+            &[IoSlice::new(&buf[..n])],
+            &[remote],
         );
-        done += w as usize;
+        match w {
+            Ok(w) if w > 0 => done += w,
+            other => panic!("process_vm_writev: {other:?}"),
+        }
     }
 }
 

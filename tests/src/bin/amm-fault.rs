@@ -46,31 +46,34 @@
 //! - `exit`: exit 0
 
 use std::io::{BufRead, Write};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
 use amm_integration_tests::Faulter;
 use amm_integration_tests::region::{Region, page_size as page};
 use amm_protocol::{Client, Registration};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap};
 
 fn map_file(path: &str, mib: usize) -> Result<(usize, usize), String> {
     let f = std::fs::File::open(path).map_err(|e| format!("open {path}: {e}"))?;
     let len = mib << 20;
-    // SAFETY: read-only private mapping of an open file.
+    let length = NonZeroUsize::new(len).ok_or("mmap: 0 MiB maps nothing")?;
+    // SAFETY: a new read-only private mapping of an open file, no address
+    // asked for; it stays mapped for the rest of the process (the test
+    // reads its pages' accounting).
     let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            std::os::fd::AsRawFd::as_raw_fd(&f),
+        mmap(
+            None,
+            length,
+            ProtFlags::PROT_READ,
+            MapFlags::MAP_PRIVATE,
+            &f,
             0,
         )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
     }
-    let base = p as usize;
+    .map_err(|e| format!("mmap: {}", std::io::Error::from(e)))?;
+    let base = p.as_ptr() as usize;
     let mut sum = 0u64;
     for off in (0..len).step_by(page()) {
         // SAFETY: off < len, inside the readable mapping.
@@ -387,16 +390,8 @@ impl State {
             ["status"] => format!("ok {} {}", status_bytes("VmHWM:"), status_bytes("VmRSS:")),
             ["pid"] => format!("ok {} {}", std::process::id(), start_time()),
             ["ids"] => {
-                // SAFETY: these getters have no preconditions.
-                let ids = unsafe {
-                    (
-                        libc::getuid(),
-                        libc::geteuid(),
-                        libc::getgid(),
-                        libc::getegid(),
-                    )
-                };
-                format!("ok {} {} {} {}", ids.0, ids.1, ids.2, ids.3)
+                use nix::unistd::{getegid, geteuid, getgid, getuid};
+                format!("ok {} {} {} {}", getuid(), geteuid(), getgid(), getegid())
             }
             ["exec", path] => exec(path, false),
             ["thread-exec", path] => exec(path, true),
