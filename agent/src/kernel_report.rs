@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use amm_ebpf::{EventKind, WatchState};
 use amm_protocol::{EventMessage, ThresholdBytes};
-use amm_report::{Levels, Run, Tick};
+use amm_report::{At, Run};
+use amm_timeline::{Event, Exit, LevelCrossing, Levels, PeakSource, Spike, Tick};
 use anyhow::{Context, Result};
 
 use crate::clock::monotonic_ns;
@@ -89,34 +90,45 @@ impl KernelRecorder {
                 None => return,
             },
         };
-        self.run.push_tick(Tick {
+        self.run.push_tick(
             t,
-            process,
-            rss_anon: Some(anon),
-            rss_file_shmem: Some(file_shmem),
-            faults,
-            ..Tick::default()
-        });
+            Tick {
+                process,
+                rss_anon: Some(anon),
+                rss_file_shmem: Some(file_shmem),
+                faults,
+                ..Tick::default()
+            },
+        );
     }
 
     /// Records a kernel event.
     pub fn event(&mut self, m: &EventMessage) {
         let t = self.t(m.t_ns);
-        let kind = match m.event {
-            EventKind::Level => amm_report::EventKind::Level {
-                from: m.prev_level.name().to_string(),
-                to: m.level.name().to_string(),
+        let event = match m.event {
+            EventKind::Level => Event::Level(LevelCrossing {
+                from: m.prev_level,
+                to: m.level,
                 rss: m.rss_bytes,
-            },
-            EventKind::Spike => amm_report::EventKind::Spike { rss: m.rss_bytes },
+                signalled: m.signalled,
+                delay_us: None,
+            }),
+            EventKind::Spike => Event::Spike(Spike {
+                rss: m.rss_bytes,
+                eta_ns: m.eta_ns,
+                delay_us: None,
+            }),
             EventKind::Exit | EventKind::Credentials => {
                 self.mark_teardown(t);
-                amm_report::EventKind::Exit {
-                    peak: m.peak_rss_bytes,
-                }
+                Event::Exit(Exit {
+                    pid: self.pid,
+                    peak_rss_bytes: Some(m.peak_rss_bytes),
+                    peak_source: Some(PeakSource::Bpf),
+                    ..Exit::default()
+                })
             }
         };
-        self.run.push_event(t, kind);
+        self.run.push_event(t, event);
     }
 
     /// A process frees its memory on its way out; on a busy machine that
@@ -129,7 +141,8 @@ impl KernelRecorder {
         };
         // the report notes how many samples it left out as teardown
         let end_t = self.run.ticks[k].t + 1e-6;
-        self.run.push_event(end_t, amm_report::EventKind::End);
+        self.run
+            .push_event(end_t, Event::End(amm_timeline::End::default()));
     }
 
     /// Analyses what was recorded and writes the report; returns where.
@@ -147,7 +160,7 @@ impl KernelRecorder {
 /// final non-rising run of samples, or the first sample within
 /// [`TEARDOWN_WINDOW_S`] of the exit if the run began earlier; `None` when
 /// RSS fell less than [`TEARDOWN_MIN_BYTES`] from there.
-fn teardown_start(ticks: &[Tick], exit_t: f64) -> Option<usize> {
+fn teardown_start(ticks: &[At<Tick>], exit_t: f64) -> Option<usize> {
     let last = ticks.len().checked_sub(1)?;
     let mut k = last;
     while k > 0
@@ -164,29 +177,29 @@ fn teardown_start(ticks: &[Tick], exit_t: f64) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn tick(t: f64, mib: u64) -> Tick {
-        Tick {
+    fn tick(t: f64, mib: u64) -> At<Tick> {
+        At {
             t,
-            process: mib << 20,
-            ..Tick::default()
+            attempt: 0,
+            item: Tick::rss(mib << 20),
         }
     }
 
     #[test]
     fn the_final_fall_before_the_exit_is_teardown() {
         // a leak, then 0.6 s of freeing before the exit at 5.0 s
-        let mut ticks: Vec<Tick> = (0..22).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
+        let mut ticks: Vec<At<Tick>> = (0..22).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
         ticks.extend([tick(4.4, 100), tick(4.6, 70), tick(4.8, 52)]);
         let k = teardown_start(&ticks, 5.0).expect("teardown");
         assert_eq!(ticks[k].t, 4.4);
         // a fall that began long before the exit: only its last second
-        let ticks: Vec<Tick> = (0..25).map(|i| tick(i as f64 * 0.2, 200 - 4 * i)).collect();
+        let ticks: Vec<At<Tick>> = (0..25).map(|i| tick(i as f64 * 0.2, 200 - 4 * i)).collect();
         let k = teardown_start(&ticks, 5.0).expect("teardown");
         assert!((ticks[k].t - 4.0).abs() < 1e-9, "{}", ticks[k].t);
         // still growing at the exit, or a fall under 4 MiB: no teardown
-        let ticks: Vec<Tick> = (0..25).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
+        let ticks: Vec<At<Tick>> = (0..25).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
         assert_eq!(teardown_start(&ticks, 5.0), None);
-        let mut ticks: Vec<Tick> = (0..24).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
+        let mut ticks: Vec<At<Tick>> = (0..24).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
         ticks.push(tick(4.8, 81));
         assert_eq!(teardown_start(&ticks, 5.0), None);
         assert_eq!(teardown_start(&[], 5.0), None);

@@ -132,10 +132,20 @@ duration = "2s"
     assert_eq!(s["exit_code"], 0, "{s}");
     assert!(s["agent_events"].as_u64().unwrap_or(0) >= 1, "{s}");
     let tl = run.timeline();
-    let kernel = events(&tl, "agent");
+    // the kernel's level crossings, relayed by the agent (typed: the
+    // timeline contract is what the worker writes)
+    let kernel = events(&tl, "level");
     let first_spill_event = kernel
         .iter()
-        .find(|e| e["level"] == "spill")
+        .find(|e| {
+            serde_json::from_value::<amm_timeline::Line>((**e).clone()).is_ok_and(|l| {
+                matches!(
+                    l.entry,
+                    amm_timeline::Entry::Event(amm_timeline::Event::Level(x))
+                        if x.to == amm_timeline::Level::Spill
+                )
+            })
+        })
         .unwrap_or_else(|| panic!("no spill event from the agent: {tl:?}"));
     let spills = events(&tl, "spill");
     let spill = spills

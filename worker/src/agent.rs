@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use amm_ebpf::EventKind;
 use amm_protocol::link::{Link, LinkConfig, LinkEvent};
-use amm_protocol::{Fractions, Registration, Split, TerminateBy};
-use serde_json::json;
+use amm_protocol::{Fractions, Registration, TerminateBy};
+use amm_timeline::{AgentConnected, AgentReason, Event, LevelCrossing, Spike};
 
 use crate::config::MemoryConfig;
 use crate::memory::{Accounting, EventSink};
@@ -130,18 +130,7 @@ impl AgentLink {
             if over.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
             }
-            link.report(
-                monotonic_ns(),
-                Split {
-                    process: acc.process,
-                    managed: acc.managed,
-                    unmanaged_live: acc.unmanaged_live,
-                    hoarded: acc.hoarded,
-                    non_heap: acc.non_heap,
-                    spilled: acc.spilled,
-                    unmanaged_recent: acc.unmanaged_recent,
-                },
-            )
+            link.report(monotonic_ns(), acc.split)
         })
     }
 }
@@ -152,9 +141,9 @@ fn handle(
     counters: &AgentCounters,
     timeline: Option<&Timeline>,
 ) {
-    let record = |name: &str, fields: serde_json::Value| {
+    let record = |event: Event| {
         if let Some(t) = timeline {
-            t.event(name, fields);
+            t.event(event);
         }
     };
     match e {
@@ -164,19 +153,19 @@ fn handle(
         } => {
             counters.connects.fetch_add(1, Ordering::SeqCst);
             tracing::info!(rss_bytes, "registered with amm-agent: kernel events on");
-            record(
-                "agent_connected",
-                json!({"rss": rss_bytes, "terminate": thresholds.terminate}),
-            );
+            record(Event::AgentConnected(AgentConnected {
+                rss: rss_bytes,
+                terminate: thresholds.terminate,
+            }));
         }
         LinkEvent::Lost(reason) => {
             counters.lost.fetch_add(1, Ordering::SeqCst);
             tracing::warn!("amm-agent unavailable ({reason}); polling only until it is back");
-            record("agent_lost", json!({"reason": reason}));
+            record(Event::AgentLost(AgentReason { reason }));
         }
         LinkEvent::Refused(reason) => {
             tracing::warn!("amm-agent refused to watch this worker ({reason}); polling only");
-            record("agent_refused", json!({"reason": reason}));
+            record(Event::AgentRefused(AgentReason { reason }));
         }
         LinkEvent::Event(m) => {
             counters.events.fetch_add(1, Ordering::SeqCst);
@@ -198,12 +187,27 @@ fn handle(
                     EventKind::Exit | EventKind::Credentials => {}
                 }
             }
-            record(
-                "agent",
-                json!({"agent_event": m.event, "level": m.level, "prev_level": m.prev_level,
-                       "rss": m.rss_bytes, "t_ns": m.t_ns, "delay_us": delay_us,
-                       "eta_ns": m.eta_ns, "signalled": m.signalled}),
-            );
+            // the line's time is the kernel's: when it happened
+            let event = match m.event {
+                EventKind::Level => Event::Level(LevelCrossing {
+                    from: m.prev_level,
+                    to: m.level,
+                    rss: m.rss_bytes,
+                    signalled: m.signalled,
+                    delay_us: Some(delay_us),
+                }),
+                EventKind::Spike => Event::Spike(Spike {
+                    rss: m.rss_bytes,
+                    eta_ns: m.eta_ns,
+                    delay_us: Some(delay_us),
+                }),
+                // the nanny writes the exit, with its cause; a watch ended
+                // by a change of credentials is not this worker's business
+                EventKind::Exit | EventKind::Credentials => return,
+            };
+            if let Some(t) = timeline {
+                t.event_at(m.t_ns, event);
+            }
         }
     }
 }

@@ -59,18 +59,9 @@ impl CgroupLimit {
     }
 }
 
-/// What the cgroup is charged for right now.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct CgroupUsage {
-    /// `memory.usage_in_bytes` (v1) or `memory.current` (v2).
-    pub usage: u64,
-    /// Page cache charged to the cgroup (`total_cache`/`cache` in v1,
-    /// `file` in v2).
-    pub file: u64,
-    /// OOM kills in this cgroup so far (`oom_kill` of `memory.oom_control` /
-    /// `memory.events`), when the kernel reports it.
-    pub oom_kills: u64,
-}
+/// What the cgroup is charged for right now (the timeline contract's type:
+/// each tick carries it).
+pub use amm_timeline::CgroupUsage;
 
 fn under(root: &Path, abs: &str) -> PathBuf {
     root.join(abs.trim_start_matches('/'))

@@ -324,6 +324,7 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
                     backoff,
                 },
                 agent: memory.agent_socket.clone(),
+                timeline: a.timeline.clone(),
             },
         );
     }
@@ -498,10 +499,10 @@ fn report(a: &ReportArgs) -> anyhow::Result<i32> {
         }
         let ended = run.events.iter().any(|e| {
             matches!(
-                e.kind,
-                amm_report::EventKind::End
-                    | amm_report::EventKind::Terminate
-                    | amm_report::EventKind::Exit { .. }
+                e.item,
+                amm_report::Event::End(_)
+                    | amm_report::Event::Terminate(_)
+                    | amm_report::Event::Exit(_)
             )
         });
         match every {

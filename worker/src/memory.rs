@@ -38,10 +38,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use amm_timeline::{Event, NothingToSpill, PauseChange, Spill, Split, Terminate, Tick};
 use serde::Serialize;
-use serde_json::json;
 
-use crate::alloc::{self, Allocator, Detail, HeapStats};
+use crate::alloc::{self, Allocator, Detail, Heap};
 use crate::cgroup::{CgroupUsage, MemoryCgroup};
 use crate::config::MemoryConfig;
 use crate::proc;
@@ -65,7 +65,7 @@ pub const PROBE_MIN_BYTES: u64 = 4 << 20;
 /// and the worker (`enum amm_level` in ebpf/include/amm.h).
 pub use amm_ebpf::Level;
 
-pub use amm_report::Levels;
+pub use amm_timeline::Levels;
 
 /// The configured fractions of `limit` as bytes (`None`: disabled, or no
 /// limit).
@@ -163,31 +163,19 @@ impl Gate {
     }
 }
 
-/// One tick's split of process memory (bytes). `process = managed +
-/// unmanaged_live + hoarded + non_heap` whenever no part had to be clamped at
-/// zero; [`Accounting::identity_error`] says by how much it misses.
-/// `unmanaged_recent` overlaps the unmanaged parts (it is the part of
-/// `process - managed` that appeared within `recent-to-old-time`).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+/// One tick's measurement: the accounting [`Split`] (the timeline
+/// contract's, DESIGN.md's vocabulary) and how it was taken.
+/// `process = managed + unmanaged_live + hoarded + non_heap` whenever no
+/// part had to be clamped at zero; [`Split::identity_error`] says by how
+/// much it misses.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Accounting {
-    /// RSS (FILE + ANON + SHMEM).
-    pub process: u64,
+    /// The split.
+    pub split: Split,
     /// Anonymous RSS.
     pub rss_anon: u64,
     /// File-backed and shared RSS.
     pub rss_file_shmem: u64,
-    /// Sum of `sizeof` of values in memory.
-    pub managed: u64,
-    /// `heap_live - managed`, at least 0.
-    pub unmanaged_live: u64,
-    /// Allocator-resident bytes holding nothing live.
-    pub hoarded: u64,
-    /// `process - allocator resident`, at least 0.
-    pub non_heap: u64,
-    /// Bytes of values only on disk.
-    pub spilled: u64,
-    /// Unmanaged memory younger than `recent-to-old-time`.
-    pub unmanaged_recent: u64,
     /// Allocator's live bytes.
     pub heap_live: u64,
     /// Allocator's resident bytes.
@@ -198,31 +186,42 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// `(managed + unmanaged_live + hoarded + non_heap) - process`.
-    pub fn identity_error(&self) -> i64 {
-        (self.managed + self.unmanaged_live + self.hoarded + self.non_heap) as i64
-            - self.process as i64
-    }
-
     /// Splits a measurement.
-    pub fn split(statm: proc::Statm, managed: u64, spilled: u64, heap: &HeapStats) -> Accounting {
+    pub fn measured(statm: proc::Statm, managed: u64, spilled: u64, heap: &Heap) -> Accounting {
         let live = heap.live();
         let resident = heap.resident();
         Accounting {
-            process: statm.resident,
+            split: Split {
+                spilled,
+                ..Split::of(statm.resident, managed, live, resident)
+            },
             rss_anon: statm.anon(),
             rss_file_shmem: statm.shared,
-            managed,
-            unmanaged_live: live.saturating_sub(managed),
-            hoarded: resident.saturating_sub(live),
-            non_heap: statm.resident.saturating_sub(resident),
-            spilled,
-            unmanaged_recent: 0,
             heap_live: live,
             allocator_resident: resident,
             rss_moved: 0,
         }
     }
+
+    /// The timeline's tick of this measurement (the caller adds what the
+    /// manager knows besides).
+    pub fn tick(&self) -> Tick {
+        Tick {
+            process: self.split.process,
+            rss_anon: Some(self.rss_anon),
+            rss_file_shmem: Some(self.rss_file_shmem),
+            split: Some(self.split),
+            heap_live: Some(self.heap_live),
+            allocator_resident: Some(self.allocator_resident),
+            rss_moved: Some(self.rss_moved),
+            ..Tick::default()
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC ns when something that began at `start` began.
+fn began_ns(start: Instant) -> u64 {
+    crate::timeline::monotonic_ns().saturating_sub(start.elapsed().as_nanos() as u64)
 }
 
 /// How often the "nothing to spill" warning may be logged.
@@ -455,9 +454,9 @@ impl MemoryManager {
         })
     }
 
-    fn event(&self, name: &str, fields: serde_json::Value) {
+    fn event(&self, event: Event) {
         if let Some(t) = &self.timeline {
-            t.event(name, fields);
+            t.event(event);
         }
     }
 
@@ -469,7 +468,7 @@ impl MemoryManager {
     }
 
     /// Measures the process and splits its memory.
-    pub fn measure(&mut self, detail: Detail) -> std::io::Result<(Accounting, HeapStats)> {
+    pub fn measure(&mut self, detail: Detail) -> std::io::Result<(Accounting, Heap)> {
         // Task threads put and spill values while the allocator is read. A
         // value's memory is allocated before it counts as managed and freed
         // after it stops counting, so the managed bytes present both before
@@ -497,11 +496,11 @@ impl MemoryManager {
             attempt += 1;
         };
         let managed = s.managed.min(before.managed);
-        let mut acc = Accounting::split(statm, managed, s.spilled, &heap);
+        let mut acc = Accounting::measured(statm, managed, s.spilled, &heap);
         acc.rss_moved = moved;
-        acc.unmanaged_recent = self.recent.push(
+        acc.split.unmanaged_recent = self.recent.push(
             Instant::now(),
-            acc.process.saturating_sub(acc.managed),
+            acc.split.process.saturating_sub(acc.split.managed),
             self.cfg.recent_to_old_time,
         );
         Ok((acc, heap))
@@ -522,10 +521,7 @@ impl MemoryManager {
                     us = r.duration_us,
                     "purged the allocator's hoard"
                 );
-                self.event(
-                    "purge",
-                    serde_json::to_value(&r).unwrap_or(serde_json::Value::Null),
-                );
+                self.event(Event::Purge(r.clone()));
                 Some(r)
             }
             Err(e) => {
@@ -537,11 +533,11 @@ impl MemoryManager {
 
     /// `--probe-purge`: purges on purpose when the report needs to know
     /// whether memory comes back (see the module docs).
-    fn probe_purge(&mut self, acc: &Accounting, heap: &HeapStats) {
+    fn probe_purge(&mut self, acc: &Accounting, heap: &Heap) {
         let Some(every) = self.cfg.probe_purge else {
             return;
         };
-        let unmanaged = acc.process.saturating_sub(acc.managed);
+        let unmanaged = acc.split.process.saturating_sub(acc.split.managed);
         let baseline = *self.unmanaged_at_purge.get_or_insert(unmanaged);
         let due = self.governor.since_last() >= every;
         // jemalloc's hoarded bytes include its metadata, which no purge
@@ -559,16 +555,17 @@ impl MemoryManager {
     fn terminate(&mut self, acc: &Accounting, threshold: u64) {
         self.stats.terminated = true;
         tracing::error!(
-            process = acc.process,
+            process = acc.split.process,
             threshold,
-            fraction = self.fraction(acc.process),
+            fraction = self.fraction(acc.split.process),
             "process memory passed the terminate threshold: exiting with code {TERMINATE_EXIT_CODE}"
         );
-        self.event(
-            "terminate",
-            json!({"process": acc.process, "threshold": threshold,
-                   "fraction": self.fraction(acc.process), "exit_code": TERMINATE_EXIT_CODE}),
-        );
+        self.event(Event::Terminate(Terminate {
+            process: acc.split.process,
+            threshold,
+            fraction: self.fraction(acc.split.process),
+            exit_code: TERMINATE_EXIT_CODE,
+        }));
         if let Some(t) = &self.timeline {
             t.flush();
         }
@@ -591,7 +588,6 @@ impl MemoryManager {
 
     fn set_paused(&mut self, paused: bool, reason: &str, process: u64) {
         if let Some((started, finished)) = self.gate.set_paused(paused) {
-            let name = if paused { "pause" } else { "unpause" };
             if paused {
                 self.paused_since = Some(Instant::now());
                 self.stats.pauses += 1;
@@ -602,11 +598,18 @@ impl MemoryManager {
                 }
                 tracing::info!(process, "unpaused");
             }
-            self.event(
-                name,
-                json!({"reason": reason, "process": process, "fraction": self.fraction(process),
-                       "tasks_started": started, "tasks_finished": finished}),
-            );
+            let change = PauseChange {
+                reason: reason.to_string(),
+                process,
+                fraction: self.fraction(process),
+                tasks_started: started,
+                tasks_finished: finished,
+            };
+            self.event(if paused {
+                Event::Pause(change)
+            } else {
+                Event::Unpause(change)
+            });
         }
     }
 
@@ -677,14 +680,18 @@ impl MemoryManager {
             self.report_nothing_to_spill(rss, goal, start);
         }
         if values > 0 {
-            self.event(
-                "spill",
-                json!({"reason": "process", "values": values, "bytes": bytes,
-                       "process_before": before, "process_after": rss, "goal": goal,
-                       "purges": purges, "ms": start.elapsed().as_millis() as u64,
-                       "began_ns": crate::timeline::monotonic_ns()
-                           .saturating_sub(start.elapsed().as_nanos() as u64)}),
-            );
+            self.event(Event::Spill(Spill {
+                reason: "process".into(),
+                values,
+                bytes,
+                process_before: Some(before),
+                process_after: Some(rss),
+                goal: Some(goal),
+                purges: Some(purges),
+                ms: start.elapsed().as_millis() as u64,
+                began_ns: Some(began_ns(start)),
+                ..Spill::default()
+            }));
         }
         Ok(rss)
     }
@@ -726,14 +733,14 @@ impl MemoryManager {
                  `amm-worker report` says which)"
             );
         }
-        self.event(
-            "nothing_to_spill",
-            json!({"reason": "process", "process": rss, "goal": goal,
-                   "managed": self.buffer.managed(),
-                   "ms": start.elapsed().as_millis() as u64,
-                   "began_ns": crate::timeline::monotonic_ns()
-                       .saturating_sub(start.elapsed().as_nanos() as u64)}),
-        );
+        self.event(Event::NothingToSpill(NothingToSpill {
+            reason: "process".into(),
+            process: rss,
+            goal,
+            managed: self.buffer.managed(),
+            ms: start.elapsed().as_millis() as u64,
+            began_ns: Some(began_ns(start)),
+        }));
     }
 
     /// One monitor tick: measure, act, record. Public so tests and a future
@@ -741,7 +748,7 @@ impl MemoryManager {
     pub fn tick(&mut self) -> std::io::Result<Accounting> {
         let hint = self.act_on_hint()?;
         let (acc, heap) = self.measure_and_record()?;
-        let terminate_at = self.levels.terminate.filter(|t| acc.process > *t);
+        let terminate_at = self.levels.terminate.filter(|t| acc.split.process > *t);
         if terminate_at.is_some() || hint == Level::Terminate {
             self.terminate(&acc, terminate_at.unwrap_or(0));
             return Ok(acc);
@@ -780,7 +787,7 @@ impl MemoryManager {
 
     /// Measures, counts, hands the accounting to the tick hook and writes
     /// the tick line (the measurement the decisions start from).
-    fn measure_and_record(&mut self) -> std::io::Result<(Accounting, HeapStats)> {
+    fn measure_and_record(&mut self) -> std::io::Result<(Accounting, Heap)> {
         let detail = if self.timeline.is_some() {
             Detail::Full
         } else {
@@ -788,29 +795,26 @@ impl MemoryManager {
         };
         let (acc, heap) = self.measure(detail)?;
         self.stats.ticks += 1;
-        self.stats.peak_tick_rss = self.stats.peak_tick_rss.max(acc.process);
+        self.stats.peak_tick_rss = self.stats.peak_tick_rss.max(acc.split.process);
         self.stats.max_identity_error = self
             .stats
             .max_identity_error
-            .max(acc.identity_error().unsigned_abs());
+            .max(acc.split.identity_error().unsigned_abs());
         if let Some(h) = &self.tick_hook {
             h(&acc);
         }
         if let Some(t) = &self.timeline {
             let cgroup_usage: Option<CgroupUsage> = self.cgroup.as_ref().and_then(|c| c.usage());
-            t.tick(&json!({
-                "process": acc.process, "managed": acc.managed,
-                "unmanaged_live": acc.unmanaged_live, "hoarded": acc.hoarded,
-                "non_heap": acc.non_heap, "spilled": acc.spilled,
-                "unmanaged_recent": acc.unmanaged_recent, "heap_live": acc.heap_live,
-                "allocator_resident": acc.allocator_resident, "rss_anon": acc.rss_anon,
-                "rss_file_shmem": acc.rss_file_shmem, "identity_error": acc.identity_error(),
-                "rss_moved": acc.rss_moved,
-                "limit": self.limit, "fraction": self.fraction(acc.process),
-                "paused": self.gate.is_paused(), "tasks_started": self.gate.started(),
-                "tasks_finished": self.gate.finished_count(),
-                "spill": self.buffer.stats(), "cgroup": cgroup_usage, "heap": heap,
-            }));
+            t.tick(Tick {
+                limit: self.limit,
+                paused: Some(self.gate.is_paused()),
+                tasks_started: Some(self.gate.started()),
+                tasks_finished: Some(self.gate.finished_count()),
+                spill: Some(self.buffer.stats()),
+                cgroup: cgroup_usage,
+                heap: Some(heap.clone()),
+                ..acc.tick()
+            });
         }
         Ok((acc, heap))
     }
@@ -830,13 +834,16 @@ impl MemoryManager {
         let after = self.buffer.stats();
         let moved = after.managed < before.managed;
         if moved {
-            self.event(
-                "spill",
-                json!({"reason": "target", "values": after.spill_count - before.spill_count,
-                       "bytes": before.managed.saturating_sub(after.managed),
-                       "managed_before": before.managed, "managed_after": after.managed,
-                       "target": target, "ms": start.elapsed().as_millis() as u64}),
-            );
+            self.event(Event::Spill(Spill {
+                reason: "target".into(),
+                values: after.spill_count - before.spill_count,
+                bytes: before.managed.saturating_sub(after.managed),
+                managed_before: Some(before.managed),
+                managed_after: Some(after.managed),
+                target: Some(target),
+                ms: start.elapsed().as_millis() as u64,
+                ..Spill::default()
+            }));
         }
         self.spill_outcome(result.map(|_| moved).map_err(|e| e.to_string()));
     }
@@ -844,7 +851,7 @@ impl MemoryManager {
     /// Process memory above spill: purge the allocator's hoard first, then
     /// spill down to target. Returns the process memory after.
     fn spill_for_process(&mut self, acc: &Accounting, hint: Level) -> std::io::Result<u64> {
-        let mut rss = acc.process;
+        let mut rss = acc.split.process;
         let Some(spill) = self.levels.spill else {
             return Ok(rss);
         };
@@ -857,7 +864,7 @@ impl MemoryManager {
         self.stats.spill_ticks += 1;
         // Allocator-aware: what the allocator hoards goes back first.
         let threshold = self.cfg.trim_threshold.unwrap_or(0);
-        if acc.hoarded > threshold.max(1 << 20)
+        if acc.split.hoarded > threshold.max(1 << 20)
             && let Some(r) = self.purge("pressure")
         {
             rss = r.rss_after;

@@ -27,8 +27,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-use serde::Serialize;
-
 pub use dir::SpillDir;
 pub use format::WriteOptions;
 
@@ -213,34 +211,9 @@ pub enum SpillError {
     },
 }
 
-/// Counters and gauges of the buffer.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct SpillStats {
-    /// Bytes (`sizeof`) of values in memory.
-    pub managed: u64,
-    /// Bytes (`sizeof`) of values only on disk.
-    pub spilled: u64,
-    /// Bytes of files on disk (spilled values and clean copies).
-    pub disk: u64,
-    /// Values in the buffer.
-    pub keys: u64,
-    /// Values written to disk so far.
-    pub spill_count: u64,
-    /// Bytes (`sizeof`) moved out of memory so far.
-    pub spilled_bytes_total: u64,
-    /// Bytes written to files so far.
-    pub written_bytes_total: u64,
-    /// Values read back so far.
-    pub unspill_count: u64,
-    /// Bytes (`sizeof`) read back so far.
-    pub unspilled_bytes_total: u64,
-    /// Evictions that failed (disk full, max-spill, I/O).
-    pub spill_failures: u64,
-    /// Time spent writing, microseconds.
-    pub write_us: u64,
-    /// Time spent reading, microseconds.
-    pub read_us: u64,
-}
+/// Counters and gauges of the buffer (the timeline contract's type: each
+/// tick carries them).
+pub use amm_timeline::SpillStats;
 
 #[derive(Debug, Clone)]
 struct DiskFile {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use amm_timeline::{Event, Exit, Level, PeakSource, Start};
 use anyhow::Context;
 
 use crate::agent::AgentLink;
@@ -15,7 +16,7 @@ use crate::config::MemoryConfig;
 use crate::limit::{self, HostMemory, LimitSpec};
 use crate::memory::{Gate, MemoryManager, TERMINATE_EXIT_CODE, TerminateInfo, levels};
 use crate::spill::{SpillBuffer, SpillDir, SpillOptions, WriteOptions};
-use crate::summary::{RESULT_FAILED, Refused, Summary};
+use crate::summary::{self, RESULT_FAILED, Refused, Summary};
 use crate::timeline::Timeline;
 use crate::units::format_bytes;
 use crate::workload::{Runner, Workload};
@@ -59,6 +60,24 @@ fn fill_from_manager(s: &mut Summary, m: &crate::memory::ManagerStats) {
     s.purged_bytes_total += m.purged_bytes_total;
     s.ticks = m.ticks;
     s.max_identity_error_bytes = m.max_identity_error;
+}
+
+/// Writes this worker's own `exit` event: how it is about to leave, with
+/// its exact peak (`VmHWM`). A worker killed by a signal cannot; its nanny
+/// writes that one.
+fn record_exit(timeline: Option<&Timeline>, attempt: u32, code: i32, peak: u64) {
+    if let Some(t) = timeline {
+        t.event(Event::Exit(Exit {
+            attempt,
+            pid: std::process::id(),
+            code: Some(code),
+            level: (code == TERMINATE_EXIT_CODE).then_some(Level::Terminate),
+            peak_rss_bytes: Some(peak),
+            peak_source: Some(PeakSource::Vmhwm),
+            ..Exit::default()
+        }));
+        t.flush();
+    }
 }
 
 /// Runs the worker; returns its exit code (terminate and signals exit from
@@ -125,15 +144,17 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     let timeline = match &opts.timeline {
         Some(p) => {
             let t = Timeline::create(p, opts.attempt > 0)?;
-            t.event(
-                "start",
-                serde_json::json!({"attempt": opts.attempt, "pid": std::process::id(),
-                                   "allocator": allocator, "limit": limit.bytes,
-                                   "levels": levels,
-                                   "probe_purge_ms": opts.memory.probe_purge
-                                       .map(|d| d.as_millis() as u64),
-                                   "t0_monotonic_ns": t.origin_monotonic_ns()}),
-            );
+            t.event(Event::Start(Start {
+                attempt: opts.attempt,
+                pid: std::process::id(),
+                writer: Some("amm-worker".into()),
+                allocator: Some(allocator),
+                limit: limit.bytes,
+                levels,
+                probe_purge_ms: opts.memory.probe_purge.map(|d| d.as_millis() as u64),
+                t0_monotonic_ns: Some(t.origin_monotonic_ns()),
+                ..Start::default()
+            }));
             Some(Arc::new(t))
         }
         None => None,
@@ -141,14 +162,14 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     let gate = Arc::new(Gate::default());
 
     let base = Summary {
-        workload: opts.workload.name.clone().unwrap_or_default(),
+        workload: Some(opts.workload.name.clone().unwrap_or_default()),
         name: opts.name.clone(),
         allocator: allocator.to_string(),
         allocator_verified: check.verified,
         nthreads: opts.nthreads,
         limit_bytes: limit.bytes,
         limit_source: limit.source.clone(),
-        memory_config: Some(opts.memory.clone()),
+        memory_config: serde_json::to_value(&opts.memory).ok(),
         malloc_trim_threshold_env: std::env::var("MALLOC_TRIM_THRESHOLD_").ok(),
         ..Summary::default()
     };
@@ -156,6 +177,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
 
     // Terminate: report, remove spill files, exit. Nothing slow.
     let on_terminate = {
+        let attempt = opts.attempt;
         let (buffer, shared, gate, timeline) = (
             buffer.clone(),
             shared.clone(),
@@ -173,14 +195,12 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
             s.wall_ms = start.elapsed().as_millis() as u64;
             s.errors.push(format!(
                 "terminated: process memory {} passed the terminate threshold {}",
-                format_bytes(info.accounting.process),
+                format_bytes(info.accounting.split.process),
                 format_bytes(info.threshold)
             ));
             s.exit_code = TERMINATE_EXIT_CODE;
-            s.print();
-            if let Some(t) = &timeline {
-                t.flush();
-            }
+            summary::print(&s);
+            record_exit(timeline.as_deref(), attempt, s.exit_code, s.peak_rss_bytes);
             buffer.cleanup();
             std::process::exit(TERMINATE_EXIT_CODE);
         })
@@ -215,7 +235,13 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
 
     // SIGINT/SIGTERM: clean up and leave.
     {
-        let (buffer, shared, gate) = (buffer.clone(), shared.clone(), gate.clone());
+        let (buffer, shared, gate, timeline) = (
+            buffer.clone(),
+            shared.clone(),
+            gate.clone(),
+            timeline.clone(),
+        );
+        let attempt = opts.attempt;
         std::thread::Builder::new()
             .name("amm-signals".into())
             .spawn(move || {
@@ -230,7 +256,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
                         s.wall_ms = start.elapsed().as_millis() as u64;
                         s.errors.push(format!("stopped by signal {sig}"));
                         s.exit_code = 128 + sig;
-                        s.print();
+                        summary::print(&s);
+                        record_exit(timeline.as_deref(), attempt, s.exit_code, s.peak_rss_bytes);
                         buffer.cleanup();
                         std::process::exit(128 + sig);
                     }
@@ -271,10 +298,13 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     s.tasks = gate.started();
     s.wall_ms = start.elapsed().as_millis() as u64;
     s.exit_code = if s.result_ok { 0 } else { RESULT_FAILED };
-    s.print();
-    if let Some(t) = &timeline {
-        t.flush();
-    }
+    summary::print(&s);
+    record_exit(
+        timeline.as_deref(),
+        opts.attempt,
+        s.exit_code,
+        s.peak_rss_bytes,
+    );
     buffer.cleanup();
     tracing::info!(
         result_ok = s.result_ok,

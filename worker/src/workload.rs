@@ -78,9 +78,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use amm_timeline::{End, Event};
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
 
 use crate::compute::{matmul, sparse};
 use crate::memory::Gate;
@@ -437,16 +437,9 @@ impl Workload {
     }
 }
 
-/// A result compared with its direct computation.
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    /// What was checked.
-    pub name: String,
-    /// Whether it matched.
-    pub ok: bool,
-    /// The numbers.
-    pub detail: String,
-}
+/// A result compared with its direct computation (the timeline contract's
+/// type: it is an event and part of the summary).
+pub use amm_timeline::Check;
 
 const PATTERN_TAG: u64 = 0x5041_5454;
 
@@ -488,7 +481,11 @@ impl State {
             tracing::error!("check {name}: FAILED ({detail})");
         }
         if let Some(t) = &self.timeline {
-            t.event("check", json!({"name": name, "ok": ok, "detail": detail}));
+            t.event(Event::Check(Check {
+                name: name.clone(),
+                ok,
+                detail: detail.clone(),
+            }));
         }
         self.checks
             .lock()
@@ -569,7 +566,11 @@ impl Runner {
                     let name = phase.name.clone().unwrap_or_else(|| format!("phase{pi}"));
                     tracing::info!(phase = %name, round = rep, repeat = prep, "phase starts");
                     if let Some(t) = &self.state.timeline {
-                        t.event("phase", json!({"name": name, "round": rep, "repeat": prep}));
+                        t.event(Event::Phase(amm_timeline::Phase {
+                            name: name.clone(),
+                            round: rep,
+                            repeat: prep,
+                        }));
                     }
                     let mut errs: Vec<String> = Vec::new();
                     for group in phase.ops.split(|op| matches!(op, Op::Barrier {})) {
@@ -589,7 +590,9 @@ impl Runner {
             }
         }
         if let Some(t) = &self.state.timeline {
-            t.event("end", json!({"errors": errors.len()}));
+            t.event(Event::End(End {
+                errors: errors.len() as u64,
+            }));
         }
         Outcome {
             checks: self
@@ -806,7 +809,7 @@ impl Runner {
                 self.stage(vec![Box::new(move || {
                     let r = crate::alloc::reclaim("workload")?;
                     tracing::info!(
-                        allocator = %r.allocator,
+                        allocator = ?r.allocator,
                         returned = %format_bytes(r.returned_bytes),
                         hoarded_before = %format_bytes(r.hoarded_before),
                         hoarded_after = %format_bytes(r.hoarded_after),
@@ -816,7 +819,7 @@ impl Runner {
                     st.purged.fetch_add(r.returned_bytes, Ordering::Relaxed);
                     st.purges.fetch_add(1, Ordering::Relaxed);
                     if let Some(t) = &st.timeline {
-                        t.event("purge", serde_json::to_value(&r)?);
+                        t.event(Event::Purge(r));
                     }
                     Ok(())
                 })])

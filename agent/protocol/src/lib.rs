@@ -274,24 +274,10 @@ pub enum TerminateBy {
 }
 
 /// A worker's accounting split (DESIGN.md's vocabulary), in bytes, pushed
-/// to the agent so one place holds the node's millisecond picture.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Split {
-    /// RSS as the kernel counts it.
-    pub process: u64,
-    /// sizeof of the values held in memory.
-    pub managed: u64,
-    /// Live heap bytes that are not managed.
-    pub unmanaged_live: u64,
-    /// Allocator-resident bytes that hold no live allocation.
-    pub hoarded: u64,
-    /// RSS outside the allocator.
-    pub non_heap: u64,
-    /// Managed bytes on disk.
-    pub spilled: u64,
-    /// Unmanaged memory younger than recent-to-old-time.
-    pub unmanaged_recent: u64,
-}
+/// to the agent so one place holds the node's millisecond picture: the
+/// timeline contract's type, so the agent's timeline and a worker's file
+/// carry the same thing.
+pub use amm_timeline::Split;
 
 /// Which allocator a [`HeapSample`] describes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -256,10 +256,17 @@ fn print_table(polls: &[Outcome], withs: &[Outcome], limit: u64) {
 
 fn print_kernel_events(with: &Outcome) {
     println!();
-    let kernel: Vec<&Value> = with
+    // the kernel's events the worker wrote, in the timeline contract's types
+    let kernel: Vec<(u64, amm_timeline::Event)> = with
         .timeline
         .iter()
-        .filter(|v| v["kind"] == "event" && v["event"] == "agent")
+        .filter_map(|v| serde_json::from_value::<amm_timeline::Line>(v.clone()).ok())
+        .filter_map(|l| match l.entry {
+            amm_timeline::Entry::Event(
+                e @ (amm_timeline::Event::Level(_) | amm_timeline::Event::Spike(_)),
+            ) => Some((l.t_ms, e)),
+            _ => None,
+        })
         .collect();
     if kernel.is_empty() {
         println!("The worker got no kernel event (is the agent working?).");
@@ -268,23 +275,25 @@ fn print_kernel_events(with: &Outcome) {
     println!(
         "What the kernel told the worker, at the page it happened (delay = kernel -> worker):"
     );
-    for e in kernel.iter().take(12) {
-        let what = match e["agent_event"].as_str() {
-            Some("spike") => format!(
-                "spike alarm: terminate predicted in {:.0} ms",
-                e["eta_ns"].as_f64().unwrap_or(0.0) / 1e6
+    for (t_ms, e) in kernel.iter().take(12) {
+        let (what, rss, delay) = match e {
+            amm_timeline::Event::Spike(s) => (
+                format!(
+                    "spike alarm: terminate predicted in {:.0} ms",
+                    s.eta_ns.unwrap_or(0) as f64 / 1e6
+                ),
+                s.rss,
+                s.delay_us,
             ),
-            _ => format!(
-                "{} -> {}",
-                e["prev_level"].as_str().unwrap_or("?"),
-                e["level"].as_str().unwrap_or("?")
-            ),
+            amm_timeline::Event::Level(l) => {
+                (format!("{} -> {}", l.from, l.to), l.rss, l.delay_us)
+            }
+            _ => continue,
         };
+        let delay = delay.map_or("?".to_string(), |d| d.to_string());
         println!(
-            "  {:>7} ms  {what:<46} rss {:>10}   delay {} µs",
-            e["t_ms"].as_u64().unwrap_or(0),
-            iec(e["rss"].as_u64().unwrap_or(0)),
-            e["delay_us"]
+            "  {t_ms:>7} ms  {what:<46} rss {:>10}   delay {delay} µs",
+            iec(rss)
         );
     }
     if kernel.len() > 12 {

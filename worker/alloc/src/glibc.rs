@@ -28,63 +28,14 @@ use serde::Serialize;
 
 use crate::Detail;
 
+pub use amm_timeline::{GlibcArena, GlibcStats};
+
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: non-main arenas live in heaps of this
 /// size, aligned to it.
 pub const HEAP_MAX_SIZE: u64 = 64 << 20;
 
-/// glibc malloc's view of the heap.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct GlibcStats {
-    /// `arena`: bytes obtained with brk/heap mappings (all arenas).
-    pub arena: u64,
-    /// `ordblks`: number of free chunks.
-    pub ordblks: u64,
-    /// `hblks`: number of chunks served by `mmap`.
-    pub hblks: u64,
-    /// `hblkhd`: bytes in chunks served by `mmap`.
-    pub hblkhd: u64,
-    /// `uordblks`: bytes in live chunks of the arenas.
-    pub uordblks: u64,
-    /// `fordblks`: bytes in free chunks of the arenas (resident or not).
-    pub fordblks: u64,
-    /// `fsmblks`: bytes in free fastbin chunks.
-    pub fsmblks: u64,
-    /// `keepcost`: releasable bytes at the top of the main arena.
-    pub keepcost: u64,
-    /// Resident bytes of the arenas' heaps, counted with `mincore`.
-    pub arena_resident: u64,
-    /// How many arena heaps were found (main `[heap]` plus 64 MiB heaps).
-    pub arena_heaps: u32,
-    /// Per-arena detail from `malloc_info` (only with [`Detail::Full`]).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub arenas: Vec<GlibcArena>,
-}
 
-impl GlibcStats {
-    /// Live bytes: `uordblks + hblkhd`.
-    pub fn live(&self) -> u64 {
-        self.uordblks + self.hblkhd
-    }
 
-    /// Allocator-resident bytes: resident arena pages plus mmapped chunks
-    /// (never less than what is live).
-    pub fn resident(&self) -> u64 {
-        (self.arena_resident + self.hblkhd).max(self.live())
-    }
-}
-
-/// One arena as `malloc_info` describes it.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct GlibcArena {
-    /// Arena number (0 is the main arena).
-    pub nr: u32,
-    /// Bytes in fastbin chunks.
-    pub fast_bytes: u64,
-    /// Bytes in the other free chunks.
-    pub rest_bytes: u64,
-    /// Bytes the arena currently has from the system.
-    pub system_bytes: u64,
-}
 
 /// `mallinfo2`'s numbers, and what reading them cost.
 #[derive(Debug, Clone, Copy, Default)]

@@ -15,6 +15,8 @@ use std::io;
 use std::ptr;
 use std::sync::OnceLock;
 
+pub use amm_timeline::{ArenaPages, JemallocStats, SizeClass};
+
 use serde::Serialize;
 use tikv_jemalloc_ctl::{epoch, epoch_mib, raw, stats};
 
@@ -23,62 +25,8 @@ use crate::Detail;
 /// `MALLCTL_ARENAS_ALL`: the pseudo arena index meaning "all arenas merged".
 pub const MALLCTL_ARENAS_ALL: usize = 4096;
 
-/// jemalloc's view of the heap after an `epoch` advance.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct JemallocStats {
-    /// `stats.allocated`: bytes in live allocations.
-    pub allocated: u64,
-    /// `stats.active`: bytes in active pages (allocated + slab slack).
-    pub active: u64,
-    /// `stats.resident`: bytes in physically resident pages the allocator maps
-    /// (active + dirty + metadata).
-    pub resident: u64,
-    /// `stats.mapped`: bytes in active extents mapped by the allocator.
-    pub mapped: u64,
-    /// `stats.retained`: virtual memory kept mapped but returned to the OS.
-    pub retained: u64,
-    /// `stats.metadata`: bytes of allocator metadata.
-    pub metadata: u64,
-    /// Dirty pages of all arenas, in bytes (freed, still resident, purgeable).
-    pub dirty_bytes: u64,
-    /// Muzzy pages of all arenas, in bytes (`MADV_FREE`d, may still be resident).
-    pub muzzy_bytes: u64,
-    /// Per-arena dirty/muzzy pages (only with [`Detail::Full`]).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub arenas: Vec<ArenaPages>,
-    /// Small size classes holding live regions (only with [`Detail::Full`]).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub bins: Vec<SizeClass>,
-    /// Large size classes holding live extents (only with [`Detail::Full`]).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub large: Vec<SizeClass>,
-}
 
-/// Unused pages of one arena.
-#[derive(Debug, Clone, Serialize)]
-pub struct ArenaPages {
-    /// Arena index.
-    pub arena: u32,
-    /// Dirty bytes (`stats.arenas.<i>.pdirty` pages).
-    pub dirty_bytes: u64,
-    /// Muzzy bytes (`stats.arenas.<i>.pmuzzy` pages).
-    pub muzzy_bytes: u64,
-}
 
-/// Live allocations of one size class, merged over all arenas.
-#[derive(Debug, Clone, Serialize)]
-pub struct SizeClass {
-    /// The class's allocation size in bytes.
-    pub size: u64,
-    /// Live regions (bins: `curregs`) or extents (large: `curlextents`).
-    pub count: u64,
-    /// Slabs currently holding regions (bins only; 0 for large classes).
-    pub slabs: u64,
-    /// Bytes of one slab of this class (`arenas.bin.<i>.slab_size`; bins
-    /// only, 0 for large classes): with `slabs` and `count`, how thinly the
-    /// live regions are spread.
-    pub slab_bytes: u64,
-}
 
 fn err(name: &str, e: tikv_jemalloc_ctl::Error) -> io::Error {
     io::Error::other(format!("mallctl {name} failed: {e}"))

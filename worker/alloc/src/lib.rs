@@ -30,48 +30,9 @@ pub use purge::{
     Governor, PURGE_BUDGET, PurgeCost, PurgeReport, reclaim, release_hoard, thread_cpu_us,
 };
 
-/// What the allocator holds right now, in the terms of the accounting.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "allocator", rename_all = "lowercase")]
-pub enum HeapStats {
-    /// glibc malloc.
-    System(glibc::GlibcStats),
-    /// jemalloc.
-    Jemalloc(jemalloc::JemallocStats),
-}
-
-impl HeapStats {
-    /// Bytes handed out and not yet freed (`heap_live`).
-    pub fn live(&self) -> u64 {
-        match self {
-            HeapStats::System(s) => s.live(),
-            HeapStats::Jemalloc(s) => s.allocated,
-        }
-    }
-
-    /// Bytes the allocator holds in physically resident pages: live data,
-    /// free-but-resident space, and its metadata.
-    pub fn resident(&self) -> u64 {
-        match self {
-            HeapStats::System(s) => s.resident(),
-            HeapStats::Jemalloc(s) => s.resident,
-        }
-    }
-
-    /// Resident bytes holding no live allocation (`hoarded`).
-    pub fn hoarded(&self) -> u64 {
-        self.resident().saturating_sub(self.live())
-    }
-
-    /// What a purge can give back: jemalloc's dirty and muzzy pages (its
-    /// metadata and slab slack, also in `hoarded`, stay); glibc's hoard.
-    pub fn purgeable(&self) -> u64 {
-        match self {
-            HeapStats::System(_) => self.hoarded(),
-            HeapStats::Jemalloc(s) => s.dirty_bytes + s.muzzy_bytes,
-        }
-    }
-}
+/// What the allocator holds right now: the timeline contract's type, so
+/// what amm-worker, the preload library and the report read is one thing.
+pub use amm_timeline::Heap as HeapStats;
 
 /// How much detail to read: the summary numbers every tick needs, or also
 /// the per-arena and per-size-class tables the timeline keeps.

@@ -12,35 +12,9 @@ use crate::{Allocator, Detail, glibc, heap_stats, jemalloc, rss_bytes};
 /// the CPU time they took (a busy machine stretches their wall time).
 pub const PURGE_BUDGET: f64 = 0.02;
 
-/// What one purge (jemalloc) or trim (glibc) gave back.
-#[derive(Debug, Clone, Serialize)]
-pub struct PurgeReport {
-    /// Which allocator was asked.
-    pub allocator: Allocator,
-    /// Why the purge ran (`threshold`, `pressure`, `workload`, ...).
-    pub reason: String,
-    /// Process RSS before, in bytes.
-    pub rss_before: u64,
-    /// Process RSS after, in bytes.
-    pub rss_after: u64,
-    /// Bytes the kernel saw leave the process (`rss_before - rss_after`, 0 if
-    /// other threads grew meanwhile).
-    pub returned_bytes: u64,
-    /// The allocator's own resident bytes before.
-    pub resident_before: u64,
-    /// The allocator's own resident bytes after.
-    pub resident_after: u64,
-    /// Hoarded bytes before (resident - live).
-    pub hoarded_before: u64,
-    /// Hoarded bytes after.
-    pub hoarded_after: u64,
-    /// How long the purge took, in microseconds.
-    pub duration_us: u64,
-    /// CPU time the purging thread spent on it (user + kernel), in
-    /// microseconds: the purge's cost, which wall time overstates on a busy
-    /// machine.
-    pub cpu_us: u64,
-}
+/// What one purge (jemalloc) or trim (glibc) gave back: the timeline
+/// contract's type.
+pub use amm_timeline::PurgeReport;
 
 /// What one purge/trim cost the thread that ran it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -62,7 +36,7 @@ pub fn reclaim(allocator: Allocator, reason: &str) -> io::Result<PurgeReport> {
     let rss_after = rss_bytes()?;
     let after = heap_stats(allocator, Detail::Totals)?;
     Ok(PurgeReport {
-        allocator,
+        allocator: Some(allocator),
         reason: reason.to_string(),
         rss_before,
         rss_after,

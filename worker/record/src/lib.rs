@@ -35,7 +35,7 @@ use std::ffi::CStr;
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use layout::{PurgeOutcome, PurgeReason, Stats};
 pub use reader::{Access, Reader, RecordInfo, Snapshot, Ticket, open, open_task, request_purge};
@@ -46,8 +46,9 @@ pub use writer::{InheritedParts, InheritedSlot, Request, Writer};
 /// The memfd's name (`/proc/<pid>/fd/N -> /memfd:amm-record (deleted)`).
 pub const MEMFD_NAME: &CStr = c"amm-record";
 
-/// The two allocators amm knows how to read and purge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The two allocators amm knows how to read and purge (also the timeline
+/// contract's: `amm-timeline` re-exports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Allocator {
     /// glibc's `malloc` (ptmalloc2), as a Python/Dask worker has by default.

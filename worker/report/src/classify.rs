@@ -42,7 +42,9 @@
 
 use crate::evidence;
 use crate::fit::{self, Line};
-use crate::input::{EventKind, Heap, Run, Source, Tick};
+use amm_timeline::{Event, Heap, PurgeReport, Split, Tick};
+
+use crate::input::{At, Run, Source};
 use crate::report::{
     AllocatorInfo, Finding, Kind, LevelHit, MemoryRanges, ProbeInfo, PurgeRef, PurgeRow,
     REPORT_VERSION, Range, Report, RunInfo, Stretch, Trend, Verdict,
@@ -144,7 +146,7 @@ fn allocator_info(run: &Run) -> AllocatorInfo {
             let available = run.ticks.iter().any(|t| t.heap.is_some());
             AllocatorInfo {
                 available,
-                name: run.allocator.clone(),
+                name: run.allocator.map(|a| a.name().to_string()),
                 note: (!available).then(|| {
                     "the timeline has no allocator statistics: hoard and fragmentation \
                      cannot be told apart"
@@ -179,9 +181,11 @@ fn run_info(run: &Run, spans: &[Span], probe_count: usize) -> RunInfo {
         }
     }
     for e in &run.events {
-        match &e.kind {
-            EventKind::Level { from, to, rss } if to != "below" && to != from => hit(to, e.t, *rss),
-            EventKind::Terminate => hit("terminate", e.t, 0),
+        match &e.item {
+            Event::Level(l) if l.to != amm_timeline::Level::Below && l.to != l.from => {
+                hit(l.to.name(), e.t, l.rss)
+            }
+            Event::Terminate(x) => hit("terminate", e.t, x.process),
             _ => {}
         }
     }
@@ -385,9 +389,9 @@ struct Series {
 }
 
 impl Series {
-    fn of(ticks: &[Tick]) -> Series {
+    fn of(ticks: &[At<Tick>]) -> Series {
         let has_split = !ticks.is_empty() && ticks.iter().all(|t| t.split.is_some());
-        let part = |f: fn(&crate::input::Split) -> u64| -> Vec<u64> {
+        let part = |f: fn(&Split) -> u64| -> Vec<u64> {
             if has_split {
                 ticks
                     .iter()
@@ -416,12 +420,12 @@ impl Ctx<'_> {
         &self.spans[self.index]
     }
 
-    fn ticks(&self) -> &[Tick] {
+    fn ticks(&self) -> &[At<Tick>] {
         &self.run.ticks[self.span().range.clone()]
     }
 
     fn purge_refs(&self) -> Vec<PurgeRef> {
-        let all: Vec<(f64, &crate::input::Purge)> = self.run.purges().collect();
+        let all: Vec<(f64, &PurgeReport)> = self.run.purges().collect();
         self.purges
             .iter()
             .filter_map(|&k| all.get(k))
@@ -436,7 +440,7 @@ impl Ctx<'_> {
         self.run
             .events
             .iter()
-            .find(|e| e.attempt == a && matches!(e.kind, EventKind::End | EventKind::Terminate))
+            .find(|e| e.attempt == a && matches!(e.item, Event::End(_) | Event::Terminate(_)))
             .map_or(f64::INFINITY, |e| e.t)
     }
 
@@ -805,7 +809,7 @@ impl Ctx<'_> {
         fit: &Fitted,
         purges: &[PurgeRef],
         dm: i64,
-        ticks: &[Tick],
+        ticks: &[At<Tick>],
         sig: u64,
     ) -> Finding {
         let tr = &fit.trend;
@@ -908,7 +912,9 @@ impl Ctx<'_> {
         let is_je = ticks
             .iter()
             .any(|t| matches!(t.heap, Some(Heap::Jemalloc(_))));
-        let is_glibc = ticks.iter().any(|t| matches!(t.heap, Some(Heap::Glibc(_))));
+        let is_glibc = ticks
+            .iter()
+            .any(|t| matches!(t.heap, Some(Heap::System(_))));
         let returning: Vec<&PurgeRef> = purges.iter().filter(|p| p.returned_bytes >= sig).collect();
         let returned_max = purges.iter().map(|p| p.returned_bytes).max().unwrap_or(0);
         let returned_total: u64 = purges.iter().map(|p| p.returned_bytes).sum();
@@ -935,7 +941,8 @@ impl Ctx<'_> {
             )
         };
         if is_je {
-            let parts: Vec<(u64, u64)> = ticks.iter().filter_map(evidence::je_parts).collect();
+            let parts: Vec<(u64, u64)> =
+                ticks.iter().filter_map(|t| evidence::je_parts(t)).collect();
             let purgeable: Vec<u64> = parts.iter().map(|p| p.0).collect();
             let slack: Vec<u64> = parts.iter().map(|p| p.1).collect();
             let max_p = purgeable.iter().copied().max().unwrap_or(0);
@@ -1105,7 +1112,7 @@ impl Ctx<'_> {
                     let keep = ticks
                         .iter()
                         .filter_map(|t| match &t.heap {
-                            Some(Heap::Glibc(g)) => Some(g.keepcost),
+                            Some(Heap::System(g)) => Some(g.keepcost),
                             _ => None,
                         })
                         .max()
@@ -1344,7 +1351,14 @@ fn rank(f: &mut [Finding]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::{Levels, Split};
+    use amm_timeline::{Levels, Phase};
+
+    fn phase(name: &str) -> Event {
+        Event::Phase(Phase {
+            name: name.into(),
+            ..Phase::default()
+        })
+    }
 
     const MIB: u64 = 1 << 20;
 
@@ -1353,23 +1367,26 @@ mod tests {
     fn worker_run(secs: f64, f: impl Fn(f64) -> (u64, u64, u64, u64)) -> Run {
         let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
         r.source = Source::WorkerTimeline;
-        r.push_event(0.0, EventKind::Phase("work".into()));
+        r.push_event(0.0, phase("work"));
         let n = (secs * 5.0) as usize;
         for i in 0..=n {
             let t = i as f64 * 0.2;
             let (m, u, h, nh) = f(t);
-            r.push_tick(Tick {
+            r.push_tick(
                 t,
-                process: m + u + h + nh,
-                split: Some(Split {
-                    managed: m,
-                    unmanaged_live: u,
-                    hoarded: h,
-                    non_heap: nh,
-                    spilled: 0,
-                }),
-                ..Tick::default()
-            });
+                Tick {
+                    process: m + u + h + nh,
+                    split: Some(Split {
+                        process: m + u + h + nh,
+                        managed: m,
+                        unmanaged_live: u,
+                        hoarded: h,
+                        non_heap: nh,
+                        ..Split::default()
+                    }),
+                    ..Tick::default()
+                },
+            );
         }
         r
     }
@@ -1457,7 +1474,7 @@ mod tests {
             };
             (64 * MIB, u, 3 * MIB, 9 * MIB)
         });
-        r.push_event(8.1, EventKind::Phase("release".into()));
+        r.push_event(8.1, phase("release"));
         r.events.sort_by(|a, b| a.t.total_cmp(&b.t));
         let rep = analyze(&r, &Thresholds::default());
         assert_eq!(
@@ -1475,13 +1492,15 @@ mod tests {
         for i in 0..60 {
             let t = i as f64 * 0.2;
             let p = 100 * MIB + (t * 4.0 * MIB as f64) as u64;
-            r.push_tick(Tick {
+            r.push_tick(
                 t,
-                process: p,
-                rss_anon: Some(p),
-                rss_file_shmem: Some(0),
-                ..Tick::default()
-            });
+                Tick {
+                    process: p,
+                    rss_anon: Some(p),
+                    rss_file_shmem: Some(0),
+                    ..Tick::default()
+                },
+            );
         }
         let rep = analyze(&r, &Thresholds::default());
         assert_eq!(rep.verdict.kind, Kind::Undecided);
@@ -1490,13 +1509,15 @@ mod tests {
         for i in 0..60 {
             let t = i as f64 * 0.2;
             let p = if i % 10 < 3 { 400 * MIB } else { 100 * MIB };
-            r.push_tick(Tick {
+            r.push_tick(
                 t,
-                process: p,
-                rss_anon: Some(p),
-                rss_file_shmem: Some(0),
-                ..Tick::default()
-            });
+                Tick {
+                    process: p,
+                    rss_anon: Some(p),
+                    rss_file_shmem: Some(0),
+                    ..Tick::default()
+                },
+            );
         }
         assert_eq!(verdict(&r), Kind::Transient);
     }

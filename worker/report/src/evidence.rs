@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::input::{Heap, JeHeap, Tick};
 use crate::report::{ArenaRow, ClassRow};
+use amm_timeline::{Heap, JemallocStats, Tick};
 
 /// Rows each list keeps.
 const TOP: usize = 5;
 
-fn je(t: &Tick) -> Option<&JeHeap> {
+fn je(t: &Tick) -> Option<&JemallocStats> {
     match &t.heap {
         Some(Heap::Jemalloc(h)) => Some(h),
         _ => None,
@@ -120,12 +120,12 @@ pub fn arenas(t: &Tick, before: Option<&Tick>) -> Vec<ArenaRow> {
             })
             .filter(|r| r.free_bytes > 0)
             .collect(),
-        Some(Heap::Glibc(h)) => h
+        Some(Heap::System(h)) => h
             .arenas
             .iter()
             .map(|a| {
                 let prev = match before.and_then(|b| b.heap.as_ref()) {
-                    Some(Heap::Glibc(b)) => b
+                    Some(Heap::System(b)) => b
                         .arenas
                         .iter()
                         .find(|x| x.nr == a.nr)
@@ -151,7 +151,7 @@ pub fn arenas(t: &Tick, before: Option<&Tick>) -> Vec<ArenaRow> {
 /// glibc leak lives).
 pub fn glibc_growth(a: &Tick, b: &Tick) -> Vec<ArenaRow> {
     let mut rows = arenas(b, Some(a));
-    if !matches!(b.heap, Some(Heap::Glibc(_))) {
+    if !matches!(b.heap, Some(Heap::System(_))) {
         return Vec::new();
     }
     rows.retain(|r| r.delta_bytes.is_some_and(|d| d > 0));
@@ -162,13 +162,13 @@ pub fn glibc_growth(a: &Tick, b: &Tick) -> Vec<ArenaRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::SizeClass;
+    use amm_timeline::SizeClass;
 
     fn tick(bins: Vec<SizeClass>) -> Tick {
         Tick {
-            heap: Some(Heap::Jemalloc(JeHeap {
+            heap: Some(Heap::Jemalloc(JemallocStats {
                 bins,
-                ..JeHeap::default()
+                ..JemallocStats::default()
             })),
             ..Tick::default()
         }

@@ -1,14 +1,21 @@
 //! The [`Run`] of a process's timeline at amm-agent: the accounting split a
 //! worker pushes each tick, the allocator's statistics and purges when the
 //! worker sends them (the Dask plugin does), and the kernel's level, spike
-//! and exit samples (`amm-worker report --agent`, the agent's live page).
-//! Without allocator statistics such a report says hoard and fragmentation
-//! cannot be told apart there.
+//! and exit samples (`amm-worker report --agent`, the agent's live page),
+//! turned into the timeline contract's ticks and events. Without allocator
+//! statistics such a report says hoard and fragmentation cannot be told
+//! apart there.
 
-use amm_protocol::{AllocatorKind, HeapSample, Sample, SampleKind, WatchStatus};
+use amm_protocol::{AllocatorKind, HeapSample, PurgeSample, Sample, SampleKind, WatchStatus};
+use amm_timeline::{
+    Allocator, Event, Exit, GlibcStats, Heap, JemallocStats, Killer, LevelCrossing, Levels,
+    PeakSource, PurgeReport, Spike, Tick,
+};
 
-use crate::input::{GlibcHeap, Heap, JeHeap, Purge};
-use crate::{EventKind, Levels, Run, Source, Split, Tick};
+use crate::{Run, Source};
+
+/// The signal the kernel's terminate sends by default (Linux's number).
+const SIGKILL: i32 = 9;
 
 /// The [`Run`] a timeline of agent samples makes.
 pub fn run_of_samples(watch: &WatchStatus, samples: &[Sample]) -> Run {
@@ -21,57 +28,82 @@ pub fn run_of_samples(watch: &WatchStatus, samples: &[Sample]) -> Run {
             terminate: on(t.terminate),
         }
     });
-    let mut run = Run::kernel(Some(watch.limit_bytes), levels);
-    run.source = Source::AgentTimeline;
+    let mut run = Run::new(Source::AgentTimeline, Some(watch.limit_bytes), levels);
     let t0 = samples.iter().map(|s| s.t_ns).min().unwrap_or(0);
+    let mut killed_at: Option<u64> = None;
+    let mut agent_signal: Option<i32> = None;
     let mut sorted: Vec<&Sample> = samples.iter().collect();
     sorted.sort_by_key(|s| s.t_ns);
     for s in sorted {
         let t = s.t_ns.saturating_sub(t0) as f64 / 1e9;
         match &s.what {
-            SampleKind::Accounting(x) => run.push_tick(Tick {
+            SampleKind::Accounting(x) => run.push_tick(
                 t,
-                process: x.process,
-                split: Some(Split {
-                    managed: x.managed,
-                    unmanaged_live: x.unmanaged_live,
-                    hoarded: x.hoarded,
-                    non_heap: x.non_heap,
-                    spilled: x.spilled,
-                }),
-                ..Tick::default()
-            }),
-            SampleKind::Level { from, to, .. } => run.push_event(
-                t,
-                EventKind::Level {
-                    from: from.name().to_string(),
-                    to: to.name().to_string(),
-                    rss: s.rss_bytes,
+                Tick {
+                    process: x.process,
+                    split: Some(*x),
+                    ..Tick::default()
                 },
             ),
-            SampleKind::Spike { .. } => run.push_event(t, EventKind::Spike { rss: s.rss_bytes }),
+            SampleKind::Level {
+                from,
+                to,
+                signalled,
+                ..
+            } => {
+                if *signalled && *to == amm_ebpf::Level::Terminate {
+                    killed_at = Some(s.rss_bytes);
+                }
+                run.push_event(
+                    t,
+                    Event::Level(LevelCrossing {
+                        from: *from,
+                        to: *to,
+                        rss: s.rss_bytes,
+                        signalled: *signalled,
+                        delay_us: None,
+                    }),
+                )
+            }
+            SampleKind::Spike { .. } => run.push_event(
+                t,
+                Event::Spike(Spike {
+                    rss: s.rss_bytes,
+                    ..Spike::default()
+                }),
+            ),
             SampleKind::Exit { peak_rss_bytes }
             | SampleKind::Unwatched { peak_rss_bytes }
-            | SampleKind::Credentials { peak_rss_bytes } => run.push_event(
-                t,
-                EventKind::Exit {
-                    peak: *peak_rss_bytes,
-                },
-            ),
-            SampleKind::AgentSignal { .. } => run.push_event(t, EventKind::Terminate),
+            | SampleKind::Credentials { peak_rss_bytes } => {
+                let (signal, by) = match (killed_at, agent_signal) {
+                    (Some(_), _) => (Some(SIGKILL), Some(Killer::KernelTerminate)),
+                    (None, Some(sig)) => (
+                        Some(sig),
+                        Some(Killer::Process {
+                            pid: None,
+                            comm: Some("amm-agent".into()),
+                        }),
+                    ),
+                    (None, None) => (None, None),
+                };
+                run.push_event(
+                    t,
+                    Event::Exit(Exit {
+                        pid: watch.pid,
+                        signal,
+                        level: by.is_some().then_some(amm_ebpf::Level::Terminate),
+                        by,
+                        rss_bytes: killed_at,
+                        peak_rss_bytes: Some(*peak_rss_bytes),
+                        peak_source: Some(PeakSource::Bpf),
+                        ..Exit::default()
+                    }),
+                )
+            }
+            // the agent signalled it at terminate (terminate by signal)
+            SampleKind::AgentSignal { signal } => agent_signal = Some(*signal),
             SampleKind::Heap(h) => attach_heap(&mut run, t, h),
-            SampleKind::Purge(p) => run.push_event(
-                t,
-                EventKind::Purge(Purge {
-                    reason: p.reason.clone(),
-                    returned_bytes: p.returned_bytes,
-                    rss_before: p.rss_before,
-                    rss_after: p.rss_after,
-                    hoarded_before: p.hoarded_before,
-                    hoarded_after: p.hoarded_after,
-                    duration_us: p.duration_us,
-                }),
-            ),
+            SampleKind::Purge(p) => run.push_event(t, Event::Purge(purge_report(p))),
         }
     }
     if run.ticks.is_empty() {
@@ -90,31 +122,42 @@ fn attach_heap(run: &mut Run, t: f64, h: &HeapSample) {
     let Some(tick) = run.ticks.last_mut().filter(|k| k.t == t) else {
         return;
     };
-    let (heap, name) = match h.allocator {
-        AllocatorKind::Jemalloc => (
-            Heap::Jemalloc(JeHeap {
-                allocated: h.allocated,
-                active: h.active,
-                resident: h.resident,
-                dirty_bytes: h.dirty,
-                muzzy_bytes: h.muzzy,
-                ..JeHeap::default()
-            }),
-            "jemalloc",
-        ),
-        AllocatorKind::Glibc => (
-            Heap::Glibc(GlibcHeap {
-                uordblks: h.uordblks,
-                fordblks: h.fordblks,
-                hblkhd: h.hblkhd,
-                keepcost: h.keepcost,
-                ..GlibcHeap::default()
-            }),
-            "system",
-        ),
+    let heap = match h.allocator {
+        AllocatorKind::Jemalloc => Heap::Jemalloc(JemallocStats {
+            allocated: h.allocated,
+            active: h.active,
+            resident: h.resident,
+            dirty_bytes: h.dirty,
+            muzzy_bytes: h.muzzy,
+            ..JemallocStats::default()
+        }),
+        AllocatorKind::Glibc => Heap::System(GlibcStats {
+            uordblks: h.uordblks,
+            fordblks: h.fordblks,
+            hblkhd: h.hblkhd,
+            keepcost: h.keepcost,
+            ..GlibcStats::default()
+        }),
     };
-    tick.heap = Some(heap);
-    run.allocator.get_or_insert_with(|| name.to_string());
+    run.allocator.get_or_insert(match h.allocator {
+        AllocatorKind::Jemalloc => Allocator::Jemalloc,
+        AllocatorKind::Glibc => Allocator::System,
+    });
+    tick.item.heap = Some(heap);
+}
+
+/// A purge the worker pushed, as the timeline's purge event.
+fn purge_report(p: &PurgeSample) -> PurgeReport {
+    PurgeReport {
+        reason: p.reason.clone(),
+        returned_bytes: p.returned_bytes,
+        rss_before: p.rss_before,
+        rss_after: p.rss_after,
+        hoarded_before: p.hoarded_before,
+        hoarded_after: p.hoarded_after,
+        duration_us: p.duration_us,
+        ..PurgeReport::default()
+    }
 }
 
 #[cfg(test)]
@@ -141,7 +184,7 @@ mod tests {
     }
 
     fn accounting(t_ms: u64, unmanaged: u64) -> Sample {
-        let split = amm_protocol::Split {
+        let split = amm_timeline::Split {
             process: 100 * MIB + unmanaged,
             managed: 64 * MIB,
             unmanaged_live: unmanaged,

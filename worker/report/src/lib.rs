@@ -35,8 +35,9 @@ pub mod segment;
 pub mod thresholds;
 pub mod units;
 
+pub use amm_timeline::{Event, Levels, Split, Tick};
 pub use classify::analyze;
-pub use input::{EventKind, InputError, Levels, Run, Source, Split, Tick};
+pub use input::{At, InputError, Run, Source};
 pub use report::{Kind, REPORT_VERSION, Report};
 pub use thresholds::Thresholds;
 

@@ -11,7 +11,9 @@ use plotly::layout::{Annotation, Axis, Layout, Legend, Shape, ShapeLayer, ShapeL
 use plotly::{Plot, Scatter};
 
 use crate::classify::place;
-use crate::input::{EventKind, Run, Source};
+use amm_timeline::{Event, Split};
+
+use crate::input::{Run, Source};
 use crate::report::{Finding, Kind, Report};
 use crate::units::{bytes, rate};
 
@@ -294,7 +296,7 @@ fn chart(run: &Run, r: &Report) -> Plot {
     };
     let has_split = run.ticks.iter().any(|k| k.split.is_some());
     if has_split {
-        let part = |f: fn(&crate::input::Split) -> u64| -> Vec<f64> {
+        let part = |f: fn(&Split) -> u64| -> Vec<f64> {
             run.ticks
                 .iter()
                 .map(|k| k.split.as_ref().map_or(0.0, |s| mib(f(s))))
@@ -407,13 +409,13 @@ fn chart(run: &Run, r: &Report) -> Plot {
     }
     // purges and kernel events
     for e in &run.events {
-        let (label, colour_) = match &e.kind {
-            EventKind::Purge(p) => (
+        let (label, colour_) = match &e.item {
+            Event::Purge(p) => (
                 format!("{} −{}", p.reason, bytes(p.returned_bytes)),
                 if p.is_probe() { "#d62728" } else { "#1f77b4" },
             ),
-            EventKind::Level { to, .. } => (format!("level {to}"), "#444"),
-            EventKind::Terminate => ("terminate".into(), "#000"),
+            Event::Level(l) => (format!("level {}", l.to), "#444"),
+            Event::Terminate(_) => ("terminate".into(), "#000"),
             _ => continue,
         };
         shapes.push(

@@ -8,7 +8,9 @@
 use serde::Serialize;
 
 use crate::fit::MannKendall;
-use crate::input::{Levels, Source};
+use amm_timeline::{Levels, PurgeReport};
+
+use crate::input::Source;
 use crate::thresholds::Thresholds;
 
 /// Version of the JSON shape.
@@ -300,7 +302,7 @@ pub struct PurgeRef {
 
 impl PurgeRef {
     /// The reference to the purge `p` of the timeline, at `t_s`.
-    pub fn new(t_s: f64, p: &crate::input::Purge) -> PurgeRef {
+    pub fn new(t_s: f64, p: &PurgeReport) -> PurgeRef {
         PurgeRef {
             t_s,
             reason: p.reason.clone(),

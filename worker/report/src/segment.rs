@@ -17,7 +17,9 @@
 
 use std::ops::Range;
 
-use crate::input::{EventKind, Run, Tick};
+use amm_timeline::{Event, Tick};
+
+use crate::input::{At, Run};
 use crate::thresholds::Thresholds;
 
 /// Fewest ticks a phase needs to be a stretch of its own.
@@ -60,13 +62,13 @@ pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
         cut: "run",
     }];
     for e in &run.events {
-        let (label, cut) = match &e.kind {
-            EventKind::Start => (Label::Startup, "attempt"),
-            EventKind::Phase(name) => (Label::Phase(name.clone()), "phase"),
-            EventKind::End | EventKind::Terminate => (Label::Teardown, "phase"),
+        let (label, cut) = match &e.item {
+            Event::Start(_) => (Label::Startup, "attempt"),
+            Event::Phase(p) => (Label::Phase(p.name.clone()), "phase"),
+            Event::End(_) | Event::Terminate(_) => (Label::Teardown, "phase"),
             _ => continue,
         };
-        if matches!(e.kind, EventKind::Start)
+        if matches!(e.item, Event::Start(_))
             && pieces.len() == 1
             && run.ticks.first().is_none_or(|t| t.t >= e.t)
         {
@@ -148,7 +150,7 @@ pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
 
 /// True when `tick` belongs before the next piece starting at `end_t`.
 /// A piece that starts a new attempt takes every tick of that attempt.
-fn tick_before(tick: &Tick, end_t: f64, next: Option<&Piece>) -> bool {
+fn tick_before(tick: &At<Tick>, end_t: f64, next: Option<&Piece>) -> bool {
     match next {
         Some(n) if n.label == Label::Startup => tick.attempt < n.attempt,
         _ => tick.t < end_t,
@@ -274,22 +276,33 @@ fn best_cut(pts: &[(f64, f64)], th: &Thresholds) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::{Levels, Source, Split};
+    use crate::input::Source;
+    use amm_timeline::{End, Levels, Phase, Split};
 
-    fn tick(t: f64, unmanaged: u64) -> Tick {
-        Tick {
+    fn tick(t: f64, unmanaged: u64) -> At<Tick> {
+        At {
             t,
-            process: unmanaged + (100 << 20),
-            split: Some(Split {
-                managed: 100 << 20,
-                unmanaged_live: unmanaged,
-                ..Split::default()
-            }),
-            ..Tick::default()
+            attempt: 0,
+            item: Tick {
+                process: unmanaged + (100 << 20),
+                split: Some(Split {
+                    managed: 100 << 20,
+                    unmanaged_live: unmanaged,
+                    ..Split::default()
+                }),
+                ..Tick::default()
+            },
         }
     }
 
-    fn run(ticks: Vec<Tick>, events: Vec<(f64, EventKind)>) -> Run {
+    fn phase(name: &str) -> Event {
+        Event::Phase(Phase {
+            name: name.into(),
+            ..Phase::default()
+        })
+    }
+
+    fn run(ticks: Vec<At<Tick>>, events: Vec<(f64, Event)>) -> Run {
         let mut r = Run::kernel(None, Levels::default());
         r.source = Source::WorkerTimeline;
         r.ticks = ticks;
@@ -301,16 +314,16 @@ mod tests {
 
     #[test]
     fn phases_repeats_merge_short_ones_fold_teardown_drops() {
-        let ticks: Vec<Tick> = (0..40).map(|i| tick(i as f64 * 0.2, 10 << 20)).collect();
+        let ticks: Vec<At<Tick>> = (0..40).map(|i| tick(i as f64 * 0.2, 10 << 20)).collect();
         let r = run(
             ticks,
             vec![
-                (0.0, EventKind::Phase("fill".into())),
-                (0.1, EventKind::Phase("free".into())),
-                (0.15, EventKind::Phase("hold".into())),
-                (2.0, EventKind::Phase("hold".into())),
-                (4.1, EventKind::Phase("after".into())),
-                (7.0, EventKind::End),
+                (0.0, phase("fill")),
+                (0.1, phase("free")),
+                (0.15, phase("hold")),
+                (2.0, phase("hold")),
+                (4.1, phase("after")),
+                (7.0, Event::End(End::default())),
             ],
         );
         let s = segment(&r, &Thresholds::default());
@@ -324,7 +337,7 @@ mod tests {
     #[test]
     fn a_bend_cuts_a_stretch_and_a_straight_line_does_not() {
         let mib = 1u64 << 20;
-        let bent: Vec<Tick> = (0..60)
+        let bent: Vec<At<Tick>> = (0..60)
             .map(|i| {
                 let t = i as f64 * 0.2;
                 tick(
@@ -342,7 +355,7 @@ mod tests {
         assert_eq!(s[1].cut, "slope change");
         let t_cut = 0.2 * s[1].range.start as f64;
         assert!((5.0..=7.0).contains(&t_cut), "cut at {t_cut}");
-        let straight: Vec<Tick> = (0..60)
+        let straight: Vec<At<Tick>> = (0..60)
             .map(|i| tick(i as f64 * 0.2, (i as u64) * mib))
             .collect();
         assert_eq!(

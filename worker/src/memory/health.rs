@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use amm_timeline::{Event, SpillFailed, SpillGaveUp, SpillResumed};
 
 use super::MemoryManager;
 use crate::units::format_bytes;
@@ -66,10 +66,9 @@ impl MemoryManager {
                     after_ms = after.as_millis() as u64,
                     "spilling works again"
                 );
-                self.event(
-                    "spill_resumed",
-                    json!({"after_ms": after.as_millis() as u64}),
-                );
+                self.event(Event::SpillResumed(SpillResumed {
+                    after_ms: after.as_millis() as u64,
+                }));
             }
             (Err(_), Some(f)) => {
                 f.backoff = (f.backoff * 2).min(MAX_BACKOFF);
@@ -95,11 +94,13 @@ impl MemoryManager {
                     free = %free.map_or("unknown".into(), format_bytes),
                     "cannot spill ({e}): values stay in memory, retrying with back-off; {wait}"
                 );
-                self.event(
-                    "spill_failed",
-                    json!({"error": e, "free_bytes": free,
-                           "dir": self.buffer.dir().display().to_string()}),
-                );
+                self.event(Event::SpillFailed(SpillFailed {
+                    reason: String::new(),
+                    error: e,
+                    process: None,
+                    free_bytes: free,
+                    dir: Some(self.buffer.dir().display().to_string()),
+                }));
             }
         }
     }
@@ -136,11 +137,11 @@ impl MemoryManager {
             timeout.as_secs_f64(),
         );
         tracing::error!("{why}; failing the tasks that wait");
-        self.event(
-            "spill_gave_up",
-            json!({"free_bytes": free, "failing_ms": failing_for.as_millis() as u64,
-                   "dir": self.buffer.dir().display().to_string()}),
-        );
+        self.event(Event::SpillGaveUp(SpillGaveUp {
+            free_bytes: free,
+            failing_ms: failing_for.as_millis() as u64,
+            dir: Some(self.buffer.dir().display().to_string()),
+        }));
         self.gate.fail(why);
     }
 }
