@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use amm_report::input::{Heap, JeHeap};
 use amm_report::{Levels, Run, Source, Split, Thresholds, Tick};
+use amm_timeline::{Heap, JemallocStats};
 use pyo3::prelude::*;
 
 /// Ticks kept (at Dask's 100 ms monitor interval: 20 minutes).
@@ -19,7 +19,7 @@ const MAX_TICKS: usize = 12_000;
 pub struct Verdicts {
     limit: u64,
     levels: Levels,
-    ticks: Mutex<VecDeque<Tick>>,
+    ticks: Mutex<VecDeque<(f64, Tick)>>,
     t0: u64,
 }
 
@@ -65,34 +65,36 @@ impl Verdicts {
         jemalloc: Option<(u64, u64, u64, u64, u64)>,
     ) {
         let heap = jemalloc.map(|(allocated, active, resident, dirty, muzzy)| {
-            Heap::Jemalloc(JeHeap {
+            Heap::Jemalloc(JemallocStats {
                 allocated,
                 active,
                 resident,
                 dirty_bytes: dirty,
                 muzzy_bytes: muzzy,
-                ..JeHeap::default()
+                ..JemallocStats::default()
             })
         });
+        let t = t_ns.saturating_sub(self.t0) as f64 / 1e9;
         let tick = Tick {
-            t: t_ns.saturating_sub(self.t0) as f64 / 1e9,
             process,
             split: Some(Split {
+                process,
                 managed,
                 unmanaged_live,
                 hoarded,
                 non_heap,
                 spilled,
+                unmanaged_recent: 0,
             }),
             heap,
-            paused,
+            paused: Some(paused),
             ..Tick::default()
         };
         let mut q = self.ticks.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() >= MAX_TICKS {
             q.pop_front();
         }
-        q.push_back(tick);
+        q.push_back((t, tick));
     }
 
     /// Ticks held.
@@ -102,7 +104,7 @@ impl Verdicts {
 
     /// `(kind, headline, also)` of the series so far.
     fn verdict(&self, py: Python<'_>) -> (String, String, Vec<String>) {
-        let ticks: Vec<Tick> = self
+        let ticks: Vec<(f64, Tick)> = self
             .ticks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -111,10 +113,9 @@ impl Verdicts {
             .collect();
         let (limit, levels) = (self.limit, self.levels);
         py.detach(move || {
-            let mut run = Run::kernel(Some(limit), levels);
-            run.source = Source::AgentTimeline;
-            for t in ticks {
-                run.push_tick(t);
+            let mut run = Run::new(Source::AgentTimeline, Some(limit), levels);
+            for (t, tick) in ticks {
+                run.push_tick(t, tick);
             }
             let r = amm_report::analyze(&run, &Thresholds::default());
             (

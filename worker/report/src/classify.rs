@@ -128,7 +128,7 @@ fn allocator_info(run: &Run) -> AllocatorInfo {
         },
         Source::AgentTimeline if run.ticks.iter().any(|t| t.heap.is_some()) => AllocatorInfo {
             available: true,
-            name: run.allocator.clone(),
+            name: run.allocator.map(|a| a.name().to_string()),
             note: None,
         },
         Source::AgentTimeline => AllocatorInfo {
