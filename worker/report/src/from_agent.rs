@@ -74,32 +74,10 @@ pub fn run_of_samples(watch: &WatchStatus, samples: &[Sample]) -> Run {
             ),
             SampleKind::Exit { peak_rss_bytes }
             | SampleKind::Unwatched { peak_rss_bytes }
-            | SampleKind::Credentials { peak_rss_bytes } => {
-                let (signal, by) = match (killed_at, agent_signal) {
-                    (Some(_), _) => (Some(SIGKILL), Some(Killer::KernelTerminate)),
-                    (None, Some(sig)) => (
-                        Some(sig),
-                        Some(Killer::Process {
-                            pid: None,
-                            comm: Some("amm-agent".into()),
-                        }),
-                    ),
-                    (None, None) => (None, None),
-                };
-                run.push_event(
-                    t,
-                    Event::Exit(Exit {
-                        pid: watch.pid,
-                        signal,
-                        level: by.is_some().then_some(amm_ebpf::Level::Terminate),
-                        by,
-                        rss_bytes: killed_at,
-                        peak_rss_bytes: Some(*peak_rss_bytes),
-                        peak_source: Some(PeakSource::Bpf),
-                        ..Exit::default()
-                    }),
-                )
-            }
+            | SampleKind::Credentials { peak_rss_bytes } => run.push_event(
+                t,
+                exit_of(watch.pid, *peak_rss_bytes, killed_at, agent_signal),
+            ),
             // the agent signalled it at terminate (terminate by signal)
             SampleKind::AgentSignal { signal } => agent_signal = Some(*signal),
             SampleKind::Heap(h) => attach_heap(&mut run, t, h),
@@ -115,6 +93,33 @@ pub fn run_of_samples(watch: &WatchStatus, samples: &[Sample]) -> Run {
         );
     }
     run
+}
+
+/// The exit event: killed by the kernel at the terminate page when the
+/// agent's probe signalled there, by amm-agent when it sent a signal (its
+/// terminate by signal), else an exit nobody is known to have caused.
+fn exit_of(pid: u32, peak: u64, killed_at: Option<u64>, agent_signal: Option<i32>) -> Event {
+    let (signal, by) = match (killed_at, agent_signal) {
+        (Some(_), _) => (Some(SIGKILL), Some(Killer::KernelTerminate)),
+        (None, Some(sig)) => (
+            Some(sig),
+            Some(Killer::Process {
+                pid: None,
+                comm: Some("amm-agent".into()),
+            }),
+        ),
+        (None, None) => (None, None),
+    };
+    Event::Exit(Exit {
+        pid,
+        signal,
+        level: by.is_some().then_some(amm_ebpf::Level::Terminate),
+        by,
+        rss_bytes: killed_at,
+        peak_rss_bytes: Some(peak),
+        peak_source: Some(PeakSource::Bpf),
+        ..Exit::default()
+    })
 }
 
 /// An allocator sample belongs to the accounting tick of the same instant.

@@ -29,6 +29,7 @@ pub mod fit;
 pub mod from_agent;
 pub mod input;
 pub mod render_html;
+pub mod render_svg;
 pub mod render_text;
 pub mod report;
 pub mod segment;

@@ -1,56 +1,14 @@
-//! The HTML report: one self-contained page (plotly.js is inlined, so it
-//! works offline) with the verdict, a stacked area chart of the run's memory
-//! (managed, unmanaged_live, hoarded, non_heap, and spilled on top; RSS as a
-//! line; levels as dashed lines; purges as dotted lines, probe purges in
-//! red; each stretch shaded by its verdict), then the tables and evidence.
+//! The HTML report: one self-contained page (no script, nothing loaded:
+//! the chart is inline SVG from [`crate::render_svg`]) with the verdict, a
+//! stacked area chart of the run's memory, then the tables and evidence.
 
 use std::fmt::Write;
 
-use plotly::common::{DashType, Fill, Line, Mode};
-use plotly::layout::{Annotation, Axis, Layout, Legend, Shape, ShapeLayer, ShapeLine, ShapeType};
-use plotly::{Plot, Scatter};
-
 use crate::classify::place;
-use amm_timeline::{Event, Split};
-
 use crate::input::{Run, Source};
-use crate::report::{Finding, Kind, Report};
+use crate::render_svg::{chart, colour, esc};
+use crate::report::{Finding, Report};
 use crate::units::{bytes, rate};
-
-const MIB: f64 = (1u64 << 20) as f64;
-
-/// The colour a verdict is shaded with.
-fn colour(k: Kind) -> &'static str {
-    match k {
-        Kind::Leak => "#d62728",
-        Kind::NonHeapGrowth => "#8c564b",
-        Kind::Undecided => "#bcbd22",
-        Kind::Fragmentation => "#9467bd",
-        Kind::Hoard => "#ff7f0e",
-        Kind::Transient => "#17becf",
-        Kind::ManagedGrowth => "#2ca02c",
-        Kind::Steady => "#cccccc",
-    }
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// plotly.js only (the crate's offline sources also carry MathJax, which
-/// this page does not need); all of them if their shape ever changes.
-fn plotly_js() -> String {
-    let all = Plot::offline_js_sources();
-    match all.find("</script>") {
-        Some(end) if all[..end].contains("Plotly") => {
-            format!("{}</script>", &all[..end])
-        }
-        _ => all,
-    }
-}
 
 /// Renders the page.
 pub fn render(run: &Run, r: &Report) -> String {
@@ -60,6 +18,17 @@ pub fn render(run: &Run, r: &Report) -> String {
 }
 
 fn page(o: &mut String, run: &Run, r: &Report) -> std::fmt::Result {
+    head(o, r)?;
+    verdict(o, r)?;
+    run_line(o, r)?;
+    writeln!(o, "{}", chart(run, r))?;
+    stretch_table(o, r)?;
+    evidence(o, r)?;
+    purges_and_rules(o, r)
+}
+
+/// The document head and its style.
+fn head(o: &mut String, r: &Report) -> std::fmt::Result {
     writeln!(
         o,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -77,9 +46,12 @@ fn page(o: &mut String, run: &Run, r: &Report) -> std::fmt::Result {
          th{{background:#f4f4f4}} td.n{{text-align:right;font-variant-numeric:tabular-nums}}\
          .f{{margin:.3em 0 .8em 1em}} .muted{{color:#666}} ul{{margin:.2em 0}}</style>"
     )?;
-    writeln!(o, "{}", plotly_js())?;
     writeln!(o, "</head><body>")?;
-    // the verdict
+    Ok(())
+}
+
+/// The verdict, what would decide it, and what else was found.
+fn verdict(o: &mut String, r: &Report) -> std::fmt::Result {
     writeln!(
         o,
         "<h1>amm report: <span class=\"v\" style=\"background:{}\">{}</span></h1>",
@@ -103,7 +75,11 @@ fn page(o: &mut String, run: &Run, r: &Report) -> std::fmt::Result {
         }
         writeln!(o, "</ul>")?;
     }
-    // the run
+    Ok(())
+}
+
+/// What the run was: source, allocator, length, peak, limit, purges, notes.
+fn run_line(o: &mut String, r: &Report) -> std::fmt::Result {
     let src = match r.source {
         Source::WorkerTimeline => "amm-worker timeline",
         Source::Kernel => "kernel data only (amm-agent watch)",
@@ -145,9 +121,11 @@ fn page(o: &mut String, run: &Run, r: &Report) -> std::fmt::Result {
     for n in &r.run.notes {
         writeln!(o, "<p class=\"muted\">Note: {}</p>", esc(n))?;
     }
-    // the chart
-    writeln!(o, "{}", chart(run, r).to_inline_html(Some("amm-chart")))?;
-    // the stretches
+    Ok(())
+}
+
+/// One row per stretch.
+fn stretch_table(o: &mut String, r: &Report) -> std::fmt::Result {
     writeln!(
         o,
         "<h2>Stretches</h2><table><tr><th>#</th><th>time (s)</th><th>phases</th><th>verdict</th><th>RSS</th><th>managed</th><th>unmanaged live</th><th>hoarded</th><th>non-heap</th><th>headline</th></tr>"
@@ -173,7 +151,11 @@ fn page(o: &mut String, run: &Run, r: &Report) -> std::fmt::Result {
         )?;
     }
     writeln!(o, "</table>")?;
-    // the evidence
+    Ok(())
+}
+
+/// Each stretch's findings with their evidence.
+fn evidence(o: &mut String, r: &Report) -> std::fmt::Result {
     writeln!(o, "<h2>Evidence</h2>")?;
     for s in r.stretches.iter().filter(|s| !s.findings.is_empty()) {
         writeln!(
@@ -187,7 +169,11 @@ fn page(o: &mut String, run: &Run, r: &Report) -> std::fmt::Result {
             finding(o, f)?;
         }
     }
-    // the purges
+    Ok(())
+}
+
+/// The purges, then the thresholds the verdicts came from.
+fn purges_and_rules(o: &mut String, r: &Report) -> std::fmt::Result {
     if !r.purges.is_empty() {
         writeln!(
             o,
@@ -278,195 +264,11 @@ fn finding(o: &mut String, f: &Finding) -> std::fmt::Result {
     writeln!(o, "</ul></div>")
 }
 
-fn chart(run: &Run, r: &Report) -> Plot {
-    let mut plot = Plot::new();
-    let t: Vec<f64> = run.ticks.iter().map(|k| k.t).collect();
-    let mib = |v: u64| v as f64 / MIB;
-    let area = |name: &str, y: Vec<f64>, colour: &str| {
-        Scatter::new(t.clone(), y)
-            .name(name)
-            .mode(Mode::Lines)
-            .stack_group("memory")
-            .fill(Fill::ToNextY)
-            .line(Line::new().width(0.5).color(colour.to_string()))
-            .fill_color(colour.to_string())
-            .hover_template(format!(
-                "{name}: %{{y:.1f}} MiB at %{{x:.2f}} s<extra></extra>"
-            ))
-    };
-    let has_split = run.ticks.iter().any(|k| k.split.is_some());
-    if has_split {
-        let part = |f: fn(&Split) -> u64| -> Vec<f64> {
-            run.ticks
-                .iter()
-                .map(|k| k.split.as_ref().map_or(0.0, |s| mib(f(s))))
-                .collect()
-        };
-        plot.add_trace(area("managed", part(|s| s.managed), "#2ca02c"));
-        plot.add_trace(area(
-            "unmanaged_live",
-            part(|s| s.unmanaged_live),
-            "#d62728",
-        ));
-        plot.add_trace(area("hoarded", part(|s| s.hoarded), "#ff7f0e"));
-        plot.add_trace(area("non_heap", part(|s| s.non_heap), "#7f7f7f"));
-        plot.add_trace(area(
-            "spilled (on disk, above RSS)",
-            part(|s| s.spilled),
-            "#aec7e8",
-        ));
-    } else {
-        let anon: Vec<f64> = run
-            .ticks
-            .iter()
-            .map(|k| mib(k.rss_anon.unwrap_or(k.process)))
-            .collect();
-        let file: Vec<f64> = run
-            .ticks
-            .iter()
-            .map(|k| mib(k.rss_file_shmem.unwrap_or(0)))
-            .collect();
-        plot.add_trace(area("anonymous RSS", anon, "#9467bd"));
-        plot.add_trace(area("file + shared RSS", file, "#7f7f7f"));
-    }
-    plot.add_trace(
-        Scatter::new(
-            t.clone(),
-            run.ticks.iter().map(|k| mib(k.process)).collect(),
-        )
-        .name("process (RSS)")
-        .mode(Mode::Lines)
-        .line(Line::new().width(1.5).color("#000000".to_string()))
-        .hover_template("RSS: %{y:.1f} MiB at %{x:.2f} s<extra></extra>"),
-    );
-    let mut shapes = Vec::new();
-    let mut notes = Vec::new();
-    // stretches, shaded by verdict
-    for s in &r.stretches {
-        shapes.push(
-            Shape::new()
-                .shape_type(ShapeType::Rect)
-                .layer(ShapeLayer::Below)
-                .x_ref("x")
-                .y_ref("paper")
-                .x0(s.from_s)
-                .x1(s.to_s)
-                .y0(0)
-                .y1(1)
-                .fill_color(colour(s.verdict).to_string())
-                .opacity(0.12)
-                .line(ShapeLine::new().width(0.0)),
-        );
-        notes.push(
-            Annotation::new()
-                .x_ref("x")
-                .y_ref("paper")
-                .x((s.from_s + s.to_s) / 2.0)
-                .y(1.0)
-                .y_anchor(plotly::common::Anchor::Bottom)
-                .show_arrow(false)
-                .text(format!("[{}] {}", s.index, s.verdict.name())),
-        );
-    }
-    // levels
-    for (name, l) in [
-        ("spill", r.run.levels.spill),
-        ("pause", r.run.levels.pause),
-        ("terminate", r.run.levels.terminate),
-    ] {
-        let Some(l) = l else { continue };
-        // only levels within reach of the chart
-        if l as f64 > 1.5 * r.run.peak_process_bytes as f64 {
-            continue;
-        }
-        shapes.push(
-            Shape::new()
-                .shape_type(ShapeType::Line)
-                .x_ref("paper")
-                .y_ref("y")
-                .x0(0)
-                .x1(1)
-                .y0(mib(l))
-                .y1(mib(l))
-                .line(
-                    ShapeLine::new()
-                        .dash(DashType::Dash)
-                        .width(1.0)
-                        .color("#444"),
-                ),
-        );
-        notes.push(
-            Annotation::new()
-                .x_ref("paper")
-                .y_ref("y")
-                .x(1.0)
-                .y(mib(l))
-                .x_anchor(plotly::common::Anchor::Right)
-                .y_anchor(plotly::common::Anchor::Bottom)
-                .show_arrow(false)
-                .text(format!("{name} {}", bytes(l))),
-        );
-    }
-    // purges and kernel events
-    for e in &run.events {
-        let (label, colour_) = match &e.item {
-            Event::Purge(p) => (
-                format!("{} −{}", p.reason, bytes(p.returned_bytes)),
-                if p.is_probe() { "#d62728" } else { "#1f77b4" },
-            ),
-            Event::Level(l) => (format!("level {}", l.to), "#444"),
-            Event::Terminate(_) => ("terminate".into(), "#000"),
-            _ => continue,
-        };
-        shapes.push(
-            Shape::new()
-                .shape_type(ShapeType::Line)
-                .x_ref("x")
-                .y_ref("paper")
-                .x0(e.t)
-                .x1(e.t)
-                .y0(0)
-                .y1(0.95)
-                .line(
-                    ShapeLine::new()
-                        .dash(DashType::Dot)
-                        .width(1.0)
-                        .color(colour_),
-                ),
-        );
-        notes.push(
-            Annotation::new()
-                .x_ref("x")
-                .y_ref("paper")
-                .x(e.t)
-                .y(0.95)
-                .text_angle(-90.0)
-                .y_anchor(plotly::common::Anchor::Top)
-                .x_anchor(plotly::common::Anchor::Right)
-                .show_arrow(false)
-                .font(plotly::common::Font::new().size(9).color(colour_))
-                .text(label),
-        );
-    }
-    plot.set_layout(
-        Layout::new()
-            .height(520)
-            .x_axis(Axis::new().title("seconds"))
-            .y_axis(Axis::new().title("MiB"))
-            .legend(
-                Legend::new()
-                    .orientation(plotly::common::Orientation::Horizontal)
-                    .y(-0.18),
-            )
-            .shapes(shapes)
-            .annotations(notes),
-    );
-    plot
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use amm_timeline::{Heap, JemallocStats, Split, Tick};
 
     #[test]
     fn the_page_is_self_contained() {
@@ -475,23 +277,50 @@ mod tests {
         let run = Run::from_timeline(text.as_bytes()).expect("run");
         let report = crate::analyze(&run, &crate::Thresholds::default());
         let page = render(&run, &report);
-        assert!(page.contains("Plotly.newPlot"), "no chart");
-        assert!(
-            page.contains("<script type=\"text/javascript\">"),
-            "no inline script"
-        );
-        // plotly.js's own defaults name CDNs (map tiles, topojson) that
-        // this chart never uses; what matters is that no tag loads a file
-        for tag in [
-            "<script src",
-            "<script type=\"text/javascript\" src",
-            "<link ",
-        ] {
+        assert!(page.contains("<svg id=\"amm-chart\""), "no chart");
+        for tag in ["<script", "<link ", "src=", "href=\"http"] {
             assert!(
                 !page.contains(tag),
-                "the page must not load anything from the network ({tag})"
+                "the page must not load or run anything ({tag})"
             );
         }
-        assert!(page.len() > 1_000_000, "plotly.js is not inlined");
+    }
+
+    /// Issue 10 §5: the page was 4.7 MB per run (plotly inlined); a
+    /// 10-minute run at 200 ms ticks must stay under 1 MB.
+    #[test]
+    fn a_ten_minute_run_is_under_a_megabyte() {
+        const MIB: u64 = 1 << 20;
+        let mut run = Run::new(Source::WorkerTimeline, Some(4 << 30), Default::default());
+        for i in 0..3000u64 {
+            let u = 100 * MIB + (i % 37) * 3 * MIB + i * 50_000;
+            let split = Split {
+                process: u + 300 * MIB,
+                managed: 200 * MIB,
+                unmanaged_live: u,
+                hoarded: 50 * MIB,
+                non_heap: 50 * MIB,
+                ..Split::default()
+            };
+            run.push_tick(
+                i as f64 * 0.2,
+                Tick {
+                    process: split.process,
+                    split: Some(split),
+                    heap: Some(Heap::Jemalloc(JemallocStats {
+                        allocated: 300 * MIB + u,
+                        active: 310 * MIB + u,
+                        resident: 350 * MIB + u,
+                        dirty_bytes: 40 * MIB,
+                        ..JemallocStats::default()
+                    })),
+                    ..Tick::default()
+                },
+            );
+        }
+        let report = crate::analyze(&run, &crate::Thresholds::default());
+        let page = render(&run, &report);
+        assert!(page.len() < 1_000_000, "{} bytes", page.len());
+        assert!(page.contains("<path d=\"M"), "no series drawn");
     }
 }

@@ -20,6 +20,10 @@ pub const REPORT_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
+    /// The run's process was killed (the run's verdict only: by the kernel
+    /// at the terminate page, the OOM killer, another process, or its own
+    /// terminate); the headline says at what level and by whom.
+    Killed,
     /// Live unmanaged memory grows while managed data and the workload are
     /// steady, and nothing gives it back.
     Leak,
@@ -34,6 +38,9 @@ pub enum Kind {
     Fragmentation,
     /// Freed memory the allocator keeps: a purge returns it.
     Hoard,
+    /// Live unmanaged memory grew, then stopped growing while the same work
+    /// went on: a cache of the size it reached, not a leak.
+    BoundedCache,
     /// Task temporaries (or data held for a while) that come and go.
     Transient,
     /// Managed data grows; unmanaged memory only follows it.
@@ -46,11 +53,13 @@ impl Kind {
     /// The name used in text and JSON.
     pub fn name(self) -> &'static str {
         match self {
+            Kind::Killed => "killed",
             Kind::Leak => "leak",
             Kind::NonHeapGrowth => "non-heap growth",
             Kind::Undecided => "undecided",
             Kind::Fragmentation => "fragmentation",
             Kind::Hoard => "hoard",
+            Kind::BoundedCache => "bounded cache",
             Kind::Transient => "transient",
             Kind::ManagedGrowth => "managed growth",
             Kind::Steady => "steady",
@@ -109,8 +118,55 @@ pub struct RunInfo {
     pub levels_reached: Vec<LevelHit>,
     /// Whether the worker ran with `--probe-purge`.
     pub probe_purge: ProbeInfo,
+    /// Each time a process of the run was killed, in order.
+    pub killed: Vec<Killed>,
     /// Things the reader should know (lines skipped, teardown left out).
     pub notes: Vec<String>,
+}
+
+/// A process of the run that something ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Killed {
+    /// Which attempt.
+    pub attempt: u32,
+    /// When, seconds.
+    pub t_s: f64,
+    /// The signal, when known.
+    pub signal: Option<i32>,
+    /// Who: `the kernel at the terminate page (...)`, `the kernel's OOM
+    /// killer`, a process, its supervisor, the worker's own monitor.
+    pub by: String,
+    /// The memory level it was at, when known.
+    pub level: Option<String>,
+    /// RSS then (at the killing page for the kernel's kill), bytes.
+    pub rss_bytes: Option<u64>,
+    /// The kernel's exact peak RSS, bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// `rss_bytes` as a fraction of the limit.
+    pub limit_fraction: Option<f64>,
+}
+
+impl Killed {
+    /// One sentence: by whom, with which signal, at what level and RSS.
+    pub fn describe(&self) -> String {
+        let mut s = format!("at {:.1} s by {}", self.t_s, self.by);
+        if let Some(sig) = self.signal {
+            s.push_str(&format!(" (signal {sig})"));
+        }
+        if let Some(l) = &self.level {
+            s.push_str(&format!(", level {l}"));
+        }
+        if let Some(r) = self.rss_bytes {
+            s.push_str(&format!(", RSS {}", crate::units::bytes(r)));
+            if let Some(f) = self.limit_fraction {
+                s.push_str(&format!(" ({:.1} % of the limit)", 100.0 * f));
+            }
+        }
+        if let Some(p) = self.peak_rss_bytes {
+            s.push_str(&format!(", exact peak {}", crate::units::bytes(p)));
+        }
+        s
+    }
 }
 
 /// A level the process reached.

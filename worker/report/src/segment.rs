@@ -5,8 +5,9 @@
 //! 2. **Phases**: each workload phase is a stretch; consecutive phases of
 //!    the same name (a phase's `repeat`) are one; a phase that got fewer
 //!    than [`MIN_TICKS`] ticks is folded into the next one (its effect shows
-//!    in the next one's ticks). Ticks after the workload's `end` are the
-//!    process tearing down and are left out.
+//!    in the next one's ticks). Ticks after the workload's `end`, or after
+//!    the process exited or was killed, are the process tearing down and
+//!    are left out.
 //! 3. **Changes of slope**: a stretch long enough is cut where two straight
 //!    lines fit its unmanaged memory (process − managed; RSS for kernel-only
 //!    runs) much better than one ([`Thresholds::split_gain`]), and the two
@@ -65,7 +66,9 @@ pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
         let (label, cut) = match &e.item {
             Event::Start(_) => (Label::Startup, "attempt"),
             Event::Phase(p) => (Label::Phase(p.name.clone()), "phase"),
-            Event::End(_) | Event::Terminate(_) => (Label::Teardown, "phase"),
+            // a process that ended (or was killed) tears down: its last
+            // samples are not the workload freeing memory
+            Event::End(_) | Event::Terminate(_) | Event::Exit(_) => (Label::Teardown, "phase"),
             _ => continue,
         };
         if matches!(e.item, Event::Start(_))
@@ -370,7 +373,7 @@ mod tests {
     #[test]
     fn a_leak_that_slows_down_is_one_stretch() {
         let mib = 1u64 << 20;
-        let ticks: Vec<Tick> = (0..55)
+        let ticks: Vec<At<Tick>> = (0..55)
             .map(|i| {
                 let t = i as f64 * 0.2;
                 let u = if t < 5.0 {

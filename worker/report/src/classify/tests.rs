@@ -1,0 +1,383 @@
+//! The classifier's labelled cases, each a synthetic run whose truth is known.
+
+use super::*;
+use amm_timeline::Heap;
+use amm_timeline::{Levels, Phase};
+
+fn phase(name: &str) -> Event {
+    Event::Phase(Phase {
+        name: name.into(),
+        ..Phase::default()
+    })
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A worker run of `secs` at 5 ticks/s, one phase, parts from `f(t)`:
+/// (managed, unmanaged_live, hoarded, non_heap).
+fn worker_run(secs: f64, f: impl Fn(f64) -> (u64, u64, u64, u64)) -> Run {
+    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
+    r.source = Source::WorkerTimeline;
+    r.push_event(0.0, phase("work"));
+    let n = (secs * 5.0) as usize;
+    for i in 0..=n {
+        let t = i as f64 * 0.2;
+        let (m, u, h, nh) = f(t);
+        r.push_tick(
+            t,
+            Tick {
+                process: m + u + h + nh,
+                split: Some(Split {
+                    process: m + u + h + nh,
+                    managed: m,
+                    unmanaged_live: u,
+                    hoarded: h,
+                    non_heap: nh,
+                    ..Split::default()
+                }),
+                ..Tick::default()
+            },
+        );
+    }
+    r
+}
+
+fn verdict(r: &Run) -> Kind {
+    analyze(r, &Thresholds::default()).verdict.kind
+}
+
+#[test]
+fn a_steady_process_is_steady() {
+    let r = worker_run(10.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+    assert_eq!(verdict(&r), Kind::Steady);
+}
+
+#[test]
+fn a_rising_floor_under_spikes_is_a_leak() {
+    let r = worker_run(10.0, |t| {
+        let spike = if (t * 5.0) as u64 % 5 < 2 {
+            200 * MIB
+        } else {
+            0
+        };
+        (
+            64 * MIB,
+            10 * MIB + (t * 2.0 * MIB as f64) as u64 + spike,
+            3 * MIB,
+            9 * MIB,
+        )
+    });
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Leak, "{}", rep.verdict.headline);
+    let f = &rep.stretches[0].findings[0];
+    let slope = f.trend.as_ref().map_or(0.0, |t| t.slope_bytes_per_s);
+    assert!((slope / MIB as f64 - 2.0).abs() < 0.2, "slope {slope}");
+}
+
+#[test]
+fn unmanaged_growth_with_managed_growth_is_never_a_leak() {
+    // bookkeeping: unmanaged follows managed at 2 %
+    let r = worker_run(10.0, |t| {
+        let m = (t * 20.0 * MIB as f64) as u64;
+        (m, 10 * MIB + m / 50, 3 * MIB, 9 * MIB)
+    });
+    assert_eq!(verdict(&r), Kind::ManagedGrowth);
+    // far more than bookkeeping: still not a leak, undecided
+    let r = worker_run(10.0, |t| {
+        let m = (t * 20.0 * MIB as f64) as u64;
+        (m, 10 * MIB + m / 2, 3 * MIB, 9 * MIB)
+    });
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(
+        rep.verdict.kind,
+        Kind::Undecided,
+        "{}",
+        rep.verdict.headline
+    );
+    assert!(
+        rep.stretches[0].findings[0]
+            .would_decide
+            .as_deref()
+            .is_some_and(|d| d.contains("managed data is steady"))
+    );
+}
+
+#[test]
+fn growth_outside_the_heap_is_non_heap_growth() {
+    let r = worker_run(10.0, |t| {
+        (
+            64 * MIB,
+            10 * MIB,
+            3 * MIB,
+            9 * MIB + (t * 3.0 * MIB as f64) as u64,
+        )
+    });
+    assert_eq!(verdict(&r), Kind::NonHeapGrowth);
+}
+
+#[test]
+fn growth_freed_later_is_transient() {
+    let mut r = worker_run(12.0, |t| {
+        let u = if t <= 8.0 {
+            10 * MIB + (t * 5.0 * MIB as f64) as u64
+        } else {
+            10 * MIB
+        };
+        (64 * MIB, u, 3 * MIB, 9 * MIB)
+    });
+    r.push_event(8.1, phase("release"));
+    r.events.sort_by(|a, b| a.t.total_cmp(&b.t));
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(
+        rep.stretches[0].verdict,
+        Kind::Transient,
+        "{}",
+        rep.verdict.headline
+    );
+    assert!(rep.stretches[0].headline.contains("freed at"));
+}
+
+#[test]
+fn kernel_only_growth_is_undecided_and_returning_rss_transient() {
+    let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
+    for i in 0..60 {
+        let t = i as f64 * 0.2;
+        let p = 100 * MIB + (t * 4.0 * MIB as f64) as u64;
+        r.push_tick(
+            t,
+            Tick {
+                process: p,
+                rss_anon: Some(p),
+                rss_file_shmem: Some(0),
+                ..Tick::default()
+            },
+        );
+    }
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Undecided);
+    assert!(!rep.allocator.available);
+    let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
+    for i in 0..60 {
+        let t = i as f64 * 0.2;
+        let p = if i % 10 < 3 { 400 * MIB } else { 100 * MIB };
+        r.push_tick(
+            t,
+            Tick {
+                process: p,
+                rss_anon: Some(p),
+                rss_file_shmem: Some(0),
+                ..Tick::default()
+            },
+        );
+    }
+    assert_eq!(verdict(&r), Kind::Transient);
+}
+
+/// Issue 10 §5: a cache that fills for 10 s and then stays flat for 20 s
+/// while the same work goes on was cut at the change of slope, and the fill
+/// alone passed every leak rule.
+#[test]
+fn growth_that_stops_under_the_same_work_is_a_bounded_cache() {
+    let r = worker_run(30.0, |t| {
+        let cache = (t.min(10.0) * 8.0 * MIB as f64) as u64;
+        (64 * MIB, 10 * MIB + cache, 3 * MIB, 9 * MIB)
+    });
+    let rep = analyze(&r, &Thresholds::default());
+    let all: Vec<&Finding> = rep.stretches.iter().flat_map(|s| &s.findings).collect();
+    assert!(
+        all.iter().all(|f| f.kind != Kind::Leak),
+        "a cache called a leak: {:?}",
+        rep.stretches
+            .iter()
+            .map(|s| (s.from_s, s.to_s, &s.headline))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        rep.verdict.kind,
+        Kind::BoundedCache,
+        "{}",
+        rep.verdict.headline
+    );
+    let f = all
+        .iter()
+        .find(|f| f.kind == Kind::BoundedCache)
+        .expect("cache");
+    assert!(
+        (70 * MIB..=81 * MIB).contains(&f.bytes),
+        "cache of {} MiB, filled 80",
+        f.bytes / MIB
+    );
+    // the same fill that keeps going is still a leak
+    let r = worker_run(30.0, |t| {
+        (
+            64 * MIB,
+            10 * MIB + (t * 8.0 * MIB as f64) as u64,
+            3 * MIB,
+            9 * MIB,
+        )
+    });
+    assert_eq!(verdict(&r), Kind::Leak);
+}
+
+/// Issue 10 §5: a staircase that leaked 384 MiB was reported as 458 MiB,
+/// and its steps above the fitted line as "task temporaries ... returned
+/// each time".
+#[test]
+fn a_staircase_is_a_leak_of_what_it_kept_without_temporaries() {
+    // 64 MiB kept every 2 s, 6 steps (the last one 0.4 s before the end)
+    let r = worker_run(11.6, |t| {
+        let steps = ((t / 2.0) as u64).min(5) + 1;
+        (64 * MIB, steps * 64 * MIB, 3 * MIB, 9 * MIB)
+    });
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Leak, "{}", rep.verdict.headline);
+    let leak = &rep.stretches[0].findings[0];
+    assert!(
+        leak.bytes <= 5 * 64 * MIB,
+        "grew {} MiB, 320 were kept",
+        leak.bytes / MIB
+    );
+    let phantom = rep
+        .stretches
+        .iter()
+        .flat_map(|s| &s.findings)
+        .find(|f| f.kind == Kind::Transient);
+    assert!(phantom.is_none(), "{:?}", phantom.map(|f| &f.headline));
+}
+
+fn je_tick(dirty: u64, slack: u64) -> Tick {
+    let live = 100 * MIB;
+    Tick {
+        process: live + dirty + slack + 20 * MIB,
+        split: Some(Split {
+            process: live + dirty + slack + 20 * MIB,
+            managed: 64 * MIB,
+            unmanaged_live: live - 64 * MIB,
+            hoarded: dirty + slack,
+            non_heap: 20 * MIB,
+            ..Split::default()
+        }),
+        heap: Some(Heap::Jemalloc(amm_timeline::JemallocStats {
+            allocated: live,
+            active: live + slack,
+            resident: live + slack + dirty,
+            dirty_bytes: dirty,
+            ..amm_timeline::JemallocStats::default()
+        })),
+        ..Tick::default()
+    }
+}
+
+/// Issue 10 §5: fragmentation outranked a hoard regardless of size (a trim
+/// returned 238 of 254 MiB, the run said "fragmentation, 16.7 MiB stays").
+#[test]
+fn the_run_verdict_weighs_findings_by_bytes() {
+    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
+    r.source = Source::WorkerTimeline;
+    r.push_event(0.0, phase("hoard"));
+    r.push_event(5.1, phase("after"));
+    for i in 0..=50 {
+        let t = i as f64 * 0.2;
+        let tick = if t < 5.1 {
+            je_tick(238 * MIB, 0)
+        } else {
+            je_tick(0, 17 * MIB)
+        };
+        r.push_tick(t, tick);
+    }
+    let rep = analyze(&r, &Thresholds::default());
+    let kinds: Vec<Kind> = rep.stretches.iter().map(|s| s.verdict).collect();
+    assert_eq!(kinds, vec![Kind::Hoard, Kind::Fragmentation]);
+    assert_eq!(rep.verdict.kind, Kind::Hoard, "{}", rep.verdict.headline);
+}
+
+/// Issue 10: a worker killed at 97.9 % was reported as "transient, went
+/// back to the kernel".
+#[test]
+fn a_killed_run_is_reported_as_killed_never_transient() {
+    use amm_timeline::{Exit, Level, LevelCrossing};
+    let limit = 1u64 << 30;
+    // kernel data only: RSS climbs to the terminate page, the kernel kills
+    // it, and the samples of its teardown fall
+    let mut r = Run::kernel(Some(limit), Levels::dask(limit));
+    for i in 0..40 {
+        let t = i as f64 * 0.2;
+        let p = if i < 35 {
+            100 * MIB + i as u64 * 25 * MIB
+        } else {
+            100 * MIB
+        };
+        r.push_tick(
+            t,
+            Tick {
+                process: p,
+                rss_anon: Some(p),
+                rss_file_shmem: Some(0),
+                ..Tick::default()
+            },
+        );
+    }
+    let page = limit / 100 * 98;
+    r.push_event(
+        6.85,
+        Event::Level(LevelCrossing {
+            from: Level::Pause,
+            to: Level::Terminate,
+            rss: page,
+            signalled: true,
+            delay_us: None,
+        }),
+    );
+    r.push_event(
+        6.9,
+        Event::Exit(Exit {
+            peak_rss_bytes: Some(page),
+            ..Exit::default()
+        }),
+    );
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Killed, "{}", rep.verdict.headline);
+    let h = &rep.verdict.headline;
+    assert!(
+        h.contains("terminate page") && h.contains("level terminate"),
+        "{h}"
+    );
+    assert!(h.contains("98.0 %"), "{h}");
+    assert_eq!(rep.run.killed.len(), 1);
+    let all: Vec<&Finding> = rep.stretches.iter().flat_map(|s| &s.findings).collect();
+    assert!(
+        all.iter()
+            .all(|f| !f.headline.contains("went back to the kernel")),
+        "the kill's teardown read as a release: {:?}",
+        all.iter().map(|f| &f.headline).collect::<Vec<_>>()
+    );
+    // the OOM killer, named by the exit
+    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+    r.push_event(
+        6.1,
+        Event::Exit(Exit {
+            signal: Some(9),
+            by: Some(amm_timeline::Killer::OomKill {
+                scope: Some("cgroup".into()),
+            }),
+            ..Exit::default()
+        }),
+    );
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Killed);
+    assert!(
+        rep.verdict.headline.contains("OOM killer (cgroup)"),
+        "{}",
+        rep.verdict.headline
+    );
+    // a process that exited by itself was not killed
+    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+    r.push_event(
+        6.1,
+        Event::Exit(Exit {
+            code: Some(0),
+            ..Exit::default()
+        }),
+    );
+    assert_eq!(verdict(&r), Kind::Steady);
+}
