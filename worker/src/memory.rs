@@ -38,10 +38,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amm_timeline::{Event, NothingToSpill, PauseChange, Spill, Split, Terminate, Tick};
+use amm_timeline::{Event, Heap, NothingToSpill, PauseChange, Spill, Split, Terminate, Tick};
 use serde::Serialize;
 
-use crate::alloc::{self, Allocator, Detail, Heap};
+use crate::alloc::{self, Allocator, Detail};
 use crate::cgroup::{CgroupUsage, MemoryCgroup};
 use crate::config::MemoryConfig;
 use crate::proc;
@@ -896,8 +896,8 @@ impl MemoryManager {
     /// budget (the `Governor` the preload library shares); what a purge can
     /// return is the dirty and muzzy pages (slab slack and metadata, also in
     /// `hoarded`, stay). glibc trims its own top past the threshold.
-    fn threshold_purge(&mut self, heap: &HeapStats) {
-        if matches!(heap, HeapStats::Jemalloc(_))
+    fn threshold_purge(&mut self, heap: &Heap) {
+        if matches!(heap, Heap::Jemalloc(_))
             && self.governor.threshold_due(
                 heap.purgeable(),
                 self.cfg.trim_threshold,

@@ -285,9 +285,7 @@ fn print_kernel_events(with: &Outcome) {
                 s.rss,
                 s.delay_us,
             ),
-            amm_timeline::Event::Level(l) => {
-                (format!("{} -> {}", l.from, l.to), l.rss, l.delay_us)
-            }
+            amm_timeline::Event::Level(l) => (format!("{} -> {}", l.from, l.to), l.rss, l.delay_us),
             _ => continue,
         };
         let delay = delay.map_or("?".to_string(), |d| d.to_string());

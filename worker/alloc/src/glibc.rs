@@ -24,7 +24,6 @@ use std::io;
 use std::time::Instant;
 
 use procfs::process::{MMPermissions, MMapPath, MemoryMap};
-use serde::Serialize;
 
 use crate::Detail;
 
@@ -33,9 +32,6 @@ pub use amm_timeline::{GlibcArena, GlibcStats};
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: non-main arenas live in heaps of this
 /// size, aligned to it.
 pub const HEAP_MAX_SIZE: u64 = 64 << 20;
-
-
-
 
 /// `mallinfo2`'s numbers, and what reading them cost.
 #[derive(Debug, Clone, Copy, Default)]

@@ -17,16 +17,12 @@ use std::sync::OnceLock;
 
 pub use amm_timeline::{ArenaPages, JemallocStats, SizeClass};
 
-use serde::Serialize;
 use tikv_jemalloc_ctl::{epoch, epoch_mib, raw, stats};
 
 use crate::Detail;
 
 /// `MALLCTL_ARENAS_ALL`: the pseudo arena index meaning "all arenas merged".
 pub const MALLCTL_ARENAS_ALL: usize = 4096;
-
-
-
 
 fn err(name: &str, e: tikv_jemalloc_ctl::Error) -> io::Error {
     io::Error::other(format!("mallctl {name} failed: {e}"))

@@ -23,8 +23,6 @@ mod purge;
 
 use std::io;
 
-use serde::Serialize;
-
 pub use amm_record::Allocator;
 pub use purge::{
     Governor, PURGE_BUDGET, PurgeCost, PurgeReport, reclaim, release_hoard, thread_cpu_us,

@@ -4,8 +4,6 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::{Allocator, Detail, glibc, heap_stats, jemalloc, rss_bytes};
 
 /// Most of the run's wall time that threshold purges may cost, counted in

@@ -161,6 +161,8 @@ pub struct GlibcStats {
     pub uordblks: u64,
     /// `fordblks`: bytes in free chunks of the arenas (resident or not).
     pub fordblks: u64,
+    /// `fsmblks`: bytes in free fastbin chunks.
+    pub fsmblks: u64,
     /// `keepcost`: releasable bytes at the top of the main arena.
     pub keepcost: u64,
     /// Resident bytes of the arenas' heaps, counted with `mincore`.
