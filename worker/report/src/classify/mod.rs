@@ -225,7 +225,7 @@ fn run_info(run: &Run, spans: &[Span], probe_count: usize, killed: Vec<Killed>) 
             .iter()
             .map(|t| t.attempt)
             .max()
-            .map_or(1, |a| a + 1),
+            .map_or(1, |a| a.saturating_add(1)),
         limit_bytes: run.limit,
         levels: run.levels,
         peak_process_bytes: run.ticks.iter().map(|t| t.process).max().unwrap_or(0),
