@@ -93,7 +93,7 @@ fn the_kernel_kills_a_program_at_the_terminate_page_and_the_nanny_says_so() {
     let tl = timeline(&dir.path().join("timeline.jsonl"));
     let kill = tl
         .iter()
-        .find(|v| v["event"] == "agent" && v["level"] == "terminate")
+        .find(|v| v["event"] == "level" && v["to"] == "terminate")
         .unwrap_or_else(|| panic!("no terminate event: {tl:?}"));
     assert_eq!(kill["signalled"], true);
     let rss = kill["rss"].as_u64().expect("rss");
@@ -111,4 +111,7 @@ fn the_kernel_kills_a_program_at_the_terminate_page_and_the_nanny_says_so() {
         .find(|v| v["event"] == "exit")
         .expect("exit event");
     assert_eq!(exit["signal"], libc::SIGKILL);
+    assert_eq!(exit["by"]["who"], "kernel_terminate", "{exit}");
+    assert_eq!(exit["level"], "terminate", "{exit}");
+    assert_eq!(exit["rss_bytes"], kill["rss"], "{exit}");
 }

@@ -141,35 +141,20 @@ fn handle(
     counters: &AgentCounters,
     timeline: Option<&Timeline>,
 ) {
-    let record = |event: Event| {
-        if let Some(t) = timeline {
-            t.event(event);
-        }
-    };
-    match e {
-        LinkEvent::Connected {
-            thresholds,
-            rss_bytes,
-        } => {
+    match &e {
+        LinkEvent::Connected { rss_bytes, .. } => {
             counters.connects.fetch_add(1, Ordering::SeqCst);
             tracing::info!(rss_bytes, "registered with amm-agent: kernel events on");
-            record(Event::AgentConnected(AgentConnected {
-                rss: rss_bytes,
-                terminate: thresholds.terminate,
-            }));
         }
         LinkEvent::Lost(reason) => {
             counters.lost.fetch_add(1, Ordering::SeqCst);
             tracing::warn!("amm-agent unavailable ({reason}); polling only until it is back");
-            record(Event::AgentLost(AgentReason { reason }));
         }
         LinkEvent::Refused(reason) => {
             tracing::warn!("amm-agent refused to watch this worker ({reason}); polling only");
-            record(Event::AgentRefused(AgentReason { reason }));
         }
         LinkEvent::Event(m) => {
             counters.events.fetch_add(1, Ordering::SeqCst);
-            let delay_us = monotonic_ns().saturating_sub(m.t_ns) / 1000;
             // act first, record after
             if let Some(sink) = sink {
                 match m.event {
@@ -187,27 +172,55 @@ fn handle(
                     EventKind::Exit | EventKind::Credentials => {}
                 }
             }
-            // the line's time is the kernel's: when it happened
+        }
+    }
+    if let Some(t) = timeline {
+        record(t, &e);
+    }
+}
+
+/// Writes what the link to amm-agent reported to `timeline`, in the
+/// timeline contract's terms: the link's state as `agent_connected`,
+/// `agent_lost`, `agent_refused`; the kernel's `level` and `spike` at the
+/// kernel's time (when it happened), with the delay to this line. The end
+/// of a watch is left out: the supervisor writes the exit, with its cause,
+/// and a watch ended by a change of credentials is not the process's
+/// business. Used by the worker and by the supervisor of `-- CMD` alike.
+pub fn record(timeline: &Timeline, e: &LinkEvent) {
+    let event = match e {
+        LinkEvent::Connected {
+            thresholds,
+            rss_bytes,
+        } => Event::AgentConnected(AgentConnected {
+            rss: *rss_bytes,
+            terminate: thresholds.terminate,
+        }),
+        LinkEvent::Lost(reason) => Event::AgentLost(AgentReason {
+            reason: reason.clone(),
+        }),
+        LinkEvent::Refused(reason) => Event::AgentRefused(AgentReason {
+            reason: reason.clone(),
+        }),
+        LinkEvent::Event(m) => {
+            let delay_us = Some(monotonic_ns().saturating_sub(m.t_ns) / 1000);
             let event = match m.event {
                 EventKind::Level => Event::Level(LevelCrossing {
                     from: m.prev_level,
                     to: m.level,
                     rss: m.rss_bytes,
                     signalled: m.signalled,
-                    delay_us: Some(delay_us),
+                    delay_us,
                 }),
                 EventKind::Spike => Event::Spike(Spike {
                     rss: m.rss_bytes,
                     eta_ns: m.eta_ns,
-                    delay_us: Some(delay_us),
+                    delay_us,
                 }),
-                // the nanny writes the exit, with its cause; a watch ended
-                // by a change of credentials is not this worker's business
                 EventKind::Exit | EventKind::Credentials => return,
             };
-            if let Some(t) = timeline {
-                t.event_at(m.t_ns, event);
-            }
+            timeline.event_at(m.t_ns, event);
+            return;
         }
-    }
+    };
+    timeline.event(event);
 }

@@ -37,6 +37,14 @@ impl Ending {
         }
     }
 
+    /// The ending an attempt recorded: its signal, else its exit code.
+    pub fn of(exit_code: i32, signal: Option<i32>) -> Ending {
+        match signal {
+            Some(s) => Ending::Signaled(s),
+            None => Ending::Exited(exit_code),
+        }
+    }
+
     /// The signal that killed the process, if one did.
     pub fn signal(self) -> Option<i32> {
         match self {

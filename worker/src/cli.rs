@@ -417,12 +417,12 @@ fn run_program(a: ProgramArgs) -> anyhow::Result<i32> {
         max_restarts: a.max_restarts,
         backoff: duration(&a.restart_backoff, "--restart-backoff")?,
     };
-    let report = nanny::run(&mut AnyProgram::new(opts), &policy)?;
+    let summary = nanny::run(&mut AnyProgram::new(opts), &policy)?;
     if let Some(path) = &a.summary {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("cannot write the summary {}", path.display()))?;
     }
-    Ok(report.exit_code)
+    Ok(summary.exit_code)
 }
 
 /// Resolves `--memory-limit` for this process's host and cgroup, and warns

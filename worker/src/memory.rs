@@ -565,6 +565,7 @@ impl MemoryManager {
             threshold,
             fraction: self.fraction(acc.split.process),
             exit_code: TERMINATE_EXIT_CODE,
+            signal: None,
         }));
         if let Some(t) = &self.timeline {
             t.flush();

@@ -26,8 +26,8 @@ pub use builtin::NannyOptions;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use amm_timeline::{Exit, Killer, Level, PeakSource, Restart, Summary};
 use nix::sys::signal::Signal;
-use serde::Serialize;
 
 use crate::child::{self, Child, Ending};
 use crate::signals;
@@ -54,75 +54,70 @@ pub struct RestartPolicy {
     pub backoff: Duration,
 }
 
-/// How an attempt counts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Verdict {
-    /// Finished; not restarted.
-    Done,
-    /// Finished, but its result is wrong (built-in worker); not restarted.
-    ResultFailed,
-    /// Refused to start (built-in worker, exit 78); not restarted.
-    Refused,
-    /// Ended by the memory model; `by` says who ended it.
-    Terminated {
-        /// Who: `worker` (it exited 75), `kernel` (amm-agent's kill at the
-        /// terminate page), `nanny` (the nanny's terminate).
-        by: String,
-    },
-    /// Ended otherwise (a signal nobody in amm sent, an error exit).
-    Crashed,
-    /// Ended after the nanny forwarded this signal to it.
-    Stopped {
-        /// The signal forwarded.
-        signal: i32,
-    },
+/// How an attempt counts (the timeline contract's type: the summary
+/// carries it).
+pub use amm_timeline::Verdict;
+
+/// One attempt, for the summary (the timeline contract's type).
+pub use amm_timeline::Attempt;
+
+/// OOM kills so far: the memory cgroup's (`memory.oom_control` /
+/// `memory.events`) and the machine's (`/proc/vmstat`), to tell an OOM
+/// kill from another SIGKILL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OomKills {
+    /// The cgroup's count, when it has one.
+    pub cgroup: Option<u64>,
+    /// The machine's count.
+    pub global: Option<u64>,
 }
 
-/// One attempt, for the summary.
-#[derive(Debug, Clone, Serialize)]
-pub struct Attempt {
-    /// 0 for the first.
-    pub attempt: u32,
-    /// Its pid.
-    pub pid: u32,
-    /// How it counts.
-    pub verdict: Verdict,
-    /// `done`, `terminated`, `crashed`, `stopped`, ... in words.
-    pub ending: String,
-    /// Its status as a shell reports it (128 + N for signal N).
-    pub exit_code: i32,
-    /// The signal that killed it, if one did.
-    pub signal: Option<i32>,
-    /// Its peak RSS as the kernel counts it (`ru_maxrss`).
-    pub max_rss_bytes: u64,
-    /// Wall time.
-    pub ms: u64,
-    /// Who or what ended it, in words, when the nanny can tell.
-    pub cause: Option<String>,
+impl OomKills {
+    /// The counts now; `cgroup` is the process's memory cgroup.
+    pub fn now(cgroup: Option<&crate::cgroup::MemoryCgroup>) -> OomKills {
+        OomKills {
+            cgroup: cgroup.and_then(|c| c.usage()).map(|u| u.oom_kills),
+            global: crate::proc::vmstat_oom_kills(),
+        }
+    }
+
+    /// The OOM kill that happened since `before`, if a count moved (the
+    /// cgroup's first: it is the narrower).
+    pub fn since(&self, before: &OomKills) -> Option<Killer> {
+        let moved = |a: Option<u64>, b: Option<u64>| matches!((a, b), (Some(a), Some(b)) if b > a);
+        let scope = if moved(before.cgroup, self.cgroup) {
+            "cgroup"
+        } else if moved(before.global, self.global) {
+            "global"
+        } else {
+            return None;
+        };
+        Some(Killer::OomKill {
+            scope: Some(scope.into()),
+        })
+    }
 }
 
-/// What the nanny adds to the run's summary.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct NannyReport {
-    /// Restarts made.
-    pub restarts: u32,
-    /// Attempts ended by the memory model.
-    pub terminations: u32,
-    /// Attempts that crashed.
-    pub crashes: u32,
-    /// Peak RSS over the attempts.
-    pub peak_rss_bytes: u64,
-    /// Every attempt.
-    pub attempts: Vec<Attempt>,
-    /// The nanny's wall time.
-    pub nanny_wall_ms: u64,
-    /// Gave up after `max_restarts`.
-    pub gave_up: bool,
-    /// The nanny's exit code.
-    pub exit_code: i32,
-    /// SIGINT/SIGTERM that stopped the run.
-    pub stopped_by_signal: Option<i32>,
+/// The timeline's `exit` event of attempt `a`: `by` who ended it, at what
+/// `level` and RSS (at the killing page, for the kernel's kill), and its
+/// exact peak (`wait4`'s).
+pub fn exit_event(
+    a: &Attempt,
+    by: Option<Killer>,
+    level: Option<Level>,
+    rss_bytes: Option<u64>,
+) -> Exit {
+    Exit {
+        attempt: a.attempt,
+        pid: a.pid,
+        code: a.signal.is_none().then_some(a.exit_code),
+        signal: a.signal,
+        by,
+        level,
+        rss_bytes,
+        peak_rss_bytes: Some(a.max_rss_bytes),
+        peak_source: Some(PeakSource::Wait4),
+    }
 }
 
 /// What the nanny supervises.
@@ -142,9 +137,15 @@ pub trait Program {
     fn poll(&mut self, _pid: u32) {}
     /// How an attempt that was not stopped by a signal counts.
     fn verdict(&mut self, pid: u32, ending: Ending) -> Verdict;
-    /// The attempt is over and reaped; `peak` may be raised from what the
-    /// program itself reported.
+    /// The attempt is over and reaped: the program may raise its peak from
+    /// what the program itself reported, say its cause, and record its exit.
     fn finished(&mut self, _attempt: &mut Attempt) {}
+    /// The program is about to be started again.
+    fn restarting(&mut self, _restart: &Restart) {}
+    /// The summary the nanny completes with its own part once it stops
+    /// (the last attempt's own summary, or what the nanny knows of the
+    /// program).
+    fn summary(&mut self) -> Summary;
     /// The nanny's exit code once it stops: `last` is the last attempt,
     /// `gave_up` whether restarts ran out.
     fn exit_code(&self, last: &Attempt, gave_up: bool) -> i32;
@@ -214,12 +215,12 @@ fn attempt(program: &mut dyn Program, n: u32) -> anyhow::Result<Attempt> {
         attempt: n,
         pid: c.pid,
         ending: words(&verdict, ending),
-        verdict,
+        verdict: Some(verdict),
         exit_code: ending.shell_code(),
         signal: ending.signal(),
         max_rss_bytes: maxrss,
         ms: t0.elapsed().as_millis() as u64,
-        cause: None,
+        ..Attempt::default()
     };
     program.finished(&mut a);
     tracing::info!(attempt = n, ending = ?ending, kind = %a.ending, "nanny: worker ended");
@@ -236,28 +237,23 @@ fn back_off(backoff: Duration) -> Option<i32> {
 }
 
 /// Runs `program` under supervision until it is done, stopped, or restarts
-/// run out; returns the report (its `exit_code` is the nanny's).
-pub fn run(program: &mut dyn Program, policy: &RestartPolicy) -> anyhow::Result<NannyReport> {
+/// run out; returns the program's summary completed with the nanny's part
+/// (restarts, every attempt, ...; its `exit_code` is the nanny's).
+pub fn run(program: &mut dyn Program, policy: &RestartPolicy) -> anyhow::Result<Summary> {
     use anyhow::Context;
     signals::install().context("cannot install signal handlers")?;
     let start = Instant::now();
-    let mut r = NannyReport::default();
+    let mut r = Supervision::default();
     let mut backoff = policy.backoff;
     loop {
         let a = attempt(program, r.attempts.len() as u32)?;
-        r.peak_rss_bytes = r.peak_rss_bytes.max(a.max_rss_bytes);
-        match &a.verdict {
-            Verdict::Terminated { .. } => r.terminations += 1,
-            Verdict::Crashed => r.crashes += 1,
-            Verdict::Stopped { signal } => r.stopped_by_signal = Some(*signal),
-            Verdict::Done | Verdict::ResultFailed | Verdict::Refused => {}
-        }
-        let finished = !matches!(a.verdict, Verdict::Terminated { .. } | Verdict::Crashed);
-        r.gave_up = !finished && r.restarts >= policy.max_restarts;
+        let verdict = a.verdict.clone().unwrap_or(Verdict::Crashed);
+        r.count(&a, &verdict);
+        r.gave_up = verdict.restarts() && r.restarts >= policy.max_restarts;
         r.exit_code = program.exit_code(&a, r.gave_up);
         let kind = a.ending.clone();
         r.attempts.push(a);
-        if finished {
+        if !verdict.restarts() {
             break;
         }
         if r.gave_up {
@@ -275,6 +271,11 @@ pub fn run(program: &mut dyn Program, policy: &RestartPolicy) -> anyhow::Result<
             backoff_ms = backoff.as_millis() as u64,
             "nanny: restarting the worker ({kind})"
         );
+        program.restarting(&Restart {
+            attempt: r.restarts,
+            reason: kind,
+            backoff_ms: backoff.as_millis() as u64,
+        });
         if let Some(sig) = back_off(backoff) {
             r.stopped_by_signal = Some(sig);
             r.exit_code = 128 + sig;
@@ -282,8 +283,51 @@ pub fn run(program: &mut dyn Program, policy: &RestartPolicy) -> anyhow::Result<
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    r.nanny_wall_ms = start.elapsed().as_millis() as u64;
-    Ok(r)
+    Ok(r.complete(program.summary(), start.elapsed()))
+}
+
+/// What the nanny counts while it runs: its part of the summary.
+#[derive(Debug, Default)]
+struct Supervision {
+    restarts: u32,
+    terminations: u32,
+    crashes: u32,
+    peak_rss_bytes: u64,
+    attempts: Vec<Attempt>,
+    gave_up: bool,
+    exit_code: i32,
+    stopped_by_signal: Option<i32>,
+}
+
+impl Supervision {
+    fn count(&mut self, a: &Attempt, verdict: &Verdict) {
+        self.peak_rss_bytes = self.peak_rss_bytes.max(a.max_rss_bytes);
+        match verdict {
+            Verdict::Terminated { .. } => self.terminations += 1,
+            Verdict::Crashed => self.crashes += 1,
+            Verdict::Stopped { signal } => self.stopped_by_signal = Some(*signal),
+            Verdict::Done | Verdict::ResultFailed | Verdict::Refused => {}
+        }
+    }
+
+    /// `s` with the nanny's part filled in: counts over every attempt
+    /// replace the last attempt's own, and a run that did not end with 0
+    /// is no good result.
+    fn complete(self, mut s: Summary, wall: Duration) -> Summary {
+        s.restarts = self.restarts;
+        s.terminations = self.terminations;
+        s.crashes = self.crashes;
+        s.peak_rss_bytes = s.peak_rss_bytes.max(self.peak_rss_bytes);
+        s.attempts = self.attempts;
+        s.nanny_wall_ms = Some(wall.as_millis() as u64);
+        s.gave_up = Some(self.gave_up);
+        s.exit_code = self.exit_code;
+        s.stopped_by_signal = self.stopped_by_signal;
+        if self.exit_code != 0 {
+            s.result_ok = false;
+        }
+        s
+    }
 }
 
 /// The built-in worker's exit code from the nanny: 0 done, 3 a failed

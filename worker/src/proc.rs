@@ -126,6 +126,13 @@ pub fn start_time(pid: u32) -> Option<u64> {
         .map(|s| s.starttime)
 }
 
+/// OOM kills on the whole machine so far (`oom_kill` of `/proc/vmstat`),
+/// when the kernel reports it.
+pub fn vmstat_oom_kills() -> Option<u64> {
+    let v = procfs::vmstat().ok()?;
+    v.get("oom_kill").map(|&n| n.max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -208,6 +208,30 @@ fn the_nanny_terminates_a_program_past_terminate_and_says_so() {
     let exits = events(&t, "exit");
     assert_eq!(exits.len(), 2);
     assert_eq!(exits[0]["signal"], libc::SIGKILL);
+    assert_eq!(exits[0]["by"]["who"], "supervisor", "{}", exits[0]);
+    assert_eq!(exits[0]["level"], "terminate", "{}", exits[0]);
+    assert_eq!(events(&t, "restart").len(), 1, "one restart between two");
+    // every line is the timeline contract's, and the report reads it: two
+    // kills by the nanny, each with its signal
+    assert!(t.iter().all(|v| v["v"] == 1), "{t:?}");
+    let out = Command::new(bin())
+        .args(["report", "--json"])
+        .arg(&tl)
+        .output()
+        .expect("amm-worker report");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report --json");
+    assert_eq!(report["verdict"]["kind"], "killed", "{}", report["verdict"]);
+    let killed = report["run"]["killed"].as_array().expect("killed");
+    assert_eq!(killed.len(), 2, "{killed:?}");
+    for k in killed {
+        assert_eq!(k["signal"], libc::SIGKILL, "{k}");
+        assert!(k["by"].as_str().is_some_and(|b| b.contains("nanny")), "{k}");
+    }
 }
 
 /// SIGTERM with a grace instead of SIGKILL: a program that ignores SIGTERM

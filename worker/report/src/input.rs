@@ -189,7 +189,7 @@ impl Run {
         let mut clock = Clock::default();
         for item in amm_timeline::Reader::new(reader) {
             match item? {
-                Item::Line(_, line) => run.take_line(line, &mut clock),
+                Item::Line(_, line) => run.take_line(*line, &mut clock),
                 Item::Skipped(s) => {
                     clock.skipped_count += 1;
                     if clock.skipped.len() < NOTED_SKIPS {

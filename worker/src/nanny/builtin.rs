@@ -2,7 +2,10 @@
 //! binary with `--no-nanny`, on the allocator chosen in its environment
 //! (`AMM_ALLOCATOR`, and `MALLOC_TRIM_THRESHOLD_` for a glibc worker, as
 //! Dask's nanny does). The worker prints its JSON summary on stdout; the
-//! nanny adds its own fields and prints the result.
+//! nanny adds its own fields and prints the result. With `--timeline` the
+//! nanny appends to the worker's timeline what the worker cannot write
+//! itself: the `exit` of an attempt a signal ended (who sent it, the level,
+//! the exact peak) and each `restart`.
 
 use std::ffi::OsString;
 use std::io::BufRead;
@@ -10,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use amm_timeline::{Entry, Event, Killer, Level, Line, Restart, Summary};
 use anyhow::Context;
 use nix::sys::signal::Signal;
-use serde_json::{Value, json};
 
-use super::{ATTEMPT_ENV, Attempt, NAME_ENV, Program, RestartPolicy, Verdict};
+use super::{ATTEMPT_ENV, Attempt, NAME_ENV, OomKills, Program, RestartPolicy, Verdict};
 use crate::alloc::{ALLOCATOR_ENV, Allocator};
 use crate::child::{Child, Ending};
 use crate::memory::TERMINATE_EXIT_CODE;
@@ -38,6 +41,9 @@ pub struct NannyOptions {
     /// amm-agent's socket, when the worker registers with it: the nanny asks
     /// the agent why a worker died of a signal.
     pub agent: Option<PathBuf>,
+    /// The worker's `--timeline` file: the nanny appends the `exit` of an
+    /// attempt a signal ended, and each `restart`.
+    pub timeline: Option<PathBuf>,
 }
 
 /// What amm-agent saw at the end of a process killed by a signal: the RSS
@@ -68,9 +74,48 @@ struct BuiltinWorker {
     exe: PathBuf,
     args: Vec<OsString>,
     opts: NannyOptions,
-    summary: Arc<Mutex<Option<Value>>>,
+    summary: Arc<Mutex<Option<Summary>>>,
     reader: Option<JoinHandle<()>>,
-    last_summary: Option<Value>,
+    last_summary: Option<Summary>,
+    cgroup: Option<crate::cgroup::MemoryCgroup>,
+    /// When the attempt started: its lines' `t_ms` count from here.
+    t0: Instant,
+    /// OOM kills when the attempt started.
+    ooms_at_start: OomKills,
+    /// RSS at the page where the kernel killed the attempt, if it did.
+    at_terminate: Option<u64>,
+}
+
+impl BuiltinWorker {
+    /// Appends `event` to the worker's timeline, on the attempt's clock.
+    fn record(&self, event: Event) {
+        let Some(path) = &self.opts.timeline else {
+            return;
+        };
+        match amm_timeline::Writer::create(path, true) {
+            Ok(w) => w.line(&Line::new(
+                self.t0.elapsed().as_millis() as u64,
+                Some(amm_timeline::monotonic_ns()),
+                Entry::Event(event),
+            )),
+            Err(e) => tracing::warn!("nanny: cannot add to the timeline: {e}"),
+        }
+    }
+
+    /// Who ended an attempt a signal ended: the kernel at the terminate
+    /// page (amm-agent says so), the nanny (it forwarded a stop), the OOM
+    /// killer (a count moved), else nobody can say.
+    fn killer(&self, a: &Attempt) -> Killer {
+        if self.at_terminate.is_some() {
+            Killer::KernelTerminate
+        } else if matches!(a.verdict, Some(Verdict::Stopped { .. })) {
+            Killer::Supervisor
+        } else {
+            OomKills::now(self.cgroup.as_ref())
+                .since(&self.ooms_at_start)
+                .unwrap_or(Killer::Unknown)
+        }
+    }
 }
 
 impl Program for BuiltinWorker {
@@ -99,14 +144,18 @@ impl Program for BuiltinWorker {
 
     fn started(&mut self, _attempt: u32, child: &mut Child) -> anyhow::Result<()> {
         tracing::info!(allocator = %self.opts.allocator, "nanny: worker allocator");
+        self.t0 = Instant::now();
+        self.ooms_at_start = OomKills::now(self.cgroup.as_ref());
+        self.at_terminate = None;
         let Some(out) = child.stdout.take() else {
             return Ok(());
         };
         let summary = self.summary.clone();
         self.reader = Some(std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) if v.is_object() => {
+                // the worker's summary is its one JSON object line
+                match serde_json::from_str::<Summary>(&line) {
+                    Ok(v) if line.trim_start().starts_with('{') => {
                         *summary.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
                     }
                     _ => println!("{line}"),
@@ -126,12 +175,12 @@ impl Program for BuiltinWorker {
             },
             Ending::Exited(_) => Verdict::Crashed,
             Ending::Signaled(s) => {
-                match self
+                self.at_terminate = self
                     .opts
                     .agent
                     .as_deref()
-                    .and_then(|a| killed_at_terminate(a, pid))
-                {
+                    .and_then(|a| killed_at_terminate(a, pid));
+                match self.at_terminate {
                     Some(rss) => {
                         tracing::warn!(
                             pid,
@@ -158,14 +207,35 @@ impl Program for BuiltinWorker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(p) = self
-            .last_summary
-            .as_ref()
-            .and_then(|s| s.get("peak_rss_bytes"))
-            .and_then(Value::as_u64)
-        {
-            attempt.max_rss_bytes = attempt.max_rss_bytes.max(p);
+        if let Some(s) = &self.last_summary {
+            attempt.max_rss_bytes = attempt.max_rss_bytes.max(s.peak_rss_bytes);
         }
+        let Some(signal) = attempt.signal else {
+            // a worker that exits by itself writes its own exit
+            return;
+        };
+        let by = self.killer(attempt);
+        if matches!(by, Killer::OomKill { .. }) {
+            attempt.ending = "killed by the OOM killer".into();
+        }
+        attempt.cause = Some(format!("killed by signal {signal}: {}", by.describe()));
+        let level = self.at_terminate.map(|_| Level::Terminate);
+        let exit = super::exit_event(attempt, Some(by), level, self.at_terminate);
+        self.record(Event::Exit(exit.clone()));
+        attempt.exit = Some(exit);
+    }
+
+    fn restarting(&mut self, restart: &Restart) {
+        self.record(Event::Restart(restart.clone()));
+    }
+
+    fn summary(&mut self) -> Summary {
+        self.last_summary.take().unwrap_or_else(|| Summary {
+            name: self.opts.name.clone(),
+            allocator: self.opts.allocator.name().to_string(),
+            errors: vec!["the last worker printed no summary".into()],
+            ..Summary::default()
+        })
     }
 
     fn exit_code(&self, last: &Attempt, gave_up: bool) -> i32 {
@@ -185,26 +255,18 @@ pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
         summary: Arc::default(),
         reader: None,
         last_summary: None,
+        cgroup: crate::cgroup::find(Path::new("/")).ok().flatten(),
+        t0: Instant::now(),
+        ooms_at_start: OomKills::default(),
+        at_terminate: None,
     };
     let policy = w.opts.restart.clone();
-    let report = super::run(&mut w, &policy)?;
+    let summary = super::run(&mut w, &policy)?;
     // The worker's spill directory, in case it died without cleaning up.
     let dir = crate::spill::dir::path_for(&w.opts.local_directory, &w.opts.name);
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let mut s = w.last_summary.take().unwrap_or_else(|| {
-        json!({"workload": null, "name": w.opts.name, "allocator": w.opts.allocator.name(),
-               "result_ok": false, "spilled_bytes_total": 0, "spill_count": 0,
-               "paused_ms": 0, "purged_bytes_total": 0, "limit_bytes": null,
-               "errors": ["the last worker printed no summary"]})
-    });
-    if let (Some(m), Value::Object(n)) = (s.as_object_mut(), serde_json::to_value(&report)?) {
-        m.extend(n);
-        if report.exit_code != 0 {
-            m.insert("result_ok".into(), json!(false));
-        }
-    }
-    println!("{s}");
-    Ok(report.exit_code)
+    crate::summary::print(&summary);
+    Ok(summary.exit_code)
 }

@@ -23,17 +23,17 @@ use std::time::{Duration, Instant};
 
 use amm_protocol::link::{Link, LinkConfig, LinkEvent};
 use amm_protocol::{Fractions, Registration, TerminateBy};
+use amm_timeline::{Event, Hook, Killer, Restart, Start, Summary, Terminate, Tick};
 use nix::sys::signal::Signal;
-use serde_json::json;
 
-use super::{ATTEMPT_ENV, Attempt, NAME_ENV, Program, Verdict};
+use super::{ATTEMPT_ENV, Attempt, NAME_ENV, OomKills, Program, Verdict};
 use crate::child::{self, Child, Ending};
 use crate::config::MemoryConfig;
 use crate::hook::{Action, Facts, Hooks};
 use crate::inject::Injection;
 use crate::limit::Limit;
 use crate::memory::{Level, Levels, levels};
-use crate::timeline::{Timeline, monotonic_ns};
+use crate::timeline::Timeline;
 
 /// How long a program waits before exec for amm-agent's answer.
 const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
@@ -79,8 +79,8 @@ struct AttemptState {
     killed_after_grace: bool,
     /// The agent's exit event came.
     kernel_exit: bool,
-    /// OOM kills of the cgroup when the attempt started.
-    oom_kills_at_start: Option<u64>,
+    /// OOM kills when the attempt started.
+    oom_kills_at_start: OomKills,
     /// RSS at the last poll of a live process.
     rss: u64,
     /// RSS when terminate was acted on (by the kernel or the nanny).
@@ -125,9 +125,9 @@ impl AnyProgram {
         }
     }
 
-    fn record(&self, name: &str, fields: serde_json::Value) {
+    fn record(&self, event: Event) {
         if let Some(t) = &self.timeline {
-            t.event(name, fields);
+            t.event(event);
         }
     }
 
@@ -203,6 +203,9 @@ impl AnyProgram {
     }
 
     fn on_link_event(&mut self, e: LinkEvent) {
+        if let Some(t) = &self.timeline {
+            crate::agent::record(t, &e);
+        }
         match e {
             LinkEvent::Connected { rss_bytes, .. } => {
                 tracing::info!(
@@ -210,46 +213,35 @@ impl AnyProgram {
                     rss_bytes,
                     "amm-agent watches the program"
                 );
-                self.record("agent_connected", json!({"rss": rss_bytes}));
             }
             LinkEvent::Lost(why) => {
                 tracing::warn!("amm-agent unavailable ({why}); polling only until it is back");
-                self.record("agent_lost", json!({"reason": why}));
             }
             LinkEvent::Refused(why) => {
                 tracing::warn!("amm-agent refused to watch the program ({why}); polling only");
-                self.record("agent_refused", json!({"reason": why}));
             }
-            LinkEvent::Event(m) => {
-                self.record(
-                    "agent",
-                    json!({"agent_event": m.event, "level": m.level, "prev_level": m.prev_level,
-                           "rss": m.rss_bytes, "t_ns": m.t_ns, "signalled": m.signalled,
-                           "delay_us": monotonic_ns().saturating_sub(m.t_ns) / 1000}),
-                );
-                match m.event {
-                    amm_ebpf::EventKind::Exit => self.state.kernel_exit = true,
-                    amm_ebpf::EventKind::Credentials => {
-                        // the agent's watch is over (setuid exec...): polls only
-                        tracing::warn!(
-                            pid = self.state.pid,
-                            "the program's credentials changed: amm-agent stopped watching it; \
-                             the nanny's polls go on"
-                        );
-                        self.state.kernel_exit = true;
-                    }
-                    amm_ebpf::EventKind::Level => {
-                        if m.level == Level::Terminate && m.signalled {
-                            self.state.kernel_signalled = true;
-                            self.state.terminate_rss = Some(m.rss_bytes);
-                            // a signal other than SIGKILL: kill after the grace
-                            self.state.nanny_terminated.get_or_insert_with(Instant::now);
-                        }
-                        self.set_level(m.level, m.rss_bytes);
-                    }
-                    amm_ebpf::EventKind::Spike => {}
+            LinkEvent::Event(m) => match m.event {
+                amm_ebpf::EventKind::Exit => self.state.kernel_exit = true,
+                amm_ebpf::EventKind::Credentials => {
+                    // the agent's watch is over (setuid exec...): polls only
+                    tracing::warn!(
+                        pid = self.state.pid,
+                        "the program's credentials changed: amm-agent stopped watching it; \
+                         the nanny's polls go on"
+                    );
+                    self.state.kernel_exit = true;
                 }
-            }
+                amm_ebpf::EventKind::Level => {
+                    if m.level == Level::Terminate && m.signalled {
+                        self.state.kernel_signalled = true;
+                        self.state.terminate_rss = Some(m.rss_bytes);
+                        // a signal other than SIGKILL: kill after the grace
+                        self.state.nanny_terminated.get_or_insert_with(Instant::now);
+                    }
+                    self.set_level(m.level, m.rss_bytes);
+                }
+                amm_ebpf::EventKind::Spike => {}
+            },
         }
     }
 
@@ -278,7 +270,11 @@ impl AnyProgram {
                 };
                 let said = self.hooks.fire(a, facts);
                 tracing::info!("{said}");
-                self.record("hook", json!({"level": name, "rss": rss, "what": said}));
+                self.record(Event::Hook(Hook {
+                    level: l,
+                    rss,
+                    what: said,
+                }));
             }
         }
     }
@@ -297,9 +293,12 @@ impl AnyProgram {
         };
         self.state.rss = rss.total();
         if let Some(t) = &self.timeline {
-            t.tick(&json!({"process": rss.total(), "rss_anon": rss.anon,
-                           "rss_file_shmem": rss.file + rss.shmem,
-                           "limit": self.opts.limit.bytes, "pid": pid}));
+            t.tick(Tick {
+                rss_anon: Some(rss.anon),
+                rss_file_shmem: Some(rss.file + rss.shmem),
+                limit: self.opts.limit.bytes,
+                ..Tick::rss(rss.total())
+            });
         }
         // SEAM(preload): read the record (amm-record `open(pid)`) here, put
         // its split and statistics in the tick, and ask for a purge when
@@ -315,7 +314,13 @@ impl AnyProgram {
                 rss = rss.total(),
                 "process memory passed terminate: the nanny sends {sig}"
             );
-            self.record("terminate", json!({"by": "nanny", "rss": rss.total()}));
+            self.record(Event::Terminate(Terminate {
+                process: rss.total(),
+                threshold: self.levels.terminate.unwrap_or(0),
+                fraction: self.fraction(rss.total()).unwrap_or(0.0),
+                exit_code: 128 + sig as i32,
+                signal: Some(sig as i32),
+            }));
             child::send(pid, sig as i32);
             self.state.nanny_terminated = Some(Instant::now());
             self.state.terminate_rss = Some(rss.total());
@@ -348,59 +353,64 @@ impl AnyProgram {
         }
     }
 
-    fn oom_kills(&self) -> Option<u64> {
-        self.cgroup.as_ref()?.usage().map(|u| u.oom_kills)
+    /// RSS as a fraction of the limit, when there is one.
+    fn fraction(&self, rss: u64) -> Option<f64> {
+        self.opts
+            .limit
+            .bytes
+            .filter(|&l| l > 0)
+            .map(|l| rss as f64 / l as f64)
     }
 
-    /// Who ended the attempt, in words, and whether amm's model did.
-    fn cause(&self, ending: Ending) -> (String, Option<&'static str>) {
-        let oom = matches!((self.oom_kills(), self.state.oom_kills_at_start), (Some(a), Some(b)) if a > b);
-        let pct = |rss: Option<u64>| match (rss, self.opts.limit.bytes) {
-            (Some(r), Some(l)) if l > 0 => {
-                format!(" at {:.1} % of the limit", 100.0 * r as f64 / l as f64)
-            }
-            _ => String::new(),
+    /// Who ended the attempt, in words, and who did (`None`: it exited by
+    /// itself): the kernel at the terminate page or the nanny's terminate
+    /// (amm's memory model), the OOM killer, or a sender outside amm.
+    fn cause(&self, ending: Ending) -> (String, Option<Killer>) {
+        let pct = |rss: Option<u64>| match rss.and_then(|r| self.fraction(r)) {
+            Some(f) => format!(" at {:.1} % of the limit", 100.0 * f),
+            None => String::new(),
         };
-        let at_terminate = self.state.terminate_rss;
-        let last = Some(self.state.rss).filter(|r| *r > 0);
-        match ending {
-            Ending::Exited(c) if self.state.nanny_terminated.is_some() => (
+        let at_terminate = pct(self.state.terminate_rss);
+        let amm = if self.state.kernel_signalled {
+            Some(Killer::KernelTerminate)
+        } else if self.state.nanny_terminated.is_some() {
+            Some(Killer::Supervisor)
+        } else {
+            None
+        };
+        match (ending, amm) {
+            (Ending::Exited(c), Some(by)) => (
+                format!("exited {c} after amm's terminate signal{at_terminate}"),
+                Some(by),
+            ),
+            (Ending::Exited(c), None) => (format!("exited with code {c}"), None),
+            (Ending::Signaled(s), Some(Killer::KernelTerminate)) => (
                 format!(
-                    "exited {c} after amm's terminate signal{}",
-                    pct(at_terminate)
+                    "killed by signal {s}: amm-agent's kernel program at the page that crossed terminate{at_terminate}"
                 ),
-                Some(if self.state.kernel_signalled {
-                    "kernel"
-                } else {
-                    "nanny"
-                }),
+                Some(Killer::KernelTerminate),
             ),
-            Ending::Exited(c) => (format!("exited with code {c}"), None),
-            Ending::Signaled(s) if self.state.kernel_signalled => (
-                format!(
-                    "killed by signal {s}: amm-agent's kernel program at the page that crossed terminate{}",
-                    pct(at_terminate)
-                ),
-                Some("kernel"),
+            (Ending::Signaled(s), Some(by)) => (
+                format!("killed by signal {s}: the nanny's terminate{at_terminate}"),
+                Some(by),
             ),
-            Ending::Signaled(s) if self.state.nanny_terminated.is_some() => (
-                format!(
-                    "killed by signal {s}: the nanny's terminate{}",
-                    pct(at_terminate)
-                ),
-                Some("nanny"),
-            ),
-            Ending::Signaled(s) if oom => (
-                format!(
-                    "killed by signal {s}: the kernel's OOM killer (cgroup limit); last seen{}",
-                    pct(last)
-                ),
-                None,
-            ),
-            Ending::Signaled(s) => (
-                format!("killed by signal {s}, sent by a process outside amm"),
-                None,
-            ),
+            (Ending::Signaled(s), None) => {
+                let oom = OomKills::now(self.cgroup.as_ref()).since(&self.state.oom_kills_at_start);
+                match oom {
+                    Some(oom) => (
+                        format!(
+                            "killed by signal {s}: {}; last seen{}",
+                            oom.describe(),
+                            pct(Some(self.state.rss).filter(|r| *r > 0))
+                        ),
+                        Some(oom),
+                    ),
+                    None => (
+                        format!("killed by signal {s}, sent by a process outside amm"),
+                        Some(Killer::Unknown),
+                    ),
+                }
+            }
         }
     }
 }
@@ -460,17 +470,32 @@ impl Program for AnyProgram {
     fn started(&mut self, attempt: u32, child: &mut Child) -> anyhow::Result<()> {
         self.state = AttemptState {
             pid: child.pid,
-            oom_kills_at_start: self.oom_kills(),
+            oom_kills_at_start: OomKills::now(self.cgroup.as_ref()),
             ..AttemptState::default()
         };
         let origin = self.timeline.as_ref().map(|t| t.origin_monotonic_ns());
-        self.record(
-            "start",
-            json!({"attempt": attempt, "pid": child.pid, "allocator": self.opts.allocator,
-                   "limit": self.opts.limit.bytes, "levels": self.levels,
-                   "program": self.opts.argv.first().map(|a| a.to_string_lossy()),
-                   "preload": self.opts.injection.library, "t0_monotonic_ns": origin}),
-        );
+        self.record(Event::Start(Start {
+            attempt,
+            pid: child.pid,
+            writer: Some("amm-worker -- CMD".into()),
+            command: self
+                .opts
+                .argv
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            allocator: Some(self.opts.allocator),
+            limit: self.opts.limit.bytes,
+            levels: self.levels,
+            t0_monotonic_ns: origin,
+            preload: self
+                .opts
+                .injection
+                .library
+                .as_ref()
+                .map(|l| l.display().to_string()),
+            ..Start::default()
+        }));
         self.register(child.pid);
         self.await_registration();
         Ok(())
@@ -488,29 +513,54 @@ impl Program for AnyProgram {
     fn verdict(&mut self, _pid: u32, ending: Ending) -> Verdict {
         self.await_kernel_exit();
         match (ending, self.cause(ending).1) {
-            (Ending::Exited(0), None) => Verdict::Done,
-            (_, Some(by)) => Verdict::Terminated { by: by.into() },
+            (_, Some(Killer::KernelTerminate)) => Verdict::Terminated {
+                by: "kernel".into(),
+            },
+            (_, Some(Killer::Supervisor)) => Verdict::Terminated { by: "nanny".into() },
+            (Ending::Exited(0), _) => Verdict::Done,
             _ => Verdict::Crashed,
         }
     }
 
     fn finished(&mut self, attempt: &mut Attempt) {
-        let ending = match attempt.signal {
-            Some(s) => Ending::Signaled(s),
-            None => Ending::Exited(attempt.exit_code),
+        let (cause, by) = match attempt.verdict {
+            Some(Verdict::Stopped { signal }) => (
+                format!("stopped: the nanny forwarded signal {signal}"),
+                Some(Killer::Supervisor),
+            ),
+            _ => self.cause(Ending::of(attempt.exit_code, attempt.signal)),
         };
-        let (cause, _) = self.cause(ending);
         tracing::info!(attempt = attempt.attempt, "program ended: {cause}");
-        self.record(
-            "exit",
-            json!({"exit_code": attempt.exit_code, "signal": attempt.signal, "cause": cause,
-                   "verdict": attempt.verdict, "max_rss_bytes": attempt.max_rss_bytes}),
-        );
+        let terminated = matches!(attempt.verdict, Some(Verdict::Terminated { .. }));
+        let rss = match self.state.terminate_rss {
+            Some(r) if terminated => Some(r),
+            _ => Some(self.state.rss).filter(|r| *r > 0),
+        };
+        let exit = super::exit_event(attempt, by, terminated.then_some(Level::Terminate), rss);
+        self.record(Event::Exit(exit.clone()));
         attempt.cause = Some(cause);
+        attempt.exit = Some(exit);
         self.link = None;
         self.events = None;
-        if let Some(t) = self.timeline.take() {
+        if let Some(t) = &self.timeline {
             t.flush();
+        }
+    }
+
+    fn restarting(&mut self, restart: &Restart) {
+        self.record(Event::Restart(restart.clone()));
+    }
+
+    fn summary(&mut self) -> Summary {
+        Summary {
+            name: self.opts.name.clone(),
+            allocator: self.opts.allocator.name().to_string(),
+            limit_bytes: self.opts.limit.bytes,
+            limit_source: self.opts.limit.source.clone(),
+            // a program's result is good when it exits 0 (the nanny
+            // clears it otherwise)
+            result_ok: true,
+            ..Summary::default()
         }
     }
 

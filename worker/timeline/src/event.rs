@@ -49,6 +49,8 @@ pub enum Event {
     Exit(Exit),
     /// The supervisor starts the process again.
     Restart(Restart),
+    /// The supervisor ran a `--on-spill` / `--on-pause` hook.
+    Hook(Hook),
     /// Registered with amm-agent: kernel events on.
     AgentConnected(AgentConnected),
     /// amm-agent went away; polling only until it is back.
@@ -138,6 +140,10 @@ pub struct Start {
     /// CLOCK_MONOTONIC ns at `t_ms` 0 of this attempt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub t0_monotonic_ns: Option<u64>,
+    /// The allocator library put in its environment (`LD_PRELOAD`), for a
+    /// program amm did not write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preload: Option<String>,
 }
 
 /// A workload phase started.
@@ -329,7 +335,9 @@ pub struct PauseChange {
     pub tasks_finished: u64,
 }
 
-/// The process passed terminate and stops itself.
+/// The process passed terminate: it stops itself (amm-worker's own
+/// worker), or its supervisor sends it `signal` (`amm-worker -- CMD`
+/// polling a program).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Terminate {
@@ -339,8 +347,13 @@ pub struct Terminate {
     pub threshold: u64,
     /// RSS as a fraction of the limit.
     pub fraction: f64,
-    /// The exit code it leaves with.
+    /// The exit code it leaves with (as a shell reports it: 128 + N for a
+    /// signal N).
     pub exit_code: i32,
+    /// The signal the supervisor sent, when it was the supervisor's
+    /// terminate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
 }
 
 /// A level crossed, as the kernel saw it at the page.
@@ -487,6 +500,19 @@ pub struct Restart {
     pub reason: String,
     /// Back-off before it starts, ms.
     pub backoff_ms: u64,
+}
+
+/// A hook run at a rise into spill or pause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    /// The level risen into (`spill` or `pause`).
+    pub level: Level,
+    /// RSS then, bytes.
+    pub rss: u64,
+    /// What was done, in words (the command or the signal, and how it
+    /// went).
+    #[serde(default)]
+    pub what: String,
 }
 
 /// Registered with amm-agent.

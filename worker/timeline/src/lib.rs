@@ -57,14 +57,14 @@ mod write;
 
 pub use amm_ebpf::Level;
 pub use event::{
-    AgentConnected, AgentReason, AgentV0, Check, End, Event, Exit, Killer, LevelCrossing, Levels,
-    NothingToSpill, PauseChange, PeakSource, Phase, PurgeReport, Restart, Spike, Spill,
+    AgentConnected, AgentReason, AgentV0, Check, End, Event, Exit, Hook, Killer, LevelCrossing,
+    Levels, NothingToSpill, PauseChange, PeakSource, Phase, PurgeReport, Restart, Spike, Spill,
     SpillFailed, SpillGaveUp, SpillResumed, Start, Terminate,
 };
 pub use heap::{Allocator, ArenaPages, GlibcArena, GlibcStats, Heap, JemallocStats, SizeClass};
 pub use line::{Entry, Line, VERSION};
 pub use read::{Item, MAX_LINE, ReadError, Reader, Skipped};
 pub use split::Split;
-pub use summary::{AttemptEnd, Summary};
+pub use summary::{Attempt, Summary, Verdict};
 pub use tick::{CgroupUsage, SpillStats, Tick};
 pub use write::{Writer, monotonic_ns};

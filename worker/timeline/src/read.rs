@@ -72,7 +72,7 @@ pub struct Skipped {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     /// A timeline line and its number.
-    Line(u64, Line),
+    Line(u64, Box<Line>),
     /// A line that could not be used.
     Skipped(Skipped),
 }
@@ -199,7 +199,7 @@ impl<R: BufRead> Reader<R> {
             })),
             Ok(l) => {
                 self.good += 1;
-                Some(Ok(Item::Line(self.line, l)))
+                Some(Ok(Item::Line(self.line, Box::new(l))))
             }
             Err(e) => {
                 if let Ok(VersionOnly { v }) = serde_json::from_str::<VersionOnly>(text)

@@ -86,7 +86,7 @@ pub struct Summary {
     pub malloc_trim_threshold_env: Option<String>,
     /// How each attempt ended (the supervisor's part).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub attempts: Vec<AttemptEnd>,
+    pub attempts: Vec<Attempt>,
     /// The supervisor's wall time, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nanny_wall_ms: Option<u64>,
@@ -98,24 +98,71 @@ pub struct Summary {
     pub stopped_by_signal: Option<i32>,
 }
 
+/// How an attempt counts for its supervisor (amm's nanny): whether it is
+/// restarted, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Verdict {
+    /// Finished; not restarted.
+    Done,
+    /// Finished, but its result is wrong (amm-worker's own worker, exit 3);
+    /// not restarted.
+    ResultFailed,
+    /// Refused to start (amm-worker's own worker, exit 78); not restarted.
+    Refused,
+    /// Ended by the memory model; restarted.
+    Terminated {
+        /// Who: `worker` (it stopped itself, exit 75), `kernel` (amm-agent's
+        /// kill at the terminate page), `nanny` (the supervisor's terminate).
+        by: String,
+    },
+    /// Ended otherwise (a signal nobody in amm sent, an error exit);
+    /// restarted.
+    Crashed,
+    /// Ended after the supervisor forwarded this signal to it; never
+    /// restarted, never a crash.
+    Stopped {
+        /// The signal forwarded.
+        signal: i32,
+    },
+}
+
+impl Verdict {
+    /// True when the supervisor starts the process again (unless restarts
+    /// ran out).
+    pub fn restarts(&self) -> bool {
+        matches!(self, Verdict::Terminated { .. } | Verdict::Crashed)
+    }
+}
+
 /// How one attempt ended, as its supervisor saw it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct AttemptEnd {
-    /// Which attempt.
+pub struct Attempt {
+    /// Which attempt (0 for the first).
     pub attempt: u32,
+    /// Its pid.
+    pub pid: u32,
+    /// How it counts (absent in summaries written before verdicts existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
     /// In words: `done`, `terminated`, `terminated at the page by amm-agent`,
-    /// `killed by the OOM killer`, `crashed`, ...
+    /// `killed by signal`, `crashed`, `stopped`, ...
     pub ending: String,
-    /// The supervisor's exit code for it (128 + N for signal N).
+    /// Its status as a shell reports it (128 + N for signal N).
     pub exit_code: i32,
     /// The signal, when one ended it.
     pub signal: Option<i32>,
-    /// `wait4`'s peak RSS, bytes.
+    /// `wait4`'s peak RSS (`ru_maxrss`), raised to the process's own
+    /// report of it when that is higher, bytes.
     pub max_rss_bytes: u64,
     /// How long it ran, ms.
     pub ms: u64,
-    /// The exit event written to the timeline (cause and peak).
+    /// Who or what ended it, in words, when the supervisor can tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+    /// The exit event written to the timeline (who ended it, the level,
+    /// the exact peak).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit: Option<Exit>,
 }
@@ -131,17 +178,24 @@ impl Summary {
 mod tests {
     use super::*;
 
+    fn v_of(s: &Summary) -> serde_json::Value {
+        serde_json::to_value(s).expect("json")
+    }
+
     #[test]
     fn a_summary_reads_back_and_ignores_what_it_does_not_know() {
         let s = Summary {
             workload: Some("hoard".into()),
             peak_rss_bytes: 42,
             restarts: 1,
-            attempts: vec![AttemptEnd {
+            attempts: vec![Attempt {
                 attempt: 0,
+                verdict: Some(Verdict::Terminated {
+                    by: "worker".into(),
+                }),
                 ending: "terminated".into(),
                 exit_code: 75,
-                ..AttemptEnd::default()
+                ..Attempt::default()
             }],
             ..Summary::default()
         };
@@ -149,6 +203,7 @@ mod tests {
         v["from_the_future"] = serde_json::json!(true);
         let back: Summary = serde_json::from_value(v).expect("back");
         assert_eq!(back, s);
+        assert_eq!(v_of(&s)["attempts"][0]["verdict"]["kind"], "terminated");
         assert!(
             !s.to_json().contains("gave_up"),
             "unset supervisor fields are left out"

@@ -14,32 +14,39 @@ pub(super) fn kills(run: &Run) -> Vec<Killed> {
     // the kernel signalled at the terminate page (a kernel-only timeline's
     // exit does not say who ended it; the level crossing does)
     let mut signalled: Option<(u32, u64)> = None;
+    // the attempt amm's own terminate ended (its exit is that kill)
+    let mut terminated: Option<u32> = None;
     for e in &run.events {
         match &e.item {
             Event::Level(l) if l.signalled && l.to == Level::Terminate => {
                 signalled = Some((e.attempt, l.rss));
             }
-            Event::Terminate(x) => out.push(Killed {
-                attempt: e.attempt,
-                t_s: e.t,
-                signal: None,
-                by: "amm-worker's own monitor (terminate)".into(),
-                level: Some(Level::Terminate.name().into()),
-                rss_bytes: Some(x.process),
-                peak_rss_bytes: None,
-                limit_fraction: fraction(x.process, run.limit),
-            }),
+            Event::Terminate(x) => {
+                terminated = Some(e.attempt);
+                out.push(Killed {
+                    attempt: e.attempt,
+                    t_s: e.t,
+                    signal: x.signal,
+                    by: match x.signal {
+                        // amm-worker -- CMD: the nanny polled the program
+                        Some(_) => "amm-worker's nanny (terminate)".into(),
+                        None => "amm-worker's own monitor (terminate)".into(),
+                    },
+                    level: Some(Level::Terminate.name().into()),
+                    rss_bytes: Some(x.process),
+                    peak_rss_bytes: None,
+                    limit_fraction: fraction(x.process, run.limit),
+                })
+            }
+            Event::Exit(x) if terminated == Some(e.attempt) => {
+                // the terminate is already counted: the exit adds its peak
+                if let Some(k) = out.last_mut().filter(|k| k.attempt == e.attempt) {
+                    k.peak_rss_bytes = k.peak_rss_bytes.or(x.peak_rss_bytes);
+                }
+            }
             Event::Exit(x) => {
                 let at_page = signalled.filter(|s| s.0 == e.attempt).map(|s| s.1);
-                if let Some(k) = of_exit(x, at_page, e.attempt, e.t, run.limit) {
-                    // the worker's own terminate is already counted
-                    if !out
-                        .last()
-                        .is_some_and(|p| p.attempt == e.attempt && p.signal.is_none())
-                    {
-                        out.push(k);
-                    }
-                }
+                out.extend(of_exit(x, at_page, e.attempt, e.t, run.limit));
             }
             _ => {}
         }

@@ -381,3 +381,39 @@ fn a_killed_run_is_reported_as_killed_never_transient() {
     );
     assert_eq!(verdict(&r), Kind::Steady);
 }
+
+#[test]
+fn the_nannys_terminate_of_a_program_is_one_kill_with_its_signal_and_peak() {
+    // amm-worker -- CMD: the nanny's poll saw terminate, sent SIGKILL, and
+    // wrote the program's exit (by its supervisor, at terminate)
+    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+    r.limit = Some(128 * MIB);
+    r.push_event(
+        6.1,
+        Event::Terminate(amm_timeline::Terminate {
+            process: 122 * MIB,
+            threshold: 121 * MIB,
+            fraction: 122.0 / 128.0,
+            exit_code: 128 + 9,
+            signal: Some(9),
+        }),
+    );
+    r.push_event(
+        6.2,
+        Event::Exit(amm_timeline::Exit {
+            signal: Some(9),
+            by: Some(amm_timeline::Killer::Supervisor),
+            level: Some(amm_timeline::Level::Terminate),
+            rss_bytes: Some(122 * MIB),
+            peak_rss_bytes: Some(123 * MIB),
+            ..amm_timeline::Exit::default()
+        }),
+    );
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Killed, "{}", rep.verdict.headline);
+    assert_eq!(rep.run.killed.len(), 1, "{:?}", rep.run.killed);
+    let k = &rep.run.killed[0];
+    assert_eq!(k.signal, Some(9));
+    assert_eq!(k.peak_rss_bytes, Some(123 * MIB));
+    assert!(k.by.contains("nanny"), "{}", k.by);
+}
