@@ -102,10 +102,18 @@ op = "read-back"
 key = "d"
 "#,
     );
+    let tl = s.path("tl.jsonl");
     let r = run(worker_cmd(
         &s,
         &w,
-        &["--restart-backoff", "20ms", "--max-restarts", "3"],
+        &[
+            "--restart-backoff",
+            "20ms",
+            "--max-restarts",
+            "3",
+            "--timeline",
+            tl.to_str().expect("utf8"),
+        ],
     ));
     assert_eq!(r.code, Some(0), "{}", r.describe());
     assert_eq!(r.u64("restarts"), 1);
@@ -114,7 +122,27 @@ key = "d"
     assert_eq!(r.summary()["result_ok"], true);
     let attempts = r.summary()["attempts"].as_array().expect("attempts");
     assert_eq!(attempts[0]["signal"], libc::SIGABRT);
+    assert_eq!(attempts[0]["verdict"]["kind"], "crashed");
     assert_eq!(attempts[1]["ending"], "done");
+    // the nanny wrote what the aborted worker could not: its exit (who
+    // sent the signal: nobody amm knows) and the restart, in the
+    // worker's own timeline, between the two attempts' starts; the second
+    // worker wrote its own exit
+    let t = timeline(&tl);
+    let names: Vec<&str> = t
+        .iter()
+        .filter_map(|v| v["event"].as_str())
+        .filter(|e| matches!(*e, "start" | "exit" | "restart"))
+        .collect();
+    assert_eq!(names, ["start", "exit", "restart", "start", "exit"]);
+    let exit = &events(&t, "exit")[0];
+    assert_eq!(exit["signal"], libc::SIGABRT, "{exit}");
+    assert_eq!(exit["by"]["who"], "unknown", "{exit}");
+    assert_eq!(exit["peak_source"], "wait4", "{exit}");
+    assert!(u(exit, "peak_rss_bytes") >= 16 << 20, "{exit}");
+    for (k, v) in attempts[0]["exit"].as_object().expect("the attempt's exit") {
+        assert_eq!(&exit[k], v, "{k}: the summary's exit is the timeline's");
+    }
 }
 
 #[test]
