@@ -35,11 +35,13 @@
 //! * **Managed growth** — managed data grew; unmanaged memory only followed.
 //!
 //! The stretch's verdict is its most serious finding: leak, then non-heap
-//! growth, then undecided; hoard, fragmentation, transient and managed
+//! growth, then undecided; hoard, fragmentation, bounded cache and managed
 //! growth, which can all be true at once, are ranked by their average share
 //! of the stretch's memory (jemalloc's dirty pages, its slab slack, glibc's
-//! hoard split by what a trim returned, temporaries above the floor,
-//! managed data above its start). The run's verdict is the most serious
+//! hoard split by what a trim returned, the cache's size, managed data
+//! above its start); then transient (temporaries that came back rank below
+//! memory that stays: when the allocator kept the freed temporaries until a
+//! trim, the stretch is a hoard). The run's verdict is the most serious
 //! stretch verdict, and among stretches as serious the one whose finding
 //! holds the most bytes (a trim's 238 MiB hoard outweighs the 17 MiB it
 //! left). A run whose process was killed (by the kernel at the terminate
@@ -491,25 +493,24 @@ impl Ctx<'_> {
 }
 
 /// How serious a kind is: leak, then non-heap growth, then undecided; the
-/// kinds that can all be true at once share a tier and are weighed by
-/// bytes.
+/// kinds of memory that stays and can all be true at once share a tier and
+/// are weighed by bytes; temporaries that came back rank below them (when
+/// the allocator kept the freed temporaries until a trim, the stretch is a
+/// hoard, not "transient").
 fn tier(k: Kind) -> u8 {
     match k {
         Kind::Killed => 0,
         Kind::Leak => 1,
         Kind::NonHeapGrowth => 2,
         Kind::Undecided => 3,
-        Kind::Fragmentation
-        | Kind::Hoard
-        | Kind::BoundedCache
-        | Kind::Transient
-        | Kind::ManagedGrowth => 4,
-        Kind::Steady => 5,
+        Kind::Fragmentation | Kind::Hoard | Kind::BoundedCache | Kind::ManagedGrowth => 4,
+        Kind::Transient => 5,
+        Kind::Steady => 6,
     }
 }
 
-/// Most serious first; hoard, fragmentation, caches and transient by their
-/// average share of memory.
+/// Most serious first; hoard, fragmentation, caches and managed growth by
+/// their average share of memory, then transient.
 fn rank(f: &mut [Finding]) {
     f.sort_by(|a, b| {
         tier(a.kind)

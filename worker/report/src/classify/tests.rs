@@ -417,3 +417,64 @@ fn the_nannys_terminate_of_a_program_is_one_kill_with_its_signal_and_peak() {
     assert_eq!(k.peak_rss_bytes, Some(123 * MIB));
     assert!(k.by.contains("nanny"), "{}", k.by);
 }
+
+/// A real Dask run (dask-trial-2026-12): a stretch said "transient" while
+/// the allocator kept the freed temporaries until a trim gave them back.
+/// Both are true; what stays in the process is the hoard, so it leads,
+/// however long the temporaries lived.
+#[test]
+fn temporaries_the_allocator_kept_until_a_trim_are_a_hoard() {
+    const TEMP: u64 = 200 * MIB;
+    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
+    r.source = Source::WorkerTimeline;
+    r.push_event(0.0, phase("work"));
+    for i in 0..=60 {
+        let t = i as f64 * 0.2;
+        // temporaries live 1..7 s; freed, jemalloc keeps them dirty until
+        // the purge at 10 s
+        let (temp, dirty) = match t {
+            t if (1.0..7.0).contains(&t) => (TEMP, 0),
+            t if (7.0..10.0).contains(&t) => (0, TEMP),
+            _ => (0, 0),
+        };
+        let mut tick = je_tick(dirty, 0);
+        let split = tick.split.as_mut().expect("split");
+        split.unmanaged_live += temp;
+        split.process += temp;
+        tick.process += temp;
+        if let Some(Heap::Jemalloc(j)) = tick.heap.as_mut() {
+            j.allocated += temp;
+            j.active += temp;
+            j.resident += temp;
+        }
+        r.push_tick(t, tick);
+    }
+    r.push_event(
+        10.0,
+        Event::Purge(amm_timeline::PurgeReport {
+            reason: "threshold".into(),
+            returned_bytes: TEMP,
+            hoarded_before: TEMP,
+            hoarded_after: 0,
+            ..amm_timeline::PurgeReport::default()
+        }),
+    );
+    r.events.sort_by(|a, b| a.t.total_cmp(&b.t));
+    let rep = analyze(&r, &Thresholds::default());
+    let all: Vec<&Finding> = rep.stretches.iter().flat_map(|s| &s.findings).collect();
+    let kinds: Vec<Kind> = all.iter().map(|f| f.kind).collect();
+    assert!(kinds.contains(&Kind::Transient), "{kinds:?}");
+    assert_eq!(rep.verdict.kind, Kind::Hoard, "{}", rep.verdict.headline);
+    let hoard = all.iter().find(|f| f.kind == Kind::Hoard).expect("hoard");
+    assert!(
+        (TEMP - MIB..=TEMP + MIB).contains(&hoard.bytes),
+        "hoard of {} MiB, the purge returned 200",
+        hoard.bytes / MIB
+    );
+    for s in &rep.stretches {
+        let k: Vec<Kind> = s.findings.iter().map(|f| f.kind).collect();
+        if k.contains(&Kind::Hoard) {
+            assert_eq!(s.verdict, Kind::Hoard, "stretch {}: {k:?}", s.index);
+        }
+    }
+}
