@@ -39,9 +39,11 @@
 //! growth, which can all be true at once, are ranked by their average share
 //! of the stretch's memory (jemalloc's dirty pages, its slab slack, glibc's
 //! hoard split by what a trim returned, the cache's size, managed data
-//! above its start); then transient (temporaries that came back rank below
-//! memory that stays: when the allocator kept the freed temporaries until a
-//! trim, the stretch is a hoard). The run's verdict is the most serious
+//! above its start); then transient: temporaries that came back rank below
+//! memory that stays when the allocator kept a good part of them (a hoard of
+//! at least half their bytes: freed temporaries glibc kept until a trim make
+//! the stretch a hoard), and are weighed by bytes with the others when it
+//! kept only a few pages. The run's verdict is the most serious
 //! stretch verdict, and among stretches as serious the one whose finding
 //! holds the most bytes (a trim's 238 MiB hoard outweighs the 17 MiB it
 //! left). A run whose process was killed (by the kernel at the terminate
@@ -242,11 +244,19 @@ fn run_info(run: &Run, spans: &[Span], probe_count: usize, killed: Vec<Killed>) 
     }
 }
 
+/// The tier of a stretch's verdict ([`tier_in`] of its leading finding).
+fn stretch_tier(s: &Stretch) -> u8 {
+    match s.findings.first() {
+        Some(f) => tier_in(f, kept(&s.findings)),
+        None => tier(s.verdict),
+    }
+}
+
 /// The run's verdict: a kill first, then the most serious stretch verdict
 /// and, among those as serious, the one whose finding holds the most bytes.
 fn overall(stretches: &[Stretch], kills: &[Killed]) -> Verdict {
     let lead = stretches.iter().min_by(|a, b| {
-        tier(a.verdict).cmp(&tier(b.verdict)).then_with(|| {
+        stretch_tier(a).cmp(&stretch_tier(b)).then_with(|| {
             let ba = a.findings.first().map_or(0, |f| f.bytes);
             let bb = b.findings.first().map_or(0, |f| f.bytes);
             bb.cmp(&ba)
@@ -496,7 +506,7 @@ impl Ctx<'_> {
 /// kinds of memory that stays and can all be true at once share a tier and
 /// are weighed by bytes; temporaries that came back rank below them (when
 /// the allocator kept the freed temporaries until a trim, the stretch is a
-/// hoard, not "transient").
+/// hoard, not "transient"), but see [`tier_in`].
 fn tier(k: Kind) -> u8 {
     match k {
         Kind::Killed => 0,
@@ -509,12 +519,37 @@ fn tier(k: Kind) -> u8 {
     }
 }
 
-/// Most serious first; hoard, fragmentation, caches and managed growth by
-/// their average share of memory, then transient.
+/// The tier of `f` in a stretch whose largest hoard holds `kept` bytes:
+/// temporaries rank below memory that stays only when the allocator kept a
+/// good part of them (a hoard of at least half their bytes: freed
+/// temporaries glibc kept until a trim). Beside a hoard of a few dirty
+/// pages, which jemalloc keeps between purges, temporaries hundreds of MiB
+/// high are the stretch's story and are weighed by bytes with the rest.
+fn tier_in(f: &Finding, kept: u64) -> u8 {
+    match f.kind {
+        Kind::Transient if kept.saturating_mul(2) < f.bytes => tier(Kind::Hoard),
+        k => tier(k),
+    }
+}
+
+/// The bytes of the largest hoard among `findings`.
+fn kept(findings: &[Finding]) -> u64 {
+    findings
+        .iter()
+        .filter(|x| x.kind == Kind::Hoard)
+        .map(|x| x.bytes)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Most serious first; hoard, fragmentation, caches, managed growth (and
+/// temporaries the allocator did not keep) by their average share of
+/// memory.
 fn rank(f: &mut [Finding]) {
+    let kept = kept(f);
     f.sort_by(|a, b| {
-        tier(a.kind)
-            .cmp(&tier(b.kind))
+        tier_in(a, kept)
+            .cmp(&tier_in(b, kept))
             .then(b.mean_bytes.cmp(&a.mean_bytes))
             .then(b.bytes.cmp(&a.bytes))
             .then(a.kind.cmp(&b.kind))
