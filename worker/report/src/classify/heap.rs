@@ -5,6 +5,11 @@
 
 use amm_timeline::Heap;
 
+/// What decides a hoard from fragmentation where no trim ran (a finding's
+/// `would_decide`; the run's verdict looks for it, see `answered_later`).
+pub(super) const TRIM_DECIDES: &str = "a trim: run the worker with --probe-purge (it trims when \
+     memory is hoarded and records what came back), or add a purge to the workload";
+
 use super::trend::{fit_trend, mean};
 use super::{Ctx, Series};
 use crate::evidence;
@@ -327,11 +332,7 @@ impl Ctx<'_> {
         {
             f.arenas = evidence::arenas(t, None);
         }
-        f.would_decide = Some(
-            "a trim: run the worker with --probe-purge (it trims when memory is \
-             hoarded and records what came back), or add a purge to the workload"
-                .into(),
-        );
+        f.would_decide = Some(TRIM_DECIDES.into());
         f
     }
     /// The next purge after this stretch, if the heap did not change in

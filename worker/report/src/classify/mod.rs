@@ -255,13 +255,16 @@ fn stretch_tier(s: &Stretch) -> u8 {
 /// The run's verdict: a kill first, then the most serious stretch verdict
 /// and, among those as serious, the one whose finding holds the most bytes.
 fn overall(stretches: &[Stretch], kills: &[Killed]) -> Verdict {
-    let lead = stretches.iter().min_by(|a, b| {
-        stretch_tier(a).cmp(&stretch_tier(b)).then_with(|| {
-            let ba = a.findings.first().map_or(0, |f| f.bytes);
-            let bb = b.findings.first().map_or(0, |f| f.bytes);
-            bb.cmp(&ba)
-        })
-    });
+    let lead = stretches
+        .iter()
+        .filter(|s| !answered_later(s, stretches))
+        .min_by(|a, b| {
+            stretch_tier(a).cmp(&stretch_tier(b)).then_with(|| {
+                let ba = a.findings.first().map_or(0, |f| f.bytes);
+                let bb = b.findings.first().map_or(0, |f| f.bytes);
+                bb.cmp(&ba)
+            })
+        });
     let mut also = Vec::new();
     let mut seen = vec![Kind::Steady];
     let memory = match lead {
@@ -304,6 +307,29 @@ fn overall(stretches: &[Stretch], kills: &[Killed]) -> Verdict {
         headline: memory,
         also,
     }
+}
+
+/// Whether `s` is undecided only for want of a trim that a later stretch
+/// of the same process ran: that trim saw at least the hoard `s` could not
+/// place, so its answer (hoard or fragmentation) is the run's, and `s`
+/// keeps its own "undecided" in its row.
+fn answered_later(s: &Stretch, stretches: &[Stretch]) -> bool {
+    let Some(f) = s.findings.first() else {
+        return false;
+    };
+    if s.verdict != Kind::Undecided || f.would_decide.as_deref() != Some(heap::TRIM_DECIDES) {
+        return false;
+    }
+    stretches.iter().any(|l| {
+        l.index > s.index
+            && l.attempt == s.attempt
+            && matches!(l.verdict, Kind::Hoard | Kind::Fragmentation)
+            && l.findings.iter().any(|lf| {
+                lf.purges
+                    .iter()
+                    .any(|p| p.t_s >= s.to_s && p.hoarded_before >= f.bytes)
+            })
+    })
 }
 
 /// "phase leak (2.0-26.1 s)" or "2.0-26.1 s".

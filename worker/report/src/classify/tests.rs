@@ -493,3 +493,50 @@ fn kept_temporaries(temp: u64, kept: u64) -> Run {
     r.events.sort_by(|a, b| a.t.total_cmp(&b.t));
     r
 }
+
+#[test]
+fn a_short_stretch_a_later_trim_answers_does_not_lead_the_run() {
+    // report_suite's fragmentation case on glibc: the fill is freed so fast
+    // that its first stretch (0.6 s) sees 38 MiB hoarded and no trim; the
+    // trim in the hold phase then sees 193 MiB hoarded and returns 11 MiB.
+    // That stretch stays undecided; the run's verdict is the trim's answer.
+    let mut r = worker_run(6.0, |t| match t {
+        t if t < 0.4 => (0, 10 * MIB + (t * 400.0 * MIB as f64) as u64, 0, 9 * MIB),
+        t if t < 0.8 => (0, 30 * MIB, 90 * MIB, 9 * MIB),
+        t if t < 3.4 => (0, 120 * MIB, 193 * MIB, 9 * MIB),
+        _ => (0, 120 * MIB, 182 * MIB, 9 * MIB),
+    });
+    for at in r.ticks.iter_mut() {
+        at.item.heap = Some(Heap::System(amm_timeline::GlibcStats::default()));
+    }
+    r.push_event(0.8, phase("hold"));
+    r.push_event(
+        3.4,
+        Event::Purge(amm_timeline::PurgeReport {
+            reason: "workload".into(),
+            returned_bytes: 11 * MIB,
+            hoarded_before: 193 * MIB,
+            hoarded_after: 182 * MIB,
+            ..amm_timeline::PurgeReport::default()
+        }),
+    );
+    r.events.sort_by(|a, b| a.t.total_cmp(&b.t));
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.stretches[0].verdict, Kind::Undecided);
+    assert_eq!(
+        rep.verdict.kind,
+        Kind::Fragmentation,
+        "{}",
+        rep.verdict.headline
+    );
+    assert_eq!(rep.verdict.stretch, Some(1));
+    // a trim that saw less than the undecided hoard does not answer it
+    let mut small = r.clone();
+    for e in small.events.iter_mut() {
+        if let Event::Purge(p) = &mut e.item {
+            p.hoarded_before = 80 * MIB;
+            p.hoarded_after = 69 * MIB;
+        }
+    }
+    assert_eq!(verdict(&small), Kind::Undecided);
+}
