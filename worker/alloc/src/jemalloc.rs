@@ -276,13 +276,6 @@ pub fn opt_isize(name: &str) -> io::Result<isize> {
     unsafe { raw::read::<isize>(key.as_bytes()) }.map_err(|e| err(name, e))
 }
 
-/// A boolean jemalloc option, e.g. `opt.cache_oblivious`.
-pub fn opt_bool(name: &str) -> io::Result<bool> {
-    let key = format!("{name}\0");
-    // SAFETY: callers name options of C type bool.
-    unsafe { raw::read::<bool>(key.as_bytes()) }.map_err(|e| err(name, e))
-}
-
 /// An unsigned jemalloc option, e.g. `opt.narenas`.
 pub fn opt_u32(name: &str) -> io::Result<u32> {
     let key = format!("{name}\0");

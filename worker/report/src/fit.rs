@@ -50,15 +50,6 @@ pub fn ols(pts: &[(f64, f64)]) -> Option<Line> {
     })
 }
 
-/// Sum of squared residuals around the least-squares line (0 for fewer than
-/// three points).
-pub fn sse(pts: &[(f64, f64)]) -> f64 {
-    match ols(pts) {
-        Some(l) if pts.len() > 2 => pts.iter().map(|p| (p.1 - l.at(p.0)).powi(2)).sum(),
-        _ => 0.0,
-    }
-}
-
 fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -236,7 +227,6 @@ mod tests {
         let l = ols(&pts).expect("line");
         assert!((l.slope - 2.0).abs() < 1e-12 && (l.intercept - 3.0).abs() < 1e-12);
         assert!((l.r2 - 1.0).abs() < 1e-12);
-        assert!(sse(&pts) < 1e-18);
     }
 
     #[test]
