@@ -540,3 +540,43 @@ fn a_short_stretch_a_later_trim_answers_does_not_lead_the_run() {
     }
     assert_eq!(verdict(&small), Kind::Undecided);
 }
+
+/// report_suite's fragmentation case on jemalloc: the fill's 216 MiB of
+/// temporaries stood 0.4 s; the slab slack it left stays for the rest of
+/// the run. The run is fragmentation, not transient.
+#[test]
+fn a_brief_spike_does_not_outweigh_the_slack_a_run_keeps() {
+    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
+    r.source = Source::WorkerTimeline;
+    r.push_event(0.0, phase("fill"));
+    r.push_event(0.6, phase("hold"));
+    for i in 0..=60 {
+        let t = i as f64 * 0.1;
+        let mut tick = if t < 0.6 {
+            je_tick(0, 0)
+        } else {
+            je_tick(0, 179 * MIB)
+        };
+        if (0.1..0.35).contains(&t) {
+            let split = tick.split.as_mut().expect("split");
+            split.unmanaged_live += 216 * MIB;
+            split.process += 216 * MIB;
+            tick.process += 216 * MIB;
+            if let Some(Heap::Jemalloc(j)) = tick.heap.as_mut() {
+                j.allocated += 216 * MIB;
+                j.active += 216 * MIB;
+                j.resident += 216 * MIB;
+            }
+        }
+        r.push_tick(t, tick);
+    }
+    let rep = analyze(&r, &Thresholds::default());
+    let kinds: Vec<Kind> = rep.stretches.iter().map(|s| s.verdict).collect();
+    assert!(kinds.contains(&Kind::Fragmentation), "{kinds:?}");
+    assert_eq!(
+        rep.verdict.kind,
+        Kind::Fragmentation,
+        "{kinds:?}: {}",
+        rep.verdict.headline
+    );
+}
