@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 /// empty, and the removal retries.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub use amm_worker::cgroup::{MemoryCgroup, Version, find, keyed};
+pub use amm_worker::cgroup::{MemoryCgroup, Version, find, find_for_pid, keyed};
 
 /// The memory cgroup of this process (see [`find`]), or an error that says
 /// what is missing.
