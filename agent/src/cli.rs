@@ -115,12 +115,28 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct WatchArgs {
-    /// The process to watch.
+    /// The process to watch (with --follow: the parent whose children to
+    /// watch).
+    #[arg(value_name = "PID", required_unless_present_any = ["pid_flag", "cgroup"])]
+    pid: Option<u32>,
+    /// The process to watch (same as PID).
+    #[arg(long = "pid", value_name = "PID", conflicts_with = "pid")]
+    pid_flag: Option<u32>,
+    /// Watch every child of PID, now and to come (a nanny's worker across
+    /// its restarts), each pinned by its pidfd and start time; ends when
+    /// PID and its children have exited.
     #[arg(long)]
-    pid: u32,
-    /// Its memory limit: bytes or a size such as 2GiB, 512MiB.
-    #[arg(long, value_parser = parse_size)]
-    limit: u64,
+    follow: bool,
+    /// Watch every process that is or comes to be in this cgroup (its
+    /// directory, v1 or v2); ends when the cgroup is removed, or on Ctrl-C.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["pid", "pid_flag", "follow"])]
+    cgroup: Option<PathBuf>,
+    /// Its memory limit: `auto` (the hard limit of its memory cgroup: v1
+    /// memory.limit_in_bytes, v2 memory.max, the lowest up the hierarchy;
+    /// an error when unlimited), or bytes or a size such as 2GiB, 512MiB
+    /// (warned about when above the cgroup's).
+    #[arg(long)]
+    limit: watch::LimitArg,
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
@@ -148,6 +164,11 @@ struct WatchArgs {
     /// marked unavailable.
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
+    /// amm-agent's socket: asked, when the process dies of a signal,
+    /// whether the kernel killed it at the terminate page for the agent
+    /// (skipped when no socket is there).
+    #[arg(long, env = "AMM_AGENT_SOCKET", default_value = amm_protocol::DEFAULT_SOCKET)]
+    agent: PathBuf,
 }
 
 /// Parses a size: plain bytes, or a number with a unit (KiB, MiB, GiB, KB, MB, GB, ...).
@@ -208,8 +229,14 @@ impl Cli {
             Command::Run(a) => run(a),
             Command::Status(a) => status(a),
             Command::Watch(a) => {
+                let scope = match (a.pid.or(a.pid_flag), a.cgroup, a.follow) {
+                    (_, Some(dir), _) => watch::Scope::Cgroup(dir),
+                    (Some(p), None, true) => watch::Scope::Follow(p),
+                    (Some(p), None, false) => watch::Scope::Pid(p),
+                    (None, None, _) => bail!("give the PID to watch, or --cgroup PATH"),
+                };
                 let opts = WatchOptions {
-                    pid: a.pid,
+                    scope,
                     limit: a.limit,
                     fractions: Fractions {
                         target: Some(a.target),
@@ -221,6 +248,7 @@ impl Cli {
                     json: a.json,
                     object: a.bpf_object,
                     report: a.report,
+                    agent: Some(a.agent),
                 };
                 let stdout = std::io::stdout();
                 let mut out = stdout.lock();

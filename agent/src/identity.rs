@@ -292,6 +292,16 @@ impl Pinned {
             credentials: None,
         }
     }
+
+    /// The kernel binding of a pinned process and the credentials `info`
+    /// shows (read after [`pin`], and the pidfd checked running after the
+    /// read, so they are the pinned task's): a change ends the watch.
+    pub fn binding_with_credentials(&self, info: &ProcInfo) -> crate::probe::Binding {
+        crate::probe::Binding {
+            born_before_ns: self.born_before_ns,
+            credentials: Some(crate::probe::Credentials::of(info)),
+        }
+    }
 }
 
 fn proc_refusal(pid: u32, e: io::Error) -> Refusal {

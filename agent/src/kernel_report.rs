@@ -36,6 +36,8 @@ pub struct KernelRecorder {
     start_ns: u64,
     page: u64,
     last: Option<Instant>,
+    /// Which process of a followed parent's (0 for the first).
+    attempt: u32,
     run: Run,
 }
 
@@ -60,8 +62,28 @@ impl KernelRecorder {
             start_ns,
             page: amm_protocol::sys::page_size() as u64,
             last: None,
+            attempt: 0,
             run: Run::kernel(Some(thresholds.limit), levels),
         }
+    }
+
+    /// Records the next process of a followed parent (a nanny's new
+    /// worker) from now on, as the next attempt, started at `t` seconds.
+    pub fn follow(&mut self, pid: u32, t: f64) {
+        self.pid = pid;
+        self.attempt += 1;
+        self.last = None;
+        let start = amm_timeline::Start {
+            attempt: self.attempt,
+            pid,
+            writer: Some("amm-agent watch".into()),
+            ..amm_timeline::Start::default()
+        };
+        self.push_event(t, Event::Start(start));
+    }
+
+    fn push_event(&mut self, t: f64, event: Event) {
+        self.run.push_event_of(t, self.attempt, event);
     }
 
     fn t(&self, ns: u64) -> f64 {
@@ -90,8 +112,9 @@ impl KernelRecorder {
                 None => return,
             },
         };
-        self.run.push_tick(
+        self.run.push_tick_of(
             t,
+            self.attempt,
             Tick {
                 process,
                 rss_anon: Some(anon),
@@ -121,6 +144,7 @@ impl KernelRecorder {
             EventKind::Exit | EventKind::Credentials => {
                 self.mark_teardown(t);
                 Event::Exit(Exit {
+                    attempt: self.attempt,
                     pid: self.pid,
                     peak_rss_bytes: Some(m.peak_rss_bytes),
                     peak_source: Some(PeakSource::Bpf),
@@ -128,7 +152,7 @@ impl KernelRecorder {
                 })
             }
         };
-        self.run.push_event(t, event);
+        self.push_event(t, event);
     }
 
     /// A process frees its memory on its way out; on a busy machine that
@@ -141,8 +165,7 @@ impl KernelRecorder {
         };
         // the report notes how many samples it left out as teardown
         let end_t = self.run.ticks[k].t + 1e-6;
-        self.run
-            .push_event(end_t, Event::End(amm_timeline::End::default()));
+        self.push_event(end_t, Event::End(amm_timeline::End::default()));
     }
 
     /// Analyses what was recorded and writes the report; returns where.

@@ -272,6 +272,32 @@ impl Client {
         Ok(all)
     }
 
+    /// Whether the kernel killed `pid` at the page that crossed terminate,
+    /// as the agent asked: the RSS at that page, from the agent's record of
+    /// the ended watch. `Ok(None)` when it did not, or the agent never
+    /// watched the pid. Waits up to 0.5 s for the agent to record the end
+    /// (it does when its own exit event arrives).
+    pub fn killed_at_terminate(&mut self, pid: u32) -> Result<Option<u64>, ClientError> {
+        for _ in 0..10 {
+            let status = self.status_of(pid)?;
+            if let Some(w) = status.ended.iter().rev().find(|w| w.pid == pid) {
+                return Ok(w.timeline.iter().rev().find_map(|s| match s.what {
+                    crate::SampleKind::Level {
+                        to: amm_ebpf::Level::Terminate,
+                        signalled: true,
+                        ..
+                    } => Some(s.rss_bytes),
+                    _ => None,
+                }));
+            }
+            if !status.watches.iter().any(|w| w.pid == pid) {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(None)
+    }
+
     /// All of one process's timeline at the agent, page by page.
     pub fn timeline(&mut self, pid: u32) -> Result<Vec<crate::Sample>, ClientError> {
         let mut out = Vec::new();

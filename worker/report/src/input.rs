@@ -131,7 +131,10 @@ impl Run {
         self.push_tick_of(t, 0, tick);
     }
 
-    fn push_tick_of(&mut self, t: f64, attempt: u32, mut tick: Tick) -> bool {
+    /// Adds a sample of attempt `attempt` at `t` seconds (see
+    /// [`Run::push_tick`]); true when its split was derived from the
+    /// allocator's statistics.
+    pub fn push_tick_of(&mut self, t: f64, attempt: u32, mut tick: Tick) -> bool {
         let derived = tick.split.is_none() && tick.heap.is_some();
         tick.split = tick.split_or_derived();
         if self.allocator.is_none() {
@@ -153,7 +156,8 @@ impl Run {
         self.push_event_of(t, 0, event);
     }
 
-    fn push_event_of(&mut self, t: f64, attempt: u32, event: Event) {
+    /// Adds an event of attempt `attempt` at `t` seconds.
+    pub fn push_event_of(&mut self, t: f64, attempt: u32, event: Event) {
         let event = match event {
             Event::AgentV0(old) => match old.upgrade() {
                 Some(e) => e,

@@ -49,24 +49,11 @@ pub struct NannyOptions {
 /// What amm-agent saw at the end of a process killed by a signal: the RSS
 /// at the page where the kernel signalled it, if that is how it ended.
 pub fn killed_at_terminate(socket: &Path, pid: u32) -> Option<u64> {
-    use amm_protocol::{Client, SampleKind};
-    // the agent records the end when its exit event arrives; give it a moment
-    for _ in 0..10 {
-        let mut c = Client::connect(socket, "amm-worker nanny", Duration::from_secs(2)).ok()?;
-        let status = c.status_of(pid).ok()?;
-        if let Some(w) = status.ended.iter().rev().find(|w| w.pid == pid) {
-            return w.timeline.iter().rev().find_map(|s| match s.what {
-                SampleKind::Level {
-                    to: amm_ebpf::Level::Terminate,
-                    signalled: true,
-                    ..
-                } => Some(s.rss_bytes),
-                _ => None,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+    amm_protocol::Client::connect(socket, "amm-worker nanny", Duration::from_secs(2))
+        .ok()?
+        .killed_at_terminate(pid)
+        .ok()
+        .flatten()
 }
 
 /// amm-worker's own worker as the nanny's program.

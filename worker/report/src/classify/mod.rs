@@ -232,7 +232,7 @@ fn run_info(run: &Run, spans: &[Span], probe_count: usize, killed: Vec<Killed>) 
             .map_or(1, |a| a.saturating_add(1)),
         limit_bytes: run.limit,
         levels: run.levels,
-        peak_process_bytes: run.ticks.iter().map(|t| t.process).max().unwrap_or(0),
+        peak_process_bytes: peak_process_bytes(run),
         levels_reached: hits,
         probe_purge: ProbeInfo {
             enabled: run.probe_purge_ms.is_some(),
@@ -245,6 +245,23 @@ fn run_info(run: &Run, spans: &[Span], probe_count: usize, killed: Vec<Killed>) 
 }
 
 /// The tier of a stretch's verdict ([`tier_in`] of its leading finding).
+/// The run's peak RSS: the kernel's exact peak when an exit event carries
+/// it (samples every 200 ms miss the top of a fast rise), else the highest
+/// sample.
+fn peak_process_bytes(run: &Run) -> u64 {
+    let sampled = run.ticks.iter().map(|t| t.process).max().unwrap_or(0);
+    let exact = run
+        .events
+        .iter()
+        .filter_map(|e| match &e.item {
+            Event::Exit(x) => x.peak_rss_bytes,
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    sampled.max(exact)
+}
+
 fn stretch_tier(s: &Stretch) -> u8 {
     match s.findings.first() {
         Some(f) => tier_in(f, kept(&s.findings)),
