@@ -33,6 +33,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 pub struct KernelRecorder {
     path: PathBuf,
     pid: u32,
+    /// Purges the allocator record had counted at the last sample.
+    purges_seen: u64,
     start_ns: u64,
     page: u64,
     last: Option<Instant>,
@@ -59,6 +61,7 @@ impl KernelRecorder {
         KernelRecorder {
             path: path.to_path_buf(),
             pid,
+            purges_seen: 0,
             start_ns,
             page: amm_protocol::sys::page_size() as u64,
             last: None,
@@ -72,6 +75,7 @@ impl KernelRecorder {
     pub fn follow(&mut self, pid: u32, t: f64) {
         self.pid = pid;
         self.attempt += 1;
+        self.purges_seen = 0;
         self.last = None;
         let start = amm_timeline::Start {
             attempt: self.attempt,
@@ -91,8 +95,11 @@ impl KernelRecorder {
     }
 
     /// Takes a sample if [`SAMPLE_EVERY`] has passed since the last one.
-    /// `state` is the probe's entry for the process, if it has one.
-    pub fn sample(&mut self, state: Option<&WatchState>) {
+    /// `state` is the probe's entry for the process, if it has one;
+    /// `record` the fresh read of its allocator record, if it runs on the
+    /// preload library (its statistics, the split they give and any new
+    /// purge go into the report).
+    pub fn sample(&mut self, state: Option<&WatchState>, record: Option<&amm_record::Snapshot>) {
         if self.last.is_some_and(|l| l.elapsed() < SAMPLE_EVERY) {
             return;
         }
@@ -112,17 +119,31 @@ impl KernelRecorder {
                 None => return,
             },
         };
-        self.run.push_tick_of(
-            t,
-            self.attempt,
-            Tick {
-                process,
-                rss_anon: Some(anon),
-                rss_file_shmem: Some(file_shmem),
-                faults,
-                ..Tick::default()
-            },
-        );
+        let mut tick = Tick {
+            process,
+            rss_anon: Some(anon),
+            rss_file_shmem: Some(file_shmem),
+            faults,
+            ..Tick::default()
+        };
+        if let Some(snap) = record {
+            self.with_record(&mut tick, t, snap);
+        }
+        self.run.push_tick_of(t, self.attempt, tick);
+    }
+
+    /// Adds the allocator record's statistics to a tick (the report derives
+    /// the split they give), and a new purge as an event.
+    fn with_record(&mut self, tick: &mut Tick, t: f64, snap: &amm_record::Snapshot) {
+        use crate::watch::record;
+        let Some(heap) = record::heap_of(snap) else {
+            return;
+        };
+        tick.heap = Some(heap);
+        if let Some(p) = record::new_purge(snap, self.purges_seen) {
+            self.push_event(t, Event::Purge(p));
+        }
+        self.purges_seen = snap.stats.purge.count;
     }
 
     /// Records a kernel event.
@@ -241,7 +262,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("r.json");
         let mut r = KernelRecorder::new(&path, std::process::id(), &th, monotonic_ns());
-        r.sample(None);
+        r.sample(None, None);
         assert_eq!(
             r.run.ticks.len(),
             1,

@@ -12,6 +12,7 @@ pub mod ending;
 pub mod limit;
 pub mod members;
 mod print;
+pub mod record;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -122,6 +123,8 @@ struct Watched {
     zombie_faults: Option<u64>,
     /// Its own report (`--cgroup`).
     recorder: Option<KernelRecorder>,
+    /// Its allocator record, when it runs on the preload library.
+    record: record::RecordFollower,
 }
 
 /// A watch in progress.
@@ -176,7 +179,7 @@ impl Session<'_> {
 
     /// Resolves a new member's limit, watches it, starts its report.
     fn admit(&mut self, member: Member, out: &mut dyn Write) -> Result<()> {
-        let pid = member.pid;
+        let (pid, start_time) = (member.pid, member.start_time);
         let who = format!("pid {pid}");
         let limit = limit::resolve(self.opts.limit, member.cgroup.as_ref(), &who)?;
         if let Some(w) = &limit.warning {
@@ -228,18 +231,21 @@ impl Session<'_> {
                 exited_at: None,
                 zombie_faults: None,
                 recorder,
+                record: record::RecordFollower::new(pid, start_time),
             },
         );
         Ok(())
     }
 
-    /// Samples RSS for the reports.
+    /// Reads each process's allocator record, and samples RSS (and the
+    /// record) for the reports.
     fn sample(&mut self) {
         for (pid, w) in self.watched.iter_mut() {
+            let snap = w.record.read().copied();
             let state = self.probe.watch_of(*pid).map(|x| x.state);
             let r = w.recorder.as_mut().or(self.shared.as_mut());
             if let Some(r) = r {
-                r.sample(state.as_ref());
+                r.sample(state.as_ref(), snap.as_ref());
             }
         }
     }
@@ -344,6 +350,7 @@ impl Session<'_> {
             self.opts.agent.as_deref().filter(|p| p.exists()),
                 peak,
                 w.thresholds.limit,
+                w.record.last.as_ref().and_then(ending::HeapAtEnd::of),
             )
         };
         self.printer.ending(&end, out)?;

@@ -90,6 +90,32 @@ pub struct Ending {
     pub peak_rss_bytes: u64,
     /// The limit the levels were computed from.
     pub limit_bytes: u64,
+    /// Its allocator at the last read of its record (a process on the
+    /// preload library).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap: Option<HeapAtEnd>,
+}
+
+/// The allocator's last published state before the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeapAtEnd {
+    /// `jemalloc` or `system`.
+    pub allocator: String,
+    /// Bytes in live allocations.
+    pub live_bytes: u64,
+    /// Resident bytes holding no live allocation.
+    pub hoarded_bytes: u64,
+}
+
+impl HeapAtEnd {
+    /// From a read of the record.
+    pub fn of(s: &amm_record::Snapshot) -> Option<Self> {
+        Some(Self {
+            allocator: s.allocator?.name().to_string(),
+            live_bytes: s.live(),
+            hoarded_bytes: s.hoarded(),
+        })
+    }
 }
 
 impl Ending {
@@ -143,7 +169,15 @@ impl Ending {
                 iec(self.limit_bytes)
             )
         };
-        format!("pid {} {status}{cause}; {peak}", self.pid)
+        let heap = self.heap.as_ref().map_or_else(String::new, |h| {
+            format!(
+                "; {} last read: live {}, hoarded {}",
+                h.allocator,
+                iec(h.live_bytes),
+                iec(h.hoarded_bytes)
+            )
+        });
+        format!("pid {} {status}{cause}; {peak}{heap}", self.pid)
     }
 }
 
@@ -275,6 +309,7 @@ impl Ending {
             cause: Cause::CredentialsChanged,
             peak_rss_bytes,
             limit_bytes,
+            heap: None,
         }
     }
 }
@@ -287,6 +322,7 @@ pub fn ending(
     agent: Option<&Path>,
     peak_rss_bytes: u64,
     limit_bytes: u64,
+    heap: Option<HeapAtEnd>,
 ) -> Ending {
     let status = wait_status(pidfd);
     let cause = match status {
@@ -311,6 +347,7 @@ pub fn ending(
         cause,
         peak_rss_bytes,
         limit_bytes,
+        heap,
     }
 }
 

@@ -137,6 +137,12 @@ pub fn analyze(run: &Run, th: &Thresholds) -> Report {
 
 fn allocator_info(run: &Run) -> AllocatorInfo {
     match run.source {
+        // amm-agent watch of a process on the preload library: its record
+        Source::Kernel if run.ticks.iter().any(|t| t.heap.is_some()) => AllocatorInfo {
+            available: true,
+            name: run.allocator.map(|a| a.name().to_string()),
+            note: None,
+        },
         Source::Kernel => AllocatorInfo {
             available: false,
             name: None,
