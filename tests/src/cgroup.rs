@@ -5,7 +5,7 @@
 //! still inside is killed, then the directory removed).
 //!
 //! The hierarchy is found as the worker finds its own limits
-//! ([`amm_worker::cgroup::find`], from `/proc/self/cgroup` and
+//! ([`amm_cgroup::find`], from `/proc/self/cgroup` and
 //! `/proc/self/mountinfo`). On a hybrid host (a v1 `memory` controller next
 //! to a v2 hierarchy without it) the v1 controller wins, because that is the
 //! one that enforces limits there. Everything here returns errors; nothing
@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 /// empty, and the removal retries.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub use amm_worker::cgroup::{MemoryCgroup, Version, find, find_for_pid, keyed};
+pub use amm_cgroup::{MemoryCgroup, Version, find, find_for_pid, keyed};
 
 /// The memory cgroup of this process (see [`find`]), or an error that says
 /// what is missing.

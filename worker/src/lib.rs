@@ -12,16 +12,16 @@
 //! input or a full disk, or die because it was asked for its spilled data.
 //!
 //! Modules: [`alloc`] (allocator choice, statistics, purge/trim), [`proc`]
-//! and [`cgroup`] (what the kernel counts), [`limit`] (`--memory-limit`),
-//! [`config`] (Dask's keys), [`spill`] (SpillBuffer and its disk format),
-//! [`memory`] (MemoryManager and thresholds), [`pool`] (task threads),
+//! (what the kernel counts; the cgroup's side is the `amm-cgroup` crate),
+//! [`limit`] (`--memory-limit`), [`config`] (Dask's keys), [`spill`]
+//! (SpillBuffer and its disk format), [`memory`] (MemoryManager and
+//! thresholds), [`pool`] (task threads),
 //! [`workload`] and [`compute`] (what runs), [`worker`] and [`nanny`] (the
 //! two processes), [`timeline`] and [`summary`] (what is reported), [`cli`],
 //! [`agent`] (the optional link to amm-agent's kernel events).
 
 pub mod agent;
 pub mod alloc;
-pub mod cgroup;
 pub mod child;
 pub mod cli;
 pub mod compute;

@@ -19,9 +19,9 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::cgroup::{self, CgroupLimit};
 use crate::proc::kb_field;
 use crate::units::{format_bytes, parse_bytes};
+use amm_cgroup::{self as cgroup, CgroupLimit};
 
 /// The least memory limit a worker accepts: below it the worker itself
 /// (~10 MiB of code, threads and allocator metadata) does not fit.

@@ -42,12 +42,12 @@ use amm_timeline::{Event, Heap, NothingToSpill, PauseChange, Spill, Split, Termi
 use serde::Serialize;
 
 use crate::alloc::{self, Allocator, Detail};
-use crate::cgroup::{CgroupUsage, MemoryCgroup};
 use crate::config::MemoryConfig;
 use crate::proc;
 use crate::spill::SpillBuffer;
 use crate::timeline::Timeline;
 use amm_alloc::Governor;
+use amm_cgroup::{CgroupUsage, MemoryCgroup};
 
 mod health;
 
@@ -393,9 +393,7 @@ impl MemoryManager {
         let shared = Arc::new(Shared::default());
         let waker = shared.clone();
         buffer.set_pressure_hook(Box::new(move || waker.wake()));
-        let cgroup = crate::cgroup::find(std::path::Path::new("/"))
-            .ok()
-            .flatten();
+        let cgroup = amm_cgroup::find(std::path::Path::new("/")).ok().flatten();
         MemoryManager {
             cfg,
             limit,

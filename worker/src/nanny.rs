@@ -74,7 +74,7 @@ pub struct OomKills {
 
 impl OomKills {
     /// The counts now; `cgroup` is the process's memory cgroup.
-    pub fn now(cgroup: Option<&crate::cgroup::MemoryCgroup>) -> OomKills {
+    pub fn now(cgroup: Option<&amm_cgroup::MemoryCgroup>) -> OomKills {
         OomKills {
             cgroup: cgroup.and_then(|c| c.usage()).map(|u| u.oom_kills),
             global: crate::proc::vmstat_oom_kills(),

@@ -136,10 +136,10 @@ fn v1_fixture_auto_is_the_smallest_limit_and_names_its_file() {
 fn v2_fixture_reads_memory_max_and_high_up_the_tree() {
     let tmp = tempfile::tempdir().expect("tmp");
     v2_fixture(tmp.path());
-    let cg = amm_worker::cgroup::find(tmp.path())
+    let cg = amm_cgroup::find(tmp.path())
         .expect("find")
         .expect("a cgroup");
-    assert_eq!(cg.version, amm_worker::cgroup::Version::V2);
+    assert_eq!(cg.version, amm_cgroup::Version::V2);
     let host = HostMemory::read(tmp.path(), None).expect("host");
     let auto = limit::auto(&host);
     assert_eq!(auto.bytes, Some(768 << 20));

@@ -64,7 +64,7 @@ struct BuiltinWorker {
     summary: Arc<Mutex<Option<Summary>>>,
     reader: Option<JoinHandle<()>>,
     last_summary: Option<Summary>,
-    cgroup: Option<crate::cgroup::MemoryCgroup>,
+    cgroup: Option<amm_cgroup::MemoryCgroup>,
     /// When the attempt started: its lines' `t_ms` count from here.
     t0: Instant,
     /// OOM kills when the attempt started.
@@ -242,7 +242,7 @@ pub fn run(args: Vec<OsString>, opts: NannyOptions) -> anyhow::Result<i32> {
         summary: Arc::default(),
         reader: None,
         last_summary: None,
-        cgroup: crate::cgroup::find(Path::new("/")).ok().flatten(),
+        cgroup: amm_cgroup::find(Path::new("/")).ok().flatten(),
         t0: Instant::now(),
         ooms_at_start: OomKills::default(),
         at_terminate: None,

@@ -96,7 +96,7 @@ pub struct AnyProgram {
     link: Option<Link>,
     events: Option<mpsc::Receiver<LinkEvent>>,
     state: AttemptState,
-    cgroup: Option<crate::cgroup::MemoryCgroup>,
+    cgroup: Option<amm_cgroup::MemoryCgroup>,
 }
 
 impl std::fmt::Debug for AnyProgram {
@@ -119,9 +119,7 @@ impl AnyProgram {
             link: None,
             events: None,
             state: AttemptState::default(),
-            cgroup: crate::cgroup::find(std::path::Path::new("/"))
-                .ok()
-                .flatten(),
+            cgroup: amm_cgroup::find(std::path::Path::new("/")).ok().flatten(),
         }
     }
 

@@ -42,8 +42,8 @@ pub struct TestCgroup {
 }
 
 fn own_memory_cgroup() -> Option<(PathBuf, bool)> {
-    let cg = amm_worker::cgroup::find(Path::new("/")).ok()??;
-    Some((cg.dir, cg.version == amm_worker::cgroup::Version::V2))
+    let cg = amm_cgroup::find(Path::new("/")).ok()??;
+    Some((cg.dir, cg.version == amm_cgroup::Version::V2))
 }
 
 impl TestCgroup {
@@ -105,7 +105,7 @@ impl TestCgroup {
         } else {
             "memory.oom_control"
         };
-        amm_worker::cgroup::keyed(&self.read(f), "oom_kill").unwrap_or(0)
+        amm_cgroup::keyed(&self.read(f), "oom_kill").unwrap_or(0)
     }
 }
 
