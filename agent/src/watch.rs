@@ -192,13 +192,8 @@ impl Session<'_> {
             .context("invalid thresholds")?;
         // no signal; bound to the pinned task and its credentials, so a
         // recycled pid is another task and a setuid exec ends the watch
-        let config = crate::probe::watch_config(
-            &thresholds,
-            self.opts.spike_horizon,
-            0,
-            0,
-            &member.binding,
-        );
+        let config =
+            crate::probe::watch_config(&thresholds, self.opts.spike_horizon, 0, 0, &member.binding);
         self.probe.watch(pid, config)?;
         let counters = ending::OomCounters::read(member.cgroup.clone());
         let mut recorder = None;
@@ -344,10 +339,10 @@ impl Session<'_> {
             Ending::credentials_changed(pid, peak, w.thresholds.limit)
         } else {
             ending::ending(
-            pid,
-            &w.member.pidfd,
-            &w.counters,
-            self.opts.agent.as_deref().filter(|p| p.exists()),
+                pid,
+                &w.member.pidfd,
+                &w.counters,
+                self.opts.agent.as_deref().filter(|p| p.exists()),
                 peak,
                 w.thresholds.limit,
                 w.record.last.as_ref().and_then(ending::HeapAtEnd::of),

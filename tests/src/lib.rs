@@ -236,6 +236,50 @@ impl Drop for Faulter {
     }
 }
 
+/// A copy of amm-fault owned by root with `mode` (e.g. 0o4755: setuid),
+/// in a directory every user can reach; removed when dropped.
+pub struct Privileged {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Privileged {
+    /// The copy with `mode`, owned by root and `group` (if given).
+    pub fn copy(mode: u32, group: Option<u32>) -> Self {
+        // next to the binaries: /tmp may be mounted nosuid
+        let dir = tempfile::tempdir_in(profile_dir()).expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod dir");
+        let path = dir.path().join("amm-fault-privileged");
+        std::fs::copy(bin("amm-fault"), &path).expect("copy amm-fault");
+        std::os::unix::fs::chown(&path, Some(0), group).expect("chown");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        Self { dir, path }
+    }
+
+    /// A copy (0755) with the file capability `cap` (`setcap` syntax).
+    pub fn with_capability(cap: &str) -> Self {
+        let p = Self::copy(0o755, None);
+        let out = Command::new("setcap")
+            .arg(cap)
+            .arg(&p.path)
+            .output()
+            .expect("setcap (libcap2-bin) is installed");
+        assert!(
+            out.status.success(),
+            "setcap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    }
+
+    /// The copy's path.
+    pub fn path(&self) -> &Path {
+        let _ = &self.dir;
+        &self.path
+    }
+}
+
 /// Makes `spawn` give its process `pid`, by writing `pid - 1` to
 /// `/proc/sys/kernel/ns_last_pid` before each try (root only). Other
 /// processes fork on this machine meanwhile and may take the pid first: up

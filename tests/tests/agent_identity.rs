@@ -5,58 +5,15 @@
 //! namespace names its own processes and nobody else's. Needs root (BPF,
 //! users, setuid files, `unshare`).
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use amm_ebpf::{EventKind, Level};
 use amm_integration_tests::{
-    Agent, Faulter, TestUser, bin, event_where, profile_dir, require_root, spawn_at_pid,
+    Agent, Faulter, Privileged, TestUser, bin, event_where, require_root, spawn_at_pid,
 };
 use amm_protocol::{EventMessage, Registration, SampleKind};
 
 const MIB: u64 = 1 << 20;
-
-/// A copy of amm-fault owned by root with `mode` (e.g. 0o4755: setuid),
-/// in a directory every user can reach; removed when dropped.
-struct Privileged {
-    dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Privileged {
-    fn copy(mode: u32, group: Option<u32>) -> Self {
-        // next to the binaries: /tmp may be mounted nosuid
-        let dir = tempfile::tempdir_in(profile_dir()).expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod dir");
-        let path = dir.path().join("amm-fault-privileged");
-        std::fs::copy(bin("amm-fault"), &path).expect("copy amm-fault");
-        std::os::unix::fs::chown(&path, Some(0), group).expect("chown");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        Self { dir, path }
-    }
-
-    fn with_capability(cap: &str) -> Self {
-        let p = Self::copy(0o755, None);
-        let out = Command::new("setcap")
-            .arg(cap)
-            .arg(&p.path)
-            .output()
-            .expect("setcap (libcap2-bin) is installed");
-        assert!(
-            out.status.success(),
-            "setcap: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        p
-    }
-
-    fn path(&self) -> &Path {
-        let _ = &self.dir;
-        &self.path
-    }
-}
 
 fn parse_event(reply: &str) -> EventMessage {
     serde_json::from_str(reply).unwrap_or_else(|e| panic!("bad event {reply:?}: {e}"))

@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use amm_integration_tests::cgroup::{HardLimit, Version};
-use amm_integration_tests::{Faulter, bin, bpf_object, require_root};
+use amm_integration_tests::{
+    Faulter, Privileged, TestUser, bin, bpf_object, require_root, spawn_at_pid,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -365,4 +367,153 @@ fn follow_a_nanny_names_the_kernel_kill_at_the_terminate_page_for_the_agent() {
     for l in &killed {
         assert!(l.contains("kernel peak"), "{l}");
     }
+}
+
+/// Every line of a watch's stdout, as it comes.
+fn lines_of(out: BufReader<std::process::ChildStdout>) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads lines into `seen` until one matches `pred` (panics after 60 s).
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = pred(&l);
+                seen.push(l);
+                if hit {
+                    return;
+                }
+            }
+            Err(e) => panic!("no line for {what} ({e}):\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// The abuse case of a root watch that follows what a user creates: the
+/// user's child that execs a setuid-root program is no longer watched (the
+/// kernel ends its watch at the credentials change, before the program
+/// grows past terminate), and a zombie child is refused, once, and its pid
+/// (reaped and given to another user's process) is never watched, whether
+/// named by `--follow` or directly.
+#[test]
+fn follow_never_watches_a_setuid_exec_nor_a_recycled_pid() {
+    if !require_root("follow_never_watches_a_setuid_exec_nor_a_recycled_pid") {
+        return;
+    }
+    let (user, victim) = (
+        TestUser::create("wf").expect("user"),
+        TestUser::create("wv").expect("user"),
+    );
+    let privileged = Privileged::copy(0o4755, None);
+    let mut parent = Faulter::spawn_as(user.uid, user.gid).expect("the user's parent");
+    let zombie: u32 = parent.cmd("zombie").expect("zombie").parse().expect("pid");
+    let child: u32 = parent.cmd("spawn").expect("spawn").parse().expect("pid");
+    // a zombie named directly is refused, not watched as whatever gets
+    // its pid later
+    let out = Command::new(bin("amm-agent"))
+        .args(["watch", &zombie.to_string(), "--limit", "1GiB"])
+        .arg("--bpf-object")
+        .arg(bpf_object())
+        .output()
+        .expect("run watch");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("pid {zombie} exited before")),
+        "a zombie was watched: {err}"
+    );
+
+    let (watch, out, first) = start_watch(parent.pid(), &["--follow", "--limit", "256MiB"]);
+    assert!(
+        first.starts_with("following the children of pid"),
+        "{first}"
+    );
+    let rx = lines_of(out);
+    let mut seen = Vec::new();
+    let header = format!("watching pid {child}, a child of pid {}", parent.pid());
+    wait_line(&rx, &mut seen, "the child's header", |l| {
+        l.starts_with(&header)
+    });
+    // the zombie's pid goes to another user's process, which grows
+    parent
+        .cmd(&format!("reap {zombie}"))
+        .expect("reap the zombie");
+    let mut other = spawn_at_pid(zombie, || Faulter::spawn_as(victim.uid, victim.gid))
+        .expect("the pid could be steered through ns_last_pid");
+    other
+        .cmd("touch 64")
+        .expect("the other user's process lives");
+    // the child runs a setuid-root program, which grows past terminate
+    assert_eq!(
+        parent
+            .cmd(&format!("to-child exec {}", privileged.path().display()))
+            .expect("exec"),
+        child.to_string()
+    );
+    let reply = parent.try_cmd("to-child touch 300").expect("relay");
+    assert!(reply.starts_with("ok"), "{reply}");
+    let end = format!("pid {child} is no longer watched: its credentials changed");
+    wait_line(&rx, &mut seen, "the credentials end", |l| {
+        l.starts_with(&end)
+    });
+    let ended_at = seen.len();
+    let reply = parent.try_cmd("to-child touch 100").expect("relay");
+    assert!(reply.starts_with("ok"), "{reply}");
+    other.cmd("touch 64").expect("touch");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("stop the watch");
+    let mut watch = watch;
+    let status = watch.wait().expect("wait for watch");
+    let mut err = String::new();
+    if let Some(mut e) = watch.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).expect("read stderr");
+    }
+    seen.extend(rx.iter());
+    let all = seen.join("\n");
+    assert!(status.success(), "watch failed: {status}\n{all}\n{err}");
+    let of_child = format!("  pid {child}  ");
+    let of_zombie = |l: &str| {
+        [" ", ",", "  "]
+            .iter()
+            .any(|e| l.contains(&format!("pid {zombie}{e}")))
+    };
+    for (i, l) in seen.iter().enumerate() {
+        assert!(
+            !(l.contains(&of_child) && l.contains("-> terminate")),
+            "the setuid program was watched to terminate: {l}\n{all}"
+        );
+        assert!(
+            i < ended_at || !l.contains(&of_child),
+            "an event after the end: {l}\n{all}"
+        );
+        assert!(!of_zombie(l), "the recycled pid was watched: {l}\n{all}");
+    }
+    assert!(
+        err.matches(&format!("pid {zombie} exited before it could be watched"))
+            .count()
+            <= 1,
+        "the zombie's refusal was said more than once: {err}"
+    );
+    parent.cmd("to-child exit").ok();
+    parent.exit().expect("exit");
+    other.exit().expect("exit");
 }

@@ -184,7 +184,9 @@ impl Finder {
     /// Pins `pid`, reads its facts, checks them; `Ok(None)` when already
     /// seen.
     fn admit(&mut self, pid: u32) -> Result<Option<Member>, Refusal> {
-        let pinned = identity::pin(pid).map_err(|_| Refusal::Gone(pid))?;
+        let Ok(pinned) = identity::pin(pid) else {
+            return self.unpinned(pid);
+        };
         let info = ProcInfo::read(pid).map_err(|_| Refusal::Gone(pid))?;
         if !self.seen.insert((pid, info.start_time)) {
             return Ok(None);
@@ -206,6 +208,17 @@ impl Finder {
             start_time: info.start_time,
             cgroup,
         }))
+    }
+
+    /// A process that could not be pinned (it exited): refused once per
+    /// task, however long its zombie waits for its parent, never watched.
+    fn unpinned(&mut self, pid: u32) -> Result<Option<Member>, Refusal> {
+        match ProcInfo::read(pid) {
+            // the exited task itself; a running task that took the pid
+            // since is tried again (pinned) next time
+            Ok(info) if info.exited() && !self.seen.insert((pid, info.start_time)) => Ok(None),
+            _ => Err(Refusal::Gone(pid)),
+        }
     }
 
     /// Is the pinned process where the scope says?
