@@ -157,6 +157,32 @@ pub fn watch_config(
     c
 }
 
+/// The exit of a watched process that no kernel exit event reported (it
+/// exited before the watch was in place, or the ring buffer was full),
+/// made up at `t_ns` from the probe's last `state` of it.
+pub fn exit_from_state(
+    pid: u32,
+    state: &WatchState,
+    faults: Option<u64>,
+    t_ns: u64,
+) -> amm_protocol::EventMessage {
+    let level = amm_ebpf::Level::from_raw(state.level).unwrap_or(amm_ebpf::Level::Below);
+    amm_protocol::EventMessage {
+        event: amm_ebpf::EventKind::Exit,
+        t_ns,
+        pid,
+        rss_bytes: state.rss_bytes,
+        level,
+        prev_level: level,
+        peak_rss_bytes: state.peak_rss_bytes,
+        faults,
+        rate_bytes_per_ms: state.rate_bytes_per_ms,
+        eta_ns: None,
+        foreign: false,
+        signalled: false,
+    }
+}
+
 /// True when the process runs as root.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

@@ -20,7 +20,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use amm_ebpf::{EventKind, Level};
+use amm_ebpf::EventKind;
 use amm_protocol::{EventMessage, Fractions, ThresholdBytes};
 use anyhow::{Context, Result, bail};
 
@@ -307,21 +307,7 @@ impl Session<'_> {
                 .watch_of(pid)
                 .map(|w| w.state)
                 .unwrap_or_default();
-            let level = Level::from_raw(state.level).unwrap_or(Level::Below);
-            let msg = EventMessage {
-                event: EventKind::Exit,
-                t_ns: monotonic_ns(),
-                pid,
-                rss_bytes: state.rss_bytes,
-                level,
-                prev_level: level,
-                peak_rss_bytes: state.peak_rss_bytes,
-                faults,
-                rate_bytes_per_ms: state.rate_bytes_per_ms,
-                eta_ns: None,
-                foreign: false,
-                signalled: false,
-            };
+            let msg = crate::probe::exit_from_state(pid, &state, faults, monotonic_ns());
             self.event(msg, out)?;
         }
         Ok(())

@@ -280,6 +280,18 @@ impl Privileged {
     }
 }
 
+/// The kinds of every finding of a JSON report (`amm-report`'s
+/// `stretches[].findings[].kind`), in order.
+pub fn report_kinds(r: &serde_json::Value) -> Vec<String> {
+    r["stretches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["findings"].as_array().into_iter().flatten())
+        .filter_map(|f| f["kind"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// Makes `spawn` give its process `pid`, by writing `pid - 1` to
 /// `/proc/sys/kernel/ns_last_pid` before each try (root only). Other
 /// processes fork on this machine meanwhile and may take the pid first: up

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use amm_integration_tests::preload::{Driver, Preload, compile_c};
-use amm_integration_tests::{bin, bpf_object, require_root};
+use amm_integration_tests::{bin, bpf_object, report_kinds as kinds, require_root};
 use serde_json::Value;
 
 /// A watch with `--report`; its stderr lines come through the channel.
@@ -63,16 +63,6 @@ fn finish(mut driver: Driver, mut watch: Child, report: &Path) -> Value {
     assert!(status.success(), "watch failed: {status}");
     let text = std::fs::read_to_string(report).expect("the report was not written");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is not JSON ({e}): {text}"))
-}
-
-fn kinds(r: &Value) -> Vec<String> {
-    r["stretches"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|s| s["findings"].as_array().into_iter().flatten())
-        .filter_map(|f| f["kind"].as_str().map(str::to_string))
-        .collect()
 }
 
 #[test]

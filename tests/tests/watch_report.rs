@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use amm_integration_tests::{bin, bpf_object, require_root};
+use amm_integration_tests::{bin, bpf_object, report_kinds as kinds, require_root};
 use serde_json::Value;
 
 fn suite(file: &str) -> PathBuf {
@@ -64,16 +64,6 @@ fn watched(file: &str, extra: &[&str]) -> Value {
     let text = std::fs::read_to_string(&report).expect("the report was not written");
     serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{file}: report is not JSON ({e}): {text}"))
-}
-
-fn kinds(r: &Value) -> Vec<String> {
-    r["stretches"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|s| s["findings"].as_array().into_iter().flatten())
-        .filter_map(|f| f["kind"].as_str().map(str::to_string))
-        .collect()
 }
 
 #[test]

@@ -424,21 +424,7 @@ impl Shared {
         drop(probe);
         self.follow_watches(left);
         warn!(pid, "watched process exited without a kernel exit event");
-        let level = Level::from_raw(state.level).unwrap_or(Level::Below);
-        let msg = EventMessage {
-            event: EventKind::Exit,
-            t_ns: monotonic_ns(),
-            pid,
-            rss_bytes: state.rss_bytes,
-            level,
-            prev_level: level,
-            peak_rss_bytes: state.peak_rss_bytes,
-            faults,
-            rate_bytes_per_ms: state.rate_bytes_per_ms,
-            eta_ns: None,
-            foreign: false,
-            signalled: false,
-        };
+        let msg = crate::probe::exit_from_state(pid, &state, faults, monotonic_ns());
         entry.record(sample_of(&msg));
         let client = entry.client.clone();
         let owner = entry.owner_uid;
