@@ -14,8 +14,9 @@
 //!   made before counting began or by C code), added to them until the next
 //!   one;
 //! - the `/proc/self/maps` scan that finds the arena heaps: when a heap
-//!   vanished or more is live in the arenas than the known heaps hold
-//!   (a new arena or heap), else every [`HEAP_RESCAN`];
+//!   vanished, or every [`HEAP_RESCAN`]; and, within a larger budget
+//!   ([`MISSING_HEAPS_BUDGET`]), when more is live in the arenas than the
+//!   known heaps hold (a new arena or heap);
 //! - `malloc_info` (per-arena detail, only for [`Detail::Full`]).
 //!
 //! Every other tick reuses their last values; [`GlibcStats::mallinfo_age_ms`]
@@ -33,6 +34,11 @@ pub const DEFAULT_BUDGET: f64 = 0.001;
 /// How often the arena heaps are looked for again in `/proc/self/maps` at
 /// most (new threads create arenas), unless a heap vanished.
 pub const HEAP_RESCAN: Duration = Duration::from_secs(1);
+
+/// The share of one CPU the scans for heaps known to be missing may take:
+/// more than the periodic ones, since the residency (and so the hoard) is
+/// wrong until they run; they stop once the heaps are found.
+pub const MISSING_HEAPS_BUDGET: f64 = 0.01;
 
 /// When an expensive read may run again.
 #[derive(Debug, Default, Clone, Copy)]
@@ -76,6 +82,7 @@ pub struct Sampler {
     uncounted: (i64, i64),
     heaps: Option<ArenaHeaps>,
     next_scan: Due,
+    next_missing_scan: Due,
     residency: Vec<RegionResidency>,
     arenas: Vec<GlibcArena>,
     next_info: Due,
@@ -95,6 +102,7 @@ impl Sampler {
             uncounted: (0, 0),
             heaps: None,
             next_scan: Due::default(),
+            next_missing_scan: Due::default(),
             residency: Vec::new(),
             arenas: Vec::new(),
             next_info: Due::default(),
@@ -145,13 +153,18 @@ impl Sampler {
 
     fn scan_heaps(&mut self, now: Instant) -> io::Result<()> {
         let stale = self.heaps.as_ref().is_none_or(|h| h.is_stale(HEAP_RESCAN));
-        if !((stale || self.heaps_missing()) && self.next_scan.now(now)) {
+        let periodic = stale && self.next_scan.now(now);
+        let missing = self.heaps_missing() && self.next_missing_scan.now(now);
+        if !(periodic || missing) {
             return Ok(());
         }
         let cpu = amm_record::sys::thread_cpu_ns();
         let scanned = ArenaHeaps::scan();
         let cost = amm_record::sys::thread_cpu_ns().saturating_sub(cpu);
         self.next_scan.after(now, cost, self.budget, self.floor.min(HEAP_RESCAN));
+        // CPU only: waiting for the mmap lock costs the process nothing
+        let gap = budgeted(cost as f64 / 1e9, MISSING_HEAPS_BUDGET, self.floor);
+        self.next_missing_scan = Due(Some(now + gap));
         match scanned {
             Ok(h) => {
                 self.heaps = Some(h);
