@@ -48,7 +48,13 @@ fn start(allocator: &str, dir: &std::path::Path) -> Worker {
     let child = Command::new(bin("amm-worker"))
         .arg("run")
         .arg(&wl)
-        .args(["--no-nanny", "--allocator", allocator, "--memory-limit", "0"])
+        .args([
+            "--no-nanny",
+            "--allocator",
+            allocator,
+            "--memory-limit",
+            "0",
+        ])
         .arg("--local-directory")
         .arg(dir)
         .env_remove("AMM_ALLOCATOR")

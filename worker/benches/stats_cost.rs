@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use amm_worker::alloc::{self, Allocator, Detail};
 use amm_alloc::HeapReader;
+use amm_worker::alloc::{self, Allocator, Detail};
 use criterion::Criterion;
 
 #[global_allocator]
@@ -129,7 +129,8 @@ fn reads(a: Allocator) -> Vec<Read> {
 }
 
 /// What a monitor tick reads now: a reader kept from tick to tick.
-const TICK_READS: [(&str, Detail); 2] = [("tick-totals", Detail::Totals), ("tick-full", Detail::Full)];
+const TICK_READS: [(&str, Detail); 2] =
+    [("tick-totals", Detail::Totals), ("tick-full", Detail::Full)];
 
 /// Mean wall and CPU of one tick's read over 150 ticks 200 ms apart, after
 /// a first read (returned apart).

@@ -161,7 +161,8 @@ impl Sampler {
         let cpu = amm_record::sys::thread_cpu_ns();
         let scanned = ArenaHeaps::scan();
         let cost = amm_record::sys::thread_cpu_ns().saturating_sub(cpu);
-        self.next_scan.after(now, cost, self.budget, self.floor.min(HEAP_RESCAN));
+        self.next_scan
+            .after(now, cost, self.budget, self.floor.min(HEAP_RESCAN));
         // CPU only: waiting for the mmap lock costs the process nothing
         let gap = budgeted(cost as f64 / 1e9, MISSING_HEAPS_BUDGET, self.floor);
         self.next_missing_scan = Due(Some(now + gap));
@@ -270,7 +271,10 @@ mod tests {
             "5 ms: every 5 s"
         );
         assert_eq!(budgeted(5e-3, 0.0, i), Duration::from_secs(3600));
-        assert_eq!(budgeted(5e-3, f64::INFINITY, Duration::ZERO), Duration::ZERO);
+        assert_eq!(
+            budgeted(5e-3, f64::INFINITY, Duration::ZERO),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -280,13 +284,20 @@ mod tests {
         let (_, t0) = s.last_mallinfo();
         assert!(t0 > 0 && a.arena_heaps >= 1 && !a.arenas.is_empty());
         let b = s.stats(Detail::Full).expect("second read");
-        assert_eq!(s.last_mallinfo().1, t0, "mallinfo2 read again within its floor");
+        assert_eq!(
+            s.last_mallinfo().1,
+            t0,
+            "mallinfo2 read again within its floor"
+        );
         assert_eq!(b.fordblks, a.fordblks);
         assert!(b.arena_resident > 0);
         let mut every = Sampler::every_time();
         every.stats(Detail::Totals).expect("read");
         let (_, t1) = every.last_mallinfo();
         every.stats(Detail::Totals).expect("read");
-        assert!(every.last_mallinfo().1 > t1, "every_time reads mallinfo2 each call");
+        assert!(
+            every.last_mallinfo().1 > t1,
+            "every_time reads mallinfo2 each call"
+        );
     }
 }
