@@ -19,6 +19,8 @@
 //!   known heaps hold (a new arena or heap);
 //! - `malloc_info` (per-arena detail, only for [`Detail::Full`]).
 //!
+//! Where nothing counts, `mallinfo2` is the live bytes' only source and
+//! runs at least every [`UNCOUNTED_MAX_AGE`] whatever its budget.
 //! Every other tick reuses their last values; [`GlibcStats::mallinfo_age_ms`]
 //! says how old they are.
 
@@ -39,6 +41,11 @@ pub const HEAP_RESCAN: Duration = Duration::from_secs(1);
 /// more than the periodic ones, since the residency (and so the hoard) is
 /// wrong until they run; they stop once the heaps are found.
 pub const MISSING_HEAPS_BUDGET: f64 = 0.01;
+
+/// The oldest the live bytes may be where `mallinfo2` is their only source
+/// (nothing counts them): its cost then is at most one read a second,
+/// whatever the budget.
+pub const UNCOUNTED_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// When an expensive read may run again.
 #[derive(Debug, Default, Clone, Copy)]
@@ -118,7 +125,7 @@ impl Sampler {
     /// they are due.
     pub fn stats(&mut self, detail: Detail) -> io::Result<GlibcStats> {
         let now = Instant::now();
-        if self.next_mallinfo.now(now) {
+        if self.next_mallinfo.now(now) || self.live_too_old(now) {
             self.read_mallinfo(now);
         }
         self.scan_heaps(now)?;
@@ -130,6 +137,17 @@ impl Sampler {
             self.next_info.after(now, cost, self.budget, self.floor);
         }
         Ok(self.current(detail))
+    }
+
+    /// Whether `mallinfo2` must run although its budget says wait: where
+    /// nothing counts (a program on the glibc preload), it is the only
+    /// source of the live bytes, and one slow read (its wall time under
+    /// load, divided by the budget) must not leave them stale for a minute.
+    fn live_too_old(&self, now: Instant) -> bool {
+        counted::totals().is_none()
+            && self
+                .mallinfo_at
+                .is_none_or(|t| now.duration_since(t) >= UNCOUNTED_MAX_AGE.max(self.floor))
     }
 
     fn read_mallinfo(&mut self, now: Instant) {
@@ -274,6 +292,26 @@ mod tests {
         assert_eq!(
             budgeted(5e-3, f64::INFINITY, Duration::ZERO),
             Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn where_nothing_counts_the_live_bytes_are_never_older_than_a_second() {
+        // a budget so small that one read would wait for an hour
+        assert!(
+            counted::totals().is_none(),
+            "this test process counts nothing"
+        );
+        let mut s = Sampler::new(1e-12, Duration::ZERO);
+        s.stats(Detail::Totals).expect("first read");
+        let (_, t0) = s.last_mallinfo();
+        s.stats(Detail::Totals).expect("read within the budget");
+        assert_eq!(s.last_mallinfo().1, t0, "the budget holds within a second");
+        std::thread::sleep(UNCOUNTED_MAX_AGE + Duration::from_millis(20));
+        s.stats(Detail::Totals).expect("read past the age");
+        assert!(
+            s.last_mallinfo().1 > t0,
+            "mallinfo2 is read again after a second"
         );
     }
 
