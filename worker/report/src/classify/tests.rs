@@ -16,9 +16,7 @@ const MIB: u64 = 1 << 20;
 /// A worker run of `secs` at 5 ticks/s, one phase, parts from `f(t)`:
 /// (managed, unmanaged_live, hoarded, non_heap).
 fn worker_run(secs: f64, f: impl Fn(f64) -> (u64, u64, u64, u64)) -> Run {
-    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
-    r.source = Source::WorkerTimeline;
-    r.push_event(0.0, phase("work"));
+    let mut r = worker_run_with(&[(0.0, "work")]);
     let n = (secs * 5.0) as usize;
     for i in 0..=n {
         let t = i as f64 * 0.2;
@@ -40,6 +38,31 @@ fn worker_run(secs: f64, f: impl Fn(f64) -> (u64, u64, u64, u64)) -> Run {
         );
     }
     r
+}
+
+/// An empty worker run (a 4 GiB limit) with these (time, name) phases.
+fn worker_run_with(phases: &[(f64, &str)]) -> Run {
+    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
+    r.source = Source::WorkerTimeline;
+    for &(t, name) in phases {
+        r.push_event(t, phase(name));
+    }
+    r
+}
+
+/// `tick` with `bytes` more of task temporaries, live in jemalloc.
+fn with_temporaries(mut tick: Tick, bytes: u64) -> Tick {
+    if let Some(split) = tick.split.as_mut() {
+        split.unmanaged_live += bytes;
+        split.process += bytes;
+    }
+    tick.process += bytes;
+    if let Some(Heap::Jemalloc(j)) = tick.heap.as_mut() {
+        j.allocated += bytes;
+        j.active += bytes;
+        j.resident += bytes;
+    }
+    tick
 }
 
 fn verdict(r: &Run) -> Kind {
@@ -272,10 +295,7 @@ fn je_tick(dirty: u64, slack: u64) -> Tick {
 /// returned 238 of 254 MiB, the run said "fragmentation, 16.7 MiB stays").
 #[test]
 fn the_run_verdict_weighs_findings_by_bytes() {
-    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
-    r.source = Source::WorkerTimeline;
-    r.push_event(0.0, phase("hoard"));
-    r.push_event(5.1, phase("after"));
+    let mut r = worker_run_with(&[(0.0, "hoard"), (5.1, "after")]);
     for i in 0..=50 {
         let t = i as f64 * 0.2;
         let tick = if t < 5.1 {
@@ -458,9 +478,7 @@ fn temporaries_the_allocator_kept_until_a_trim_are_a_hoard() {
 /// Temporaries of `temp` bytes live from 1 to 7 s; freed, jemalloc keeps
 /// `kept` bytes of them dirty until a purge at 10 s returns them.
 fn kept_temporaries(temp: u64, kept: u64) -> Run {
-    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
-    r.source = Source::WorkerTimeline;
-    r.push_event(0.0, phase("work"));
+    let mut r = worker_run_with(&[(0.0, "work")]);
     for i in 0..=60 {
         let t = i as f64 * 0.2;
         let (temp, dirty) = match t {
@@ -468,17 +486,7 @@ fn kept_temporaries(temp: u64, kept: u64) -> Run {
             t if (7.0..10.0).contains(&t) => (0, kept),
             _ => (0, 0),
         };
-        let mut tick = je_tick(dirty, 0);
-        let split = tick.split.as_mut().expect("split");
-        split.unmanaged_live += temp;
-        split.process += temp;
-        tick.process += temp;
-        if let Some(Heap::Jemalloc(j)) = tick.heap.as_mut() {
-            j.allocated += temp;
-            j.active += temp;
-            j.resident += temp;
-        }
-        r.push_tick(t, tick);
+        r.push_tick(t, with_temporaries(je_tick(dirty, 0), temp));
     }
     r.push_event(
         10.0,
@@ -546,29 +554,16 @@ fn a_short_stretch_a_later_trim_answers_does_not_lead_the_run() {
 /// the run. The run is fragmentation, not transient.
 #[test]
 fn a_brief_spike_does_not_outweigh_the_slack_a_run_keeps() {
-    let mut r = Run::kernel(Some(4 << 30), Levels::dask(4 << 30));
-    r.source = Source::WorkerTimeline;
-    r.push_event(0.0, phase("fill"));
-    r.push_event(0.6, phase("hold"));
+    let mut r = worker_run_with(&[(0.0, "fill"), (0.6, "hold")]);
     for i in 0..=60 {
         let t = i as f64 * 0.1;
-        let mut tick = if t < 0.6 {
-            je_tick(0, 0)
+        let slack = if t < 0.6 { 0 } else { 179 * MIB };
+        let temp = if (0.1..0.35).contains(&t) {
+            216 * MIB
         } else {
-            je_tick(0, 179 * MIB)
+            0
         };
-        if (0.1..0.35).contains(&t) {
-            let split = tick.split.as_mut().expect("split");
-            split.unmanaged_live += 216 * MIB;
-            split.process += 216 * MIB;
-            tick.process += 216 * MIB;
-            if let Some(Heap::Jemalloc(j)) = tick.heap.as_mut() {
-                j.allocated += 216 * MIB;
-                j.active += 216 * MIB;
-                j.resident += 216 * MIB;
-            }
-        }
-        r.push_tick(t, tick);
+        r.push_tick(t, with_temporaries(je_tick(0, slack), temp));
     }
     let rep = analyze(&r, &Thresholds::default());
     let kinds: Vec<Kind> = rep.stretches.iter().map(|s| s.verdict).collect();
