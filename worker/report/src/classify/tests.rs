@@ -65,6 +65,25 @@ fn with_temporaries(mut tick: Tick, bytes: u64) -> Tick {
     tick
 }
 
+/// A kernel-only run (1 GiB limit) of 60 ticks 0.2 s apart whose RSS, all
+/// anonymous, is `rss(i)` at tick `i`.
+fn anon_run(rss: impl Fn(usize) -> u64) -> Run {
+    let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
+    for i in 0..60 {
+        let p = rss(i);
+        r.push_tick(
+            i as f64 * 0.2,
+            Tick {
+                process: p,
+                rss_anon: Some(p),
+                rss_file_shmem: Some(0),
+                ..Tick::default()
+            },
+        );
+    }
+    r
+}
+
 fn verdict(r: &Run) -> Kind {
     analyze(r, &Thresholds::default()).verdict.kind
 }
@@ -162,37 +181,11 @@ fn growth_freed_later_is_transient() {
 
 #[test]
 fn kernel_only_growth_is_undecided_and_returning_rss_transient() {
-    let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
-    for i in 0..60 {
-        let t = i as f64 * 0.2;
-        let p = 100 * MIB + (t * 4.0 * MIB as f64) as u64;
-        r.push_tick(
-            t,
-            Tick {
-                process: p,
-                rss_anon: Some(p),
-                rss_file_shmem: Some(0),
-                ..Tick::default()
-            },
-        );
-    }
+    let r = anon_run(|i| 100 * MIB + (i as f64 * 0.2 * 4.0 * MIB as f64) as u64);
     let rep = analyze(&r, &Thresholds::default());
     assert_eq!(rep.verdict.kind, Kind::Undecided);
     assert!(!rep.allocator.available);
-    let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
-    for i in 0..60 {
-        let t = i as f64 * 0.2;
-        let p = if i % 10 < 3 { 400 * MIB } else { 100 * MIB };
-        r.push_tick(
-            t,
-            Tick {
-                process: p,
-                rss_anon: Some(p),
-                rss_file_shmem: Some(0),
-                ..Tick::default()
-            },
-        );
-    }
+    let r = anon_run(|i| if i % 10 < 3 { 400 * MIB } else { 100 * MIB });
     assert_eq!(verdict(&r), Kind::Transient);
 }
 
