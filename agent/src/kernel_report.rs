@@ -135,12 +135,8 @@ impl KernelRecorder {
     /// Adds the allocator record's statistics to a tick (the report derives
     /// the split they give), and a new purge as an event.
     fn with_record(&mut self, tick: &mut Tick, t: f64, snap: &amm_record::Snapshot) {
-        use crate::watch::record;
-        let Some(heap) = record::heap_of(snap) else {
-            return;
-        };
-        tick.heap = Some(heap);
-        if let Some(p) = record::new_purge(snap, self.purges_seen) {
+        tick.add_record(snap);
+        if let Some(p) = amm_timeline::PurgeReport::from_record(snap, self.purges_seen, None) {
             self.push_event(t, Event::Purge(p));
         }
         self.purges_seen = snap.stats.purge.count;

@@ -12,7 +12,6 @@ pub mod ending;
 pub mod limit;
 pub mod members;
 mod print;
-pub mod record;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -124,7 +123,7 @@ struct Watched {
     /// Its own report (`--cgroup`).
     recorder: Option<KernelRecorder>,
     /// Its allocator record, when it runs on the preload library.
-    record: record::RecordFollower,
+    record: amm_record::Follower,
 }
 
 /// A watch in progress.
@@ -226,7 +225,7 @@ impl Session<'_> {
                 exited_at: None,
                 zombie_faults: None,
                 recorder,
-                record: record::RecordFollower::new(pid, start_time),
+                record: amm_record::Follower::new(pid as i32, start_time, amm_record::Access::Read),
             },
         );
         Ok(())
@@ -236,7 +235,10 @@ impl Session<'_> {
     /// record) for the reports.
     fn sample(&mut self) {
         for (pid, w) in self.watched.iter_mut() {
-            let snap = w.record.read().copied();
+            let snap = w.record.read();
+            if let Some(said) = w.record.notice() {
+                eprintln!("{said}");
+            }
             let state = self.probe.watch_of(*pid).map(|x| x.state);
             let r = w.recorder.as_mut().or(self.shared.as_mut());
             if let Some(r) = r {
@@ -331,7 +333,7 @@ impl Session<'_> {
                 self.opts.agent.as_deref().filter(|p| p.exists()),
                 peak,
                 w.thresholds.limit,
-                w.record.last.as_ref().and_then(ending::HeapAtEnd::of),
+                w.record.last().and_then(ending::HeapAtEnd::of),
             )
         };
         self.printer.ending(&end, out)?;

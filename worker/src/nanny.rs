@@ -20,6 +20,7 @@
 
 pub mod builtin;
 pub mod program;
+pub mod record;
 
 pub use builtin::NannyOptions;
 

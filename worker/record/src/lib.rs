@@ -23,6 +23,7 @@
 //! are clamped, sizes checked, reads retried and bounded in time), or block
 //! on a hostile publisher.
 
+mod follow;
 pub mod layout;
 mod mapping;
 mod reader;
@@ -37,6 +38,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use follow::{Follower, RETRY, STUCK_BACKOFF, STUCK_LIMIT};
 pub use layout::{PurgeOutcome, PurgeReason, Stats};
 pub use reader::{Access, Reader, RecordInfo, Snapshot, Ticket, open, open_task, request_purge};
 pub use seqlock::READ_PATIENCE;

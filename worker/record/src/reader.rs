@@ -82,7 +82,7 @@ impl Snapshot {
         match self.allocator {
             Some(Allocator::Jemalloc) => self.stats.jemalloc.allocated,
             Some(Allocator::System) => {
-                self.stats.glibc.in_use_bytes + self.stats.glibc.mmapped_bytes
+                self.stats.glibc.in_use_bytes.saturating_add(self.stats.glibc.mmapped_bytes)
             }
             None => 0,
         }
@@ -93,7 +93,9 @@ impl Snapshot {
         match self.allocator {
             Some(Allocator::Jemalloc) => self.stats.jemalloc.resident,
             Some(Allocator::System) => {
-                (self.stats.glibc.arena_resident + self.stats.glibc.mmapped_bytes).max(self.live())
+                (self.stats.glibc.arena_resident)
+                    .saturating_add(self.stats.glibc.mmapped_bytes)
+                    .max(self.live())
             }
             None => 0,
         }
@@ -109,7 +111,7 @@ impl Snapshot {
     pub fn purgeable(&self) -> u64 {
         match self.allocator {
             Some(Allocator::Jemalloc) => {
-                self.stats.jemalloc.dirty_bytes + self.stats.jemalloc.muzzy_bytes
+                self.stats.jemalloc.dirty_bytes.saturating_add(self.stats.jemalloc.muzzy_bytes)
             }
             _ => self.hoarded(),
         }

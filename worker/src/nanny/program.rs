@@ -5,9 +5,12 @@
 //! amm-agent when `--agent` is given (the kernel kills it at the page that
 //! crosses terminate, or sends the configured signal and the nanny kills it
 //! after `--terminate-grace`), and is polled every monitor interval: its RSS
-//! goes into the timeline, a rise into spill or pause fires `--on-spill` /
-//! `--on-pause` ([`crate::hook`]), and terminate reached by polling alone
-//! (no agent, or the agent away) is enforced by the nanny itself.
+//! goes into the timeline with its allocator record's statistics and split
+//! ([`super::record`]: the preload library publishes them), a rise into
+//! spill or pause fires `--on-spill` / `--on-pause` ([`crate::hook`]), at
+//! spill and above the program is asked to purge its allocator's hoard,
+//! and terminate reached by polling alone (no agent, or the agent away) is
+//! enforced by the nanny itself.
 //!
 //! Each end is explained: the exit code, or the signal and who sent it (the
 //! kernel at the terminate page, the nanny, the cgroup's OOM killer, or
@@ -26,6 +29,7 @@ use amm_protocol::{Fractions, Registration, TerminateBy};
 use amm_timeline::{Event, Hook, Killer, Restart, Start, Summary, Terminate, Tick};
 use nix::sys::signal::Signal;
 
+use super::record::ProgramRecord;
 use super::{ATTEMPT_ENV, Attempt, NAME_ENV, OomKills, Program, Verdict};
 use crate::child::{self, Child, Ending};
 use crate::config::MemoryConfig;
@@ -85,6 +89,8 @@ struct AttemptState {
     rss: u64,
     /// RSS when terminate was acted on (by the kernel or the nanny).
     terminate_rss: Option<u64>,
+    /// The program's allocator record (once it publishes one).
+    record: Option<ProgramRecord>,
 }
 
 /// Any program as the nanny's program.
@@ -277,7 +283,8 @@ impl AnyProgram {
         }
     }
 
-    /// One poll of the program's memory: a tick, a level, terminate.
+    /// One poll of the program's memory: a level, terminate, and a tick
+    /// with the allocator record's statistics; a pressure purge.
     fn poll_memory(&mut self, pid: u32) {
         let every = self.opts.memory.monitor_interval;
         if self.state.last_poll.is_some_and(|t| t.elapsed() < every) {
@@ -290,39 +297,75 @@ impl AnyProgram {
             _ => return,
         };
         self.state.rss = rss.total();
-        if let Some(t) = &self.timeline {
-            t.tick(Tick {
-                rss_anon: Some(rss.anon),
-                rss_file_shmem: Some(rss.file + rss.shmem),
-                limit: self.opts.limit.bytes,
-                ..Tick::rss(rss.total())
-            });
-        }
-        // SEAM(preload): read the record (amm-record `open(pid)`) here, put
-        // its split and statistics in the tick, and ask for a purge when
-        // hoarded passes trim-threshold (rate-limited by purge-interval).
+        // levels and terminate from the kernel's RSS alone, before the
+        // record (written by the program) is read
         let level = level_of(&self.levels, self.state.level, rss.total());
         if level != self.state.level {
             self.set_level(level, rss.total());
         }
         if level == Level::Terminate && self.state.nanny_terminated.is_none() {
-            let sig = self.terminate_signal();
-            tracing::warn!(
-                pid,
-                rss = rss.total(),
-                "process memory passed terminate: the nanny sends {sig}"
-            );
-            self.record(Event::Terminate(Terminate {
-                process: rss.total(),
-                threshold: self.levels.terminate.unwrap_or(0),
-                fraction: self.fraction(rss.total()).unwrap_or(0.0),
-                exit_code: 128 + sig as i32,
-                signal: Some(sig as i32),
-            }));
-            child::send(pid, sig as i32);
-            self.state.nanny_terminated = Some(Instant::now());
-            self.state.terminate_rss = Some(rss.total());
+            self.terminate(pid, rss.total());
         }
+        let mut tick = Tick {
+            rss_anon: Some(rss.anon),
+            rss_file_shmem: Some(rss.file + rss.shmem),
+            limit: self.opts.limit.bytes,
+            ..Tick::rss(rss.total())
+        };
+        let purge = self.state.record.as_mut().and_then(|r| r.read_into(&mut tick));
+        if let Some(t) = &self.timeline {
+            t.tick(tick);
+        }
+        if let Some(p) = purge {
+            tracing::info!(
+                pid,
+                reason = p.reason,
+                returned = p.returned_bytes,
+                "the program purged its allocator's hoard"
+            );
+            self.record(Event::Purge(p));
+        }
+        if level < Level::Terminate {
+            self.pressure_purge(pid, level);
+        }
+    }
+
+    /// At spill and above: asks the program to purge its hoard (see
+    /// [`super::record`]).
+    fn pressure_purge(&mut self, pid: u32, level: Level) {
+        let m = &self.opts.memory;
+        let (threshold, every) = (m.trim_threshold, m.purge_interval);
+        let Some(r) = self.state.record.as_mut() else {
+            return;
+        };
+        if let Some(asked) = r.pressure_purge(level, threshold, every) {
+            tracing::info!(
+                pid,
+                purgeable = asked.purgeable,
+                ticket = asked.ticket.0,
+                "at {level:?}: asked the program to purge its allocator's hoard"
+            );
+        }
+    }
+
+    /// The nanny's own terminate: the configured signal, recorded.
+    fn terminate(&mut self, pid: u32, rss: u64) {
+        let sig = self.terminate_signal();
+        tracing::warn!(
+            pid,
+            rss,
+            "process memory passed terminate: the nanny sends {sig}"
+        );
+        self.record(Event::Terminate(Terminate {
+            process: rss,
+            threshold: self.levels.terminate.unwrap_or(0),
+            fraction: self.fraction(rss).unwrap_or(0.0),
+            exit_code: 128 + sig as i32,
+            signal: Some(sig as i32),
+        }));
+        child::send(pid, sig as i32);
+        self.state.nanny_terminated = Some(Instant::now());
+        self.state.terminate_rss = Some(rss);
     }
 
     /// SIGKILL once the grace after a softer terminate signal is over.
@@ -466,8 +509,10 @@ impl Program for AnyProgram {
     }
 
     fn started(&mut self, attempt: u32, child: &mut Child) -> anyhow::Result<()> {
+        let record = crate::proc::start_time(child.pid).map(|t| ProgramRecord::new(child.pid, t));
         self.state = AttemptState {
             pid: child.pid,
+            record,
             oom_kills_at_start: OomKills::now(self.cgroup.as_ref()),
             ..AttemptState::default()
         };

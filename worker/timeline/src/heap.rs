@@ -58,7 +58,7 @@ impl Heap {
     /// what is hoarded (only a trim tells how much comes back).
     pub fn purgeable(&self) -> u64 {
         match self {
-            Heap::Jemalloc(s) => s.dirty_bytes + s.muzzy_bytes,
+            Heap::Jemalloc(s) => s.dirty_bytes.saturating_add(s.muzzy_bytes),
             Heap::System(_) => self.hoarded(),
         }
     }
@@ -178,13 +178,13 @@ pub struct GlibcStats {
 impl GlibcStats {
     /// Live bytes: `uordblks + hblkhd`.
     pub fn live(&self) -> u64 {
-        self.uordblks + self.hblkhd
+        self.uordblks.saturating_add(self.hblkhd)
     }
 
     /// Allocator-resident bytes: resident arena pages plus mmapped chunks
     /// (never less than what is live).
     pub fn resident(&self) -> u64 {
-        (self.arena_resident + self.hblkhd).max(self.live())
+        self.arena_resident.saturating_add(self.hblkhd).max(self.live())
     }
 }
 

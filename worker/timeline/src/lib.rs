@@ -50,6 +50,7 @@ mod event;
 mod heap;
 mod line;
 mod read;
+pub mod record;
 mod split;
 mod summary;
 mod tick;

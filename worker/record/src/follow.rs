@@ -1,0 +1,191 @@
+//! Following one process's record for as long as it runs: what a
+//! supervisor (`amm-worker -- CMD`) and `amm-agent watch` both do every
+//! tick. The record is opened once it exists (the preload publishes within
+//! its first interval), bound to the task the caller means (pid and start
+//! time: a recycled pid is never read), opened again when the publisher
+//! moves to a new record or its image `exec`s (the old record is
+//! close-on-exec and goes stale), and a hostile record costs its reader a
+//! bounded time: a refusal is said once, a seqlock held odd
+//! ([`crate::ReadError::Stuck`], after [`crate::READ_PATIENCE`]) makes the
+//! follower leave the record alone for [`STUCK_BACKOFF`] before it tries
+//! again, and after [`STUCK_LIMIT`] such reads in a row for good.
+
+use std::time::{Duration, Instant};
+
+use crate::{Access, OpenError, ReadError, Reader, Snapshot, Task};
+
+/// How often to look again for a record that is not there (yet), or for
+/// the successor of a stale one.
+pub const RETRY: Duration = Duration::from_secs(1);
+
+/// How long a record found stuck mid-update is left alone.
+pub const STUCK_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Stuck reads in a row after which the follower stops reading the record.
+pub const STUCK_LIMIT: u32 = 3;
+
+/// Follows the record of one task.
+#[derive(Debug)]
+pub struct Follower {
+    pid: i32,
+    start_time: u64,
+    access: Access,
+    reader: Option<Reader>,
+    next_try: Instant,
+    stuck: u32,
+    gave_up: bool,
+    /// What to say next (taken by [`Follower::notice`]).
+    notice: Option<String>,
+    /// The refusal already said (said once).
+    said: Option<String>,
+    /// The last consistent, fresh read.
+    last: Option<Snapshot>,
+}
+
+impl Follower {
+    /// For the process `pid` that started at `start_time` (clock ticks after
+    /// boot, field 22 of `/proc/PID/stat`), opened with `access`.
+    pub fn new(pid: i32, start_time: u64, access: Access) -> Follower {
+        Follower {
+            pid,
+            start_time,
+            access,
+            reader: None,
+            next_try: Instant::now(),
+            stuck: 0,
+            gave_up: false,
+            notice: None,
+            said: None,
+            last: None,
+        }
+    }
+
+    /// Reads the record (opening it first if needed) and returns the read
+    /// when it is consistent and fresh; `None` when the process publishes
+    /// nothing (yet), its record was refused, or it is stale or stuck.
+    pub fn read(&mut self) -> Option<Snapshot> {
+        if self.gave_up {
+            return None;
+        }
+        if self.reader.is_none() && Instant::now() >= self.next_try {
+            self.next_try = Instant::now() + RETRY;
+            self.open();
+        }
+        let read = self.reader.as_ref()?.snapshot();
+        match read {
+            Ok(s) if s.allocator.is_none() => None,
+            Ok(s) if s.is_stale() => {
+                self.stuck = 0;
+                self.look_for_successor();
+                None
+            }
+            Ok(s) => {
+                self.stuck = 0;
+                self.last = Some(s);
+                Some(s)
+            }
+            Err(ReadError::Superseded) => {
+                self.reader = None;
+                self.next_try = Instant::now();
+                None
+            }
+            Err(ReadError::Stuck) => {
+                self.on_stuck();
+                None
+            }
+        }
+    }
+
+    /// The last consistent, fresh read.
+    pub fn last(&self) -> Option<&Snapshot> {
+        self.last.as_ref()
+    }
+
+    /// The open record, to request a purge through it (with
+    /// [`Access::Purge`]).
+    pub fn reader(&self) -> Option<&Reader> {
+        self.reader.as_ref()
+    }
+
+    /// What the follower has to say since the last call, once: the record
+    /// was found, refused, or found stuck.
+    pub fn notice(&mut self) -> Option<String> {
+        self.notice.take()
+    }
+
+    fn say(&mut self, what: String) {
+        if self.said.as_deref() != Some(what.as_str()) {
+            self.said = Some(what.clone());
+            self.notice = Some(what);
+        }
+    }
+
+    fn open(&mut self) {
+        match self.open_bound() {
+            Ok(r) => {
+                let what = r.info().allocator.map_or("unknown allocator", |a| a.name());
+                self.notice = Some(format!(
+                    "pid {}: reading its allocator record ({what}, published every {} ms)",
+                    self.pid,
+                    r.info().interval_ns / 1_000_000
+                ));
+                self.said = None;
+                self.reader = Some(r);
+            }
+            // not on the preload (yet): kernel data only
+            Err(OpenError::NoRecord(_)) | Err(OpenError::NoProcess(_)) => {}
+            Err(e) => self.say(format!("pid {}: {e}", self.pid)),
+        }
+    }
+
+    /// The reader bound to the task meant: refused if the pid now names
+    /// another task.
+    fn open_bound(&self) -> Result<Reader, OpenError> {
+        let task = Task::of(self.pid)?;
+        if task.start_time != self.start_time {
+            return Err(OpenError::Replaced {
+                pid: self.pid,
+                expected: self.start_time,
+                found: task.start_time,
+            });
+        }
+        crate::open_task(&task, self.access)
+    }
+
+    /// A stale record: the process exec'd (its new image publishes a new
+    /// record) or stopped publishing. Looks, at most every [`RETRY`], for a
+    /// record created after the one held.
+    fn look_for_successor(&mut self) {
+        if Instant::now() < self.next_try {
+            return;
+        }
+        self.next_try = Instant::now() + RETRY;
+        let created = self.reader.as_ref().map(|r| r.info().created_mono_ns);
+        if let Ok(r) = self.open_bound()
+            && Some(r.info().created_mono_ns) != created
+        {
+            self.reader = Some(r);
+        }
+    }
+
+    fn on_stuck(&mut self) {
+        self.stuck += 1;
+        self.reader = None;
+        if self.stuck >= STUCK_LIMIT {
+            self.gave_up = true;
+            self.say(format!(
+                "pid {}: its allocator record stayed mid-update {STUCK_LIMIT} times in a row; \
+                 no longer read (RSS only from now on)",
+                self.pid
+            ));
+        } else {
+            self.next_try = Instant::now() + STUCK_BACKOFF;
+            self.say(format!(
+                "pid {}: its allocator record stayed mid-update for {} ms; left alone for {} s",
+                self.pid,
+                crate::READ_PATIENCE.as_millis(),
+                STUCK_BACKOFF.as_secs()
+            ));
+        }
+    }
+}
