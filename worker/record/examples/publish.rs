@@ -11,7 +11,10 @@
 //! read a torn publication). `--forge KIND` publishes a record that a
 //! reader must refuse: `magic`, `version`, `pid`, `start-time`, `unsealed`,
 //! `unmapped`, `owner` (root only: the memfd belongs to uid 12345),
-//! `stuck` (valid, but left mid-write).
+//! `stuck` (valid, but left mid-write). `--absurd` publishes a valid
+//! record whose every statistic is `u64::MAX` (a broken or hostile
+//! publisher a reader must survive) and says on its standard output who
+//! asked each purge (`purge requested by PID`).
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,12 +31,13 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut interval = Duration::from_millis(20);
-    let (mut hammer, mut forge) = (false, None);
+    let (mut hammer, mut forge, mut absurd) = (false, None, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--interval-ms" => interval = Duration::from_millis(it.next().ok_or("N?")?.parse()?),
             "--hammer" => hammer = true,
+            "--absurd" => absurd = true,
             "--forge" => forge = Some(it.next().ok_or("KIND?")?.clone()),
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -62,6 +66,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n += 1;
         let mut stats: Stats = if hammer {
             bytemuck::cast([n; STATS_WORDS])
+        } else if absurd {
+            let mut s: Stats = bytemuck::cast([u64::MAX; STATS_WORDS]);
+            s.publication.mono_ns = amm_record::sys::monotonic_ns();
+            s
         } else {
             let mut s = Stats::default();
             s.publication.count = n;
@@ -86,7 +94,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         if let Some(r) = request {
-            stats.purge.count += 1;
+            if absurd {
+                println!("purge requested by {}", r.requester_pid);
+            }
+            stats.purge.count = stats.purge.count.wrapping_add(1);
             stats.purge.last = PurgeOutcome {
                 ticket: u64::from(r.ticket),
                 reason: PurgeReason::Request.code(),

@@ -16,7 +16,7 @@ use crate::{Access, OpenError, ReadError, Reader, Snapshot, Task};
 
 /// How often to look again for a record that is not there (yet), or for
 /// the successor of a stale one.
-pub const RETRY: Duration = Duration::from_secs(1);
+pub const RETRY: Duration = Duration::from_millis(250);
 
 /// How long a record found stuck mid-update is left alone.
 pub const STUCK_BACKOFF: Duration = Duration::from_secs(5);

@@ -77,6 +77,7 @@ impl ProgramRecord {
     /// Reads the record into `tick` (statistics and split); returns the
     /// purge the program ran since the last read, if any.
     pub fn read_into(&mut self, tick: &mut Tick) -> Option<PurgeReport> {
+        self.clear_answered();
         let snap = self.follower.read();
         if let Some(said) = self.follower.notice() {
             tracing::info!("{said}");
@@ -104,6 +105,19 @@ impl ProgramRecord {
             self.pending = None;
         }
         purge
+    }
+
+    /// Forgets the pending request once the program answered it (even an
+    /// answer whose purge the record does not show).
+    fn clear_answered(&mut self) {
+        let Some((ticket, _)) = self.pending else {
+            return;
+        };
+        if let Some(r) = self.follower.reader()
+            && let Ok(Some(_)) = r.wait_purge(ticket, Duration::ZERO)
+        {
+            self.pending = None;
+        }
     }
 
     /// At `level` spill or above, asks the program to purge when the last
