@@ -125,9 +125,7 @@ fn a_purge_under_pressure_returns_a_hoard_of_freed_medium_objects_on_both_alloca
         assert_eq!(p.cmd("alloc 170 16384").expect("alloc"), "ok alloc");
         assert_eq!(p.cmd("free_but_last").expect("free"), "ok free_but_last");
         let purge = line_where(dir.path(), "a pressure purge returning the hoard", |v| {
-            is_event(v, "purge")
-                && v["reason"] == "pressure"
-                && u(v, "returned_bytes") >= 128 * MIB
+            is_event(v, "purge") && v["reason"] == "pressure" && u(v, "returned_bytes") >= 128 * MIB
         });
         assert_eq!(purge["allocator"], name, "{purge}");
         // what the supervisor saw before it asked: the hoard, in the record
@@ -310,7 +308,12 @@ fn a_hostile_record_never_crashes_nor_misleads_the_supervisor_and_purges_reach_o
     assert!(with_heap > 0, "the record was never read: {}", h.log);
     let cap = 1u64 << 48;
     for t in &heaps {
-        for k in ["heap_live", "allocator_resident", "hoarded", "unmanaged_live"] {
+        for k in [
+            "heap_live",
+            "allocator_resident",
+            "hoarded",
+            "unmanaged_live",
+        ] {
             assert!(u(t, k) <= cap, "{k} not clamped: {t}");
         }
     }
@@ -322,7 +325,11 @@ fn a_hostile_record_never_crashes_nor_misleads_the_supervisor_and_purges_reach_o
     assert!(!asked.is_empty(), "no pressure purge asked: {}", h.log);
     // at most one per 500 ms over ~3 s (plus the first and slack for the
     // answer's wait): the limit, never a flood
-    assert!(asked.len() <= 8, "not rate-limited: {} requests", asked.len());
+    assert!(
+        asked.len() <= 8,
+        "not rate-limited: {} requests",
+        asked.len()
+    );
 
     // a grandchild with a valid record of its own: the supervisor reads
     // and purges only its child (sh, without a record), never the grandchild

@@ -81,9 +81,11 @@ impl Snapshot {
     pub fn live(&self) -> u64 {
         match self.allocator {
             Some(Allocator::Jemalloc) => self.stats.jemalloc.allocated,
-            Some(Allocator::System) => {
-                self.stats.glibc.in_use_bytes.saturating_add(self.stats.glibc.mmapped_bytes)
-            }
+            Some(Allocator::System) => self
+                .stats
+                .glibc
+                .in_use_bytes
+                .saturating_add(self.stats.glibc.mmapped_bytes),
             None => 0,
         }
     }
@@ -92,11 +94,9 @@ impl Snapshot {
     pub fn resident(&self) -> u64 {
         match self.allocator {
             Some(Allocator::Jemalloc) => self.stats.jemalloc.resident,
-            Some(Allocator::System) => {
-                (self.stats.glibc.arena_resident)
-                    .saturating_add(self.stats.glibc.mmapped_bytes)
-                    .max(self.live())
-            }
+            Some(Allocator::System) => (self.stats.glibc.arena_resident)
+                .saturating_add(self.stats.glibc.mmapped_bytes)
+                .max(self.live()),
             None => 0,
         }
     }
@@ -110,9 +110,11 @@ impl Snapshot {
     /// metadata and slab slack stay); glibc's hoard.
     pub fn purgeable(&self) -> u64 {
         match self.allocator {
-            Some(Allocator::Jemalloc) => {
-                self.stats.jemalloc.dirty_bytes.saturating_add(self.stats.jemalloc.muzzy_bytes)
-            }
+            Some(Allocator::Jemalloc) => self
+                .stats
+                .jemalloc
+                .dirty_bytes
+                .saturating_add(self.stats.jemalloc.muzzy_bytes),
             _ => self.hoarded(),
         }
     }

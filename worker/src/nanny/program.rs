@@ -312,7 +312,11 @@ impl AnyProgram {
             limit: self.opts.limit.bytes,
             ..Tick::rss(rss.total())
         };
-        let purge = self.state.record.as_mut().and_then(|r| r.read_into(&mut tick));
+        let purge = self
+            .state
+            .record
+            .as_mut()
+            .and_then(|r| r.read_into(&mut tick));
         if let Some(t) = &self.timeline {
             t.tick(tick);
         }

@@ -184,7 +184,9 @@ impl GlibcStats {
     /// Allocator-resident bytes: resident arena pages plus mmapped chunks
     /// (never less than what is live).
     pub fn resident(&self) -> u64 {
-        self.arena_resident.saturating_add(self.hblkhd).max(self.live())
+        self.arena_resident
+            .saturating_add(self.hblkhd)
+            .max(self.live())
     }
 }
 

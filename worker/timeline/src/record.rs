@@ -129,3 +129,75 @@ impl PurgeReport {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amm_record::{PurgeOutcome, Stats};
+
+    fn snapshot(allocator: Allocator, stats: Stats) -> Snapshot {
+        Snapshot {
+            allocator: Some(allocator),
+            interval_ns: 100_000_000,
+            state: "live",
+            stats,
+        }
+    }
+
+    #[test]
+    fn absurd_numbers_from_a_record_are_clamped_and_never_overflow() {
+        let mut st = Stats::default();
+        st.jemalloc.allocated = u64::MAX;
+        st.jemalloc.resident = u64::MAX;
+        st.jemalloc.dirty_bytes = u64::MAX;
+        st.jemalloc.muzzy_bytes = u64::MAX;
+        st.publication.rss_bytes = u64::MAX;
+        let mut t = Tick::rss(100 << 20);
+        t.add_record(&snapshot(Allocator::Jemalloc, st));
+        let h = t.heap.as_ref().expect("heap");
+        assert_eq!(h.live(), MAX_BYTES);
+        assert_eq!(h.purgeable(), 2 * MAX_BYTES);
+        let s = t.split.expect("split");
+        assert_eq!(s.unmanaged_live, MAX_BYTES);
+        assert!(
+            s.identity_error() > 0,
+            "the record's lie shows as the split's error"
+        );
+        let mut st = Stats::default();
+        st.glibc.in_use_bytes = u64::MAX;
+        st.glibc.mmapped_bytes = u64::MAX;
+        st.glibc.arena_resident = u64::MAX;
+        let mut t = Tick::rss(1);
+        t.add_record(&snapshot(Allocator::System, st));
+        assert_eq!(t.heap_live, Some(2 * MAX_BYTES));
+    }
+
+    #[test]
+    fn a_purge_is_pressure_only_when_this_supervisor_asked() {
+        let mut st = Stats::default();
+        st.purge.count = 1;
+        st.purge.last = PurgeOutcome {
+            reason: PurgeReason::Request.code(),
+            requested_by_pid: 42,
+            at_mono_ns: 1,
+            returned_bytes: 7 << 20,
+            cpu_ns: 3000,
+            ..PurgeOutcome::default()
+        };
+        let s = snapshot(Allocator::System, st);
+        let p = PurgeReport::from_record(&s, 0, Some(42)).expect("a new purge");
+        assert_eq!(
+            (p.reason.as_str(), p.returned_bytes, p.cpu_us),
+            ("pressure", 7 << 20, 3)
+        );
+        let p = PurgeReport::from_record(&s, 0, Some(43)).expect("a new purge");
+        assert_eq!(p.reason, "request");
+        assert!(
+            PurgeReport::from_record(&s, 1, Some(42)).is_none(),
+            "already seen"
+        );
+        st.purge.last.reason = PurgeReason::Threshold.code();
+        let p = PurgeReport::from_record(&snapshot(Allocator::System, st), 0, None);
+        assert_eq!(p.map(|p| p.reason), Some("threshold".to_string()));
+    }
+}

@@ -53,7 +53,12 @@ impl Split {
 
     /// `(managed + unmanaged_live + hoarded + non_heap) - process`, bytes.
     pub fn identity_error(&self) -> i64 {
-        let parts = [self.managed, self.unmanaged_live, self.hoarded, self.non_heap];
+        let parts = [
+            self.managed,
+            self.unmanaged_live,
+            self.hoarded,
+            self.non_heap,
+        ];
         let sum: i128 = parts.iter().map(|&p| i128::from(p)).sum();
         (sum - i128::from(self.process)).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
     }
