@@ -96,6 +96,15 @@ impl Follower {
         }
     }
 
+    /// Looks for the record at the next read even if the last look was
+    /// less than [`RETRY`] ago (a caller that expects one to appear any
+    /// moment: a program just started on the preload library).
+    pub fn look_now(&mut self) {
+        if self.reader.is_none() && !self.gave_up {
+            self.next_try = Instant::now();
+        }
+    }
+
     /// The last consistent, fresh read.
     pub fn last(&self) -> Option<&Snapshot> {
         self.last.as_ref()

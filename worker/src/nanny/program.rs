@@ -317,7 +317,9 @@ impl AnyProgram {
             .record
             .as_mut()
             .and_then(|r| r.read_into(&mut tick));
-        if let Some(t) = &self.timeline {
+        // no tick of RSS alone while the record is expected any moment
+        let warming_up = self.state.record.as_ref().is_some_and(|r| r.warming_up());
+        if let Some(t) = self.timeline.as_ref().filter(|_| !warming_up) {
             t.tick(tick);
         }
         if let Some(p) = purge {
@@ -513,7 +515,9 @@ impl Program for AnyProgram {
     }
 
     fn started(&mut self, attempt: u32, child: &mut Child) -> anyhow::Result<()> {
-        let record = crate::proc::start_time(child.pid).map(|t| ProgramRecord::new(child.pid, t));
+        let expected = self.opts.injection.library.is_some();
+        let record =
+            crate::proc::start_time(child.pid).map(|t| ProgramRecord::new(child.pid, t, expected));
         self.state = AttemptState {
             pid: child.pid,
             record,

@@ -34,6 +34,12 @@ use amm_timeline::{Level, PurgeReport, Tick};
 /// before it may ask again.
 const ANSWER_PATIENCE: Duration = Duration::from_secs(10);
 
+/// How long the supervisor waits for the record of a program it put on the
+/// preload library before it writes ticks of RSS alone: a timeline whose
+/// first ticks lack the allocator's numbers would make the report judge
+/// the whole stretch from kernel data.
+const RECORD_GRACE: Duration = Duration::from_secs(2);
+
 /// The least purgeable hoard a pressure purge is asked for (as amm-worker's
 /// memory manager does before spilling).
 const MIN_PRESSURE_PURGE: u64 = 1 << 20;
@@ -58,12 +64,17 @@ pub struct ProgramRecord {
     governor: Governor,
     pending: Option<(Ticket, Instant)>,
     last: Option<Snapshot>,
+    /// A record is expected (the program was put on a preload library).
+    expected: bool,
+    started: Instant,
+    ever_read: bool,
 }
 
 impl ProgramRecord {
     /// The record of the child `pid` that started at `start_time` (clock
-    /// ticks after boot).
-    pub fn new(pid: u32, start_time: u64) -> ProgramRecord {
+    /// ticks after boot); `expected` when the program was put on a preload
+    /// library (it publishes one within its first interval).
+    pub fn new(pid: u32, start_time: u64, expected: bool) -> ProgramRecord {
         ProgramRecord {
             follower: Follower::new(pid as i32, start_time, Access::Purge),
             purges_seen: 0,
@@ -71,19 +82,32 @@ impl ProgramRecord {
             governor: Governor::default(),
             pending: None,
             last: None,
+            expected,
+            started: Instant::now(),
+            ever_read: false,
         }
+    }
+
+    /// Whether ticks should wait: the record is expected, has not been read
+    /// yet, and the program started less than [`RECORD_GRACE`] ago.
+    pub fn warming_up(&self) -> bool {
+        self.expected && !self.ever_read && self.started.elapsed() < RECORD_GRACE
     }
 
     /// Reads the record into `tick` (statistics and split); returns the
     /// purge the program ran since the last read, if any.
     pub fn read_into(&mut self, tick: &mut Tick) -> Option<PurgeReport> {
         self.clear_answered();
+        if self.warming_up() {
+            self.follower.look_now();
+        }
         let snap = self.follower.read();
         if let Some(said) = self.follower.notice() {
             tracing::info!("{said}");
         }
         self.last = snap;
         let s = snap?;
+        self.ever_read = true;
         tick.add_record(&s);
         let created = self
             .follower
