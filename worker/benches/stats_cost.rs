@@ -16,16 +16,27 @@
 //!   reads) and `full` (+ per-arena pages and every size class, what a
 //!   tick with `--timeline` reads);
 //! * glibc `mallinfo2` alone, `totals` (+ the arenas' residency from
-//!   `/proc/self/maps` and `mincore`) and `full` (+ `malloc_info`).
+//!   `/proc/self/maps` and `mincore`) and `full` (+ `malloc_info`): every
+//!   part read fresh, what each monitor tick did before;
+//! * `tick-totals` and `tick-full`: what a monitor tick does now, one
+//!   `HeapReader` kept from tick to tick (on glibc: the live bytes from
+//!   `Dispatch`'s counts, residency with `mincore` over kept ranges, the
+//!   expensive parts only within a 0.1 % CPU budget).
 //!
 //! Then it prints, for each, the mean wall time and the mean CPU time of the
-//! calling thread over 50 reads, as a percentage of 200 ms.
+//! calling thread as a percentage of 200 ms: over 50 reads back to back
+//! for the fresh reads; for the `tick-*` reads over 150 ticks 200 ms apart
+//! (30 s, so the budgeted reads count as often as they really run), after
+//! a first read that is shown apart. On glibc it also times the allocation
+//! path: a `malloc`+`free` pair through `Dispatch` (counted) against the
+//! same pair called directly (not counted).
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use amm_alloc::HeapReader;
 use amm_worker::alloc::{self, Allocator, Detail};
 use criterion::Criterion;
 
@@ -117,6 +128,76 @@ fn reads(a: Allocator) -> Vec<Read> {
     }
 }
 
+/// What a monitor tick reads now: a reader kept from tick to tick.
+const TICK_READS: [(&str, Detail); 2] =
+    [("tick-totals", Detail::Totals), ("tick-full", Detail::Full)];
+
+/// Mean wall and CPU of one tick's read over 150 ticks 200 ms apart, after
+/// a first read (returned apart).
+fn ticks(reader: &mut HeapReader, detail: Detail) -> ((Duration, Duration), (Duration, Duration)) {
+    let timed = |reader: &mut HeapReader| {
+        let (w0, c0) = (Instant::now(), thread_cpu());
+        black_box(reader.read(detail).ok());
+        (w0.elapsed(), thread_cpu().saturating_sub(c0))
+    };
+    let first = timed(reader);
+    let n = 150u32;
+    let (mut wall, mut cpu) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..n {
+        std::thread::sleep(TICK);
+        let (w, c) = timed(reader);
+        wall += w;
+        cpu += c;
+    }
+    (first, (wall / n, cpu / n))
+}
+
+/// Nanoseconds per `malloc`+`free` pair of 16 B–4 KiB blocks: through the
+/// global allocator (`Dispatch`, counted on glibc) and calling glibc
+/// directly (not counted), interleaved rounds, medians.
+fn alloc_path() -> (f64, f64) {
+    const N: usize = 2_000_000;
+    let sizes: Vec<usize> = {
+        let mut rng = Rng(7);
+        (0..1024).map(|_| rng.range(16, 4096)).collect()
+    };
+    let via_dispatch = || {
+        let t = Instant::now();
+        for i in 0..N {
+            let layout = std::alloc::Layout::from_size_align(sizes[i % 1024], 8).expect("layout");
+            // SAFETY: a non-zero layout; the block is freed with it at once.
+            unsafe {
+                let p = std::alloc::alloc(layout);
+                black_box(p);
+                std::alloc::dealloc(p, layout);
+            }
+        }
+        t.elapsed().as_nanos() as f64 / N as f64
+    };
+    let direct = || {
+        let t = Instant::now();
+        for i in 0..N {
+            // SAFETY: malloc's block is freed at once with free.
+            unsafe {
+                let p = libc::malloc(sizes[i % 1024]);
+                black_box(p);
+                libc::free(p);
+            }
+        }
+        t.elapsed().as_nanos() as f64 / N as f64
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        a.push(via_dispatch());
+        b.push(direct());
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (med(a), med(b))
+}
+
 fn main() {
     let Some(name) = std::env::var_os(alloc::ALLOCATOR_ENV) else {
         // one process per allocator
@@ -150,6 +231,7 @@ fn main() {
         .warm_up_time(Duration::from_millis(500))
         .configure_from_args();
     let mut summary = Vec::new();
+    let mut firsts = Vec::new();
     for (heap_name, build) in [
         ("plain", (256usize << 20, 16usize, 64usize << 10, 0.25f64)),
         ("fragmented", (192 << 20, 16, 256, 0.9)),
@@ -170,6 +252,16 @@ fn main() {
             let cpu = thread_cpu().saturating_sub(c0) / n;
             summary.push((heap_name, read_name, wall, cpu));
         }
+        for (read_name, detail) in TICK_READS {
+            let mut reader = HeapReader::new(a, TICK);
+            c.bench_function(&format!("{group}/{heap_name}/{read_name}"), |b| {
+                b.iter(|| black_box(reader.read(detail).ok()))
+            });
+            let mut reader = HeapReader::new(a, TICK);
+            let (first, (wall, cpu)) = ticks(&mut reader, detail);
+            firsts.push((heap_name, read_name, first.0, first.1));
+            summary.push((heap_name, read_name, wall, cpu));
+        }
         stop.store(true, Ordering::Relaxed);
         for w in workers {
             let _ = w.join();
@@ -183,14 +275,30 @@ fn main() {
         "{:<11} {:<10} {:>12} {:>8} {:>12} {:>8}",
         "heap", "read", "wall", "% tick", "cpu", "% tick"
     );
+    let pct = |d: Duration| 100.0 * d.as_secs_f64() / TICK.as_secs_f64();
     for (h, r, wall, cpu) in summary {
-        let pct = |d: Duration| 100.0 * d.as_secs_f64() / TICK.as_secs_f64();
         println!(
-            "{h:<11} {r:<10} {:>10.1}µs {:>7.3}% {:>10.1}µs {:>7.3}%",
+            "{h:<11} {r:<12} {:>10.1}µs {:>7.3}% {:>10.1}µs {:>7.3}%",
             wall.as_secs_f64() * 1e6,
             pct(wall),
             cpu.as_secs_f64() * 1e6,
             pct(cpu)
+        );
+    }
+    println!("first read of a new tick reader (once per worker):");
+    for (h, r, wall, cpu) in firsts {
+        println!(
+            "{h:<11} {r:<12} {:>10.1}µs {:>10.1}µs cpu",
+            wall.as_secs_f64() * 1e6,
+            cpu.as_secs_f64() * 1e6
+        );
+    }
+    if a == Allocator::System {
+        let (counted, direct) = alloc_path();
+        println!(
+            "malloc+free pair, 16 B-4 KiB, one thread: {counted:.1} ns through Dispatch (counted), \
+             {direct:.1} ns calling glibc directly ({:+.1} %)",
+            100.0 * (counted / direct - 1.0)
         );
     }
 }

@@ -8,7 +8,9 @@
 //! free to the same allocator: jemalloc (`tikv-jemallocator`, its symbols
 //! prefixed so glibc's `malloc` stays intact) or glibc's `malloc`. The choice
 //! can never change afterwards, so no pointer is ever freed by the other
-//! allocator. The `--allocator` flag reaches that variable through the nanny
+//! allocator. On glibc, `Dispatch` also counts the live bytes of every
+//! chunk it allocates and frees ([`glibc::counted`]), so a monitor tick
+//! reads them without `mallinfo2`'s walk of every free chunk. The `--allocator` flag reaches that variable through the nanny
 //! (it sets it in the worker's environment) or, with `--no-nanny`, through a
 //! re-exec of the binary (see `cli`).
 
@@ -29,6 +31,8 @@ pub const ALLOCATOR_ENV: &str = "AMM_ALLOCATOR";
 const UNDECIDED: u8 = 0;
 const SYSTEM: u8 = 1;
 const JEMALLOC: u8 = 2;
+/// glibc, and `Dispatch` serves (and counts) the allocations.
+const SYSTEM_COUNTED: u8 = 3;
 
 static CHOICE: AtomicU8 = AtomicU8::new(UNDECIDED);
 
@@ -65,6 +69,31 @@ fn choice() -> u8 {
     if c != UNDECIDED { c } else { decide() }
 }
 
+/// The choice, for `Dispatch` itself: on glibc, the first allocation it
+/// serves starts the live-byte counts (a binary whose global allocator is
+/// not `Dispatch` never counts, so its counts are never trusted).
+#[inline(always)]
+fn serving() -> u8 {
+    let c = CHOICE.load(Ordering::Relaxed);
+    if c == JEMALLOC || c == SYSTEM_COUNTED {
+        c
+    } else {
+        begin_serving()
+    }
+}
+
+#[cold]
+fn begin_serving() -> u8 {
+    if choice() == JEMALLOC {
+        return JEMALLOC;
+    }
+    // before this allocation returns, so every block Dispatch serves is
+    // counted
+    glibc::counted::start();
+    CHOICE.store(SYSTEM_COUNTED, Ordering::Release);
+    SYSTEM_COUNTED
+}
+
 /// The allocator serving this process (deciding it now if nothing has been
 /// allocated yet). In a binary without [`Dispatch`] as its global allocator
 /// (the library's tests), this is what `Dispatch` *would* use; such a process
@@ -84,49 +113,68 @@ pub struct Dispatch;
 // SAFETY: every method forwards to one allocator, the same one for the whole
 // life of the process (CHOICE is written once, before the first allocation
 // returns), so memory is always freed/reallocated by the allocator that
-// allocated it. Both targets uphold GlobalAlloc's contract themselves.
+// allocated it. Both targets uphold GlobalAlloc's contract themselves. On
+// glibc every block passed to `counted` is one glibc returned and that is
+// still live (counted after it is returned, uncounted before it is freed).
 unsafe impl GlobalAlloc for Dispatch {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if choice() == JEMALLOC {
+        if serving() == JEMALLOC {
             // SAFETY: caller upholds GlobalAlloc::alloc's contract.
             unsafe { Jemalloc.alloc(layout) }
         } else {
-            // SAFETY: as above.
-            unsafe { System.alloc(layout) }
+            // SAFETY: as above; the block is glibc's and just returned.
+            unsafe {
+                let p = System.alloc(layout);
+                glibc::counted::allocated(p);
+                p
+            }
         }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if choice() == JEMALLOC {
+        if serving() == JEMALLOC {
             // SAFETY: caller upholds the contract.
             unsafe { Jemalloc.alloc_zeroed(layout) }
         } else {
-            // SAFETY: as above.
-            unsafe { System.alloc_zeroed(layout) }
+            // SAFETY: as above; the block is glibc's and just returned.
+            unsafe {
+                let p = System.alloc_zeroed(layout);
+                glibc::counted::allocated(p);
+                p
+            }
         }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if choice() == JEMALLOC {
+        if serving() == JEMALLOC {
             // SAFETY: ptr came from Jemalloc (the choice never changes).
             unsafe { Jemalloc.dealloc(ptr, layout) }
         } else {
-            // SAFETY: ptr came from System.
-            unsafe { System.dealloc(ptr, layout) }
+            // SAFETY: ptr came from System, counted, and is still live.
+            unsafe {
+                glibc::counted::freeing(ptr);
+                System.dealloc(ptr, layout)
+            }
         }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if choice() == JEMALLOC {
+        if serving() == JEMALLOC {
             // SAFETY: ptr came from Jemalloc.
             unsafe { Jemalloc.realloc(ptr, layout, new_size) }
         } else {
-            // SAFETY: ptr came from System.
-            unsafe { System.realloc(ptr, layout, new_size) }
+            // SAFETY: ptr came from System, counted, and is live until the
+            // realloc; a failed realloc leaves it live, so count it again.
+            unsafe {
+                glibc::counted::freeing(ptr);
+                let p = System.realloc(ptr, layout, new_size);
+                glibc::counted::allocated(if p.is_null() { ptr } else { p });
+                p
+            }
         }
     }
 }

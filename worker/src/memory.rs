@@ -347,6 +347,9 @@ pub struct MemoryManager {
     limit: Option<u64>,
     levels: Levels,
     allocator: Allocator,
+    /// Reads the allocator's statistics each tick; on glibc it keeps the
+    /// expensive parts between ticks (amm-alloc's `glibc::Sampler`).
+    heap: amm_alloc::HeapReader,
     buffer: Arc<SpillBuffer>,
     gate: Arc<Gate>,
     timeline: Option<Arc<Timeline>>,
@@ -390,6 +393,7 @@ impl MemoryManager {
         on_terminate: TerminateAction,
     ) -> MemoryManager {
         let levels = levels(&cfg, limit);
+        let heap = amm_alloc::HeapReader::new(alloc::active(), cfg.monitor_interval);
         let shared = Arc::new(Shared::default());
         let waker = shared.clone();
         buffer.set_pressure_hook(Box::new(move || waker.wake()));
@@ -399,6 +403,7 @@ impl MemoryManager {
             limit,
             levels,
             allocator: alloc::active(),
+            heap,
             buffer,
             gate,
             timeline,
@@ -484,7 +489,7 @@ impl MemoryManager {
         let (statm, heap, before, s, moved) = loop {
             let rss_before = proc::statm()?.resident;
             let before = self.buffer.stats();
-            let heap = alloc::heap_stats(detail)?;
+            let heap = self.heap.read(detail)?;
             let statm = proc::statm()?;
             let s = self.buffer.stats();
             let moved = statm.resident.abs_diff(rss_before);
@@ -505,6 +510,7 @@ impl MemoryManager {
     }
 
     fn purge(&mut self, reason: &str) -> Option<alloc::PurgeReport> {
+        self.heap.expire();
         match alloc::reclaim(reason) {
             Ok(r) => {
                 self.governor.record(r.cpu_us);

@@ -80,6 +80,23 @@ fn record_exit(timeline: Option<&Timeline>, attempt: u32, code: i32, peak: u64) 
     }
 }
 
+/// Publishes this worker's allocator statistics in its allocator record
+/// every 100 ms, as the preload library does inside any program, so
+/// `amm-record show PID`, the agent and `amm-agent watch` read amm-worker
+/// the same way. Purging stays the memory manager's (the publisher makes no
+/// threshold purge and no decay of its own); a purge someone requests
+/// through the record is served. A worker that cannot publish still works.
+fn publish_record(allocator: Allocator) {
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let mut cfg = amm_alloc::publisher::Config::new(Some(allocator));
+    cfg.decay = false;
+    cfg.trim_threshold = None;
+    match amm_alloc::publisher::spawn(cfg, None, Duration::ZERO, &STOP, 256 << 10) {
+        Ok(_) => tracing::debug!("publishing the allocator record"),
+        Err(e) => tracing::warn!("cannot publish the allocator record (amm-record show): {e}"),
+    }
+}
+
 /// Runs the worker; returns its exit code (terminate and signals exit from
 /// inside and never return).
 pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
@@ -101,6 +118,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         attempts = check.attempts,
         "allocator serving this worker"
     );
+    publish_record(allocator);
     if allocator == Allocator::Jemalloc {
         let dirty = alloc::jemalloc::opt_isize("opt.dirty_decay_ms").unwrap_or(-1);
         let muzzy = alloc::jemalloc::opt_isize("opt.muzzy_decay_ms").unwrap_or(-1);

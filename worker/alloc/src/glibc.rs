@@ -16,8 +16,10 @@
 //!
 //! `mallinfo2` walks every free chunk of every arena under that arena's
 //! lock: on a fragmented heap it is expensive and stalls the program's own
-//! `malloc` calls meanwhile. Callers that poll should read it less often
-//! when it is costly (the publisher does).
+//! `malloc` calls meanwhile. Callers that poll keep a [`Sampler`], which
+//! reads it (and the other expensive parts) only as often as a CPU budget
+//! allows, and takes the live bytes from [`counted`] when this process's
+//! global allocator counts them.
 
 use std::ffi::c_char;
 use std::io;
@@ -28,6 +30,11 @@ use procfs::process::{MMPermissions, MMapPath, MemoryMap};
 use crate::Detail;
 
 pub use amm_timeline::{GlibcArena, GlibcStats};
+
+pub mod counted;
+mod sampler;
+
+pub use sampler::{DEFAULT_BUDGET, HEAP_RESCAN, Sampler, budgeted};
 
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: non-main arenas live in heaps of this
 /// size, aligned to it.
@@ -80,29 +87,11 @@ pub fn live_now() -> u64 {
     mi.uordblks + mi.hblkhd
 }
 
-/// Reads `mallinfo2`, measures arena residency and, with [`Detail::Full`],
-/// parses `malloc_info`.
+/// Reads everything once: `mallinfo2` (or the counts), the arenas'
+/// residency and, with [`Detail::Full`], `malloc_info`. A caller that reads
+/// again and again keeps a [`Sampler`] instead.
 pub fn stats(detail: Detail) -> io::Result<GlibcStats> {
-    let mi = mallinfo();
-    let mut heaps = ArenaHeaps::scan()?;
-    let residency = heaps.residency();
-    let mut s = GlibcStats {
-        arena: mi.arena,
-        ordblks: mi.ordblks,
-        hblks: mi.hblks,
-        hblkhd: mi.hblkhd,
-        uordblks: mi.uordblks,
-        fordblks: mi.fordblks,
-        fsmblks: mi.fsmblks,
-        keepcost: mi.keepcost,
-        arena_resident: residency.iter().map(|h| h.resident).sum(),
-        arena_heaps: heaps.heap_count(),
-        arenas: Vec::new(),
-    };
-    if detail == Detail::Full {
-        s.arenas = parse_malloc_info(&malloc_info_xml()?);
-    }
-    Ok(s)
+    Sampler::every_time().stats(detail)
 }
 
 /// `malloc_trim(0)`: releases the top of every arena and, in modern glibc,

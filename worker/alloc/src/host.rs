@@ -24,10 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use amm_record::InheritedSlot;
-use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 
 use crate::Allocator;
-use crate::publisher::{Config, Publisher};
+use crate::publisher::{self, Config};
 
 /// The publication interval in milliseconds (`0`: no publisher at all).
 pub const INTERVAL_ENV: &str = "AMM_PRELOAD_INTERVAL_MS";
@@ -109,28 +108,13 @@ extern "C" fn after_fork_in_child() {
     }
 }
 
-/// Starts the thread with every signal blocked; it waits `delay`, creates
+/// Starts the thread (see [`publisher::spawn`]); it waits `delay`, creates
 /// the record and publishes until the process ends.
 fn spawn(delay: Duration) -> io::Result<()> {
     let Some(cfg) = CONFIG.get().cloned() else {
         return Ok(());
     };
-    let mut old = SigSet::empty();
-    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old))?;
-    let spawned = std::thread::Builder::new()
-        .name("amm-publisher".into())
-        .stack_size(STACK_BYTES)
-        .spawn(move || {
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
-            match Publisher::new(cfg, Some(&SLOT)) {
-                Ok(p) => p.run(&NEVER),
-                Err(e) => eprintln!("amm-preload: cannot create the allocator record: {e}"),
-            }
-        });
-    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
-    spawned.map(drop)
+    publisher::spawn(cfg, Some(&SLOT), delay, &NEVER, STACK_BYTES).map(drop)
 }
 
 /// The base address of the loaded object that defines the global `symbol`

@@ -42,11 +42,44 @@ pub enum Detail {
     Full,
 }
 
-/// Reads `allocator`'s statistics.
+/// Reads `allocator`'s statistics once, everything fresh (a caller that
+/// reads every tick keeps a [`HeapReader`]).
 pub fn heap_stats(allocator: Allocator, detail: Detail) -> io::Result<HeapStats> {
     match allocator {
         Allocator::Jemalloc => jemalloc::stats(detail).map(HeapStats::Jemalloc),
         Allocator::System => glibc::stats(detail).map(HeapStats::System),
+    }
+}
+
+/// Reads an allocator's statistics tick after tick at a bounded cost:
+/// jemalloc's are cheap every time; glibc's expensive parts are read only
+/// as often as [`glibc::Sampler`]'s budget allows.
+#[derive(Debug)]
+pub struct HeapReader {
+    allocator: Allocator,
+    glibc: glibc::Sampler,
+}
+
+impl HeapReader {
+    /// A reader for `allocator`, called about every `interval`.
+    pub fn new(allocator: Allocator, interval: std::time::Duration) -> HeapReader {
+        HeapReader {
+            allocator,
+            glibc: glibc::Sampler::new(glibc::DEFAULT_BUDGET, interval),
+        }
+    }
+
+    /// Has the next read refresh everything (after a purge or trim).
+    pub fn expire(&mut self) {
+        self.glibc.expire();
+    }
+
+    /// Reads the statistics.
+    pub fn read(&mut self, detail: Detail) -> io::Result<HeapStats> {
+        match self.allocator {
+            Allocator::Jemalloc => jemalloc::stats(detail).map(HeapStats::Jemalloc),
+            Allocator::System => self.glibc.stats(detail).map(HeapStats::System),
+        }
     }
 }
 

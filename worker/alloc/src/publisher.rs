@@ -4,11 +4,12 @@
 //! semantics ([`Governor`]).
 //!
 //! Costs are bounded: jemalloc's totals are a few MIB reads after one epoch
-//! advance; glibc's `mallinfo2` (which walks every free chunk under each
-//! arena's lock) is read only as often as keeps it under
-//! [`Config::mallinfo_budget`] of one CPU, and the arena heaps are found in
-//! `/proc/self/maps` only when they may have changed, their residency
-//! measured with `mincore` every tick.
+//! advance; glibc's are read through a [`glibc::Sampler`]: `mallinfo2`
+//! (which walks every free chunk under each arena's lock) only as often as
+//! keeps it under [`Config::mallinfo_budget`] of one CPU (the live bytes
+//! come from the process's own counts when it keeps them, as amm-worker
+//! does), the arena heaps found in `/proc/self/maps` only when they may
+//! have changed, their residency measured with `mincore` every tick.
 //!
 //! The publisher also keeps the record reachable: a program that closes
 //! every descriptor it does not know, or changes its uid (after which its
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use amm_record::layout::{ArenaPages, HeapResidency, MAX_ARENAS, MAX_HEAPS};
 use amm_record::{InheritedSlot, PurgeOutcome, PurgeReason, Request, Stats, Writer, sys};
 
-use crate::glibc::{ArenaHeaps, Mallinfo};
 use crate::{Allocator, Detail, Governor, glibc, jemalloc, release_hoard, rss_bytes};
 
 /// The default publication interval.
@@ -33,15 +33,11 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The share of one CPU `mallinfo2` may take by default.
-pub const DEFAULT_MALLINFO_BUDGET: f64 = 0.001;
+pub const DEFAULT_MALLINFO_BUDGET: f64 = glibc::DEFAULT_BUDGET;
 
 /// Requested purges closer together than this wait (a requester that spins
 /// cannot make the process do nothing but purge).
 pub const REQUEST_MIN_GAP: Duration = Duration::from_millis(10);
-
-/// How often the arena heaps are looked for again in `/proc/self/maps`
-/// at most (new threads create arenas), unless a heap vanished.
-const HEAP_RESCAN: Duration = Duration::from_secs(1);
 
 /// What the publisher does.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,16 +74,6 @@ impl Config {
     }
 }
 
-/// glibc's last readings.
-#[derive(Debug, Default)]
-struct GlibcState {
-    mallinfo: Mallinfo,
-    mallinfo_mono_ns: u64,
-    next_mallinfo: Option<Instant>,
-    heaps: Option<ArenaHeaps>,
-    next_scan: Option<Instant>,
-}
-
 /// The publishing thread's state (see the module docs).
 #[derive(Debug)]
 pub struct Publisher {
@@ -96,7 +82,7 @@ pub struct Publisher {
     slot: Option<&'static InheritedSlot>,
     governor: Governor,
     stats: Stats,
-    glibc: GlibcState,
+    glibc: glibc::Sampler,
     last_requested: Option<Instant>,
 }
 
@@ -117,13 +103,14 @@ impl Publisher {
         }
         stats.purge.threshold_bytes = cfg.trim_threshold.unwrap_or(u64::MAX);
         stats.purge.min_interval_ns = duration_ns(cfg.purge_interval);
+        let glibc = glibc::Sampler::new(cfg.mallinfo_budget, cfg.interval);
         Ok(Publisher {
             cfg,
             writer,
             slot,
             governor: Governor::default(),
             stats,
-            glibc: GlibcState::default(),
+            glibc,
             last_requested: None,
         })
     }
@@ -219,54 +206,33 @@ impl Publisher {
     }
 
     fn refresh_glibc(&mut self) {
-        let now = Instant::now();
-        let g = &mut self.glibc;
-        if g.next_mallinfo.is_none_or(|t| now >= t) {
-            g.mallinfo = glibc::mallinfo();
-            g.mallinfo_mono_ns = sys::monotonic_ns();
-            g.next_mallinfo = Some(
-                now + budgeted(
-                    g.mallinfo.cpu_ns,
-                    self.cfg.mallinfo_budget,
-                    self.cfg.interval,
-                ),
-            );
+        if let Err(e) = self.glibc.stats(Detail::Totals) {
+            warn_once(&format!("reading glibc's statistics failed: {e}"));
         }
-        let stale = g.heaps.as_ref().is_none_or(|h| h.is_stale(HEAP_RESCAN));
-        if stale && g.next_scan.is_none_or(|t| now >= t) {
-            let cpu = sys::thread_cpu_ns();
-            match ArenaHeaps::scan() {
-                Ok(h) => g.heaps = Some(h),
-                Err(e) => warn_once(&format!("reading /proc/self/maps failed: {e}")),
-            }
-            let cost = sys::thread_cpu_ns().saturating_sub(cpu);
-            g.next_scan = Some(now + budgeted(cost, self.cfg.mallinfo_budget, HEAP_RESCAN));
-        }
-        self.measure_residency();
-        let (mi, gl) = (&self.glibc.mallinfo, &mut self.stats.glibc);
+        let (mi, mono_ns) = self.glibc.last_mallinfo();
+        let (in_use, mmapped) = self.glibc.live();
+        let gl = &mut self.stats.glibc;
         gl.arena_bytes = mi.arena;
-        gl.in_use_bytes = mi.uordblks;
+        gl.in_use_bytes = in_use;
         gl.free_bytes = mi.fordblks;
         gl.free_chunks = mi.ordblks;
         gl.fastbin_bytes = mi.fsmblks;
         gl.top_pad_bytes = mi.keepcost;
-        gl.mmapped_bytes = mi.hblkhd;
+        gl.mmapped_bytes = mmapped;
         gl.mmapped_chunks = mi.hblks;
-        gl.mallinfo_mono_ns = self.glibc.mallinfo_mono_ns;
+        gl.mallinfo_mono_ns = mono_ns;
         gl.mallinfo_cpu_ns = mi.cpu_ns;
+        self.publish_residency();
     }
 
-    /// Measures the arena heaps' residency now (cheap: `mincore`).
-    fn measure_residency(&mut self) {
-        let Some(heaps) = self.glibc.heaps.as_mut() else {
-            return;
-        };
-        let regions = heaps.residency();
+    /// Copies the arena heaps' last residency into the record.
+    fn publish_residency(&mut self) {
+        let regions = self.glibc.residency();
         let gl = &mut self.stats.glibc;
         gl.arena_resident = regions.iter().map(|r| r.resident).sum();
-        gl.heaps_total = u64::from(heaps.heap_count());
+        gl.heaps_total = u64::from(self.glibc.heap_count());
         gl.heaps.count = regions.len().min(MAX_HEAPS) as u64;
-        for (slot, r) in gl.heaps.entries.iter_mut().zip(&regions) {
+        for (slot, r) in gl.heaps.entries.iter_mut().zip(regions) {
             *slot = HeapResidency {
                 start: r.start,
                 size: r.size,
@@ -310,7 +276,10 @@ impl Publisher {
                 let _ = self.refresh_jemalloc();
             }
             // a trim changes residency, not what is live
-            Allocator::System => self.measure_residency(),
+            Allocator::System => {
+                self.glibc.measure_residency();
+                self.publish_residency();
+            }
         }
         self.stats.publication.rss_bytes = rss_after;
         self.governor.record(cost.cpu_us);
@@ -362,6 +331,36 @@ impl Publisher {
     }
 }
 
+/// Starts a thread named `amm-publisher` with every signal blocked (signals
+/// stay the program's business) that waits `delay`, creates the record and
+/// publishes until `stop` is set (a constant `false`: until the process
+/// ends). `stack` bytes of stack.
+pub fn spawn(
+    cfg: Config,
+    slot: Option<&'static InheritedSlot>,
+    delay: Duration,
+    stop: &'static AtomicBool,
+    stack: usize,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    let mut old = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old))?;
+    let spawned = std::thread::Builder::new()
+        .name("amm-publisher".into())
+        .stack_size(stack)
+        .spawn(move || {
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+            match Publisher::new(cfg, slot) {
+                Ok(p) => p.run(stop),
+                Err(e) => eprintln!("amm: cannot create the allocator record: {e}"),
+            }
+        });
+    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+    spawned
+}
+
 /// The arenas holding the most dirty + muzzy pages (at most
 /// [`MAX_ARENAS`]), in index order.
 fn most_purgeable(mut arenas: Vec<jemalloc::ArenaPages>) -> Vec<ArenaPages> {
@@ -376,17 +375,6 @@ fn most_purgeable(mut arenas: Vec<jemalloc::ArenaPages>) -> Vec<ArenaPages> {
             muzzy_bytes: a.muzzy_bytes,
         })
         .collect()
-}
-
-/// How long to wait before repeating something that cost `cpu_ns` so that
-/// it takes at most `budget` of one CPU (and never more often than `floor`).
-fn budgeted(cpu_ns: u64, budget: f64, floor: Duration) -> Duration {
-    let gap = if budget > 0.0 {
-        Duration::from_secs_f64((cpu_ns as f64 / 1e9 / budget).min(3600.0))
-    } else {
-        Duration::from_secs(3600)
-    };
-    gap.max(floor)
 }
 
 fn duration_ns(d: Duration) -> u64 {
@@ -405,18 +393,6 @@ fn warn_once(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mallinfo_is_read_less_often_when_it_costs_more() {
-        let i = Duration::from_millis(100);
-        assert_eq!(budgeted(10_000, 0.001, i), i, "10 µs: every interval");
-        assert_eq!(
-            budgeted(5_000_000, 0.001, i),
-            Duration::from_secs(5),
-            "5 ms: every 5 s"
-        );
-        assert_eq!(budgeted(5_000_000, 0.0, i), Duration::from_secs(3600));
-    }
 
     #[test]
     fn the_record_lists_the_arenas_with_the_most_to_purge() {

@@ -170,6 +170,12 @@ pub struct GlibcStats {
     /// How many arena heaps were found (the main `[heap]` plus the heaps of
     /// the other arenas).
     pub arena_heaps: u32,
+    /// Whether `uordblks` and `hblkhd` come from the process's own counts
+    /// (amm-worker counts its allocations) rather than from `mallinfo2`.
+    pub live_counted: bool,
+    /// Age of the `mallinfo2` reading the free-chunk numbers come from, ms
+    /// (it runs within a CPU budget, not at every tick).
+    pub mallinfo_age_ms: u64,
     /// Per-arena detail from `malloc_info` (full detail only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub arenas: Vec<GlibcArena>,

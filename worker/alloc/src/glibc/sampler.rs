@@ -1,0 +1,341 @@
+//! glibc statistics read tick after tick at a bounded cost.
+//!
+//! What a tick needs is cheap when this process counts its own live bytes
+//! ([`super::counted`], amm-worker): the counts, and the arenas' residency
+//! with `mincore` over ranges kept from the last `/proc/self/maps` scan.
+//! The expensive parts are read only as often as keeps each of them under
+//! a share of one CPU ([`Sampler::new`]'s `budget`, of both its CPU and its
+//! wall time, since `mallinfo2` and `malloc_info` hold the arenas' locks
+//! while they walk the free chunks):
+//!
+//! - `mallinfo2`: the free-chunk numbers (`fordblks`, `ordblks`,
+//!   `keepcost`, ...) and, when nothing counts, the live bytes; when
+//!   something counts, it also measures what the counts miss (allocations
+//!   made before counting began or by C code), added to them until the next
+//!   one;
+//! - the `/proc/self/maps` scan that finds the arena heaps: when a heap
+//!   vanished, or every [`HEAP_RESCAN`]; and, within a larger budget
+//!   ([`MISSING_HEAPS_BUDGET`]), when more is live in the arenas than the
+//!   known heaps hold (a new arena or heap);
+//! - `malloc_info` (per-arena detail, only for [`Detail::Full`]).
+//!
+//! Where nothing counts, `mallinfo2` is the live bytes' only source and
+//! runs at least every [`UNCOUNTED_MAX_AGE`] whatever its budget.
+//! Every other tick reuses their last values; [`GlibcStats::mallinfo_age_ms`]
+//! says how old they are.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use super::{ArenaHeaps, GlibcArena, GlibcStats, Mallinfo, RegionResidency, counted};
+use crate::Detail;
+
+/// The share of one CPU each expensive read may take by default.
+pub const DEFAULT_BUDGET: f64 = 0.001;
+
+/// How often the arena heaps are looked for again in `/proc/self/maps` at
+/// most (new threads create arenas), unless a heap vanished.
+pub const HEAP_RESCAN: Duration = Duration::from_secs(1);
+
+/// The share of one CPU the scans for heaps known to be missing may take:
+/// more than the periodic ones, since the residency (and so the hoard) is
+/// wrong until they run; they stop once the heaps are found.
+pub const MISSING_HEAPS_BUDGET: f64 = 0.01;
+
+/// The oldest the live bytes may be where `mallinfo2` is their only source
+/// (nothing counts them): its cost then is at most one read a second,
+/// whatever the budget.
+pub const UNCOUNTED_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// When an expensive read may run again.
+#[derive(Debug, Default, Clone, Copy)]
+struct Due(Option<Instant>);
+
+impl Due {
+    fn now(&self, now: Instant) -> bool {
+        self.0.is_none_or(|t| now >= t)
+    }
+
+    /// Schedules the next run after one that began at `began` and cost
+    /// `cpu_ns` of CPU, so it takes at most `budget` of one CPU (and of
+    /// the wall clock), and never sooner than `floor`.
+    fn after(&mut self, began: Instant, cpu_ns: u64, budget: f64, floor: Duration) {
+        let cost = (cpu_ns as f64 / 1e9).max(began.elapsed().as_secs_f64());
+        self.0 = Some(began + budgeted(cost, budget, floor));
+    }
+}
+
+/// How long to wait before repeating something that cost `secs` so that it
+/// takes at most `budget` of one CPU (and never more often than `floor`).
+pub fn budgeted(secs: f64, budget: f64, floor: Duration) -> Duration {
+    let gap = if budget > 0.0 {
+        Duration::from_secs_f64((secs / budget).min(3600.0))
+    } else {
+        Duration::from_secs(3600)
+    };
+    gap.max(floor)
+}
+
+/// glibc's statistics, kept between reads (see the module docs).
+#[derive(Debug)]
+pub struct Sampler {
+    budget: f64,
+    floor: Duration,
+    mallinfo: Mallinfo,
+    mallinfo_at: Option<Instant>,
+    mallinfo_mono_ns: u64,
+    next_mallinfo: Due,
+    /// `mallinfo2` less the counts, at the last `mallinfo2` (arena, mmapped).
+    uncounted: (i64, i64),
+    heaps: Option<ArenaHeaps>,
+    next_scan: Due,
+    next_missing_scan: Due,
+    residency: Vec<RegionResidency>,
+    arenas: Vec<GlibcArena>,
+    next_info: Due,
+}
+
+impl Sampler {
+    /// A sampler whose expensive reads each take at most `budget` of one
+    /// CPU, and run at most once per `floor` (the caller's interval).
+    pub fn new(budget: f64, floor: Duration) -> Sampler {
+        Sampler {
+            budget,
+            floor,
+            mallinfo: Mallinfo::default(),
+            mallinfo_at: None,
+            mallinfo_mono_ns: 0,
+            next_mallinfo: Due::default(),
+            uncounted: (0, 0),
+            heaps: None,
+            next_scan: Due::default(),
+            next_missing_scan: Due::default(),
+            residency: Vec::new(),
+            arenas: Vec::new(),
+            next_info: Due::default(),
+        }
+    }
+
+    /// A sampler that reads everything on every call (one-off readers).
+    pub fn every_time() -> Sampler {
+        Sampler::new(f64::INFINITY, Duration::ZERO)
+    }
+
+    /// Reads the statistics: the cheap parts now, the expensive ones when
+    /// they are due.
+    pub fn stats(&mut self, detail: Detail) -> io::Result<GlibcStats> {
+        let now = Instant::now();
+        if self.next_mallinfo.now(now) || self.live_too_old(now) {
+            self.read_mallinfo(now);
+        }
+        self.scan_heaps(now)?;
+        self.measure_residency();
+        if detail == Detail::Full && self.next_info.now(now) {
+            let cpu = amm_record::sys::thread_cpu_ns();
+            self.arenas = super::parse_malloc_info(&super::malloc_info_xml()?);
+            let cost = amm_record::sys::thread_cpu_ns().saturating_sub(cpu);
+            self.next_info.after(now, cost, self.budget, self.floor);
+        }
+        Ok(self.current(detail))
+    }
+
+    /// Whether `mallinfo2` must run although its budget says wait: where
+    /// nothing counts (a program on the glibc preload), it is the only
+    /// source of the live bytes, and one slow read (its wall time under
+    /// load, divided by the budget) must not leave them stale for a minute.
+    fn live_too_old(&self, now: Instant) -> bool {
+        counted::totals().is_none()
+            && self
+                .mallinfo_at
+                .is_none_or(|t| now.duration_since(t) >= UNCOUNTED_MAX_AGE.max(self.floor))
+    }
+
+    fn read_mallinfo(&mut self, now: Instant) {
+        let before = counted::totals();
+        self.mallinfo = super::mallinfo();
+        if let (Some(b), Some(a)) = (before, counted::totals()) {
+            // the counts moved by what other threads did meanwhile: take
+            // their middle
+            let arena = (b.arena + a.arena) / 2;
+            let mmapped = (b.mmapped + a.mmapped) / 2;
+            self.uncounted = (
+                self.mallinfo.uordblks as i64 - arena,
+                self.mallinfo.hblkhd as i64 - mmapped,
+            );
+        }
+        self.mallinfo_at = Some(now);
+        self.mallinfo_mono_ns = amm_record::sys::monotonic_ns();
+        let cost = self.mallinfo.cpu_ns;
+        self.next_mallinfo.after(now, cost, self.budget, self.floor);
+    }
+
+    fn scan_heaps(&mut self, now: Instant) -> io::Result<()> {
+        let stale = self.heaps.as_ref().is_none_or(|h| h.is_stale(HEAP_RESCAN));
+        let periodic = stale && self.next_scan.now(now);
+        let missing = self.heaps_missing() && self.next_missing_scan.now(now);
+        if !(periodic || missing) {
+            return Ok(());
+        }
+        let cpu = amm_record::sys::thread_cpu_ns();
+        let scanned = ArenaHeaps::scan();
+        let cost = amm_record::sys::thread_cpu_ns().saturating_sub(cpu);
+        self.next_scan
+            .after(now, cost, self.budget, self.floor.min(HEAP_RESCAN));
+        // CPU only: waiting for the mmap lock costs the process nothing
+        let gap = budgeted(cost as f64 / 1e9, MISSING_HEAPS_BUDGET, self.floor);
+        self.next_missing_scan = Due(Some(now + gap));
+        match scanned {
+            Ok(h) => {
+                self.heaps = Some(h);
+                Ok(())
+            }
+            // keep using the last ranges; fail only if there are none
+            Err(e) if self.heaps.is_none() => Err(e),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Makes the expensive reads due at the next call (after a trim, which
+    /// changes what the free chunks and the arenas' tops hold).
+    pub fn expire(&mut self) {
+        self.next_mallinfo = Due::default();
+        self.next_info = Due::default();
+    }
+
+    /// Whether more is live in the arenas than is resident in the known
+    /// heaps: a thread made a new arena, or an arena a new heap, since the
+    /// scan (or blocks were allocated and not touched yet, which the CPU
+    /// budget keeps from costing much).
+    fn heaps_missing(&self) -> bool {
+        let known: u64 = self.residency.iter().map(|r| r.resident).sum();
+        let (arena_live, _) = self.live();
+        arena_live > known + (known / 100).max(1 << 20)
+    }
+
+    /// Measures the arena heaps' residency now (cheap: `mincore` over the
+    /// kept ranges); a trim changes it, so the publisher calls this after
+    /// one.
+    pub fn measure_residency(&mut self) {
+        if let Some(h) = self.heaps.as_mut() {
+            self.residency = h.residency();
+        }
+    }
+
+    /// Each arena heap's residency at the last measurement.
+    pub fn residency(&self) -> &[RegionResidency] {
+        &self.residency
+    }
+
+    /// How many arena heaps the last scan found.
+    pub fn heap_count(&self) -> u32 {
+        self.heaps.as_ref().map_or(0, ArenaHeaps::heap_count)
+    }
+
+    /// The last `mallinfo2`, and its `CLOCK_MONOTONIC` time (0: never).
+    pub fn last_mallinfo(&self) -> (&Mallinfo, u64) {
+        (&self.mallinfo, self.mallinfo_mono_ns)
+    }
+
+    /// Live bytes in the arenas and in mmapped chunks: counted plus what
+    /// the counts missed at the last `mallinfo2`, or that `mallinfo2`'s.
+    pub fn live(&self) -> (u64, u64) {
+        match counted::totals() {
+            Some(c) => (
+                (c.arena + self.uncounted.0).max(0) as u64,
+                (c.mmapped + self.uncounted.1).max(0) as u64,
+            ),
+            None => (self.mallinfo.uordblks, self.mallinfo.hblkhd),
+        }
+    }
+
+    fn current(&self, detail: Detail) -> GlibcStats {
+        let mi = &self.mallinfo;
+        let (uordblks, hblkhd) = self.live();
+        GlibcStats {
+            arena: mi.arena,
+            ordblks: mi.ordblks,
+            hblks: mi.hblks,
+            hblkhd,
+            uordblks,
+            fordblks: mi.fordblks,
+            fsmblks: mi.fsmblks,
+            keepcost: mi.keepcost,
+            arena_resident: self.residency.iter().map(|h| h.resident).sum(),
+            arena_heaps: self.heap_count(),
+            live_counted: counted::counting(),
+            mallinfo_age_ms: self
+                .mallinfo_at
+                .map_or(0, |t| t.elapsed().as_millis() as u64),
+            arenas: if detail == Detail::Full {
+                self.arenas.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costly_reads_run_less_often() {
+        let i = Duration::from_millis(100);
+        assert_eq!(budgeted(10e-6, 0.001, i), i, "10 µs: every interval");
+        assert_eq!(
+            budgeted(5e-3, 0.001, i),
+            Duration::from_secs(5),
+            "5 ms: every 5 s"
+        );
+        assert_eq!(budgeted(5e-3, 0.0, i), Duration::from_secs(3600));
+        assert_eq!(
+            budgeted(5e-3, f64::INFINITY, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn where_nothing_counts_the_live_bytes_are_never_older_than_a_second() {
+        // a budget so small that one read would wait for an hour
+        assert!(
+            counted::totals().is_none(),
+            "this test process counts nothing"
+        );
+        let mut s = Sampler::new(1e-12, Duration::ZERO);
+        s.stats(Detail::Totals).expect("first read");
+        let (_, t0) = s.last_mallinfo();
+        s.stats(Detail::Totals).expect("read within the budget");
+        assert_eq!(s.last_mallinfo().1, t0, "the budget holds within a second");
+        std::thread::sleep(UNCOUNTED_MAX_AGE + Duration::from_millis(20));
+        s.stats(Detail::Totals).expect("read past the age");
+        assert!(
+            s.last_mallinfo().1 > t0,
+            "mallinfo2 is read again after a second"
+        );
+    }
+
+    #[test]
+    fn a_sampler_keeps_the_expensive_parts_between_reads() {
+        let mut s = Sampler::new(0.001, Duration::from_secs(60));
+        let a = s.stats(Detail::Full).expect("first read");
+        let (_, t0) = s.last_mallinfo();
+        assert!(t0 > 0 && a.arena_heaps >= 1 && !a.arenas.is_empty());
+        let b = s.stats(Detail::Full).expect("second read");
+        assert_eq!(
+            s.last_mallinfo().1,
+            t0,
+            "mallinfo2 read again within its floor"
+        );
+        assert_eq!(b.fordblks, a.fordblks);
+        assert!(b.arena_resident > 0);
+        let mut every = Sampler::every_time();
+        every.stats(Detail::Totals).expect("read");
+        let (_, t1) = every.last_mallinfo();
+        every.stats(Detail::Totals).expect("read");
+        assert!(
+            every.last_mallinfo().1 > t1,
+            "every_time reads mallinfo2 each call"
+        );
+    }
+}
