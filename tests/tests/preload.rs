@@ -327,6 +327,42 @@ fn a_program_that_closes_every_descriptor_gets_a_new_record() {
     assert!(p.finish().expect("wait").success());
 }
 
+/// A program that closes every descriptor while the publisher is reading a
+/// `/proc` file of its own (every millisecond here) must lose nothing: the
+/// publisher never closes a descriptor the program closed (a debug build
+/// of Rust's `OwnedFd` aborts the process on that; a release build could
+/// close a file the program opened meanwhile under the same number).
+#[test]
+fn closing_every_descriptor_again_and_again_never_kills_the_publisher() {
+    let (_d, dir) = programs();
+    for preload in Preload::BOTH {
+        let exe = compile_c("driver", &dir, &[]).expect("compile driver.c");
+        let mut cmd = preload.command(&exe);
+        cmd.env("AMM_PRELOAD_INTERVAL_MS", "1");
+        let mut p = Driver::start(cmd).expect("start driver");
+        let old = record_of(p.pid);
+        for i in 0..400 {
+            let reply = p.cmd("closefds");
+            assert_eq!(
+                reply.as_deref().ok(),
+                Some("ok closefds"),
+                "{preload:?}: the program died at close_range number {i}: {reply:?}"
+            );
+            if i % 40 == 0 {
+                // let the publisher make (and read into) a new record
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        }
+        let new = record_where(p.pid, |r| {
+            r.info().created_mono_ns > old.info().created_mono_ns
+        });
+        snapshot_where(&new, "a publication in the new record", |s| {
+            s.stats.publication.count > 0
+        });
+        assert!(p.finish().expect("wait").success(), "{preload:?}");
+    }
+}
+
 /// Copies `bin` where any uid can run it.
 fn world_runnable(dir: &Path, bin: &Path) -> PathBuf {
     let to = dir.join(bin.file_name().expect("name"));

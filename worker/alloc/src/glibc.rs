@@ -25,6 +25,7 @@ use std::ffi::c_char;
 use std::io;
 use std::time::Instant;
 
+use procfs::FromBufRead;
 use procfs::process::{MMPermissions, MMapPath, MemoryMap};
 
 use crate::Detail;
@@ -142,8 +143,9 @@ pub struct ArenaHeaps {
 impl ArenaHeaps {
     /// Reads `/proc/self/maps` and keeps the arena heaps.
     pub fn scan() -> io::Result<ArenaHeaps> {
-        let maps = procfs::process::Process::myself()
-            .and_then(|p| p.maps())
+        // never through a `File`: see `amm_record::sys::read_proc_self`
+        let text = amm_record::sys::read_proc_self("maps")?;
+        let maps = procfs::process::MemoryMaps::from_buf_read(text.as_slice())
             .map_err(|e| io::Error::other(format!("reading /proc/self/maps: {e}")))?;
         Ok(ArenaHeaps {
             regions: arena_mappings(&maps.0),

@@ -23,6 +23,8 @@ mod purge;
 
 use std::io;
 
+use procfs::FromRead;
+
 pub use amm_record::Allocator;
 pub use purge::{
     Governor, PURGE_BUDGET, PurgeCost, PurgeReport, reclaim, release_hoard, thread_cpu_us,
@@ -85,8 +87,9 @@ impl HeapReader {
 
 /// This process's resident set size (`/proc/self/statm`), bytes.
 pub fn rss_bytes() -> io::Result<u64> {
-    let statm = procfs::process::Process::myself()
-        .and_then(|p| p.statm())
+    // never through a `File`: see `amm_record::sys::read_proc_self`
+    let text = amm_record::sys::read_proc_self("statm")?;
+    let statm = procfs::process::StatM::from_read(text.as_slice())
         .map_err(|e| io::Error::other(format!("reading /proc/self/statm: {e}")))?;
     Ok(statm.resident * procfs::page_size())
 }

@@ -58,3 +58,75 @@ pub fn futex_wake(word: &AtomicU32) {
         libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
     }
 }
+
+/// Reads the whole of `/proc/self/<name>` without ever closing a
+/// descriptor the program closed.
+///
+/// The publisher runs inside programs that may close every descriptor they
+/// did not open (`close_range(3, ~0)`, as daemons do) from another thread
+/// at any moment. A plain `File` would then close a number that is no
+/// longer ours (Rust's debug builds abort the process on that; a release
+/// build closes whatever file the program opened meanwhile under the same
+/// number). So the descriptor is never owned: it is read with `pread`
+/// (which moves no file offset, so reading a program's file by mistake
+/// changes nothing), and closed only if it still is the file the path names
+/// (same device and inode); otherwise the number is left to the program and
+/// the read fails, to be retried at the next publication.
+pub fn read_proc_self(name: &str) -> std::io::Result<Vec<u8>> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::{Mode, fstat, stat};
+    use std::mem::ManuallyDrop;
+
+    let path = format!("/proc/self/{name}");
+    let fd = ManuallyDrop::new(open(
+        path.as_str(),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?);
+    // after the open, so the path names the file just opened
+    let want = stat(path.as_str()).map(|s| (s.st_dev, s.st_ino));
+    let ours = || {
+        let got = fstat(&*fd).map(|s| (s.st_dev, s.st_ino));
+        matches!((got, want), (Ok(g), Ok(w)) if g == w)
+    };
+    let mut out = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 8192];
+    let read = loop {
+        match nix::sys::uio::pread(&*fd, &mut chunk, out.len() as libc::off_t) {
+            Ok(0) => break Ok(()),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    if !ours() {
+        return Err(std::io::Error::other(format!(
+            "{path}: the program closed the descriptor while it was read"
+        )));
+    }
+    // Still ours an instant ago. An EBADF here (closed since) closes
+    // nothing, so it is ignored.
+    let _ = nix::unistd::close(ManuallyDrop::into_inner(fd));
+    read?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_proc_self_file_whole_and_closes_it() {
+        let fds = || {
+            std::fs::read_dir("/proc/self/fd")
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        let before = fds();
+        let maps = read_proc_self("maps").expect("maps");
+        let text = String::from_utf8_lossy(&maps);
+        assert!(text.contains("[stack]") && text.ends_with('\n'), "{text}");
+        assert_eq!(fds(), before, "the descriptor was not closed");
+        assert!(read_proc_self("no-such-file").is_err());
+    }
+}

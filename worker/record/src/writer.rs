@@ -2,7 +2,8 @@
 //! requests.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{Mode, fchmod, fstat};
 use nix::unistd::{ftruncate, geteuid, getpid};
+use procfs::FromRead;
 
 use crate::layout::{
     MAGIC, RECORD_LEN, RawRecord, STATE_CLOSED, STATE_LIVE, STATE_SUPERSEDED, Stats, VERSION,
@@ -49,24 +51,27 @@ impl Writer {
     /// shared; the header is written before the magic. `allocator` is the
     /// allocator serving the process (`None`: another one, nothing to read).
     pub fn create(allocator: Option<Allocator>, interval: Duration) -> io::Result<Writer> {
-        let start_time = procfs::process::Process::myself()
-            .and_then(|p| p.stat())
+        let stat = sys::read_proc_self("stat")?;
+        let start_time = procfs::process::Stat::from_read(stat.as_slice())
             .map_err(|e| io::Error::other(format!("reading /proc/self/stat: {e}")))?
             .starttime;
-        let fd = memfd_create(
+        // Not owned until the record is set up: a program that closes every
+        // descriptor meanwhile (from another thread) must not have a
+        // number closed under it that may be its own file by then.
+        let fd = ManuallyDrop::new(memfd_create(
             MEMFD_NAME,
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )?;
-        fchmod(&fd, Mode::from_bits_truncate(0o600))?;
-        ftruncate(&fd, RECORD_LEN as libc::off_t)?;
-        fcntl(
-            &fd,
-            FcntlArg::F_ADD_SEALS(
-                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
-            ),
-        )?;
-        let st = fstat(&fd)?;
-        let map = Mapping::new(fd.as_fd(), true)?;
+        )?);
+        let st = fstat(&*fd)?;
+        let map = match set_up(fd.as_fd()) {
+            Ok(map) => map,
+            Err(e) => {
+                if fstat(&*fd).is_ok_and(|now| now.st_ino == st.st_ino && now.st_dev == st.st_dev) {
+                    let _ = nix::unistd::close(ManuallyDrop::into_inner(fd));
+                }
+                return Err(e);
+            }
+        };
         let owner_uid = geteuid().as_raw();
         let h = &map.record().header;
         h.version.store(VERSION, Ordering::Relaxed);
@@ -84,7 +89,7 @@ impl Writer {
             .store(sys::monotonic_ns(), Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
         Ok(Writer {
-            fd: Some(fd),
+            fd: Some(ManuallyDrop::into_inner(fd)),
             ino: st.st_ino,
             dev: st.st_dev,
             map,
@@ -184,12 +189,17 @@ impl Drop for Writer {
             Ordering::Relaxed,
         );
         let ours = self.fd_is_ours();
-        if let Some(fd) = self.fd.take()
-            && !ours
-        {
-            // The program closed our descriptor and the number may now be
-            // one of its own files: never close it.
-            let _ = fd.into_raw_fd();
+        if let Some(fd) = self.fd.take() {
+            if ours {
+                // an EBADF (the program closed it an instant ago) closes
+                // nothing: nix reports it instead of aborting as `OwnedFd`'s
+                // drop does in debug builds
+                let _ = nix::unistd::close(fd);
+            } else {
+                // The program closed our descriptor and the number may now
+                // be one of its own files: never close it.
+                let _ = fd.into_raw_fd();
+            }
         }
     }
 }
@@ -280,6 +290,19 @@ impl InheritedSlot {
             unsafe { libc::munmap(addr as *mut libc::c_void, len as usize) };
         }
     }
+}
+
+/// Makes a new memfd the record: mode 0600, its size, sealed, mapped.
+fn set_up(fd: BorrowedFd<'_>) -> io::Result<Mapping> {
+    fchmod(fd, Mode::from_bits_truncate(0o600))?;
+    ftruncate(fd, RECORD_LEN as libc::off_t)?;
+    fcntl(
+        fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Mapping::new(fd, true)
 }
 
 fn duration_ns(d: Duration) -> u64 {
