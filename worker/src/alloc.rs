@@ -20,6 +20,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use glibc::counted::Op;
 use serde::Serialize;
 use tikv_jemallocator::Jemalloc;
 
@@ -115,7 +116,8 @@ pub struct Dispatch;
 // returns), so memory is always freed/reallocated by the allocator that
 // allocated it. Both targets uphold GlobalAlloc's contract themselves. On
 // glibc every block passed to `counted` is one glibc returned and that is
-// still live (counted after it is returned, uncounted before it is freed).
+// still live (counted after it is returned, uncounted before it is freed),
+// each inside one `Op` from before glibc is called until its count moved.
 unsafe impl GlobalAlloc for Dispatch {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -123,10 +125,11 @@ unsafe impl GlobalAlloc for Dispatch {
             // SAFETY: caller upholds GlobalAlloc::alloc's contract.
             unsafe { Jemalloc.alloc(layout) }
         } else {
+            let op = Op::begin();
             // SAFETY: as above; the block is glibc's and just returned.
             unsafe {
                 let p = System.alloc(layout);
-                glibc::counted::allocated(p);
+                op.allocated(p);
                 p
             }
         }
@@ -138,10 +141,11 @@ unsafe impl GlobalAlloc for Dispatch {
             // SAFETY: caller upholds the contract.
             unsafe { Jemalloc.alloc_zeroed(layout) }
         } else {
+            let op = Op::begin();
             // SAFETY: as above; the block is glibc's and just returned.
             unsafe {
                 let p = System.alloc_zeroed(layout);
-                glibc::counted::allocated(p);
+                op.allocated(p);
                 p
             }
         }
@@ -153,11 +157,13 @@ unsafe impl GlobalAlloc for Dispatch {
             // SAFETY: ptr came from Jemalloc (the choice never changes).
             unsafe { Jemalloc.dealloc(ptr, layout) }
         } else {
+            let op = Op::begin();
             // SAFETY: ptr came from System, counted, and is still live.
             unsafe {
-                glibc::counted::freeing(ptr);
-                System.dealloc(ptr, layout)
+                op.freeing(ptr);
+                System.dealloc(ptr, layout);
             }
+            op.done();
         }
     }
 
@@ -167,12 +173,13 @@ unsafe impl GlobalAlloc for Dispatch {
             // SAFETY: ptr came from Jemalloc.
             unsafe { Jemalloc.realloc(ptr, layout, new_size) }
         } else {
+            let op = Op::begin();
             // SAFETY: ptr came from System, counted, and is live until the
             // realloc; a failed realloc leaves it live, so count it again.
             unsafe {
-                glibc::counted::freeing(ptr);
+                op.freeing(ptr);
                 let p = System.realloc(ptr, layout, new_size);
-                glibc::counted::allocated(if p.is_null() { ptr } else { p });
+                op.allocated(if p.is_null() { ptr } else { p });
                 p
             }
         }

@@ -173,3 +173,66 @@ fn a_new_arena_is_found_at_the_next_tick() {
     );
     drop(kept);
 }
+
+/// Three threads allocating and freeing blocks of 64 KiB to 4 MiB (arena
+/// and mmapped) until `stop`.
+fn churn(stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..3)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut kept: Vec<Vec<u8>> = Vec::new();
+                let mut i = t;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    kept.push(vec![7u8; (64 << 10) << (i % 7)]);
+                    if kept.len() > 4 {
+                        kept.remove(i % 4);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn reads_taken_while_other_threads_allocate_leave_the_live_bytes_true() {
+    if !in_glibc_child("reads_taken_while_other_threads_allocate_leave_the_live_bytes_true") {
+        return;
+    }
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // mallinfo2 at every read, so many of them run while other threads
+    // allocate and free; after each round, with nothing allocating, the
+    // live bytes from the counts and the last quiet estimate (no new
+    // mallinfo2) must be what a fresh mallinfo2 says
+    let mut reader = glibc::Sampler::new(f64::INFINITY, Duration::ZERO);
+    reader.stats(Detail::Totals).expect("first read");
+    for round in 0..5 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = churn(&stop);
+        for _ in 0..100 {
+            reader.stats(Detail::Totals).expect("read");
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().expect("churn thread");
+        }
+        let u = reader.uncounted();
+        eprintln!("round {round}: what the counts miss: {u:?}");
+        let (arena, mmapped) = reader.live();
+        let m = glibc::mallinfo();
+        close(
+            &format!("round {round}: live arena bytes"),
+            (m.uordblks as i64, arena as i64),
+            m.uordblks as i64,
+        );
+        close(
+            &format!("round {round}: live mmapped bytes"),
+            (m.hblkhd as i64, mmapped as i64),
+            m.hblkhd as i64,
+        );
+    }
+    let u = reader.uncounted();
+    assert!(u.busy_reads > 0, "no read overlapped an allocation: {u:?}");
+}

@@ -35,7 +35,7 @@ pub use amm_timeline::{GlibcArena, GlibcStats};
 pub mod counted;
 mod sampler;
 
-pub use sampler::{DEFAULT_BUDGET, HEAP_RESCAN, Sampler, budgeted};
+pub use sampler::{DEFAULT_BUDGET, HEAP_RESCAN, Sampler, Uncounted, budgeted};
 
 /// glibc's `HEAP_MAX_SIZE` on 64-bit: non-main arenas live in heaps of this
 /// size, aligned to it.

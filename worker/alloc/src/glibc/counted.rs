@@ -9,17 +9,32 @@
 //! `IS_MMAPPED` (2) marks a chunk served by `mmap`. So the two counts are
 //! what `mallinfo2` calls `uordblks` (chunks in the arenas) and `hblkhd`
 //! (mmapped chunks), less what was allocated before counting began or by C
-//! code calling `malloc` directly; [`super::Sampler`] adds that difference
-//! back, measured at each `mallinfo2` it still reads (rarely).
+//! code calling `malloc` directly (and the freed chunks glibc's per-thread
+//! cache still holds); [`super::Sampler`] adds that difference back,
+//! measured at the last quiet `mallinfo2` it read (see below).
 //!
 //! The counters are sharded by thread (a shard per cache line, a thread
-//! keeps one for life) and updated with relaxed atomic adds: no lock and no
+//! keeps one for life) and updated with atomic adds: no lock and no
 //! allocation on the allocation path. A block freed by another thread than
 //! the one that allocated it moves two shards in opposite directions; only
 //! the sum means anything.
+//!
+//! **What the counts miss** is `mallinfo2` less the counts, and it is only
+//! true if no counted operation ran while `mallinfo2` walked the arenas: a
+//! block allocated after the walk passed its arena but counted before the
+//! counts were read again (or freed the other way round) would leave the
+//! difference off by its size until the next `mallinfo2`, which the CPU
+//! budget may put seconds away. So every counted operation is bracketed:
+//! each shard counts the operations that `begun` (before glibc is called)
+//! and `ended` (after the count moved), and [`bracket`] says a read was
+//! [`During::Quiet`] only if no operation was in flight when it began and
+//! none began until it ended: then `mallinfo2` and the counts describe the
+//! same set of blocks, exactly. A count that is merely equal before and
+//! after is not enough (a block allocated and freed during the walk, or an
+//! allocation in flight across it, leaves the sums equal).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering, fence};
 
 /// glibc's chunk flags (low bits of the size word).
 const FLAG_BITS: usize = 0b111;
@@ -30,16 +45,75 @@ const SHARDS: usize = 64;
 
 #[repr(align(64))]
 struct Shard {
+    begun: AtomicU64,
     arena: AtomicI64,
     mmapped: AtomicI64,
+    ended: AtomicU64,
 }
 
-static COUNTS: [Shard; SHARDS] = [const {
-    Shard {
-        arena: AtomicI64::new(0),
-        mmapped: AtomicI64::new(0),
+/// A set of sharded counts (the process has one, [`COUNTS`]; tests make
+/// their own).
+struct Counts([Shard; SHARDS]);
+
+impl Counts {
+    const fn new() -> Counts {
+        Counts(
+            [const {
+                Shard {
+                    begun: AtomicU64::new(0),
+                    arena: AtomicI64::new(0),
+                    mmapped: AtomicI64::new(0),
+                    ended: AtomicU64::new(0),
+                }
+            }; SHARDS],
+        )
     }
-}; SHARDS];
+
+    /// Begins one counted operation on this thread's shard.
+    #[inline]
+    fn op(&self) -> Op<'_> {
+        let s = &self.0[shard_index()];
+        s.begun.fetch_add(1, Ordering::SeqCst);
+        Op(s)
+    }
+
+    /// The counts, and the operations begun and ended, read in the order
+    /// that makes [`Counts::bracket`] sound: `ended` before `begun` (so
+    /// every operation seen ended was seen begun), the counts last.
+    fn read(&self) -> (u64, u64, Counted) {
+        let ended = self.0.iter().map(|s| s.ended.load(Ordering::SeqCst)).sum();
+        let begun = self.0.iter().map(|s| s.begun.load(Ordering::SeqCst)).sum();
+        let (mut arena, mut mmapped) = (0i64, 0i64);
+        for s in &self.0 {
+            arena += s.arena.load(Ordering::SeqCst);
+            mmapped += s.mmapped.load(Ordering::SeqCst);
+        }
+        (begun, ended, Counted { arena, mmapped })
+    }
+
+    fn begun(&self) -> u64 {
+        self.0.iter().map(|s| s.begun.load(Ordering::SeqCst)).sum()
+    }
+
+    /// Runs `f` and says whether any counted operation overlapped it.
+    fn bracket<T>(&self, f: impl FnOnce() -> T) -> (T, During) {
+        let (begun, ended, counts) = self.read();
+        fence(Ordering::SeqCst);
+        let value = f();
+        fence(Ordering::SeqCst);
+        let quiet = begun == ended && self.begun() == begun;
+        (
+            value,
+            if quiet {
+                During::Quiet(counts)
+            } else {
+                During::Busy
+            },
+        )
+    }
+}
+
+static COUNTS: Counts = Counts::new();
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
@@ -60,9 +134,22 @@ pub struct Counted {
     pub mmapped: i64,
 }
 
-/// Says that this process's global allocator counts from now on: it calls
-/// [`allocated`] after every glibc allocation and [`freeing`] before every
-/// glibc free. Call it before the first counted allocation returns.
+/// What the counted operations did while [`bracket`] ran a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum During {
+    /// Nothing counts in this process.
+    Uncounted,
+    /// An operation was in flight or began meanwhile: the read and the
+    /// counts may describe different blocks.
+    Busy,
+    /// No operation overlapped the read: these counts describe exactly the
+    /// blocks it saw.
+    Quiet(Counted),
+}
+
+/// Says that this process's global allocator counts from now on: it wraps
+/// every glibc allocation, reallocation and free in an [`Op`]. Call it
+/// before the first counted allocation returns.
 pub fn start() {
     COUNTING.store(true, Ordering::Release);
 }
@@ -74,20 +161,21 @@ pub fn counting() -> bool {
 
 /// The counts summed over every thread, or `None` if nothing counts.
 pub fn totals() -> Option<Counted> {
+    counting().then(|| COUNTS.read().2)
+}
+
+/// Runs `f` (a read of glibc's own numbers, `mallinfo2`) and says whether
+/// the counts describe the same blocks as that read (see the module docs).
+pub fn bracket<T>(f: impl FnOnce() -> T) -> (T, During) {
     if !counting() {
-        return None;
+        return (f(), During::Uncounted);
     }
-    let (mut arena, mut mmapped) = (0i64, 0i64);
-    for s in &COUNTS {
-        arena += s.arena.load(Ordering::Relaxed);
-        mmapped += s.mmapped.load(Ordering::Relaxed);
-    }
-    Some(Counted { arena, mmapped })
+    COUNTS.bracket(f)
 }
 
 #[inline]
-fn shard() -> &'static Shard {
-    let i = SHARD
+fn shard_index() -> usize {
+    SHARD
         .try_with(|s| {
             let mut i = s.get();
             if i == usize::MAX {
@@ -96,8 +184,7 @@ fn shard() -> &'static Shard {
             }
             i
         })
-        .unwrap_or(0);
-    &COUNTS[i]
+        .unwrap_or(0)
 }
 
 /// The chunk holding `ptr`: its size and whether it is mmapped.
@@ -114,39 +201,129 @@ unsafe fn chunk(ptr: *mut u8) -> (i64, bool) {
     ((head & !FLAG_BITS) as i64, head & IS_MMAPPED != 0)
 }
 
-/// Counts a block glibc just returned (null is ignored).
-///
-/// # Safety
-/// `ptr` is null or a live block just returned by glibc's allocator.
-#[inline]
-pub unsafe fn allocated(ptr: *mut u8) {
-    if !ptr.is_null() {
-        // SAFETY: the caller's guarantee.
-        unsafe { add(ptr, 1) }
+/// One counted glibc operation, from before glibc is called until its
+/// count moved: begin it with [`Op::begin`], then [`Op::freeing`] before
+/// glibc frees, and end it with [`Op::allocated`] or [`Op::done`].
+#[must_use = "an operation that never ends makes every read busy"]
+pub struct Op<'a>(&'a Shard);
+
+impl Op<'static> {
+    /// Begins an operation (before calling glibc).
+    #[inline]
+    pub fn begin() -> Op<'static> {
+        COUNTS.op()
     }
 }
 
-/// Uncounts a block about to be given to glibc's `free` or `realloc`.
-///
-/// # Safety
-/// `ptr` is null or a live block of glibc's allocator that was counted
-/// with [`allocated`].
-#[inline]
-pub unsafe fn freeing(ptr: *mut u8) {
-    if !ptr.is_null() {
-        // SAFETY: the caller's guarantee.
-        unsafe { add(ptr, -1) }
+impl Op<'_> {
+    /// Uncounts a block about to be given to glibc's `free` or `realloc`
+    /// (null is ignored).
+    ///
+    /// # Safety
+    /// `ptr` is null or a live block of glibc's allocator that was counted.
+    #[inline]
+    pub unsafe fn freeing(&self, ptr: *mut u8) {
+        if !ptr.is_null() {
+            // SAFETY: the caller's guarantee.
+            let (bytes, mmapped) = unsafe { chunk(ptr) };
+            self.add(-bytes, mmapped);
+        }
+    }
+
+    /// Counts a block glibc just returned (null is ignored) and ends the
+    /// operation.
+    ///
+    /// # Safety
+    /// `ptr` is null or a live block just returned by glibc's allocator.
+    #[inline]
+    pub unsafe fn allocated(self, ptr: *mut u8) {
+        if !ptr.is_null() {
+            // SAFETY: the caller's guarantee.
+            let (bytes, mmapped) = unsafe { chunk(ptr) };
+            self.add(bytes, mmapped);
+        }
+        self.done();
+    }
+
+    /// Ends the operation (after glibc returned and the count moved).
+    #[inline]
+    pub fn done(self) {
+        self.0.ended.fetch_add(1, Ordering::SeqCst);
+    }
+
+    #[inline]
+    fn add(&self, bytes: i64, mmapped: bool) {
+        if mmapped {
+            self.0.mmapped.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.0.arena.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 }
 
-#[inline]
-unsafe fn add(ptr: *mut u8, sign: i64) {
-    // SAFETY: passed on from allocated/freeing.
-    let (bytes, mmapped) = unsafe { chunk(ptr) };
-    let s = shard();
-    if mmapped {
-        s.mmapped.fetch_add(sign * bytes, Ordering::Relaxed);
-    } else {
-        s.arena.fetch_add(sign * bytes, Ordering::Relaxed);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet(c: &Counts) -> Option<Counted> {
+        match c.bracket(|| ()).1 {
+            During::Quiet(counts) => Some(counts),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_read_with_nothing_in_flight_is_quiet_and_has_the_counts() {
+        let c = Counts::new();
+        let op = c.op();
+        op.add(4096, false);
+        op.done();
+        let op = c.op();
+        op.add(1 << 20, true);
+        op.done();
+        assert_eq!(
+            quiet(&c),
+            Some(Counted {
+                arena: 4096,
+                mmapped: 1 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn an_operation_in_flight_across_the_whole_read_makes_it_busy() {
+        // glibc already returned the block, its count not yet moved: the
+        // read would see a block the counts do not
+        let c = Counts::new();
+        let op = c.op();
+        assert_eq!(quiet(&c), None);
+        op.add(2 << 20, true);
+        op.done();
+        assert!(quiet(&c).is_some());
+    }
+
+    #[test]
+    fn a_block_allocated_and_freed_during_the_read_makes_it_busy() {
+        // the counts are equal before and after, yet the walk may have
+        // seen the block live (what a "counts unchanged" check misses)
+        let c = Counts::new();
+        let (_, during) = c.bracket(|| {
+            let op = c.op();
+            op.add(3 << 20, true);
+            op.done();
+            let op = c.op();
+            op.add(-(3 << 20), true);
+            op.done();
+        });
+        assert_eq!(during, During::Busy);
+        assert_eq!(quiet(&c), Some(Counted::default()));
+    }
+
+    #[test]
+    fn an_operation_that_begins_during_the_read_makes_it_busy() {
+        let c = Counts::new();
+        let (op, during) = c.bracket(|| c.op());
+        assert_eq!(during, During::Busy);
+        op.done();
     }
 }
