@@ -103,7 +103,7 @@ duration = "600ms"
     ));
     assert_eq!(r.code, Some(0), "{}", r.describe());
     assert_eq!(r.summary()["allocator"], allocator);
-    assert_eq!(r.summary()["allocator_verified"], true);
+    assert_eq!(r.summary()["allocator_verified"], true, "{}", r.describe());
     let tl = timeline(&tl);
     let all = ticks(&tl);
     let worst = check_identity(&all, allocator);
