@@ -88,3 +88,17 @@ def random_block(nbytes, seed):
     return np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8)
 
 
+
+
+def allocator_in_use():
+    """(the allocator amm reads in this process, the amm preload library
+    mapped into it or None): run on a worker with ``client.run``."""
+    from amm_dask import _native
+
+    preload = None
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith("/libamm_preload.so"):
+                preload = line.split()[-1]
+                break
+    return _native.heap_stats()["allocator"], preload

@@ -17,7 +17,15 @@ import pytest
 from distributed import KilledWorker
 
 from conftest import MIB, wait_until
-from dask_tasks import hoard, hold_then_release, leak, random_block, spike, started_at
+from dask_tasks import (
+    allocator_in_use,
+    hoard,
+    hold_then_release,
+    leak,
+    random_block,
+    spike,
+    started_at,
+)
 
 LIMIT = 512 * MIB
 
@@ -177,13 +185,24 @@ def test_a_leak_is_reported_as_a_leak_through_the_agent_the_log_and_metrics(
         assert series in text, series
 
 
-def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory):
-    # amm trims what glibc keeps (MALLOC_TRIM_THRESHOLD_ semantics) and
-    # tells the agent what the trim returned: that decides "hoard"
-    c = cluster_factory(agent)
+@pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
+def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory, allocator):
+    # amm purges what jemalloc keeps and trims what glibc keeps
+    # (MALLOC_TRIM_THRESHOLD_ semantics) and tells the agent what the purge
+    # returned: that decides "hoard". jemalloc is the default: the wheel
+    # carries amm's preload library and the nanny plugin puts the worker on it
+    env = {} if allocator == "jemalloc" else {"DASK_AMM__NANNY__ALLOCATOR": "glibc"}
+    c = cluster_factory(agent, env=env)
     c.add_worker("a", 1024 * MIB)
     client = c.connect(1)
     pid = c.pids()["a"]
+    (seen, preload), = client.run(allocator_in_use).values()
+    if allocator == "jemalloc":
+        from amm_dask import nanny
+
+        assert seen == "jemalloc" and preload == bundled_preload(nanny), (seen, preload)
+    else:
+        assert seen == "glibc" and preload is None, (seen, preload)
     wait_until(lambda: pid in agent.watched(), "worker registered")
     time.sleep(2)
     client.submit(hoard, 300 * MIB, 1024, 6.0, pure=False).result(timeout=120)
@@ -305,16 +324,25 @@ def test_the_preload_library_is_never_taken_from_the_working_directory_or_a_writ
     planted.mkdir(parents=True)
     (planted / "libamm_preload.so").write_bytes(b"\x7fELF")
     monkeypatch.chdir(tmp_path)
-    assert nanny.find_preload_library() is None
+    # refused, the search falls through to the library the wheel carries
+    fallback = bundled_preload(nanny)
+    assert fallback is not None, "the installed amm_dask carries no libamm_preload.so"
+    assert nanny.find_preload_library() == fallback
 
     lib = tmp_path / "lib" / "libamm_preload.so"
     lib.parent.mkdir()
     lib.write_bytes(b"\x7fELF")
     monkeypatch.setenv(nanny.PRELOAD_ENV, str(lib))
     lib.chmod(0o666)
-    assert nanny.find_preload_library() is None
+    assert nanny.find_preload_library() == fallback
     lib.chmod(0o644)
     lib.parent.chmod(0o777)
-    assert nanny.find_preload_library() is None
+    assert nanny.find_preload_library() == fallback
     lib.parent.chmod(0o755)
     assert nanny.find_preload_library() == str(lib)
+
+
+def bundled_preload(nanny):
+    """The libamm_preload.so installed with the package, or None."""
+    path = os.path.join(os.path.dirname(nanny.__file__), "libamm_preload.so")
+    return os.path.realpath(path) if os.path.isfile(path) else None

@@ -8,7 +8,8 @@
 //! `calloc`, `realloc`, `reallocarray`, `posix_memalign`, `aligned_alloc`,
 //! `memalign`, `valloc`, `pvalloc` and `malloc_usable_size`, served by the
 //! same jemalloc as amm-worker (`tikv-jemalloc-sys`, whose symbols carry the
-//! `_rjem_` prefix, so this crate and amm-worker can share one build). Its
+//! `_rjem_` prefix, so this crate and amm-worker can share one build), and
+//! jemalloc's `mallctl`, `mallctlnametomib` and `mallctlbymib` ([`ctl`]). Its
 //! constructor starts the publisher (`amm_alloc::host`), which refreshes
 //! the process's allocator record every `AMM_PRELOAD_INTERVAL_MS` (100) and
 //! purges on request and past `MALLOC_TRIM_THRESHOLD_`.
@@ -21,6 +22,7 @@
 //! one allocator reach the other (every entry point goes to jemalloc).
 
 mod conf;
+mod ctl;
 mod shims;
 
 use amm_alloc::Allocator;
