@@ -170,16 +170,10 @@ impl HostMemory {
 
 /// `RLIMIT_RSS` of this process, `None` when unlimited.
 pub fn rlimit_rss() -> Option<u64> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: r is a valid rlimit to fill.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_RSS, &mut r) };
-    if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
-        None
-    } else {
-        Some(r.rlim_cur)
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_RSS) {
+        Ok((soft, _)) if soft != RLIM_INFINITY => Some(soft),
+        _ => None,
     }
 }
 

@@ -3,19 +3,9 @@
 //! Every /proc read of the worker and its nanny is here.
 
 use std::io;
-use std::sync::OnceLock;
 
+use amm_protocol::sys::page_size;
 use serde::Serialize;
-
-/// The kernel's page size.
-pub fn page_size() -> u64 {
-    static PAGE: OnceLock<u64> = OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if p > 0 { p as u64 } else { 4096 }
-    })
-}
 
 /// Resident set size in bytes (`/proc/self/statm` field 2: FILE + ANON +
 /// SHMEM pages). Cheap enough to call after every eviction.
@@ -42,7 +32,7 @@ impl Statm {
 /// Reads `/proc/self/statm`.
 pub fn statm() -> io::Result<Statm> {
     let text = std::fs::read_to_string("/proc/self/statm")?;
-    parse_statm(&text, page_size())
+    parse_statm(&text, page_size() as u64)
         .ok_or_else(|| io::Error::other(format!("cannot parse /proc/self/statm: {text:?}")))
 }
 

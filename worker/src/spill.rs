@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use nix::errno::Errno;
+
 pub use dir::SpillDir;
 pub use format::WriteOptions;
 
@@ -245,6 +247,43 @@ struct Entry {
     size: u64,
     tick: u64,
     slot: Slot,
+}
+
+/// What [`SpillBuffer::evict`] took off the LRU.
+enum Pick {
+    /// Nothing in memory to spill.
+    Nothing,
+    /// A clean copy was on disk: this many bytes left memory.
+    Dropped(u64),
+    /// A value to write (its slot is `Writing`).
+    Write(ToWrite),
+}
+
+/// A value on its way to disk.
+struct ToWrite {
+    key: String,
+    /// The entry's id: the write is void if the key was replaced meanwhile.
+    id: u64,
+    value: Arc<Value>,
+    size: u64,
+    /// Its file's name in the spill directory.
+    name: String,
+}
+
+/// What [`SpillBuffer::get`] found under the lock.
+enum Found {
+    /// In memory (or being written): no read.
+    Ready(Arc<Value>),
+    /// On disk: read it (its slot is `Reading`).
+    OnDisk(ToRead),
+}
+
+/// A value on its way back from disk.
+struct ToRead {
+    file: DiskFile,
+    size: u64,
+    /// The entry's id: the read is void if the key was replaced meanwhile.
+    id: u64,
 }
 
 #[derive(Debug, Default)]
@@ -518,61 +557,97 @@ impl SpillBuffer {
     /// that many managed bytes left memory; `Ok(None)`: nothing to spill;
     /// `Err`: the value stays in memory and the error says why.
     pub fn evict(&self) -> Result<Option<u64>, SpillError> {
-        let (key, id, value, size, name) = {
-            let mut st = self.lock();
-            let Some((tick, key)) = st.lru.pop_first() else {
-                return Ok(None);
-            };
-            let disk_now = self.counters.disk.load(Ordering::Relaxed);
-            st.next_id += 1;
-            let file_no = st.next_id;
-            let Some(entry) = st.entries.get_mut(&key) else {
-                return Ok(None);
-            };
-            let size = entry.size;
-            let id = entry.id;
-            let (value, clean) = match &mut entry.slot {
-                Slot::Memory { value, file } => (value.clone(), file.take()),
-                _ => return Ok(None),
-            };
-            if let Some(f) = clean {
-                // A clean copy is on disk: dropping the memory is enough.
-                entry.slot = Slot::Disk { file: f };
-                self.counters.managed.fetch_sub(size, Ordering::Relaxed);
-                self.counters.spilled.fetch_add(size, Ordering::Relaxed);
-                self.counters
-                    .spilled_bytes_total
-                    .fetch_add(size, Ordering::Relaxed);
-                return Ok(Some(size));
-            }
-            let needed = value.payload_len() + format::header_len(value.parts.len(), &key) as u64;
-            if let Some(max) = self.opts.max_spill
-                && disk_now + needed > max
-            {
-                st.lru.insert(tick, key.clone());
-                self.counters.spill_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(SpillError::MaxSpill {
-                    key,
-                    max,
-                    used: disk_now,
-                    needed,
-                });
-            }
-            if let Some(entry) = st.entries.get_mut(&key) {
-                entry.slot = Slot::Writing {
-                    value: value.clone(),
-                };
-            }
-            (key, id, value, size, format!("{file_no:016x}.spill"))
+        let w = match self.pick_to_spill()? {
+            Pick::Nothing => return Ok(None),
+            Pick::Dropped(size) => return Ok(Some(size)),
+            Pick::Write(w) => w,
         };
         let start = Instant::now();
         let written = self
             .dir
-            .create(&name)
-            .and_then(|mut f| format::write_value(&mut f, &key, &value, self.opts.write));
+            .create(&w.name)
+            .and_then(|mut f| format::write_value(&mut f, &w.key, &w.value, self.opts.write));
         self.counters
             .write_us
             .fetch_add(micros(start), Ordering::Relaxed);
+        self.finish_write(w, written)
+    }
+
+    /// Under the lock: takes the least recently used value off the LRU and
+    /// either drops it (a clean copy is on disk), refuses it (`max-spill`),
+    /// or marks it `Writing` for [`Self::evict`] to write outside the lock.
+    fn pick_to_spill(&self) -> Result<Pick, SpillError> {
+        let mut st = self.lock();
+        let Some((tick, key)) = st.lru.pop_first() else {
+            return Ok(Pick::Nothing);
+        };
+        let disk_now = self.counters.disk.load(Ordering::Relaxed);
+        st.next_id += 1;
+        let file_no = st.next_id;
+        let Some(entry) = st.entries.get_mut(&key) else {
+            return Ok(Pick::Nothing);
+        };
+        let (size, id) = (entry.size, entry.id);
+        let (value, clean) = match &mut entry.slot {
+            Slot::Memory { value, file } => (value.clone(), file.take()),
+            _ => return Ok(Pick::Nothing),
+        };
+        if let Some(f) = clean {
+            // A clean copy is on disk: dropping the memory is enough.
+            entry.slot = Slot::Disk { file: f };
+            self.count_left_memory(size);
+            return Ok(Pick::Dropped(size));
+        }
+        let needed = value.payload_len() + format::header_len(value.parts.len(), &key) as u64;
+        if let Some(max) = self.opts.max_spill
+            && disk_now + needed > max
+        {
+            st.lru.insert(tick, key.clone());
+            self.counters.spill_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(SpillError::MaxSpill {
+                key,
+                max,
+                used: disk_now,
+                needed,
+            });
+        }
+        if let Some(entry) = st.entries.get_mut(&key) {
+            entry.slot = Slot::Writing {
+                value: value.clone(),
+            };
+        }
+        Ok(Pick::Write(ToWrite {
+            key,
+            id,
+            value,
+            size,
+            name: format!("{file_no:016x}.spill"),
+        }))
+    }
+
+    /// Counts `size` managed bytes that left memory for the disk.
+    fn count_left_memory(&self, size: u64) {
+        let c = &self.counters;
+        c.managed.fetch_sub(size, Ordering::Relaxed);
+        c.spilled.fetch_add(size, Ordering::Relaxed);
+        c.spilled_bytes_total.fetch_add(size, Ordering::Relaxed);
+    }
+
+    /// Under the lock again: the written value's slot becomes `Disk`, or
+    /// after a failed write `Memory` again (unless it was replaced or deleted
+    /// meanwhile, when the file is removed).
+    fn finish_write(
+        &self,
+        w: ToWrite,
+        written: io::Result<u64>,
+    ) -> Result<Option<u64>, SpillError> {
+        let ToWrite {
+            key,
+            id,
+            value,
+            size,
+            name,
+        } = w;
         let mut st = self.lock();
         let ours = st
             .entries
@@ -589,12 +664,10 @@ impl SpillBuffer {
                         file: DiskFile { name, bytes },
                     };
                 }
+                self.count_left_memory(size);
                 let c = &self.counters;
-                c.managed.fetch_sub(size, Ordering::Relaxed);
-                c.spilled.fetch_add(size, Ordering::Relaxed);
                 c.disk.fetch_add(bytes, Ordering::Relaxed);
                 c.spill_count.fetch_add(1, Ordering::Relaxed);
-                c.spilled_bytes_total.fetch_add(size, Ordering::Relaxed);
                 c.written_bytes_total.fetch_add(bytes, Ordering::Relaxed);
                 drop(st);
                 drop(value); // frees the memory unless a task still holds it
@@ -611,20 +684,28 @@ impl SpillBuffer {
                     }
                     st.lru.insert(tick, key.clone());
                 }
-                let full = matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-                    || err.kind() == io::ErrorKind::StorageFull;
-                Err(if full {
-                    SpillError::DiskFull {
-                        key,
-                        dir: self.dir_path.display().to_string(),
-                    }
-                } else {
-                    SpillError::Io {
-                        key,
-                        path: self.dir_path.join(&name).display().to_string(),
-                        source: err,
-                    }
-                })
+                Err(self.write_error(key, &name, err))
+            }
+        }
+    }
+
+    /// The error of a failed write: [`SpillError::DiskFull`] when the device
+    /// or the quota is full, else [`SpillError::Io`] naming the file.
+    fn write_error(&self, key: String, name: &str, err: io::Error) -> SpillError {
+        let full = matches!(
+            err.raw_os_error().map(Errno::from_raw),
+            Some(Errno::ENOSPC | Errno::EDQUOT)
+        ) || err.kind() == io::ErrorKind::StorageFull;
+        if full {
+            SpillError::DiskFull {
+                key,
+                dir: self.dir_path.display().to_string(),
+            }
+        } else {
+            SpillError::Io {
+                key,
+                path: self.dir_path.join(name).display().to_string(),
+                source: err,
             }
         }
     }
@@ -647,53 +728,79 @@ impl SpillBuffer {
     /// Before reading, other values are spilled until this one fits under
     /// the target, so reading back more than fits never piles up in memory.
     pub fn get(&self, key: &str) -> Result<Arc<Value>, SpillError> {
-        let (file, size, id) = {
-            let mut st = self.lock();
-            loop {
-                let Some(entry) = st.entries.get(key) else {
-                    return Err(SpillError::NoSuchKey(key.to_string()));
-                };
-                match &entry.slot {
-                    Slot::Memory { value, .. } => {
-                        let value = value.clone();
-                        let old = entry.tick;
-                        let tick = st.tick();
-                        if let Some(key_owned) = st.lru.remove(&old) {
-                            st.lru.insert(tick, key_owned);
-                        }
-                        if let Some(e) = st.entries.get_mut(key) {
-                            e.tick = tick;
-                        }
-                        return Ok(value);
-                    }
-                    Slot::Writing { value } => return Ok(value.clone()),
-                    Slot::Reading { .. } => {
-                        st = self.read_done.wait(st).unwrap_or_else(|p| p.into_inner());
-                    }
-                    Slot::Disk { file } => {
-                        let file = file.clone();
-                        let size = entry.size;
-                        let id = entry.id;
-                        if let Some(e) = st.entries.get_mut(key) {
-                            e.slot = Slot::Reading { file: file.clone() };
-                        }
-                        break (file, size, id);
-                    }
-                }
-            }
+        let read = match self.find(key)? {
+            Found::Ready(value) => return Ok(value),
+            Found::OnDisk(read) => read,
         };
-        self.make_room(size);
+        self.make_room(read.size);
         let start = Instant::now();
-        let result = self.read_file(&file, key);
+        let result = self.read_file(&read.file, key);
         self.counters
             .read_us
             .fetch_add(micros(start), Ordering::Relaxed);
+        let out = self.finish_read(key, read, result);
+        self.read_done.notify_all();
+        out
+    }
+
+    /// Under the lock: the value if it is in memory (now the most recently
+    /// used), else its file, marked `Reading` for [`Self::get`] to read
+    /// outside the lock. Waits while another thread reads the same key.
+    fn find(&self, key: &str) -> Result<Found, SpillError> {
+        let mut st = self.lock();
+        loop {
+            let Some(entry) = st.entries.get(key) else {
+                return Err(SpillError::NoSuchKey(key.to_string()));
+            };
+            match &entry.slot {
+                Slot::Memory { value, .. } => {
+                    let value = value.clone();
+                    let old = entry.tick;
+                    let tick = st.tick();
+                    if let Some(key_owned) = st.lru.remove(&old) {
+                        st.lru.insert(tick, key_owned);
+                    }
+                    if let Some(e) = st.entries.get_mut(key) {
+                        e.tick = tick;
+                    }
+                    return Ok(Found::Ready(value));
+                }
+                Slot::Writing { value } => return Ok(Found::Ready(value.clone())),
+                Slot::Reading { .. } => {
+                    st = self.read_done.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                Slot::Disk { file } => {
+                    let read = ToRead {
+                        file: file.clone(),
+                        size: entry.size,
+                        id: entry.id,
+                    };
+                    if let Some(e) = st.entries.get_mut(key) {
+                        e.slot = Slot::Reading {
+                            file: read.file.clone(),
+                        };
+                    }
+                    return Ok(Found::OnDisk(read));
+                }
+            }
+        }
+    }
+
+    /// Under the lock again: a value read back is in memory with its file as
+    /// a clean copy; after a failed read the bytes stay on disk.
+    fn finish_read(
+        &self,
+        key: &str,
+        read: ToRead,
+        result: Result<Value, SpillError>,
+    ) -> Result<Arc<Value>, SpillError> {
+        let ToRead { file, size, id } = read;
         let mut st = self.lock();
         let ours = st
             .entries
             .get(key)
             .is_some_and(|e| e.id == id && matches!(e.slot, Slot::Reading { .. }));
-        let out = match result {
+        match result {
             Ok(value) => {
                 let value = Arc::new(value);
                 if ours {
@@ -722,10 +829,7 @@ impl SpillBuffer {
                 }
                 Err(e)
             }
-        };
-        drop(st);
-        self.read_done.notify_all();
-        out
+        }
     }
 
     /// Spills other values until `incoming` more bytes fit under the target.

@@ -59,8 +59,7 @@ fn lock() -> MutexGuard<'static, State> {
 
 /// RSS of this process from `/proc/self/statm` (0 if unreadable).
 pub fn rss_now() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let page = amm_protocol::sys::page_size() as u64;
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

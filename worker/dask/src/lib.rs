@@ -47,11 +47,5 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// CLOCK_MONOTONIC in ns: the clock of the kernel's event stamps.
 #[pyfunction]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    amm_timeline::monotonic_ns()
 }

@@ -16,7 +16,14 @@ pub fn render(r: &Report) -> String {
 }
 
 fn write_report(o: &mut String, r: &Report) -> std::fmt::Result {
-    // the verdict, first
+    write_verdict(o, r)?;
+    write_sources(o, r)?;
+    write_stretches(o, r)?;
+    write_evidence(o, r)
+}
+
+/// The verdict, first, and what would decide it.
+fn write_verdict(o: &mut String, r: &Report) -> std::fmt::Result {
     writeln!(o, "VERDICT: {}", r.verdict.kind.name().to_uppercase())?;
     writeln!(o, "  {}", r.verdict.headline)?;
     for a in &r.verdict.also {
@@ -31,9 +38,11 @@ fn write_report(o: &mut String, r: &Report) -> std::fmt::Result {
     {
         writeln!(o, "  what would decide it: {d}")?;
     }
-    writeln!(o)?;
+    writeln!(o)
+}
 
-    // what was looked at
+/// What was looked at: the source, the allocator, the run, the purges.
+fn write_sources(o: &mut String, r: &Report) -> std::fmt::Result {
     let src = match r.source {
         Source::WorkerTimeline => "amm-worker timeline",
         Source::Kernel => "kernel only (amm-agent watch)",
@@ -87,9 +96,12 @@ fn write_report(o: &mut String, r: &Report) -> std::fmt::Result {
     for n in &r.run.notes {
         writeln!(o, "note: {n}")?;
     }
-    writeln!(o)?;
+    writeln!(o)
+}
 
-    // the stretches
+/// The table of stretches: with the accounting split when the run has it,
+/// else the RSS at each end.
+fn write_stretches(o: &mut String, r: &Report) -> std::fmt::Result {
     let split = r
         .stretches
         .iter()
@@ -135,8 +147,11 @@ fn write_report(o: &mut String, r: &Report) -> std::fmt::Result {
             )?;
         }
     }
+    Ok(())
+}
 
-    // the evidence
+/// The evidence of every stretch that is not steady.
+fn write_evidence(o: &mut String, r: &Report) -> std::fmt::Result {
     let notable: Vec<&Stretch> = r
         .stretches
         .iter()

@@ -56,6 +56,19 @@ enum Label {
 
 /// Cuts `run` into stretches (see the module docs).
 pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
+    let pieces = pieces(run);
+    let spans = fold_short(tick_ranges(run, &pieces));
+    // cut at changes of slope
+    let mut out = Vec::new();
+    for s in spans {
+        split(run, th, s, 0, &mut out);
+    }
+    out
+}
+
+/// Steps 1 and 2: where each attempt, phase and teardown starts (a
+/// phase's repeats are one piece).
+fn pieces(run: &Run) -> Vec<Piece> {
     let mut pieces: Vec<Piece> = vec![Piece {
         t0: f64::NEG_INFINITY,
         attempt: run.ticks.first().map_or(0, |t| t.attempt),
@@ -93,7 +106,11 @@ pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
             cut,
         });
     }
-    // ticks of each piece
+    pieces
+}
+
+/// The ticks of each piece.
+fn tick_ranges<'p>(run: &Run, pieces: &'p [Piece]) -> Vec<(Range<usize>, &'p Piece)> {
     let mut ranges: Vec<(Range<usize>, &Piece)> = Vec::new();
     let mut i = 0;
     for (k, p) in pieces.iter().enumerate() {
@@ -104,7 +121,12 @@ pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
         }
         ranges.push((start..i, p));
     }
-    // fold short pieces into the next of the same attempt; drop teardown
+    ranges
+}
+
+/// Folds pieces shorter than [`MIN_TICKS`] into the next of the same
+/// attempt (or the previous, at an attempt's end); drops teardown.
+fn fold_short(ranges: Vec<(Range<usize>, &Piece)>) -> Vec<Span> {
     let mut spans: Vec<Span> = Vec::new();
     let mut pending: Option<Span> = None;
     for (r, p) in ranges {
@@ -143,12 +165,7 @@ pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
     if let Some(pend) = pending.take() {
         attach_to_previous(&mut spans, pend);
     }
-    // cut at changes of slope
-    let mut out = Vec::new();
-    for s in spans {
-        split(run, th, s, 0, &mut out);
-    }
-    out
+    spans
 }
 
 /// True when `tick` belongs before the next piece starting at `end_t`.
