@@ -10,11 +10,11 @@
  *                         3 s, then maps 112 MiB of other memory (pressure),
  *                         holds 4 s
  *   labelled fragment     fills 96 MiB of 48-byte objects, frees 63 of every
- *                         64 (a survivor on every page), holds 3 s, then the
- *                         same pressure
- *   labelled cache        fills a cache of 1 KiB objects, 4 MiB every 100 ms
- *                         up to 96 MiB, then keeps it at that size for 8 s
- *                         while the same work (temporaries) goes on
+ *                         64 (a survivor on every page), holds 5 s
+ *   labelled cache        fills a cache of 1 KiB objects, 4 MiB every 200 ms
+ *                         up to 100 MiB, then keeps it at that size for 10 s
+ *                         while the same work (2 MiB of temporaries every
+ *                         200 ms) goes on
  *   labelled temporaries  every 300 ms allocates 64 MiB of 64 KiB objects,
  *                         touches them, frees them all; 20 times
  * Each mode exits 0 when done.
@@ -99,13 +99,12 @@ int main(int argc, char **argv) {
             else free(blocks[i]);
         }
         nblocks = kept;
-        sleep_ms(3000);
-        pressure(4000);
+        sleep_ms(5000);
     } else if (strcmp(mode, "cache") == 0) {
-        for (int i = 0; i < 24 + 80; i++) {
-            if (i < 24) fill(4 * MIB, 1024);
-            temporaries(8 * MIB, 4096);
-            sleep_ms(100);
+        for (int i = 0; i < 25 + 50; i++) {
+            if (i < 25) fill(4 * MIB, 1024);
+            temporaries(2 * MIB, 4096);
+            sleep_ms(200);
         }
     } else if (strcmp(mode, "temporaries") == 0) {
         for (int i = 0; i < 20; i++) {

@@ -235,6 +235,119 @@ fn growth_that_stops_under_the_same_work_is_a_bounded_cache() {
     assert_eq!(verdict(&r), Kind::Leak);
 }
 
+/// (t ms, unmanaged_live KiB, the rest of RSS KiB) of `labelled cache` on
+/// glibc under `amm-worker -- CMD`, as its timeline recorded them.
+const PROGRAM_CACHE: &[(u64, u64, u64)] = &[
+    (232, 4215, 4148),
+    (442, 8408, 4275),
+    (649, 12632, 4275),
+    (869, 16792, 8471),
+    (1076, 21084, 8391),
+    (1290, 25244, 8423),
+    (1492, 29404, 8455),
+    (1694, 33564, 8487),
+    (1897, 37980, 8263),
+    (2109, 42140, 8295),
+    (2311, 46305, 8322),
+    (2522, 50465, 8354),
+    (2729, 54625, 8386),
+    (2942, 58785, 8418),
+    (3144, 62945, 8458),
+    (3352, 67116, 8479),
+    (3562, 71788, 7999),
+    (3767, 75948, 8031),
+    (3969, 80108, 8063),
+    (4171, 84268, 8103),
+    (4382, 88438, 8125),
+    (4584, 92598, 8157),
+    (4785, 96758, 8189),
+    (4989, 100918, 9893),
+    (5193, 105078, 4073),
+    (5400, 105063, 4088),
+    (5605, 105063, 4088),
+    (5808, 105063, 4088),
+    (6022, 105063, 4088),
+    (6229, 105063, 4088),
+    (6435, 105063, 4088),
+    (6638, 105063, 4088),
+    (6841, 105063, 4088),
+    (7053, 105063, 4088),
+    (7256, 105063, 4088),
+    (7463, 105064, 4087),
+    (7674, 105064, 4087),
+    (7876, 105064, 4087),
+    (8082, 105064, 4087),
+    (8289, 105064, 4087),
+    (8502, 105065, 4086),
+    (8703, 105065, 4086),
+    (8913, 105065, 4086),
+    (9123, 105065, 4086),
+    (9333, 105065, 4086),
+    (9535, 105065, 4086),
+    (9737, 105065, 4086),
+    (9950, 105065, 4086),
+    (10153, 105065, 4086),
+    (10364, 105065, 4086),
+    (10566, 105065, 4086),
+    (10770, 105065, 4086),
+    (10974, 105065, 4086),
+    (11178, 105065, 4086),
+    (11381, 105065, 4086),
+    (11583, 105065, 4086),
+    (11785, 105065, 4086),
+    (11994, 105065, 4086),
+    (12196, 105065, 4086),
+    (12406, 105065, 4086),
+    (12608, 105065, 4086),
+    (12815, 105065, 4086),
+    (13026, 105065, 4086),
+    (13230, 105065, 4086),
+    (13438, 105065, 4086),
+    (13642, 105065, 4086),
+    (13843, 105065, 4086),
+    (14050, 105065, 4086),
+    (14262, 105065, 4086),
+    (14465, 105065, 4086),
+    (14670, 105065, 4086),
+    (14878, 105065, 4086),
+    (15080, 105065, 4086),
+    (15288, 105065, 4086),
+];
+
+/// Issue 10 §5 on a real program (`tests/c/labelled.c cache` under
+/// `amm-worker -- CMD`): no workload phases, a cache that fills in one step
+/// per tick, so the cut at the end of the fill leaves the last step in the
+/// flat stretch. The fill alone was called a leak ("grew 94.3 MiB ... R²
+/// 1.00") on both allocators.
+#[test]
+fn a_programs_cache_filled_in_steps_is_a_bounded_cache() {
+    let mut r = worker_run_with(&[]);
+    for &(t_ms, u_kib, other_kib) in PROGRAM_CACHE {
+        let (u, p) = (u_kib << 10, (u_kib + other_kib) << 10);
+        r.push_tick(
+            t_ms as f64 / 1000.0,
+            Tick {
+                process: p,
+                split: Some(Split::of(p, 0, u, u)),
+                ..Tick::default()
+            },
+        );
+    }
+    let rep = analyze(&r, &Thresholds::default());
+    let all: Vec<&Finding> = rep.stretches.iter().flat_map(|s| &s.findings).collect();
+    assert!(
+        all.iter().all(|f| f.kind != Kind::Leak),
+        "a cache called a leak: {}",
+        rep.verdict.headline
+    );
+    assert_eq!(
+        rep.verdict.kind,
+        Kind::BoundedCache,
+        "{}",
+        rep.verdict.headline
+    );
+}
+
 /// Issue 10 §5: a staircase that leaked 384 MiB was reported as 458 MiB,
 /// and its steps above the fitted line as "task temporaries ... returned
 /// each time".

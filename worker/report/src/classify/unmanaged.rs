@@ -39,6 +39,13 @@ struct Judged<'f> {
     hint: bool,
 }
 
+/// The median time between two ticks, seconds (0 with fewer than two).
+fn tick_interval(t: &[f64]) -> f64 {
+    let mut d: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
+    d.sort_by(f64::total_cmp);
+    d.get(d.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn unmanaged_of(t: &Tick) -> Option<u64> {
     t.split.map(|x| x.unmanaged_live)
 }
@@ -283,8 +290,12 @@ impl Ctx<'_> {
         // where this stretch's rise ends: its line, but never above what was seen
         let top = st.s.unmanaged.iter().copied().max().unwrap_or(0) as f64;
         let end = j.fit.line.at(tr.to_s).min(top).max(last);
+        // the cut falls between two ticks: the next stretch may begin one
+        // tick's growth higher (a fill in steps of one tick, as a program's
+        // cache fills, puts its last step there)
+        let one_tick = (j.fit.line.slope * tick_interval(&st.s.t)).max(0.0);
         let flat_until = self
-            .flat_after(last - sig, end + sig, sig)
+            .flat_after(last - sig, end + sig + one_tick, sig)
             .unwrap_or(tr.to_s);
         let (rose_s, flat_s) = (flat_from - tr.from_s, flat_until - flat_from);
         if flat_s < self.th.leak_min_window_s.max(rose_s) {
