@@ -188,15 +188,23 @@ fn c_hoard_of_freed_medium_objects_is_a_hoard_a_pressure_purge_returns() {
         );
         assert_eq!(verdict(&r), "hoard", "{what}: {}", r["verdict"]);
         no_leak(&r, &what);
-        let f = finding(&r, "hoard");
-        let pressure: u64 = purges(f)
-            .iter()
+        // the pressure purge returned it (it may open a stretch of its own
+        // after the one where the hoard was held longest)
+        let pressure: u64 = r["stretches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["findings"].as_array().into_iter().flatten())
+            .filter(|f| f["kind"] == "hoard")
+            .flat_map(purges)
             .filter(|p| p["reason"] == "pressure")
             .map(|p| u(p, "returned_bytes"))
-            .sum();
+            .max()
+            .unwrap_or(0);
         assert!(
             pressure >= 128 * MIB,
-            "{what}: the pressure purge returned {pressure} bytes of a 160 MiB hoard: {f}"
+            "{what}: no pressure purge returned the 160 MiB hoard (at most {pressure} bytes): {}",
+            r["stretches"]
         );
     }
 }
