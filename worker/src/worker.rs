@@ -14,12 +14,15 @@ use crate::agent::AgentLink;
 use crate::alloc::{self, Allocator};
 use crate::config::MemoryConfig;
 use crate::limit::{self, HostMemory, LimitSpec};
-use crate::memory::{Gate, MemoryManager, TERMINATE_EXIT_CODE, TerminateInfo, levels};
+use crate::memory::{
+    Gate, Levels, ManagerStats, MemoryManager, TERMINATE_EXIT_CODE, TerminateAction, TerminateInfo,
+    levels,
+};
 use crate::spill::{SpillBuffer, SpillDir, SpillOptions, WriteOptions};
 use crate::summary::{self, RESULT_FAILED, Refused, Summary};
 use crate::timeline::Timeline;
 use crate::units::format_bytes;
-use crate::workload::{Runner, Workload};
+use crate::workload::{Outcome, Runner, Workload};
 use crate::{proc, signals};
 
 /// Everything a worker needs to run.
@@ -97,15 +100,92 @@ fn publish_record(allocator: Allocator) {
     }
 }
 
-/// Runs the worker; returns its exit code (terminate and signals exit from
-/// inside and never return).
-pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
-    let start = Instant::now();
-    signals::install().context("cannot install signal handlers")?;
-    let allocator = alloc::active();
-    let host = HostMemory::current()?;
-    let limit = limit::resolve(opts.limit, &host)?;
-    tracing::info!("memory limit: {limit}");
+/// What the worker's three ways out (the workload's end, the terminate
+/// threshold, SIGINT/SIGTERM) share: the summary so far and what each one
+/// reports and removes on its way out.
+#[derive(Clone)]
+struct Leaving {
+    shared: Arc<Mutex<Summary>>,
+    buffer: Arc<SpillBuffer>,
+    gate: Arc<Gate>,
+    timeline: Option<Arc<Timeline>>,
+    attempt: u32,
+    start: Instant,
+}
+
+impl Leaving {
+    /// The summary so far, with the spill counters, the tasks started and
+    /// the wall time.
+    fn summary(&self) -> Summary {
+        let mut s = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        fill_from_buffer(&mut s, &self.buffer);
+        s.tasks = self.gate.started();
+        s.wall_ms = self.start.elapsed().as_millis() as u64;
+        s
+    }
+
+    /// The one finish of every way out: prints the summary, writes this
+    /// worker's `exit` event and removes every spill file and the directory.
+    fn finish(&self, s: &Summary) {
+        summary::print(s);
+        record_exit(
+            self.timeline.as_deref(),
+            self.attempt,
+            s.exit_code,
+            s.peak_rss_bytes,
+        );
+        self.buffer.cleanup();
+    }
+
+    /// Terminate: report, remove spill files, exit. Nothing slow.
+    fn on_terminate(self) -> TerminateAction {
+        Box::new(move |info: &TerminateInfo| {
+            let mut s = self.summary();
+            fill_from_manager(&mut s, &info.stats);
+            s.peak_rss_bytes = proc::peak_rss_bytes().unwrap_or(info.stats.peak_tick_rss);
+            s.terminations = 1;
+            s.result_ok = false;
+            s.errors.push(format!(
+                "terminated: process memory {} passed the terminate threshold {}",
+                format_bytes(info.accounting.split.process),
+                format_bytes(info.threshold)
+            ));
+            s.exit_code = TERMINATE_EXIT_CODE;
+            self.finish(&s);
+            std::process::exit(TERMINATE_EXIT_CODE);
+        })
+    }
+
+    /// SIGINT/SIGTERM: a thread that cleans up and leaves.
+    fn watch_signals(self) -> anyhow::Result<()> {
+        std::thread::Builder::new()
+            .name("amm-signals".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if let Some(sig) = signals::peek() {
+                        tracing::warn!(signal = sig, "stopping on signal");
+                        let mut s = self.summary();
+                        s.peak_rss_bytes = proc::peak_rss_bytes().unwrap_or(0);
+                        s.errors.push(format!("stopped by signal {sig}"));
+                        s.exit_code = 128 + sig;
+                        self.finish(&s);
+                        std::process::exit(128 + sig);
+                    }
+                }
+            })
+            .context("cannot start the signal thread")?;
+        Ok(())
+    }
+}
+
+/// Checks that the chosen allocator serves this process and logs its
+/// options; the check goes in the summary.
+fn check_allocator(allocator: Allocator) -> anyhow::Result<alloc::ServingCheck> {
     // 96 KiB: above jemalloc's thread-cache sizes (so its counter moves at
     // once) and below glibc's mmap threshold (freeing an mmapped chunk would
     // raise glibc's dynamic threshold and change how this worker allocates).
@@ -118,7 +198,6 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         attempts = check.attempts,
         "allocator serving this worker"
     );
-    publish_record(allocator);
     if allocator == Allocator::Jemalloc {
         let dirty = alloc::jemalloc::opt_isize("opt.dirty_decay_ms").unwrap_or(-1);
         let muzzy = alloc::jemalloc::opt_isize("opt.muzzy_decay_ms").unwrap_or(-1);
@@ -130,6 +209,88 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     } else if let Ok(t) = std::env::var("MALLOC_TRIM_THRESHOLD_") {
         tracing::info!("MALLOC_TRIM_THRESHOLD_={t}");
     }
+    Ok(check)
+}
+
+/// Opens the spill directory (refused if another live worker has it) and
+/// the SpillBuffer on it.
+fn open_buffer(opts: &WorkerOptions, target: Option<u64>) -> anyhow::Result<Arc<SpillBuffer>> {
+    let dir = SpillDir::open(&opts.local_directory, &opts.name).map_err(|e| {
+        Refused(format!(
+            "cannot use a spill directory in {}: {e}",
+            opts.local_directory.display()
+        ))
+    })?;
+    tracing::info!(dir = %dir.path().display(), "spill directory");
+    Ok(Arc::new(SpillBuffer::new(
+        dir,
+        SpillOptions {
+            target,
+            max_spill: opts.memory.max_spill,
+            write: WriteOptions {
+                fsync: opts.memory.spill_fsync,
+                drop_cache: opts.memory.spill_drop_cache,
+            },
+        },
+    )))
+}
+
+/// Opens `--timeline` (appending after a restart) with this attempt's
+/// `start` event.
+fn open_timeline(
+    opts: &WorkerOptions,
+    allocator: Allocator,
+    limit: Option<u64>,
+    levels: Levels,
+) -> anyhow::Result<Option<Arc<Timeline>>> {
+    let Some(p) = &opts.timeline else {
+        return Ok(None);
+    };
+    let t = Timeline::create(p, opts.attempt > 0)?;
+    t.event(Event::Start(Start {
+        attempt: opts.attempt,
+        pid: std::process::id(),
+        writer: Some("amm-worker".into()),
+        allocator: Some(allocator),
+        limit,
+        levels,
+        probe_purge_ms: opts.memory.probe_purge.map(|d| d.as_millis() as u64),
+        t0_monotonic_ns: Some(t.origin_monotonic_ns()),
+        ..Start::default()
+    }));
+    Ok(Some(Arc::new(t)))
+}
+
+/// amm-agent: the kernel's events between polls (optional; never needed).
+fn start_agent(
+    opts: &WorkerOptions,
+    limit: Option<u64>,
+    timeline: Option<Arc<Timeline>>,
+) -> anyhow::Result<Option<AgentLink>> {
+    match (&opts.memory.agent_socket, limit) {
+        (Some(socket), Some(limit_bytes)) => Ok(Some(
+            AgentLink::start(socket.clone(), limit_bytes, &opts.memory, timeline)
+                .context("cannot start the link to amm-agent")?,
+        )),
+        (Some(_), None) => {
+            tracing::warn!("no memory limit: nothing for amm-agent to watch; polling only");
+            Ok(None)
+        }
+        (None, _) => Ok(None),
+    }
+}
+
+/// Runs the worker; returns its exit code (terminate and signals exit from
+/// inside and never return).
+pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
+    let start = Instant::now();
+    signals::install().context("cannot install signal handlers")?;
+    let allocator = alloc::active();
+    let host = HostMemory::current()?;
+    let limit = limit::resolve(opts.limit, &host)?;
+    tracing::info!("memory limit: {limit}");
+    let check = check_allocator(allocator)?;
+    publish_record(allocator);
     let levels = levels(&opts.memory, limit.bytes);
     let fmt = |b: Option<u64>| b.map_or("off".to_string(), format_bytes);
     tracing::info!(
@@ -140,45 +301,9 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         interval_ms = opts.memory.monitor_interval.as_millis() as u64,
         "thresholds"
     );
-
-    let dir = SpillDir::open(&opts.local_directory, &opts.name).map_err(|e| {
-        Refused(format!(
-            "cannot use a spill directory in {}: {e}",
-            opts.local_directory.display()
-        ))
-    })?;
-    tracing::info!(dir = %dir.path().display(), "spill directory");
-    let buffer = Arc::new(SpillBuffer::new(
-        dir,
-        SpillOptions {
-            target: levels.target,
-            max_spill: opts.memory.max_spill,
-            write: WriteOptions {
-                fsync: opts.memory.spill_fsync,
-                drop_cache: opts.memory.spill_drop_cache,
-            },
-        },
-    ));
-    let timeline = match &opts.timeline {
-        Some(p) => {
-            let t = Timeline::create(p, opts.attempt > 0)?;
-            t.event(Event::Start(Start {
-                attempt: opts.attempt,
-                pid: std::process::id(),
-                writer: Some("amm-worker".into()),
-                allocator: Some(allocator),
-                limit: limit.bytes,
-                levels,
-                probe_purge_ms: opts.memory.probe_purge.map(|d| d.as_millis() as u64),
-                t0_monotonic_ns: Some(t.origin_monotonic_ns()),
-                ..Start::default()
-            }));
-            Some(Arc::new(t))
-        }
-        None => None,
-    };
+    let buffer = open_buffer(&opts, levels.target)?;
+    let timeline = open_timeline(&opts, allocator, limit.bytes, levels)?;
     let gate = Arc::new(Gate::default());
-
     let base = Summary {
         workload: Some(opts.workload.name.clone().unwrap_or_default()),
         name: opts.name.clone(),
@@ -191,57 +316,22 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         malloc_trim_threshold_env: std::env::var("MALLOC_TRIM_THRESHOLD_").ok(),
         ..Summary::default()
     };
-    let shared = Arc::new(Mutex::new(base));
-
-    // Terminate: report, remove spill files, exit. Nothing slow.
-    let on_terminate = {
-        let attempt = opts.attempt;
-        let (buffer, shared, gate, timeline) = (
-            buffer.clone(),
-            shared.clone(),
-            gate.clone(),
-            timeline.clone(),
-        );
-        Box::new(move |info: &TerminateInfo| {
-            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            fill_from_buffer(&mut s, &buffer);
-            fill_from_manager(&mut s, &info.stats);
-            s.peak_rss_bytes = proc::peak_rss_bytes().unwrap_or(info.stats.peak_tick_rss);
-            s.terminations = 1;
-            s.result_ok = false;
-            s.tasks = gate.started();
-            s.wall_ms = start.elapsed().as_millis() as u64;
-            s.errors.push(format!(
-                "terminated: process memory {} passed the terminate threshold {}",
-                format_bytes(info.accounting.split.process),
-                format_bytes(info.threshold)
-            ));
-            s.exit_code = TERMINATE_EXIT_CODE;
-            summary::print(&s);
-            record_exit(timeline.as_deref(), attempt, s.exit_code, s.peak_rss_bytes);
-            buffer.cleanup();
-            std::process::exit(TERMINATE_EXIT_CODE);
-        })
+    let leaving = Leaving {
+        shared: Arc::new(Mutex::new(base)),
+        buffer: buffer.clone(),
+        gate: gate.clone(),
+        timeline: timeline.clone(),
+        attempt: opts.attempt,
+        start,
     };
-    // amm-agent: the kernel's events between polls (optional; never needed)
-    let agent = match (&opts.memory.agent_socket, limit.bytes) {
-        (Some(socket), Some(limit_bytes)) => Some(
-            AgentLink::start(socket.clone(), limit_bytes, &opts.memory, timeline.clone())
-                .context("cannot start the link to amm-agent")?,
-        ),
-        (Some(_), None) => {
-            tracing::warn!("no memory limit: nothing for amm-agent to watch; polling only");
-            None
-        }
-        (None, _) => None,
-    };
+    let agent = start_agent(&opts, limit.bytes, timeline.clone())?;
     let mut manager = MemoryManager::new(
         opts.memory.clone(),
         limit.bytes,
         buffer.clone(),
         gate.clone(),
         timeline.clone(),
-        on_terminate,
+        leaving.clone().on_terminate(),
     );
     if let Some(a) = &agent {
         manager = manager.with_tick_hook(a.tick_hook());
@@ -250,58 +340,29 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     if let Some(a) = &agent {
         a.attach(manager.sink(), opts.memory.agent_observe_only);
     }
+    leaving.clone().watch_signals()?;
 
-    // SIGINT/SIGTERM: clean up and leave.
-    {
-        let (buffer, shared, gate, timeline) = (
-            buffer.clone(),
-            shared.clone(),
-            gate.clone(),
-            timeline.clone(),
-        );
-        let attempt = opts.attempt;
-        std::thread::Builder::new()
-            .name("amm-signals".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(Duration::from_millis(50));
-                    if let Some(sig) = signals::peek() {
-                        tracing::warn!(signal = sig, "stopping on signal");
-                        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                        fill_from_buffer(&mut s, &buffer);
-                        s.peak_rss_bytes = proc::peak_rss_bytes().unwrap_or(0);
-                        s.tasks = gate.started();
-                        s.wall_ms = start.elapsed().as_millis() as u64;
-                        s.errors.push(format!("stopped by signal {sig}"));
-                        s.exit_code = 128 + sig;
-                        summary::print(&s);
-                        record_exit(timeline.as_deref(), attempt, s.exit_code, s.peak_rss_bytes);
-                        buffer.cleanup();
-                        std::process::exit(128 + sig);
-                    }
-                }
-            })
-            .context("cannot start the signal thread")?;
-    }
-
-    let runner = Runner::new(
-        opts.nthreads,
-        buffer.clone(),
-        gate.clone(),
-        timeline.clone(),
-        opts.attempt,
-    )?;
+    let runner = Runner::new(opts.nthreads, buffer, gate, timeline, opts.attempt)?;
     let outcome = runner.run(&opts.workload);
     if let Some(a) = &agent {
         a.workload_ended();
     }
     drop(runner);
     let mstats = manager.stop();
+    finish_run(&leaving, &outcome, &mstats, agent.as_ref())
+}
 
-    let mut s = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    fill_from_buffer(&mut s, &buffer);
-    fill_from_manager(&mut s, &mstats);
-    if let Some(a) = &agent {
+/// The workload's end: the whole summary, and the exit code (0, or
+/// [`RESULT_FAILED`] when a check or a task failed).
+fn finish_run(
+    leaving: &Leaving,
+    outcome: &Outcome,
+    mstats: &ManagerStats,
+    agent: Option<&AgentLink>,
+) -> anyhow::Result<i32> {
+    let mut s = leaving.summary();
+    fill_from_manager(&mut s, mstats);
+    if let Some(a) = agent {
         use std::sync::atomic::Ordering::SeqCst;
         s.agent_events = a.counters.events.load(SeqCst);
         s.agent_connects = a.counters.connects.load(SeqCst);
@@ -313,17 +374,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
     s.result_ok = outcome.result_ok();
     s.checks = outcome.checks.clone();
     s.errors = outcome.errors.clone();
-    s.tasks = gate.started();
-    s.wall_ms = start.elapsed().as_millis() as u64;
     s.exit_code = if s.result_ok { 0 } else { RESULT_FAILED };
-    summary::print(&s);
-    record_exit(
-        timeline.as_deref(),
-        opts.attempt,
-        s.exit_code,
-        s.peak_rss_bytes,
-    );
-    buffer.cleanup();
+    leaving.finish(&s);
     tracing::info!(
         result_ok = s.result_ok,
         wall_ms = s.wall_ms,
