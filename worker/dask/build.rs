@@ -22,8 +22,8 @@ const LIBRARY: &str = "libamm_preload.so";
 const SOURCES: &[&str] = &[
     "worker/preload",
     "worker/alloc",
-    "worker/record",
-    "worker/timeline",
+    "worker/shared/record",
+    "worker/shared/timeline",
 ];
 
 fn main() -> Result<(), String> {

@@ -3,7 +3,7 @@
 //! allocators, then `amm-worker report --json` on the timeline. Any wrong
 //! verdict fails; so does a leak verdict anywhere in a run that has no leak
 //! (the worst failure: it sends users chasing nothing). The table of what
-//! the report says for each case is in `report/README.md`.
+//! the report says for each case is in `worker/shared/report/README.md`.
 //!
 //! Each case runs for seconds (the slow leak for about 25 s, because that is
 //! what a leak of 512 KiB/s needs to be told from noise). No assertion
