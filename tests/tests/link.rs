@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use amm_ebpf::{EventKind, Level};
 use amm_integration_tests::{Agent, Faulter, event_where, require_root};
 use amm_protocol::link::{Link, LinkConfig, LinkEvent};
+use amm_protocol::sched::{InForce, ReaderPolicy};
 use amm_protocol::{Registration, SampleKind, Split, TerminateBy};
 
 const MIB: u64 = 1 << 20;
@@ -40,7 +41,7 @@ fn the_link_survives_the_agent_dying_and_coming_back() {
             registration: Registration::new(f.pid(), rss0 + 200 * MIB),
             name: "link-test".into(),
             retry: Duration::from_millis(50),
-            short_slice: true,
+            reader: ReaderPolicy::Realtime(1),
         },
         move |e| {
             let _ = tx.send(e);
@@ -169,4 +170,77 @@ fn terminate_is_enforced_at_the_crossing_page() {
         }
         f.kill();
     }
+}
+
+/// The policy of every thread of this process named `name`, as the kernel
+/// reports it (`policy` in /proc/self/task/TID/sched).
+fn policies_of_threads_named(name: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let dir = task.expect("task").path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if comm.trim() != name {
+            continue;
+        }
+        let Ok(sched) = std::fs::read_to_string(dir.join("sched")) else {
+            continue;
+        };
+        let policy = sched
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == "policy"))
+            .and_then(|l| l.split(':').nth(1)?.trim().parse().ok())
+            .expect("a policy line");
+        out.push(policy);
+    }
+    out
+}
+
+#[test]
+fn the_link_thread_reads_events_under_sched_fifo() {
+    if !require_root("the_link_thread_reads_events_under_sched_fifo") {
+        return;
+    }
+    // no agent needed: the thread sets its policy before it connects
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = Link::spawn(
+        LinkConfig {
+            socket: dir.path().join("no-agent.sock"),
+            registration: Registration::new(std::process::id(), 1 << 30),
+            name: "link-sched-test".into(),
+            retry: Duration::from_millis(50),
+            reader: ReaderPolicy::Realtime(1),
+        },
+        |_| {},
+    )
+    .expect("link thread");
+    assert_eq!(link.reader_scheduling(), &InForce::Fifo(1));
+    assert_eq!(
+        link.reader_scheduling().to_string(),
+        "SCHED_FIFO priority 1"
+    );
+    let policies = policies_of_threads_named("amm-agent-link");
+    assert!(!policies.is_empty(), "no amm-agent-link thread");
+    assert!(
+        policies.iter().all(|&p| p == libc::SCHED_FIFO as u64),
+        "link threads' policies: {policies:?}"
+    );
+    // and a link asked to leave its thread alone does
+    let plain = Link::spawn(
+        LinkConfig {
+            socket: dir.path().join("no-agent.sock"),
+            registration: Registration::new(std::process::id(), 1 << 30),
+            name: "link-sched-test".into(),
+            retry: Duration::from_millis(50),
+            reader: ReaderPolicy::Inherit,
+        },
+        |_| {},
+    )
+    .expect("link thread");
+    assert_eq!(
+        plain.reader_scheduling(),
+        &InForce::Inherited { refused: None }
+    );
+    drop((link, plain));
 }

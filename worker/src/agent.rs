@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use amm_ebpf::EventKind;
 use amm_protocol::link::{Link, LinkConfig, LinkEvent};
+use amm_protocol::sched::ReaderPolicy;
 use amm_protocol::{Fractions, Registration, TerminateBy};
 use amm_timeline::{AgentConnected, AgentReason, Event, LevelCrossing, Spike};
 
@@ -94,10 +95,17 @@ impl AgentLink {
                 registration,
                 name: format!("amm-worker {}", std::process::id()),
                 retry: Duration::from_millis(500),
-                short_slice: true,
+                reader: match cfg.agent_reader_priority {
+                    Some(p) => ReaderPolicy::Realtime(p),
+                    None => ReaderPolicy::ShortSlice,
+                },
             },
             on_event,
         )?;
+        tracing::info!(
+            "the thread reading amm-agent's events runs under {}",
+            link.reader_scheduling()
+        );
         Ok(AgentLink {
             link: Arc::new(link),
             sink,

@@ -41,8 +41,8 @@ use serde::Serialize;
 pub use flags::ConfigFlags;
 pub use values::Raw;
 use values::{
-    boolean, bytes_or_false, fraction_or_false, path_or_false, positive_duration, probe_interval,
-    signal_or_false, timeout_or_false,
+    boolean, bytes_or_false, fraction_or_false, path_or_false, positive_duration,
+    priority_or_false, probe_interval, signal_or_false, timeout_or_false,
 };
 
 /// How a key is given on the command line of `amm-worker run`.
@@ -243,6 +243,14 @@ config_keys! {
     agent_observe_only: bool {
         key: "worker.agent.observe-only", flag: Flag::Switch("agent-observe-only", "true"),
         value: "BOOL", default: "false", parse: boolean,
+    }
+    /// `SCHED_FIFO` priority of the thread that reads the kernel's events,
+    /// where permitted (root, CAP_SYS_NICE or RLIMIT_RTPRIO), so an event
+    /// is read at once even when every CPU is busy; refused or false: a
+    /// short EEVDF slice (the log says which is in force).
+    agent_reader_priority: Option<u8> {
+        key: "worker.agent.reader-priority", flag: Flag::Value("agent-reader-priority"),
+        value: "PRIORITY|false", default: "1", parse: priority_or_false,
     }
 }
 

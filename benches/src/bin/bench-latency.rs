@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use amm_benches::{Faulter, monotonic_ns, percentiles, profile_dir, settle, target_dir};
 use amm_ebpf::EventKind;
+use amm_protocol::sched::ReaderPolicy;
 use amm_protocol::{Client, EventMessage, Registration, TerminateBy};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -34,6 +35,17 @@ struct Args {
     /// Also print every sample (µs), sorted.
     #[arg(long)]
     dump: bool,
+    /// SCHED_FIFO priority of the thread that reads the events, as
+    /// amm-worker's `--agent-reader-priority`; 0: the short EEVDF slice
+    /// only (the worker's fallback where SCHED_FIFO is not permitted).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=99))]
+    reader_priority: u8,
+    /// Write every sample to this file, one line each: path, crossing,
+    /// the kernel's stamp and the moment the client held the event (ns,
+    /// CLOCK_MONOTONIC, the clock of tracefs' `mono` trace_clock), so a
+    /// slow one can be found in a trace.
+    #[arg(long, value_name = "FILE")]
+    samples: Option<std::path::PathBuf>,
 }
 
 const TOUCH_MIB: usize = 80;
@@ -94,17 +106,20 @@ fn base_rss(toucher: &mut Faulter) -> Result<u64> {
     Ok(amm_agent::identity::ProcInfo::read(toucher.pid())?.rss_bytes())
 }
 
-/// Latencies in µs of upward and downward crossings.
+/// Latencies in µs of upward and downward crossings, and every sample's
+/// (up, kernel stamp, held at) in ns.
 #[derive(Default)]
 struct Samples {
     up: Vec<f64>,
     down: Vec<f64>,
+    stamps: Vec<(bool, u64, u64)>,
 }
 
 impl Samples {
     fn extend(&mut self, other: Samples) {
         self.up.extend(other.up);
         self.down.extend(other.down);
+        self.stamps.extend(other.stamps);
     }
 }
 
@@ -130,6 +145,7 @@ fn trials(
                 if e.event == EventKind::Level {
                     let us = at.saturating_sub(e.t_ns) as f64 / 1e3;
                     if up { &mut lat.up } else { &mut lat.down }.push(us);
+                    lat.stamps.push((up, e.t_ns, at));
                     break;
                 }
             }
@@ -205,16 +221,31 @@ fn terminate_trial(agent: &AgentProc, by: TerminateBy) -> Result<(f64, f64)> {
     }
 }
 
+/// One line per sample: path, up/down, kernel stamp ns, held at ns.
+fn write_samples(path: &std::path::Path, paths: &[(&str, &Samples)]) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    for (name, s) in paths {
+        for (up, t_ns, at) in &s.stamps {
+            let dir = if *up { "up" } else { "down" };
+            let _ = writeln!(text, "{name} {dir} {t_ns} {at}");
+        }
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if !amm_agent::probe::is_root() {
         bail!("the latency benchmark loads BPF: run it as root");
     }
-    // the thread that waits for events asks for a short slice, as a worker's
-    // event thread does: woken, it preempts instead of waiting a tick
-    if let Err(e) = amm_protocol::sched::request_short_slice(Duration::from_micros(100)) {
-        eprintln!("cannot request a short slice ({e}); latencies will include scheduler waits");
+    // the thread that waits for events is scheduled as a worker's event
+    // thread is (amm-worker --agent-reader-priority, default 1)
+    let reader = match args.reader_priority {
+        0 => ReaderPolicy::ShortSlice,
+        p => ReaderPolicy::Realtime(p),
     }
+    .apply();
     // warm-up: fault the memory once so the first trials are not slower
     let _ = via_ring(3)?;
     let mut agent = Samples::default();
@@ -227,6 +258,9 @@ fn main() -> Result<()> {
         agent.extend(via_agent(k)?);
         ring.extend(via_ring(k)?);
         left -= k;
+    }
+    if let Some(path) = &args.samples {
+        write_samples(path, &[("socket", &agent), ("direct", &ring)])?;
     }
     let agent_proc = start_agent()?;
     let mut term: Vec<(TerminateBy, Vec<f64>, Vec<f64>)> = vec![
@@ -244,7 +278,7 @@ fn main() -> Result<()> {
     drop(agent_proc);
 
     println!(
-        "event latency, kernel timestamp of the crossing -> the client holds the event; {} trials per path, each one crossing up (while touching {TOUCH_MIB} MiB) and one down (inside the munmap of it); kernel {}",
+        "event latency, kernel timestamp of the crossing -> the client holds the event; {} trials per path, each one crossing up (while touching {TOUCH_MIB} MiB) and one down (inside the munmap of it); reader thread: {reader}; kernel {}",
         agent.up.len(),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()

@@ -153,7 +153,7 @@ impl AgentLink {
             registration,
             name: name.unwrap_or_else(|| format!("amm-dask {pid}")),
             retry: Duration::from_millis(500),
-            short_slice: true,
+            reader: amm_protocol::sched::ReaderPolicy::Realtime(1),
         };
         let s = shared.clone();
         let link = Link::spawn(config, move |e| on_event(&s, e)).map_err(os_err)?;

@@ -184,6 +184,21 @@ pub fn signal_or_false(raw: &Raw) -> Result<Option<i32>, String> {
     }
 }
 
+/// A `SCHED_FIFO` priority, 1-99, or `false` (0 is `false` too).
+pub fn priority_or_false(raw: &Raw) -> Result<Option<u8>, String> {
+    let n = match raw {
+        Raw::Bool(false) => return Ok(None),
+        Raw::Int(n) => Some(*n),
+        Raw::Str(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(0) => Ok(None),
+        Some(n @ 1..=99) => Ok(Some(n as u8)),
+        _ => Err("expected a SCHED_FIFO priority 1-99, or false".into()),
+    }
+}
+
 /// `true` or `false`.
 pub fn boolean(raw: &Raw) -> Result<bool, String> {
     match raw {

@@ -169,7 +169,7 @@ impl AnyProgram {
             registration,
             name: format!("amm-worker nanny {} for {pid}", std::process::id()),
             retry: Duration::from_millis(500),
-            short_slice: false,
+            reader: amm_protocol::sched::ReaderPolicy::Inherit,
         };
         match Link::spawn(config, move |e| {
             let _ = tx.send(e);

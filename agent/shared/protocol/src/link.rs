@@ -17,6 +17,7 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags};
 
 use crate::client::Client;
+use crate::sched::{InForce, ReaderPolicy};
 use crate::{
     ClientMessage, EventMessage, HeapSample, PurgeSample, Registration, Split, ThresholdBytes,
 };
@@ -54,10 +55,11 @@ pub struct LinkConfig {
     pub name: String,
     /// Time between reconnection attempts.
     pub retry: Duration,
-    /// Ask the kernel for a short time slice for the link thread, so an
-    /// event is read the moment it is written (Linux 6.12+; harmless
-    /// elsewhere).
-    pub short_slice: bool,
+    /// How the link thread, which reads the events, asks to be scheduled
+    /// so an event is read the moment it is written
+    /// ([`crate::sched`]: `SCHED_FIFO` where permitted, else a short
+    /// slice).
+    pub reader: ReaderPolicy,
 }
 
 enum Outgoing {
@@ -79,6 +81,7 @@ pub struct Link {
     tx: mpsc::Sender<Outgoing>,
     wake: std::os::unix::net::UnixStream,
     thread: Option<JoinHandle<()>>,
+    reader: InForce,
 }
 
 impl Link {
@@ -90,14 +93,29 @@ impl Link {
         let (tx, rx) = mpsc::channel();
         let (wake, wake_rx) = std::os::unix::net::UnixStream::pair()?;
         wake_rx.set_nonblocking(true)?;
+        let (granted_tx, granted) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("amm-agent-link".into())
-            .spawn(move || run(config, rx, wake_rx, on_event))?;
+            .spawn(move || {
+                // the policy is the thread's own: set it there, first
+                let _ = granted_tx.send(config.reader.apply());
+                run(config, rx, wake_rx, on_event)
+            })?;
+        let reader = granted
+            .recv()
+            .map_err(|_| std::io::Error::other("the link thread ended before it was scheduled"))?;
         Ok(Self {
             tx,
             wake,
             thread: Some(thread),
+            reader,
         })
+    }
+
+    /// The scheduling in force for the link thread (which reads the
+    /// events), for the owner's log.
+    pub fn reader_scheduling(&self) -> &InForce {
+        &self.reader
     }
 
     /// Sends the worker's accounting to the agent (dropped while the agent
@@ -154,9 +172,6 @@ fn run(
     wake: std::os::unix::net::UnixStream,
     mut on_event: impl FnMut(LinkEvent),
 ) {
-    if config.short_slice {
-        let _ = crate::sched::request_short_slice(Duration::from_micros(100));
-    }
     // one report per outage: set when reported, cleared by a registration
     let mut lost = false;
     loop {
