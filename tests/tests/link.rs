@@ -42,6 +42,7 @@ fn the_link_survives_the_agent_dying_and_coming_back() {
             name: "link-test".into(),
             retry: Duration::from_millis(50),
             reader: ReaderPolicy::Realtime(1),
+            spin: None,
         },
         move |e| {
             let _ = tx.send(e);
@@ -211,6 +212,7 @@ fn the_link_thread_reads_events_under_sched_fifo() {
             name: "link-sched-test".into(),
             retry: Duration::from_millis(50),
             reader: ReaderPolicy::Realtime(1),
+            spin: None,
         },
         |_| {},
     )
@@ -234,6 +236,7 @@ fn the_link_thread_reads_events_under_sched_fifo() {
             name: "link-sched-test".into(),
             retry: Duration::from_millis(50),
             reader: ReaderPolicy::Inherit,
+            spin: None,
         },
         |_| {},
     )

@@ -99,6 +99,7 @@ impl AgentLink {
                     Some(p) => ReaderPolicy::Realtime(p),
                     None => ReaderPolicy::ShortSlice,
                 },
+                spin: cfg.agent_reader_spin,
             },
             on_event,
         )?;

@@ -252,6 +252,15 @@ config_keys! {
         key: "worker.agent.reader-priority", flag: Flag::Value("agent-reader-priority"),
         value: "PRIORITY|false", default: "1", parse: priority_or_false,
     }
+    /// After the kernel's spike alarm, the event thread busy-reads its ring
+    /// for at most this long (until the next level event or the predicted
+    /// terminate crossing, if sooner; at most 1s) instead of sleeping:
+    /// the crossing is read within µs, for one CPU during the window;
+    /// never on a single CPU. false: always sleep until woken.
+    agent_reader_spin: Option<Duration> {
+        key: "worker.agent.reader-spin", flag: Flag::Value("agent-reader-spin"),
+        value: "DURATION|false", default: "100ms", parse: timeout_or_false, serde: "opt_millis",
+    }
 }
 
 impl MemoryConfig {

@@ -40,6 +40,11 @@ struct Args {
     /// only (the worker's fallback where SCHED_FIFO is not permitted).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=99))]
     reader_priority: u8,
+    /// After a spike alarm, the direct reader busy-reads its ring for at
+    /// most this many ms, as amm-worker's `--agent-reader-spin` (default
+    /// 100 ms); 0: it always sleeps in `poll` until woken.
+    #[arg(long, default_value_t = 100)]
+    spin_ms: u64,
     /// Write every sample to this file, one line each: path, crossing,
     /// the kernel's stamp and the moment the client held the event (ns,
     /// CLOCK_MONOTONIC, the clock of tracefs' `mono` trace_clock), so a
@@ -173,7 +178,7 @@ fn via_agent(n: usize) -> Result<Samples> {
     })
 }
 
-fn via_ring(n: usize) -> Result<Samples> {
+fn via_ring(n: usize, spin: Option<Duration>) -> Result<Samples> {
     let agent = start_agent()?;
     let mut toucher = Faulter::spawn()?;
     let limit = limit_for(base_rss(&mut toucher)?);
@@ -183,6 +188,7 @@ fn via_ring(n: usize) -> Result<Samples> {
         ..Registration::new(toucher.pid(), limit)
     })?;
     let mut ring = reg.ring.context("the agent sent no ring buffer")?;
+    ring.spin_after_alarm(spin);
     trials(n, &mut toucher, |wait| {
         Ok(ring
             .recv(Some(wait))?
@@ -221,6 +227,12 @@ fn terminate_trial(agent: &AgentProc, by: TerminateBy) -> Result<(f64, f64)> {
     }
 }
 
+/// CPU time of the calling thread so far.
+fn thread_cpu() -> Result<Duration> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)?;
+    Ok(Duration::from(t))
+}
+
 /// One line per sample: path, up/down, kernel stamp ns, held at ns.
 fn write_samples(path: &std::path::Path, paths: &[(&str, &Samples)]) -> Result<()> {
     use std::fmt::Write as _;
@@ -247,16 +259,23 @@ fn main() -> Result<()> {
     }
     .apply();
     // warm-up: fault the memory once so the first trials are not slower
-    let _ = via_ring(3)?;
+    let spin = (args.spin_ms > 0).then(|| Duration::from_millis(args.spin_ms));
+    let _ = via_ring(3, spin)?;
     let mut agent = Samples::default();
     let mut ring = Samples::default();
     // interleave the two paths in blocks so drift hits both
     let block = 10;
     let mut left = args.trials;
+    // the reader thread's CPU time on each path (setup included, alike)
+    let (mut agent_cpu, mut ring_cpu) = (Duration::ZERO, Duration::ZERO);
     while left > 0 {
         let k = block.min(left);
+        let t0 = thread_cpu()?;
         agent.extend(via_agent(k)?);
-        ring.extend(via_ring(k)?);
+        let t1 = thread_cpu()?;
+        ring.extend(via_ring(k, spin)?);
+        agent_cpu += t1.saturating_sub(t0);
+        ring_cpu += thread_cpu()?.saturating_sub(t1);
         left -= k;
     }
     if let Some(path) = &args.samples {
@@ -278,11 +297,19 @@ fn main() -> Result<()> {
     drop(agent_proc);
 
     println!(
-        "event latency, kernel timestamp of the crossing -> the client holds the event; {} trials per path, each one crossing up (while touching {TOUCH_MIB} MiB) and one down (inside the munmap of it); reader thread: {reader}; kernel {}",
+        "event latency, kernel timestamp of the crossing -> the client holds the event; {} trials per path, each one crossing up (while touching {TOUCH_MIB} MiB) and one down (inside the munmap of it); reader thread: {reader}, spinning after a spike alarm for at most {} ms; kernel {}",
         agent.up.len(),
+        args.spin_ms,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
+    );
+    println!();
+    let per_trial = |d: Duration| d.as_secs_f64() * 1e3 / args.trials.max(1) as f64;
+    println!(
+        "reader thread CPU per trial (setup included): socket {:.2} ms, direct {:.2} ms",
+        per_trial(agent_cpu),
+        per_trial(ring_cpu)
     );
     println!();
     println!("| path | crossing | median µs | p99 µs | max µs |");

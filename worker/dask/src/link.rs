@@ -154,6 +154,7 @@ impl AgentLink {
             name: name.unwrap_or_else(|| format!("amm-dask {pid}")),
             retry: Duration::from_millis(500),
             reader: amm_protocol::sched::ReaderPolicy::Realtime(1),
+            spin: None,
         };
         let s = shared.clone();
         let link = Link::spawn(config, move |e| on_event(&s, e)).map_err(os_err)?;

@@ -170,6 +170,7 @@ impl AnyProgram {
             name: format!("amm-worker nanny {} for {pid}", std::process::id()),
             retry: Duration::from_millis(500),
             reader: amm_protocol::sched::ReaderPolicy::Inherit,
+            spin: None,
         };
         match Link::spawn(config, move |e| {
             let _ = tx.send(e);
