@@ -212,6 +212,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reader_priority_is_1_to_99_or_false() {
+        assert_eq!(priority_or_false(&Raw::from_text("1")), Ok(Some(1)));
+        assert_eq!(priority_or_false(&Raw::Int(99)), Ok(Some(99)));
+        assert_eq!(priority_or_false(&Raw::from_text("false")), Ok(None));
+        assert_eq!(priority_or_false(&Raw::Int(0)), Ok(None));
+        for bad in [
+            Raw::Int(100),
+            Raw::Int(-1),
+            Raw::from_text("true"),
+            Raw::from_text("high"),
+        ] {
+            let e = priority_or_false(&bad).expect_err("refused");
+            assert!(e.contains("1-99"), "{e}");
+        }
+    }
+
+    #[test]
     fn nan_and_fractional_bytes_are_refused() {
         for bad in [f64::NAN, f64::INFINITY, -1.0, 0.5] {
             let e = bytes_or_false(&Raw::Float(bad)).expect_err("must fail");
