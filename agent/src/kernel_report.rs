@@ -11,19 +11,11 @@ use std::time::{Duration, Instant};
 
 use amm_ebpf::{EventKind, WatchState};
 use amm_protocol::{EventMessage, ThresholdBytes};
-use amm_report::{At, Run};
+use amm_report::Run;
 use amm_timeline::{Event, Exit, LevelCrossing, Levels, PeakSource, Spike, Tick};
 use anyhow::{Context, Result};
 
 use crate::clock::monotonic_ns;
-
-/// How long before its exit a fall of RSS counts as the process freeing
-/// everything on its way out (an `amm-worker` timeline marks this with its
-/// `end` event; the kernel has only the exit to go by).
-pub const TEARDOWN_WINDOW_S: f64 = 1.0;
-
-/// The least fall before the exit that is left out as teardown.
-const TEARDOWN_MIN_BYTES: u64 = 4 << 20;
 
 /// How often RSS is sampled: the worker's default monitor interval.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -158,31 +150,17 @@ impl KernelRecorder {
                 eta_ns: m.eta_ns,
                 delay_us: None,
             }),
-            EventKind::Exit | EventKind::Credentials => {
-                self.mark_teardown(t);
-                Event::Exit(Exit {
-                    attempt: self.attempt,
-                    pid: self.pid,
-                    peak_rss_bytes: Some(m.peak_rss_bytes),
-                    peak_source: Some(PeakSource::Bpf),
-                    ..Exit::default()
-                })
-            }
+            // the report leaves the final fall before an exit out as the
+            // process tearing down (`amm_report::segment::teardown_start`)
+            EventKind::Exit | EventKind::Credentials => Event::Exit(Exit {
+                attempt: self.attempt,
+                pid: self.pid,
+                peak_rss_bytes: Some(m.peak_rss_bytes),
+                peak_source: Some(PeakSource::Bpf),
+                ..Exit::default()
+            }),
         };
         self.push_event(t, event);
-    }
-
-    /// A process frees its memory on its way out; on a busy machine that
-    /// takes several samples, and a leak would look freed. The final fall
-    /// within [`TEARDOWN_WINDOW_S`] of the exit is marked as the workload's
-    /// end, so the report leaves it out as teardown (and notes it).
-    fn mark_teardown(&mut self, exit_t: f64) {
-        let Some(k) = teardown_start(&self.run.ticks, exit_t) else {
-            return;
-        };
-        // the report notes how many samples it left out as teardown
-        let end_t = self.run.ticks[k].t + 1e-6;
-        self.push_event(end_t, Event::End(amm_timeline::End::default()));
     }
 
     /// Analyses what was recorded and writes the report; returns where.
@@ -196,54 +174,9 @@ impl KernelRecorder {
     }
 }
 
-/// The index of the last sample before the teardown: the start of the
-/// final non-rising run of samples, or the first sample within
-/// [`TEARDOWN_WINDOW_S`] of the exit if the run began earlier; `None` when
-/// RSS fell less than [`TEARDOWN_MIN_BYTES`] from there.
-fn teardown_start(ticks: &[At<Tick>], exit_t: f64) -> Option<usize> {
-    let last = ticks.len().checked_sub(1)?;
-    let mut k = last;
-    while k > 0
-        && ticks[k - 1].process >= ticks[k].process
-        && ticks[k - 1].t >= exit_t - TEARDOWN_WINDOW_S
-    {
-        k -= 1;
-    }
-    (k < last && ticks[k].process.saturating_sub(ticks[last].process) >= TEARDOWN_MIN_BYTES)
-        .then_some(k)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tick(t: f64, mib: u64) -> At<Tick> {
-        At {
-            t,
-            attempt: 0,
-            item: Tick::rss(mib << 20),
-        }
-    }
-
-    #[test]
-    fn the_final_fall_before_the_exit_is_teardown() {
-        // a leak, then 0.6 s of freeing before the exit at 5.0 s
-        let mut ticks: Vec<At<Tick>> = (0..22).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
-        ticks.extend([tick(4.4, 100), tick(4.6, 70), tick(4.8, 52)]);
-        let k = teardown_start(&ticks, 5.0).expect("teardown");
-        assert_eq!(ticks[k].t, 4.4);
-        // a fall that began long before the exit: only its last second
-        let ticks: Vec<At<Tick>> = (0..25).map(|i| tick(i as f64 * 0.2, 200 - 4 * i)).collect();
-        let k = teardown_start(&ticks, 5.0).expect("teardown");
-        assert!((ticks[k].t - 4.0).abs() < 1e-9, "{}", ticks[k].t);
-        // still growing at the exit, or a fall under 4 MiB: no teardown
-        let ticks: Vec<At<Tick>> = (0..25).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
-        assert_eq!(teardown_start(&ticks, 5.0), None);
-        let mut ticks: Vec<At<Tick>> = (0..24).map(|i| tick(i as f64 * 0.2, 60 + i)).collect();
-        ticks.push(tick(4.8, 81));
-        assert_eq!(teardown_start(&ticks, 5.0), None);
-        assert_eq!(teardown_start(&[], 5.0), None);
-    }
 
     #[test]
     fn a_recording_becomes_a_kernel_only_report() {

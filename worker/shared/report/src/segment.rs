@@ -7,7 +7,10 @@
 //!    than [`MIN_TICKS`] ticks is folded into the next one (its effect shows
 //!    in the next one's ticks). Ticks after the workload's `end`, or after
 //!    the process exited or was killed, are the process tearing down and
-//!    are left out.
+//!    are left out; so is the final fall of memory just before an exit
+//!    that no `end` or `terminate` announced ([`teardown_start`]: a
+//!    program amm does not run frees what it held on its way out, and on a
+//!    busy machine the samples catch it).
 //! 3. **Changes of slope**: a stretch long enough is cut where two straight
 //!    lines fit its unmanaged memory (process − managed; RSS for kernel-only
 //!    runs) much better than one ([`Thresholds::split_gain`]), and the two
@@ -25,6 +28,19 @@ use crate::thresholds::Thresholds;
 
 /// Fewest ticks a phase needs to be a stretch of its own.
 pub const MIN_TICKS: usize = 3;
+
+/// How long before an unannounced exit a fall of memory counts as the
+/// process freeing everything on its way out (a worker's timeline marks
+/// this with its `end` event; a program's supervisor and `amm-agent watch`
+/// have only the exit to go by).
+pub const TEARDOWN_WINDOW_S: f64 = 1.0;
+
+/// The least fall before the exit that is left out as teardown.
+const TEARDOWN_MIN_BYTES: u64 = 4 << 20;
+
+/// A rise smaller than this between two samples of a teardown is noise
+/// (a page faulted in while the rest is freed), not growth.
+const TEARDOWN_NOISE_BYTES: u64 = 256 << 10;
 
 /// One stretch of a run: a range of its ticks.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,12 +92,24 @@ fn pieces(run: &Run) -> Vec<Piece> {
         cut: "run",
     }];
     for e in &run.events {
+        let mut t0 = e.t;
         let (label, cut) = match &e.item {
             Event::Start(_) => (Label::Startup, "attempt"),
             Event::Phase(p) => (Label::Phase(p.name.clone()), "phase"),
             // a process that ended (or was killed) tears down: its last
             // samples are not the workload freeing memory
-            Event::End(_) | Event::Terminate(_) | Event::Exit(_) => (Label::Teardown, "phase"),
+            Event::End(_) | Event::Terminate(_) => (Label::Teardown, "phase"),
+            Event::Exit(_) => {
+                // an exit nothing announced: its final fall is teardown
+                let announced = pieces
+                    .last()
+                    .is_some_and(|p| p.label == Label::Teardown && p.attempt == e.attempt);
+                if !announced {
+                    let after = pieces.last().map_or(f64::NEG_INFINITY, |p| p.t0);
+                    t0 = teardown_t(run, e.attempt, e.t).map_or(e.t, |t| t.max(after));
+                }
+                (Label::Teardown, "phase")
+            }
             _ => continue,
         };
         if matches!(e.item, Event::Start(_))
@@ -100,13 +128,66 @@ fn pieces(run: &Run) -> Vec<Piece> {
             continue; // a repeat of the same phase
         }
         pieces.push(Piece {
-            t0: e.t,
+            t0,
             attempt: e.attempt,
             label,
             cut,
         });
     }
     pieces
+}
+
+/// When the workload of attempt `attempt` ended (or it was stopped, or
+/// killed): its `end` or `terminate` event, else the start of the final
+/// fall before its exit ([`teardown_start`]), else its exit; what comes
+/// after is teardown, never a release. Infinity while it runs.
+pub fn workload_end(run: &Run, attempt: u32) -> f64 {
+    let ended = run.events.iter().find(|e| {
+        e.attempt == attempt
+            && matches!(e.item, Event::End(_) | Event::Terminate(_) | Event::Exit(_))
+    });
+    match ended {
+        Some(e) if matches!(e.item, Event::Exit(_)) => teardown_t(run, attempt, e.t).unwrap_or(e.t),
+        Some(e) => e.t,
+        None => f64::INFINITY,
+    }
+}
+
+/// When the teardown before attempt `attempt`'s exit at `exit_t` begins
+/// (just after the last sample before it), if its samples show one.
+fn teardown_t(run: &Run, attempt: u32, exit_t: f64) -> Option<f64> {
+    let end = run.ticks.partition_point(|t| t.t <= exit_t);
+    let start = run.ticks[..end]
+        .iter()
+        .rposition(|t| t.attempt != attempt)
+        .map_or(0, |i| i + 1);
+    let ticks = &run.ticks[start..end];
+    teardown_start(ticks, exit_t).map(|k| ticks[k].t + 1e-6)
+}
+
+/// The index of the last sample before a process's teardown: the start of
+/// the final run of samples where neither RSS nor the unmanaged live heap
+/// rises, or the first sample within [`TEARDOWN_WINDOW_S`] of the exit at
+/// `exit_t` if that run began earlier; `None` when neither fell at least
+/// [`TEARDOWN_MIN_BYTES`] from there. The heap counts as well as RSS
+/// because an allocator may keep what the program freed resident (then
+/// only the heap falls). Used for every exit no `end` announced
+/// (`amm-worker -- CMD`'s supervisor, `amm-agent watch`, the agent).
+pub fn teardown_start(ticks: &[At<Tick>], exit_t: f64) -> Option<usize> {
+    let last = ticks.len().checked_sub(1)?;
+    let live = |t: &At<Tick>| t.split.as_ref().map_or(0, |s| s.unmanaged_live);
+    let rises = |a: u64, b: u64| b > a.saturating_add(TEARDOWN_NOISE_BYTES);
+    let mut k = last;
+    while k > 0
+        && ticks[k - 1].t >= exit_t - TEARDOWN_WINDOW_S
+        && !rises(ticks[k - 1].process, ticks[k].process)
+        && !rises(live(&ticks[k - 1]), live(&ticks[k]))
+    {
+        k -= 1;
+    }
+    let fell = |f: &dyn Fn(&At<Tick>) -> u64| f(&ticks[k]).saturating_sub(f(&ticks[last]));
+    let fall = fell(&|t| t.process).max(fell(&live));
+    (k < last && fall >= TEARDOWN_MIN_BYTES).then_some(k)
 }
 
 /// The ticks of each piece.
@@ -352,6 +433,75 @@ mod tests {
         assert_eq!(s[0].range, 0..21);
         assert_eq!(s[1].phases, vec!["after"]);
         assert_eq!(s[1].range, 21..35, "teardown ticks are left out");
+    }
+
+    fn rss(t: f64, mib: u64) -> At<Tick> {
+        At {
+            t,
+            attempt: 0,
+            item: Tick::rss(mib << 20),
+        }
+    }
+
+    #[test]
+    fn the_final_fall_before_an_exit_is_teardown() {
+        // a leak, then 0.6 s of freeing before the exit at 5.0 s
+        let mut ticks: Vec<At<Tick>> = (0..22).map(|i| rss(i as f64 * 0.2, 60 + i)).collect();
+        ticks.extend([rss(4.4, 100), rss(4.6, 70), rss(4.8, 52)]);
+        let k = teardown_start(&ticks, 5.0).expect("teardown");
+        assert_eq!(ticks[k].t, 4.4);
+        // a fall that began long before the exit: only its last second
+        let ticks: Vec<At<Tick>> = (0..25).map(|i| rss(i as f64 * 0.2, 200 - 4 * i)).collect();
+        let k = teardown_start(&ticks, 5.0).expect("teardown");
+        assert!((ticks[k].t - 4.0).abs() < 1e-9, "{}", ticks[k].t);
+        // still growing at the exit, or a fall under 4 MiB: no teardown
+        let ticks: Vec<At<Tick>> = (0..25).map(|i| rss(i as f64 * 0.2, 60 + i)).collect();
+        assert_eq!(teardown_start(&ticks, 5.0), None);
+        let mut ticks: Vec<At<Tick>> = (0..24).map(|i| rss(i as f64 * 0.2, 60 + i)).collect();
+        ticks.push(rss(4.8, 81));
+        assert_eq!(teardown_start(&ticks, 5.0), None);
+        assert_eq!(teardown_start(&[], 5.0), None);
+    }
+
+    /// An allocator that keeps what the program freed on its way out
+    /// (jemalloc's dirty pages) shows the teardown in the heap, not in RSS;
+    /// a page faulted in meanwhile does not hide it.
+    #[test]
+    fn a_teardown_the_allocator_keeps_resident_is_teardown() {
+        let mib = 1u64 << 20;
+        let mut ticks: Vec<At<Tick>> = (0..20).map(|i| tick(i as f64 * 0.2, i * 4 * mib)).collect();
+        for (t, live, extra) in [(4.0, 76, 0), (4.2, 20, 4096), (4.4, 4, 8192)] {
+            let mut a = tick(t, live * mib);
+            // RSS stays: the freed pages are the allocator's now
+            a.item.process = (100 + 76) * mib + extra;
+            ticks.push(a);
+        }
+        // from the top (76 MiB at 3.8 s and 4.0 s) on
+        let k = teardown_start(&ticks, 4.5).expect("teardown");
+        assert_eq!(k, 19);
+    }
+
+    /// `amm-worker -- CMD`: the exit event is all the supervisor writes;
+    /// the leak's stretch ends where the final fall begins, and an exit
+    /// after an `end` keeps the workload's own end.
+    #[test]
+    fn an_unannounced_exit_leaves_the_final_fall_out() {
+        let mib = 1u64 << 20;
+        let mut ticks: Vec<At<Tick>> = (0..40).map(|i| tick(i as f64 * 0.2, i * 4 * mib)).collect();
+        ticks.extend([
+            tick(8.0, 156 * mib),
+            tick(8.2, 90 * mib),
+            tick(8.4, 2 * mib),
+        ]);
+        let exit = Event::Exit(amm_timeline::Exit::default());
+        let r = run(ticks.clone(), vec![(8.5, exit.clone())]);
+        let s = segment(&r, &Thresholds::default());
+        assert_eq!(s.len(), 1, "{s:?}");
+        // from the top (156 MiB at 7.8 s and 8.0 s) on
+        assert_eq!(s[0].range, 0..40, "the final fall is teardown");
+        let r = run(ticks, vec![(7.0, Event::End(End::default())), (8.5, exit)]);
+        let s = segment(&r, &Thresholds::default());
+        assert_eq!(s[0].range, 0..35, "the workload's end stays where it was");
     }
 
     #[test]

@@ -449,17 +449,9 @@ impl Ctx<'_> {
 
     /// The time the workload of this stretch's attempt ended (or the process
     /// was stopped, or killed): what comes after is teardown, never a
-    /// release.
+    /// release ([`segment::workload_end`]).
     fn workload_end(&self) -> f64 {
-        let a = self.span().attempt;
-        self.run
-            .events
-            .iter()
-            .find(|e| {
-                e.attempt == a
-                    && matches!(e.item, Event::End(_) | Event::Terminate(_) | Event::Exit(_))
-            })
-            .map_or(f64::INFINITY, |e| e.t)
+        segment::workload_end(self.run, self.span().attempt)
     }
 
     /// The first later tick of the same attempt, before the workload ended,

@@ -348,6 +348,107 @@ fn a_programs_cache_filled_in_steps_is_a_bounded_cache() {
     );
 }
 
+/// Issue 10 §5 on a real program under load: a numpy job under
+/// `amm-worker -- CMD` (glibc) that keeps 4 MiB arrays in a module-level
+/// list, recorded while 13 other programs ran: (ms, RSS KiB, live heap KiB,
+/// hoarded KiB). The interpreter frees the list on its way out; two samples
+/// caught that fall before the exit at 14.089 s.
+const PROGRAM_LEAK_FREED_AT_EXIT: &[(u64, u64, u64, u64)] = &[
+    (326, 10456, 4, 27),
+    (504, 12148, 861, 50),
+    (731, 17688, 1371, 4),
+    (928, 20664, 1463, 0),
+    (1156, 21424, 2006, 13),
+    (1359, 22368, 2179, 0),
+    (1567, 23376, 2725, 38),
+    (1785, 24240, 3124, 15),
+    (2000, 25384, 3467, 25),
+    (2220, 26160, 3595, 24),
+    (2422, 27336, 4148, 75),
+    (2623, 32076, 8394, 133),
+    (2828, 32088, 12494, 133),
+    (3031, 36176, 12494, 133),
+    (3246, 40276, 16594, 133),
+    (3464, 44020, 20695, 72),
+    (3666, 44316, 20695, 72),
+    (3873, 48416, 24795, 72),
+    (4076, 52516, 28895, 72),
+    (4277, 52548, 32995, 72),
+    (4485, 56616, 35047, 72),
+    (4693, 60716, 37095, 72),
+    (4899, 64824, 41198, 77),
+    (5111, 64868, 45298, 77),
+    (5320, 68924, 45298, 77),
+    (5525, 73024, 49398, 77),
+    (5740, 77124, 49398, 77),
+    (5944, 77180, 53498, 77),
+    (6159, 81224, 57598, 77),
+    (6372, 85324, 61698, 77),
+    (6592, 89424, 65798, 77),
+    (6807, 93524, 65798, 77),
+    (7031, 97624, 73998, 77),
+    (7247, 101724, 80150, 77),
+    (7455, 101804, 78098, 77),
+    (7671, 105824, 82198, 77),
+    (7884, 109924, 86299, 76),
+    (8093, 114024, 90399, 76),
+    (8299, 114116, 90399, 76),
+    (8507, 118124, 94499, 76),
+    (8712, 122224, 98599, 76),
+    (8925, 126324, 98599, 76),
+    (9144, 126428, 102699, 76),
+    (9364, 130424, 106799, 76),
+    (9565, 134524, 110899, 76),
+    (9773, 138624, 114999, 76),
+    (9980, 142724, 114999, 76),
+    (10197, 146828, 119100, 79),
+    (10407, 146952, 123200, 79),
+    (10617, 150928, 127300, 79),
+    (10833, 155028, 131400, 79),
+    (11054, 159128, 135500, 79),
+    (11283, 163228, 141652, 79),
+    (11484, 163368, 139600, 79),
+    (11686, 167328, 143700, 79),
+    (11887, 167328, 143700, 79),
+    (12091, 171428, 147800, 79),
+    (12307, 175532, 151900, 79),
+    (12527, 175528, 151901, 78),
+    (12728, 179628, 156001, 78),
+    (12936, 183728, 160101, 78),
+    (13142, 187828, 164201, 78),
+    (13347, 191928, 170353, 78),
+    (13591, 172348, 168276, 103),
+    (13806, 27936, 4264, 115),
+    (14025, 26972, 2340, 1075),
+];
+
+/// The supervisor writes only the exit: the final fall before it is the
+/// process tearing down (as `amm-agent watch` has it), so the list is a
+/// leak, not "data held for a while" freed at 13.8 s.
+#[test]
+fn a_programs_leak_freed_on_its_way_out_is_a_leak() {
+    let mut r = worker_run_with(&[]);
+    for &(t_ms, rss_kib, live_kib, hoarded_kib) in PROGRAM_LEAK_FREED_AT_EXIT {
+        let (p, u) = (rss_kib << 10, live_kib << 10);
+        r.push_tick(
+            t_ms as f64 / 1000.0,
+            Tick {
+                process: p,
+                split: Some(Split::of(p, 0, u, u + (hoarded_kib << 10))),
+                ..Tick::default()
+            },
+        );
+    }
+    r.push_event(14.089, Event::Exit(amm_timeline::Exit::default()));
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Leak, "{}", rep.verdict.headline);
+    assert!(
+        rep.run.notes.iter().any(|n| n.contains("tearing down")),
+        "the teardown left out is said: {:?}",
+        rep.run.notes
+    );
+}
+
 /// Issue 10 §5: a staircase that leaked 384 MiB was reported as 458 MiB,
 /// and its steps above the fitted line as "task temporaries ... returned
 /// each time".
