@@ -235,7 +235,7 @@ impl Session<'_> {
     /// record) for the reports.
     fn sample(&mut self) {
         for (pid, w) in self.watched.iter_mut() {
-            let snap = w.record.read();
+            let snap = w.record.read_or_recent(amm_record::STAND_IN);
             if let Some(said) = w.record.notice() {
                 eprintln!("{said}");
             }

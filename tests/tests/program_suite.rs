@@ -250,6 +250,29 @@ fn c_one_survivor_in_64_is_fragmentation_no_purge_returns() {
 }
 
 #[test]
+fn c_cache_that_plateaus_is_a_bounded_cache() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let exe = labelled(dir.path());
+    for p in Preload::BOTH {
+        let what = format!("C cache on {}", p.allocator().name());
+        // 100 MiB of 1 KiB objects in steps of 4 MiB every 200 ms, then
+        // flat for 10 s while the same work (temporaries) goes on
+        let r = run_case(
+            dir.path(),
+            p,
+            Own::Defaults,
+            "1GiB",
+            &[exe.as_path(), Path::new("cache")],
+        );
+        no_leak(&r, &what);
+        assert_eq!(verdict(&r), "bounded_cache", "{what}: {}", r["verdict"]);
+        let f = finding(&r, "bounded_cache");
+        // sized by what it reached, wherever the stretches were cut
+        assert!(u(f, "bytes") >= 80 * MIB, "{what}: cache sized {f}");
+    }
+}
+
+#[test]
 fn c_task_temporaries_are_transient() {
     let dir = tempfile::tempdir().expect("tmp");
     let exe = labelled(dir.path());

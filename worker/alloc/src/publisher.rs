@@ -264,6 +264,13 @@ impl Publisher {
             self.record_purge(reason, request, PurgeOutcome::default());
             return;
         };
+        if allocator == Allocator::System {
+            // what is live now, not at the last mallinfo2: a free of many
+            // chunks since then would read as still live, and the hoard
+            // the trim is about as smaller than what it returns
+            self.glibc.expire();
+            self.refresh_glibc();
+        }
         let hoarded_before = self.purgeable();
         let rss_before = rss_bytes().unwrap_or(0);
         let (cost, result) = release_hoard(allocator);

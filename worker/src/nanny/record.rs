@@ -101,7 +101,7 @@ impl ProgramRecord {
         if self.warming_up() {
             self.follower.look_now();
         }
-        let snap = self.follower.read();
+        let snap = self.follower.read_or_recent(amm_record::STAND_IN);
         if let Some(said) = self.follower.notice() {
             tracing::info!("{said}");
         }

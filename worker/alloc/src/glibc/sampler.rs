@@ -4,9 +4,16 @@
 //! ([`super::counted`], amm-worker): the counts, and the arenas' residency
 //! with `mincore` over ranges kept from the last `/proc/self/maps` scan.
 //! The expensive parts are read only as often as keeps each of them under
-//! a share of one CPU ([`Sampler::new`]'s `budget`, of both its CPU and its
-//! wall time, since `mallinfo2` and `malloc_info` hold the arenas' locks
-//! while they walk the free chunks):
+//! a share of one CPU ([`Sampler::new`]'s `budget`, of the CPU time the
+//! read took: `mallinfo2` and `malloc_info` hold the arenas' locks while
+//! they walk the free chunks, for as long as the walk's CPU time unless the
+//! scheduler preempts the reader. Its wall time is not the read's cost: on
+//! a busy machine a 20 µs walk took milliseconds of wall time, its next
+//! read was put off by a thousand times that, so the live bytes of a
+//! program on the glibc preload were always about [`UNCOUNTED_MAX_AGE`]
+//! old, while the arenas' residency was read fresh every tick: what a fill
+//! added in the last second read as hoarded, what a free returned still
+//! read as live):
 //!
 //! - `mallinfo2`: the free-chunk numbers (`fordblks`, `ordblks`,
 //!   `keepcost`, ...) and, when nothing counts, the live bytes; when
@@ -64,11 +71,10 @@ impl Due {
     }
 
     /// Schedules the next run after one that began at `began` and cost
-    /// `cpu_ns` of CPU, so it takes at most `budget` of one CPU (and of
-    /// the wall clock), and never sooner than `floor`.
+    /// `cpu_ns` of CPU, so it takes at most `budget` of one CPU, and never
+    /// sooner than `floor` (see the module docs for why not its wall time).
     fn after(&mut self, began: Instant, cpu_ns: u64, budget: f64, floor: Duration) {
-        let cost = (cpu_ns as f64 / 1e9).max(began.elapsed().as_secs_f64());
-        self.0 = Some(began + budgeted(cost, budget, floor));
+        self.0 = Some(began + budgeted(cpu_ns as f64 / 1e9, budget, floor));
     }
 }
 
@@ -81,6 +87,18 @@ pub fn budgeted(secs: f64, budget: f64, floor: Duration) -> Duration {
         Duration::from_secs(3600)
     };
     gap.max(floor)
+}
+
+/// Whether a read measures the arenas' residency: always where the live
+/// bytes are counted (they are as fresh), else only with a `mallinfo2`
+/// (their only source there) or when it was never measured, so the hoard a
+/// tick shows (resident less live) is of one moment. Measured every tick
+/// against a `mallinfo2` up to a second old, what a fill added since read
+/// as hoarded (a 100 MiB cache on the glibc preload showed 4–16 MiB of
+/// "free chunks" while it filled under load, and the report said
+/// "undecided" over it).
+fn residency_due(mallinfo_read: bool, counted: bool, never: bool) -> bool {
+    mallinfo_read || counted || never
 }
 
 /// What the counts miss: `mallinfo2` less the counts, from the last quiet
@@ -161,11 +179,18 @@ impl Sampler {
     /// they are due.
     pub fn stats(&mut self, detail: Detail) -> io::Result<GlibcStats> {
         let now = Instant::now();
-        if self.next_mallinfo.now(now) || self.live_too_old(now) {
+        let mallinfo = self.next_mallinfo.now(now) || self.live_too_old(now);
+        if mallinfo {
             self.read_mallinfo(now);
         }
         self.scan_heaps(now)?;
-        self.measure_residency();
+        if residency_due(
+            mallinfo,
+            counted::totals().is_some(),
+            self.residency.is_empty(),
+        ) {
+            self.measure_residency();
+        }
         if detail == Detail::Full && self.next_info.now(now) {
             let cpu = amm_record::sys::thread_cpu_ns();
             self.arenas = super::parse_malloc_info(&super::malloc_info_xml()?);
@@ -208,7 +233,6 @@ impl Sampler {
         let cost = amm_record::sys::thread_cpu_ns().saturating_sub(cpu);
         self.next_scan
             .after(now, cost, self.budget, self.floor.min(HEAP_RESCAN));
-        // CPU only: waiting for the mmap lock costs the process nothing
         let gap = budgeted(cost as f64 / 1e9, MISSING_HEAPS_BUDGET, self.floor);
         self.next_missing_scan = Due(Some(now + gap));
         match scanned {
@@ -334,6 +358,29 @@ mod tests {
         assert_eq!((u.quiet_reads, u.busy_reads), (1, 1));
         u.update(&read(0, 0), During::Uncounted);
         assert_eq!((u.arena, u.mmapped), (300_000, 0));
+    }
+
+    #[test]
+    fn where_nothing_counts_residency_is_measured_with_mallinfo_only() {
+        // nothing counts: only with a mallinfo2, or the first time
+        assert!(residency_due(true, false, false));
+        assert!(!residency_due(false, false, false));
+        assert!(residency_due(false, false, true));
+        // counted live bytes are fresh every tick: so is the residency
+        assert!(residency_due(false, true, false));
+    }
+
+    /// A read that only waited for the CPU is not a costly read: the next
+    /// one is due after the CPU it took over the budget, whatever the wall
+    /// time (a busy machine's preemption put it off a thousand times).
+    #[test]
+    fn the_budget_counts_cpu_time_not_waiting() {
+        let floor = Duration::from_millis(100);
+        let began = Instant::now() - Duration::from_millis(50);
+        let mut due = Due::default();
+        // 20 µs of CPU in 50 ms of wall time
+        due.after(began, 20_000, DEFAULT_BUDGET, floor);
+        assert!(due.0.is_some_and(|t| t <= began + floor));
     }
 
     #[test]

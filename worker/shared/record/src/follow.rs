@@ -24,6 +24,10 @@ pub const STUCK_BACKOFF: Duration = Duration::from_secs(5);
 /// Stuck reads in a row after which the follower stops reading the record.
 pub const STUCK_LIMIT: u32 = 3;
 
+/// How old the last fresh read may be to stand in for a read that gave
+/// nothing while the record stays open ([`Follower::read_or_recent`]).
+pub const STAND_IN: Duration = Duration::from_secs(1);
+
 /// Follows the record of one task.
 #[derive(Debug)]
 pub struct Follower {
@@ -94,6 +98,22 @@ impl Follower {
                 None
             }
         }
+    }
+
+    /// [`Follower::read`], or, when that gives nothing while the record
+    /// stays open (a publisher late on a busy machine: no publication for
+    /// three intervals), the last fresh read if it is at most `max_age`
+    /// old ([`STAND_IN`] for the callers' ticks). Its age says how old it
+    /// is. Without it, one late publication left a tick without the
+    /// allocator's numbers, and the report judged that whole stretch from
+    /// kernel data. A record left alone (stuck, refused, given up) has no
+    /// stand-in.
+    pub fn read_or_recent(&mut self, max_age: Duration) -> Option<Snapshot> {
+        if let Some(s) = self.read() {
+            return Some(s);
+        }
+        let open = self.reader.is_some() && !self.gave_up;
+        self.last.filter(|s| open && s.age() <= max_age)
     }
 
     /// Looks for the record at the next read even if the last look was
@@ -196,5 +216,40 @@ impl Follower {
                 STUCK_BACKOFF.as_secs()
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Allocator, Stats, Writer};
+
+    /// A publisher that stops publishing for a while (preempted on a busy
+    /// machine) makes the next read stale; the last fresh read stands in
+    /// while it is young enough, its own publication time kept.
+    #[test]
+    fn a_late_publisher_leaves_a_recent_read_standing_in() {
+        let interval = Duration::from_millis(1);
+        let mut w = Writer::create(Some(Allocator::System), interval).expect("writer");
+        let mut stats = Stats::default();
+        stats.publication.count = 1;
+        stats.publication.mono_ns = crate::sys::monotonic_ns();
+        w.publish(&stats);
+        let me = Task::of(std::process::id() as i32).expect("this process");
+        let mut f = Follower::new(me.pid, me.start_time, Access::Read);
+        let first = f.read().expect("a fresh read");
+        // past three intervals and 100 ms: the record is stale now
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(f.read().is_none(), "a stale read is not a fresh one");
+        let s = f
+            .read_or_recent(Duration::from_secs(3600))
+            .expect("the last fresh read stands in");
+        assert_eq!(s.stats.publication.mono_ns, first.stats.publication.mono_ns);
+        assert!(s.age() >= Duration::from_millis(150), "its age is its own");
+        assert!(
+            f.read_or_recent(Duration::from_millis(10)).is_none(),
+            "too old to stand in"
+        );
+        drop(w);
     }
 }

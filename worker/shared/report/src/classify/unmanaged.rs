@@ -270,38 +270,51 @@ impl Ctx<'_> {
     }
 
     /// Growth that stops while the same work goes on is a cache of the size
-    /// it reached, not a leak: the floor is flat at its end (in this stretch,
-    /// then in the stretches of the same phases that follow) for at least
-    /// the leak window and at least as long as it rose.
+    /// it reached, not a leak: from some tick on, `unmanaged_live` never
+    /// falls below its final floor (less half of what counts) again and
+    /// its floor stays flat (within what counts), in this stretch and then
+    /// in the stretches of the same phases that follow, for at least the
+    /// leak window and at least as long as it rose.
+    ///
+    /// Where the rise stops is found at the resolution of ticks, not of
+    /// the stretch's cut nor of its floor bins: on a busy machine the cut
+    /// between the rise and the plateau falls a few ticks early or late
+    /// (the two lines' best fit; an allocator record that lags RSS), so the
+    /// rise may end in the next stretch, at no more than its own pace.
     fn bounded_cache(&self, st: &Stats, j: &Judged) -> Option<Finding> {
         let tr = &j.fit.trend;
         let sig = st.sig as f64;
-        let last = tr.floor.last()?.1 as f64;
-        // the trailing floor bins within what counts of the last one
-        let flat = tr
-            .floor
+        let pts = self.continued_points();
+        let plateau = fit::floor_points(&pts, self.th.floor_bins).last()?.1;
+        // the last tick below the plateau's band ends the rise (a point
+        // above it is a temporary, not growth); never below: no rise
+        let k = pts.iter().rposition(|p| p.1 < plateau - sig / 2.0)?;
+        let flat_from = pts.get(k + 1)?.0;
+        let flat_until = pts.last()?.0;
+        let floor = fit::floor_points(&pts[k + 1..], self.th.floor_bins);
+        let (lo, hi) = floor
             .iter()
-            .rposition(|p| (p.1 as f64 - last).abs() > sig / 2.0)
-            .map_or(0, |k| k + 1);
-        if flat == 0 {
-            return None; // flat throughout: not a rise
-        }
-        let flat_from = tr.floor.get(flat).map_or(tr.to_s, |p| p.0);
-        // where this stretch's rise ends: its line, but never above what was seen
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+                (a.0.min(p.1), a.1.max(p.1))
+            });
+        // where this stretch's rise ends: its line, never above what was seen
         let top = st.s.unmanaged.iter().copied().max().unwrap_or(0) as f64;
-        let end = j.fit.line.at(tr.to_s).min(top).max(last);
-        // the cut falls between two ticks: the next stretch may begin one
-        // tick's growth higher (a fill in steps of one tick, as a program's
-        // cache fills, puts its last step there)
-        let one_tick = (j.fit.line.slope * tick_interval(&st.s.t)).max(0.0);
-        let flat_until = self
-            .flat_after(last - sig, end + sig + one_tick, sig)
-            .unwrap_or(tr.to_s);
+        let end = j.fit.line.at(tr.to_s).min(top);
+        // past this stretch the rise may go on at its own pace until it
+        // stops, and one tick's more: the cut falls between two ticks, and
+        // the record a tick carries is up to an interval older than its RSS
+        let pace = j.fit.line.slope.max(0.0);
+        let more = pace * ((flat_from - tr.to_s).max(0.0) + tick_interval(&st.s.t));
         let (rose_s, flat_s) = (flat_from - tr.from_s, flat_until - flat_from);
-        if flat_s < self.th.leak_min_window_s.max(rose_s) {
+        if hi - lo > sig
+            || plateau < end - sig
+            || plateau > end + sig + more
+            || flat_s < self.th.leak_min_window_s.max(rose_s)
+        {
             return None;
         }
-        let size = j.growth.max(0) as u64;
+        // the size it reached: from the floor where the rise began
+        let size = (plateau - tr.floor.first()?.1 as f64).max(0.0) as u64;
         let mut f = Finding::new(
             Kind::BoundedCache,
             size,
@@ -320,37 +333,21 @@ impl Ctx<'_> {
         Some(f)
     }
 
-    /// Until when the floor of `unmanaged_live` stays flat (within `sig`)
-    /// between `lo` and `hi` in the stretches right after this one that run
-    /// the same phases of the same attempt (cut only at a change of slope).
-    fn flat_after(&self, lo: f64, hi: f64, sig: f64) -> Option<f64> {
+    /// `unmanaged_live` in this stretch, then in the stretches right after
+    /// it that run the same phases of the same attempt (cut only at a
+    /// change of slope), until the workload ended.
+    fn continued_points(&self) -> Vec<(f64, f64)> {
         let me = self.span();
         let end = self.workload_end();
-        let mut until = None;
-        for next in &self.spans[self.index + 1..] {
-            if next.attempt != me.attempt || next.phases != me.phases {
-                break;
-            }
-            let pts: Vec<(f64, f64)> = self.run.ticks[next.range.clone()]
-                .iter()
-                .filter(|t| t.t < end)
-                .filter_map(|t| unmanaged_of(t).map(|u| (t.t, u as f64)))
-                .collect();
-            let floor: Vec<f64> = fit::floor_points(&pts, self.th.floor_bins)
-                .into_iter()
-                .map(|p| p.1)
-                .collect();
-            let (min, max) = floor
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |a, &v| {
-                    (a.0.min(v), a.1.max(v))
-                });
-            if floor.is_empty() || min < lo || max > hi || max - min > sig {
-                break;
-            }
-            until = pts.last().map(|p| p.0);
-        }
-        until
+        let same = self.spans[self.index + 1..]
+            .iter()
+            .take_while(|s| s.attempt == me.attempt && s.phases == me.phases);
+        std::iter::once(me)
+            .chain(same)
+            .flat_map(|s| &self.run.ticks[s.range.clone()])
+            .filter(|t| t.t < end)
+            .filter_map(|t| unmanaged_of(t).map(|u| (t.t, u as f64)))
+            .collect()
     }
 
     /// What rose above the floor and fell back (merged into `held`, data
