@@ -8,7 +8,7 @@
  *   labelled hoard        fills 160 MiB of 32 KiB objects, frees all but the
  *                         last (the allocator keeps the freed memory), holds
  *                         3 s, then maps 112 MiB of other memory (pressure),
- *                         holds 4 s
+ *                         holds 4 s, unmaps it, runs 1.5 s more
  *   labelled fragment     fills 96 MiB of 48-byte objects, frees 63 of every
  *                         64 (a survivor on every page), holds 5 s
  *   labelled cache        fills a cache of 1 KiB objects, 4 MiB every 200 ms
@@ -75,6 +75,9 @@ static void pressure(long hold_ms) {
     memset(m, 1, len);
     sleep_ms(hold_ms);
     munmap(m, len);
+    /* goes on a while without it, as a worker would: a release right before
+     * the exit could not be told from the process tearing down */
+    sleep_ms(1500);
 }
 
 int main(int argc, char **argv) {

@@ -51,7 +51,8 @@ pub struct Span {
     pub phases: Vec<String>,
     /// The attempt.
     pub attempt: u32,
-    /// Why it starts where it does: `run`, `attempt`, `phase`, `slope change`.
+    /// Why it starts where it does: `run`, `attempt`, `phase`, `slope
+    /// change`, `record` (the allocator's record appeared).
     pub cut: &'static str,
 }
 
@@ -73,7 +74,7 @@ enum Label {
 /// Cuts `run` into stretches (see the module docs).
 pub fn segment(run: &Run, th: &Thresholds) -> Vec<Span> {
     let pieces = pieces(run);
-    let spans = fold_short(tick_ranges(run, &pieces));
+    let spans = before_record(run, fold_short(tick_ranges(run, &pieces)));
     // cut at changes of slope
     let mut out = Vec::new();
     for s in spans {
@@ -135,6 +136,50 @@ fn pieces(run: &Run) -> Vec<Piece> {
         });
     }
     pieces
+}
+
+/// Leaves out a stretch's first samples when they lack the allocator's
+/// numbers and every later sample of it has them: `amm-agent watch`
+/// samples RSS from the start, and the program's record appears within its
+/// first publication interval. Judged with them, the whole stretch was
+/// judged from kernel data alone (a leak read "undecided"). A prefix of
+/// [`MIN_TICKS`] samples or more is a stretch of its own.
+fn before_record(run: &Run, spans: Vec<Span>) -> Vec<Span> {
+    let mut out = Vec::with_capacity(spans.len());
+    for s in spans {
+        let ticks = &run.ticks[s.range.clone()];
+        let k = ticks.iter().position(|t| t.split.is_some()).unwrap_or(0);
+        if k == 0 || ticks[k..].iter().any(|t| t.split.is_none()) {
+            out.push(s);
+            continue;
+        }
+        let mid = s.range.start + k;
+        if k >= MIN_TICKS {
+            out.push(Span {
+                range: s.range.start..mid,
+                ..s.clone()
+            });
+        }
+        out.push(Span {
+            range: mid..s.range.end,
+            cut: if k >= MIN_TICKS { "record" } else { s.cut },
+            ..s
+        });
+    }
+    out
+}
+
+/// Whether tick `i` is a kernel-only sample taken before its attempt's
+/// allocator record appeared (left out of a stretch by [`segment`]).
+pub fn before_the_record(run: &Run, i: usize) -> bool {
+    let Some(t) = run.ticks.get(i) else {
+        return false;
+    };
+    t.split.is_none()
+        && run.ticks[i + 1..]
+            .iter()
+            .take_while(|n| n.attempt == t.attempt)
+            .any(|n| n.split.is_some())
 }
 
 /// When the workload of attempt `attempt` ended (or it was stopped, or

@@ -219,12 +219,23 @@ fn run_info(run: &Run, spans: &[Span], probe_count: usize, killed: Vec<Killed>) 
         }
     }
     hits.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
-    let analysed: usize = spans.iter().map(|s| s.range.len()).sum();
     let mut notes = run.notes.clone();
-    if analysed < run.ticks.len() {
+    let left_out: Vec<usize> = (0..run.ticks.len())
+        .filter(|&i| !spans.iter().any(|s| s.range.contains(&i)))
+        .collect();
+    let early = left_out
+        .iter()
+        .filter(|&&i| segment::before_the_record(run, i))
+        .count();
+    if early > 0 {
+        notes.push(format!(
+            "{early} kernel-only sample(s) before the allocator's record appeared are not analysed"
+        ));
+    }
+    if left_out.len() > early {
         notes.push(format!(
             "{} sample(s) after the workload ended (the process tearing down) are not analysed",
-            run.ticks.len() - analysed
+            left_out.len() - early
         ));
     }
     RunInfo {

@@ -1013,3 +1013,42 @@ fn a_brief_spike_does_not_outweigh_the_slack_a_run_keeps() {
         rep.verdict.headline
     );
 }
+
+/// `amm-agent watch` samples RSS from the start; the program's allocator
+/// record appears a publication interval later. Those first kernel-only
+/// samples must not make the stretch a kernel-only one.
+#[test]
+fn kernel_samples_before_the_record_appeared_do_not_hide_a_leak() {
+    let mut r = Run::kernel(Some(1 << 30), Levels::dask(1 << 30));
+    for i in 0..50 {
+        let t = i as f64 * 0.2;
+        let live = (10 + 4 * i) * MIB;
+        let p = live + 20 * MIB;
+        let tick = if i < 2 {
+            Tick {
+                process: p,
+                rss_anon: Some(p),
+                rss_file_shmem: Some(0),
+                ..Tick::default()
+            }
+        } else {
+            Tick {
+                process: p,
+                split: Some(Split::of(p, 0, live, live + MIB)),
+                heap: Some(Heap::System(amm_timeline::GlibcStats::default())),
+                ..Tick::default()
+            }
+        };
+        r.push_tick(t, tick);
+    }
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Leak, "{}", rep.verdict.headline);
+    assert!(
+        rep.run
+            .notes
+            .iter()
+            .any(|n| n.starts_with("2 kernel-only sample(s)")),
+        "{:?}",
+        rep.run.notes
+    );
+}
