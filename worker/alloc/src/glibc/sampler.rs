@@ -180,16 +180,16 @@ impl Sampler {
     pub fn stats(&mut self, detail: Detail) -> io::Result<GlibcStats> {
         let now = Instant::now();
         let mallinfo = self.next_mallinfo.now(now) || self.live_too_old(now);
+        self.scan_heaps(now)?;
+        // residency first: a fill while the reader is preempted between the
+        // two then reads as live memory not yet resident (no hoard), a free
+        // as the hoard it is, never as a hoard that is not there
+        let counted = counted::totals().is_some();
+        if residency_due(mallinfo, counted, self.residency.is_empty()) {
+            self.measure_residency();
+        }
         if mallinfo {
             self.read_mallinfo(now);
-        }
-        self.scan_heaps(now)?;
-        if residency_due(
-            mallinfo,
-            counted::totals().is_some(),
-            self.residency.is_empty(),
-        ) {
-            self.measure_residency();
         }
         if detail == Detail::Full && self.next_info.now(now) {
             let cpu = amm_record::sys::thread_cpu_ns();

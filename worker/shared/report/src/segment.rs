@@ -139,7 +139,7 @@ fn pieces(run: &Run) -> Vec<Piece> {
 }
 
 /// Leaves out a stretch's first samples when they lack the allocator's
-/// numbers and every later sample of it has them: `amm-agent watch`
+/// numbers and later samples of it have them: `amm-agent watch`
 /// samples RSS from the start, and the program's record appears within its
 /// first publication interval. Judged with them, the whole stretch was
 /// judged from kernel data alone (a leak read "undecided"). A prefix of
@@ -149,7 +149,7 @@ fn before_record(run: &Run, spans: Vec<Span>) -> Vec<Span> {
     for s in spans {
         let ticks = &run.ticks[s.range.clone()];
         let k = ticks.iter().position(|t| t.split.is_some()).unwrap_or(0);
-        if k == 0 || ticks[k..].iter().any(|t| t.split.is_none()) {
+        if k == 0 {
             out.push(s);
             continue;
         }

@@ -1024,7 +1024,9 @@ fn kernel_samples_before_the_record_appeared_do_not_hide_a_leak() {
         let t = i as f64 * 0.2;
         let live = (10 + 4 * i) * MIB;
         let p = live + 20 * MIB;
-        let tick = if i < 2 {
+        // two samples before the record appeared, one while its publisher
+        // was starved
+        let tick = if i < 2 || i == 30 {
             Tick {
                 process: p,
                 rss_anon: Some(p),
