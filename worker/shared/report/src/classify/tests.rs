@@ -524,6 +524,7 @@ const CACHE_NOT_CUT: &[(u64, u64, u64, u64)] = &[
     (17970, 112916, 103536, 5287),
     (18177, 112932, 103552, 5287),
 ];
+
 /// A run of (ms, RSS KiB, live heap KiB, hoarded KiB) ticks of a program
 /// under `amm-worker -- CMD`, ended by its exit at `exit_s`.
 fn program_run(ticks: &[(u64, u64, u64, u64)], exit_s: f64) -> Run {
@@ -658,19 +659,7 @@ const PROGRAM_LEAK_FREED_AT_EXIT: &[(u64, u64, u64, u64)] = &[
 /// leak, not "data held for a while" freed at 13.8 s.
 #[test]
 fn a_programs_leak_freed_on_its_way_out_is_a_leak() {
-    let mut r = worker_run_with(&[]);
-    for &(t_ms, rss_kib, live_kib, hoarded_kib) in PROGRAM_LEAK_FREED_AT_EXIT {
-        let (p, u) = (rss_kib << 10, live_kib << 10);
-        r.push_tick(
-            t_ms as f64 / 1000.0,
-            Tick {
-                process: p,
-                split: Some(Split::of(p, 0, u, u + (hoarded_kib << 10))),
-                ..Tick::default()
-            },
-        );
-    }
-    r.push_event(14.089, Event::Exit(amm_timeline::Exit::default()));
+    let r = program_run(PROGRAM_LEAK_FREED_AT_EXIT, 14.089);
     let rep = analyze(&r, &Thresholds::default());
     assert_eq!(rep.verdict.kind, Kind::Leak, "{}", rep.verdict.headline);
     assert!(
