@@ -87,16 +87,20 @@ pub enum Workload {
     Mix,
     /// Many small NumPy arrays built and dropped: what stays after release.
     Churn,
+    /// Managed results past the spill threshold (1.5 x the limit, kept)
+    /// while tasks keep running: how a spill holds the event loop.
+    Spill,
 }
 
 impl Workload {
     /// Every workload, in table order.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Spike,
         Workload::Matmul,
         Workload::Sparse,
         Workload::Mix,
         Workload::Churn,
+        Workload::Spill,
     ];
 
     /// Its name on the command line and in the results.
@@ -107,6 +111,7 @@ impl Workload {
             Workload::Sparse => "sparse",
             Workload::Mix => "mix",
             Workload::Churn => "churn",
+            Workload::Spill => "spill",
         }
     }
 }
@@ -141,11 +146,36 @@ impl Mode {
     }
 }
 
+/// How amm_dask spills without holding the event loop (its `amm.spill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SpillMode {
+    /// Evict one value at a time on the event loop, yielding after each.
+    Incremental,
+    /// Evict on a spill thread, under zict's locks, while the loop serves.
+    Thread,
+}
+
+impl SpillMode {
+    /// Every spill mode, in table order.
+    pub const ALL: [SpillMode; 2] = [SpillMode::Incremental, SpillMode::Thread];
+
+    /// Its name on the command line, in amm_dask's config and in the results.
+    pub fn name(self) -> &'static str {
+        match self {
+            SpillMode::Incremental => "incremental",
+            SpillMode::Thread => "thread",
+        }
+    }
+}
+
 /// One trial's settings.
 #[derive(Debug, Clone)]
 pub struct TrialConfig {
     /// Plain Dask or with amm_dask.
     pub mode: Mode,
+    /// amm_dask's spill mode (amm modes; `None`: amm_dask's default).
+    pub spill: Option<SpillMode>,
     /// What the worker runs.
     pub workload: Workload,
     /// Dask's `memory_limit` and the cgroup's hard limit, in bytes.
@@ -248,6 +278,14 @@ pub struct WorkerLife {
     pub exit_after_terminate_ms: Option<f64>,
     /// The watch reported spike alarms (terminate predicted within 200 ms).
     pub spike_alarms: u32,
+    /// Every rise past spill (from below) to the next fall below the
+    /// re-arm level (target), in ms, kernel time: how long a spill took to
+    /// bring the process back under target.
+    #[serde(default)]
+    pub spill_to_target_ms: Vec<f64>,
+    /// Rises past spill that never fell back below target before the exit.
+    #[serde(default)]
+    pub spill_unresolved: u32,
     /// The worker started before it was in its cgroup (the gate timed out).
     pub gate_timeout: bool,
     /// What went wrong watching it, if anything.
@@ -262,6 +300,26 @@ pub struct TrialResult {
     /// Plain Dask or with amm_dask.
     #[serde(default)]
     pub mode: Mode,
+    /// amm_dask's spill mode as the trial script set it (amm modes).
+    #[serde(default)]
+    pub spill: Option<SpillMode>,
+    /// The event loop's longest stall during the workload (a 10 ms timer's
+    /// lateness), of the last worker, in ms.
+    #[serde(default)]
+    pub loop_lag_max_ms: Option<f64>,
+    /// Its 99th percentile, in ms.
+    #[serde(default)]
+    pub loop_lag_p99_ms: Option<f64>,
+    /// How many of its ticks came more than 50 ms late.
+    #[serde(default)]
+    pub loop_late_50ms: Option<u64>,
+    /// Dask's own measure: the longest `tick-duration` of the worker's
+    /// event loop during the workload (ticks every 20 ms), in ms.
+    #[serde(default)]
+    pub dask_tick_max_ms: Option<f64>,
+    /// Tasks the workload ran (when it counts them), for throughput.
+    #[serde(default)]
+    pub tasks: Option<u64>,
     /// The workers' RSS minus managed memory 5 s after the workload ended.
     #[serde(default)]
     pub unmanaged_after_release_bytes: Option<u64>,
@@ -343,6 +401,22 @@ struct ScriptResult {
     amm_kills: Option<Vec<AmmKill>>,
     #[serde(default)]
     after_release: Option<AfterRelease>,
+    #[serde(default)]
+    result: Option<WorkloadSummary>,
+    #[serde(default)]
+    amm: Option<AmmSettings>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WorkloadSummary {
+    #[serde(default)]
+    tasks: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AmmSettings {
+    #[serde(default)]
+    spill: Option<SpillMode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +440,14 @@ struct WorkerMemory {
     amm_reactions: Option<BTreeMap<String, Vec<f64>>>,
     #[serde(default)]
     amm_stats: Option<BTreeMap<String, u64>>,
+    #[serde(default)]
+    loop_lag_max_ms: Option<f64>,
+    #[serde(default)]
+    loop_lag_p99_ms: Option<f64>,
+    #[serde(default)]
+    loop_late_50ms: Option<u64>,
+    #[serde(default)]
+    tick_max_ms: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -434,8 +516,9 @@ pub fn abort_running_trial() {
 /// Blocks SIGINT and SIGTERM in every thread (call it before any thread
 /// starts) and handles them on a thread of their own: the first kills the
 /// running trial and stops the run (its cgroups are removed as usual), the
-/// second quits at once. Children start with an empty signal mask (std
-/// resets it), so Dask's own signals are untouched.
+/// second quits at once. A child inherits the blocked mask (measured: an
+/// `amm-agent run` started after this never saw the SIGTERM that stops it),
+/// so every child of a benchmark is spawned through [`unblock_signals`].
 pub fn handle_stop_signals() -> Result<Arc<AtomicBool>> {
     // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
     // initialises it; sigaddset only writes inside it.
@@ -474,6 +557,23 @@ pub fn handle_stop_signals() -> Result<Arc<AtomicBool>> {
         }
     });
     Ok(stop)
+}
+
+/// Makes `cmd`'s child start with no signal blocked, whatever this
+/// process blocks ([`handle_stop_signals`]).
+pub fn unblock_signals(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the hook runs in the child between fork and exec and calls
+    // only sigemptyset and pthread_sigmask, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            match libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) {
+                0 => Ok(()),
+                rc => Err(std::io::Error::from_raw_os_error(rc)),
+            }
+        })
+    }
 }
 
 /// Kills the trial's process group (the script and anything it left) on
@@ -565,10 +665,11 @@ impl DaskRunner {
             .stderr(Stdio::piped())
             .env("PYTHONUNBUFFERED", "1")
             .process_group(0);
+        unblock_signals(&mut cmd);
         if let Some(p) = cfg.poll_ms {
             cmd.arg("--poll-ms").arg(p.to_string());
         }
-        self.mode_args(cfg.mode, &mut cmd)?;
+        self.mode_args(cfg.mode, cfg.spill, &mut cmd)?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.venv.python.display()))?;
@@ -685,7 +786,7 @@ impl DaskRunner {
     }
 
     /// The trial script's arguments for a mode.
-    fn mode_args(&self, mode: Mode, cmd: &mut Command) -> Result<()> {
+    fn mode_args(&self, mode: Mode, spill: Option<SpillMode>, cmd: &mut Command) -> Result<()> {
         if mode == Mode::Plain {
             return Ok(());
         }
@@ -694,6 +795,9 @@ impl DaskRunner {
             .as_ref()
             .context("an amm mode needs an `amm-agent run` socket")?;
         cmd.arg("--amm-socket").arg(socket);
+        if let Some(spill) = spill {
+            cmd.args(["--spill-mode", spill.name()]);
+        }
         if mode == Mode::AmmJemalloc {
             let lib = self
                 .preload_library
@@ -724,6 +828,7 @@ impl DaskRunner {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        unblock_signals(&mut w);
         if let Some(o) = &self.bpf_object {
             w.arg("--bpf-object").arg(o);
         }
@@ -817,10 +922,24 @@ fn read_events(out: impl Read) -> (Vec<EventMessage>, Vec<String>) {
         let Ok(line) = line else { break };
         match serde_json::from_str::<EventMessage>(&line) {
             Ok(e) => events.push(e),
+            Err(_) if is_watch_note(&line) => {}
             Err(e) => bad.push(format!("{line:?}: {e}")),
         }
     }
     (events, bad)
+}
+
+/// The watch's own lines beside the kernel's events: what it watches
+/// (`watching`) and how the process ended (`ending`).
+fn is_watch_note(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| {
+            v.get("event")?
+                .as_str()
+                .map(|e| e == "watching" || e == "ending")
+        })
+        .unwrap_or(false)
 }
 
 /// Waits for the child until `deadline`, then kills it.
@@ -950,6 +1069,7 @@ fn life_from_events(
         .map(|e| e.peak_rss_bytes)
         .or_else(|| events.iter().map(|e| e.peak_rss_bytes).max());
     let terminate_bytes = (TERMINATE_FRACTION * limit as f64) as u64;
+    let (spill_to_target_ms, spill_unresolved) = spill_episodes(events);
     WorkerLife {
         pid,
         end: LifeEnd::Died,
@@ -972,9 +1092,28 @@ fn life_from_events(
             .iter()
             .filter(|e| e.event == EventKind::Spike)
             .count() as u32,
+        spill_to_target_ms,
+        spill_unresolved,
         gate_timeout,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
     }
+}
+
+/// Each rise past spill from below to the next fall below the re-arm level
+/// (target), in ms of kernel time; and how many rises never fell back.
+fn spill_episodes(events: &[EventMessage]) -> (Vec<f64>, u32) {
+    let mut done = Vec::new();
+    let mut open: Option<u64> = None;
+    for e in events.iter().filter(|e| e.event == EventKind::Level) {
+        if e.prev_level == Level::Below && e.level >= Level::Spill {
+            open = open.or(Some(e.t_ns));
+        } else if e.level == Level::Below
+            && let Some(t) = open.take()
+        {
+            done.push(e.t_ns.saturating_sub(t) as f64 / 1e6);
+        }
+    }
+    (done, u32::from(open.is_some()))
 }
 
 /// Decides each worker's end and the trial's outcome. `closing_ns`: when
@@ -1044,6 +1183,12 @@ fn assemble(
     TrialResult {
         workload: cfg.workload,
         mode: cfg.mode,
+        spill: script.amm.as_ref().and_then(|a| a.spill),
+        loop_lag_max_ms: last.and_then(|w| w.loop_lag_max_ms),
+        loop_lag_p99_ms: last.and_then(|w| w.loop_lag_p99_ms),
+        loop_late_50ms: last.and_then(|w| w.loop_late_50ms),
+        dask_tick_max_ms: last.and_then(|w| w.tick_max_ms),
+        tasks: script.result.as_ref().and_then(|r| r.tasks),
         unmanaged_after_release_bytes: script
             .after_release
             .as_ref()
@@ -1124,6 +1269,23 @@ mod tests {
         assert_eq!(life.overshoot_bytes, Some(L - (0.95 * L as f64) as u64));
     }
 
+    #[test]
+    fn a_spill_episode_runs_from_the_rise_past_spill_to_the_fall_below_target() {
+        use EventKind::Level as Lv;
+        use Level::*;
+        let events = vec![
+            ev(Lv, 1_000_000, 700 << 20, Spill, Below),
+            // pause on the way does not end the episode
+            ev(Lv, 2_000_000, 800 << 20, Pause, Spill),
+            ev(Lv, 5_000_000, 590 << 20, Below, Pause),
+            ev(Lv, 9_000_000, 950 << 20, Terminate, Below),
+            ev(EventKind::Exit, 9_500_000, 0, Below, Terminate),
+        ];
+        let (done, open) = spill_episodes(&events);
+        assert_eq!(done, [4.0]);
+        assert_eq!(open, 1, "the last rise never came back below target");
+    }
+
     fn life(pid: u32, oom: u64) -> WorkerLife {
         life_from_events(pid, L, &[], oom, None, false, vec![])
     }
@@ -1131,6 +1293,7 @@ mod tests {
     fn cfg() -> TrialConfig {
         TrialConfig {
             mode: Mode::Plain,
+            spill: None,
             workload: Workload::Spike,
             limit_bytes: L,
             poll_ms: None,

@@ -1,10 +1,12 @@
-//! The table of `bench-dask`: plain Dask against Dask + amm_dask, one row
-//! per workload and mode, ratios to plain Dask measured in the same run.
+//! The tables of `bench-dask`: plain Dask against Dask + amm_dask, one row
+//! per workload, mode and spill mode, ratios to plain Dask measured in the
+//! same run; and the spill table (event-loop stalls, spill → under target,
+//! throughput), ratios of amm_dask's spill thread to its incremental spill.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::dask::{LifeEnd, Mode, TrialResult, Workload};
+use crate::dask::{LifeEnd, Mode, SpillMode, TrialResult, Workload};
 
 fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
@@ -42,6 +44,18 @@ struct Row {
     /// Kernel crossing → Dask's loop acting, ms (amm modes).
     pause_loop_ms: Vec<f64>,
     spill_loop_ms: Vec<f64>,
+    /// The event loop's longest stall per trial (10 ms timer), ms.
+    loop_max_ms: Vec<f64>,
+    /// Dask's longest tick per trial, ms.
+    tick_max_ms: Vec<f64>,
+    /// Ticks more than 50 ms late per trial.
+    late_50: Vec<f64>,
+    /// Rise past spill → below target, ms, every episode of every worker.
+    spill_to_target_ms: Vec<f64>,
+    /// Rises past spill that never came back below target.
+    spill_unresolved: u32,
+    /// Tasks per second of finished trials that count their tasks.
+    tasks_per_s: Vec<f64>,
 }
 
 impl Row {
@@ -64,10 +78,20 @@ impl Row {
                 self.kill_ms.extend(l.exit_after_terminate_ms);
             }
         }
+        for l in &t.lives {
+            self.spill_to_target_ms.extend(&l.spill_to_target_ms);
+            self.spill_unresolved += l.spill_unresolved;
+        }
         self.peaks.extend(t.peak_fraction);
         if t.completed {
             self.wall_s.extend(t.wall_ms.map(|ms| ms / 1e3));
+            if let (Some(n), Some(ms)) = (t.tasks, t.wall_ms) {
+                self.tasks_per_s.push(n as f64 / (ms / 1e3));
+            }
         }
+        self.loop_max_ms.extend(t.loop_lag_max_ms);
+        self.tick_max_ms.extend(t.dask_tick_max_ms);
+        self.late_50.extend(t.loop_late_50ms.map(|n| n as f64));
         self.unmanaged_mib.extend(
             t.unmanaged_after_release_bytes
                 .map(|b| b as f64 / (1u64 << 20) as f64),
@@ -82,18 +106,55 @@ impl Row {
     }
 }
 
-/// The Markdown table of `results`, rows by workload then mode; wall time
-/// and unmanaged memory also as a ratio to plain Dask's median.
-pub fn markdown(results: &[TrialResult]) -> String {
-    let mut rows: BTreeMap<(usize, usize), Row> = BTreeMap::new();
+/// A row's place: workload, mode, spill mode (0: none, then
+/// [`SpillMode::ALL`] + 1), in table order.
+type Key = (usize, usize, usize);
+
+fn key(t: &TrialResult) -> Key {
+    let pos = |found: Option<usize>| found.unwrap_or(99);
+    (
+        pos(Workload::ALL.iter().position(|&x| x == t.workload)),
+        pos(Mode::ALL.iter().position(|&x| x == t.mode)),
+        t.spill
+            .map_or(0, |s| pos(SpillMode::ALL.iter().position(|&x| x == s)) + 1),
+    )
+}
+
+fn rows(results: &[TrialResult]) -> BTreeMap<Key, Row> {
+    let mut rows: BTreeMap<Key, Row> = BTreeMap::new();
     for t in results {
-        let w = Workload::ALL
-            .iter()
-            .position(|&x| x == t.workload)
-            .unwrap_or(99);
-        let m = Mode::ALL.iter().position(|&x| x == t.mode).unwrap_or(99);
-        rows.entry((w, m)).or_default().add(t);
+        rows.entry(key(t)).or_default().add(t);
     }
+    rows
+}
+
+fn workload_name(w: usize) -> &'static str {
+    Workload::ALL.get(w).map_or("?", |x| x.name())
+}
+
+/// The mode's name, with a spill thread said (the incremental spill is
+/// amm_dask's default and stays unsaid, as in earlier tables).
+fn mode_name((_, m, s): Key) -> String {
+    let mode = Mode::ALL.get(m).map_or("?", |x| x.name());
+    match s.checked_sub(1).and_then(|i| SpillMode::ALL.get(i)) {
+        Some(SpillMode::Thread) => format!("{mode}, spill thread"),
+        _ => mode.to_string(),
+    }
+}
+
+/// ` (+x.x %)` of `x` against `base`, empty when either is unknown.
+fn ratio(x: Option<f64>, base: Option<f64>) -> String {
+    match (x, base) {
+        (Some(x), Some(b)) if b > 0.0 => format!(" ({:+.1} %)", (x / b - 1.0) * 100.0),
+        _ => String::new(),
+    }
+}
+
+/// The Markdown table of `results`, rows by workload, mode then spill mode;
+/// wall time and unmanaged memory also as a ratio to plain Dask's median.
+/// With trials that measured the event loop, the spill table follows.
+pub fn markdown(results: &[TrialResult]) -> String {
+    let mut rows = rows(results);
     let mut out = String::new();
     out.push_str(
         "| workload | mode | trials | finished | KilledWorker | worker deaths: at page / nanny / OOM / other \
@@ -105,25 +166,23 @@ pub fn markdown(results: &[TrialResult]) -> String {
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut plain: BTreeMap<usize, (Option<f64>, Option<f64>)> = BTreeMap::new();
-    for ((w, m), row) in rows.iter_mut() {
+    for (&k, row) in rows.iter_mut() {
+        let (w, m, _) = k;
         let wall = median(&mut row.wall_s);
         let unmanaged = median(&mut row.unmanaged_mib);
-        if *m == 0 {
-            plain.insert(*w, (wall, unmanaged));
+        if m == 0 {
+            plain.insert(w, (wall, unmanaged));
         }
-        let (pw, pu) = plain.get(w).copied().unwrap_or((None, None));
-        let ratio = |x: Option<f64>, base: Option<f64>| match (x, base) {
-            (Some(x), Some(b)) if b > 0.0 && *m != 0 => {
-                format!(" ({:+.1} %)", (x / b - 1.0) * 100.0)
-            }
-            _ => String::new(),
+        let (pw, pu) = match plain.get(&w) {
+            Some(&p) if m != 0 => p,
+            _ => (None, None),
         };
         let pct = |v: Option<f64>| opt(v.map(|f| f * 100.0), 1);
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} / {} | {} | {}{} | {}{} | {} / {} | {} / {} |",
-            Workload::ALL.get(*w).map_or("?", |x| x.name()),
-            Mode::ALL.get(*m).map_or("?", |x| x.name()),
+            workload_name(w),
+            mode_name(k),
             row.trials,
             row.finished,
             row.killed_worker,
@@ -143,6 +202,60 @@ pub fn markdown(results: &[TrialResult]) -> String {
             opt(max(&row.kill_ms), 1),
             opt(median(&mut row.pause_loop_ms), 2),
             opt(median(&mut row.spill_loop_ms), 2),
+        );
+    }
+    if rows.values().any(|r| !r.loop_max_ms.is_empty()) {
+        out.push('\n');
+        out.push_str(&spill_table(&mut rows));
+    }
+    out
+}
+
+/// The spill table: per row the event loop's stalls, the time from a rise
+/// past spill to memory back under target, throughput and peaks; the
+/// spill-thread rows with ratios to the incremental row of the same mode.
+fn spill_table(rows: &mut BTreeMap<Key, Row>) -> String {
+    let mut out = String::from(
+        "| workload | mode | trials | loop stall ms median / max (vs incremental) \
+         | Dask tick max ms median | ticks > 50 ms late median \
+         | rise past spill → under target ms median / max (vs incremental) [episodes, unresolved] \
+         | tasks/s median (vs incremental) | peak % median / max |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let mut incremental: BTreeMap<(usize, usize), [Option<f64>; 3]> = BTreeMap::new();
+    for (&k, row) in rows.iter_mut() {
+        let (w, m, s) = k;
+        let stall = median(&mut row.loop_max_ms);
+        let back = median(&mut row.spill_to_target_ms);
+        let rate = median(&mut row.tasks_per_s);
+        if s == 1 {
+            incremental.insert((w, m), [stall, back, rate]);
+        }
+        let base = match incremental.get(&(w, m)) {
+            Some(&b) if s > 1 => b,
+            _ => [None; 3],
+        };
+        let pct = |v: Option<f64>| opt(v.map(|f| f * 100.0), 1);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} / {}{} | {} | {} | {} / {}{} [{}, {}] | {}{} | {} / {} |",
+            workload_name(w),
+            mode_name(k),
+            row.trials,
+            opt(stall, 0),
+            opt(max(&row.loop_max_ms), 0),
+            ratio(stall, base[0]),
+            opt(median(&mut row.tick_max_ms), 0),
+            opt(median(&mut row.late_50), 0),
+            opt(back, 0),
+            opt(max(&row.spill_to_target_ms), 0),
+            ratio(back, base[1]),
+            row.spill_to_target_ms.len(),
+            row.spill_unresolved,
+            opt(rate, 1),
+            ratio(rate, base[2]),
+            pct(median(&mut row.peaks)),
+            pct(max(&row.peaks)),
         );
     }
     out

@@ -98,7 +98,9 @@ fn spawn_agent(
     stderr: std::process::Stdio,
 ) -> anyhow::Result<AgentProc> {
     use anyhow::Context;
-    let child = std::process::Command::new(profile_dir().join("amm-agent"))
+    let mut cmd = std::process::Command::new(profile_dir().join("amm-agent"));
+    dask::unblock_signals(&mut cmd);
+    let child = cmd
         .arg("run")
         .arg("--socket")
         .arg(socket)

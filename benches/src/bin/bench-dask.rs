@@ -1,12 +1,15 @@
 //! `cargo xtask bench dask`: plain Dask against Dask + amm_dask (on glibc,
 //! and on amm's jemalloc preload), same cluster shape, same cgroups, in one
 //! run: a single-task spike past 95 %, managed data plus spikes (mix), the
-//! single-cell-like sparse pipeline, and churn-then-release.
+//! single-cell-like sparse pipeline, and churn-then-release; and `spill`
+//! (managed data past the spill threshold while tasks keep running), where
+//! `--spill incremental,thread` sets amm_dask's two spill modes side by side
+//! (the second table: event-loop stalls, spill → under target, throughput).
 //!
 //! Each trial is `benches/dask/spike_trial.py` (one nanny-managed worker in
 //! its own hard-limited cgroup, watched by `amm-agent watch`); the amm modes
 //! add amm_dask's plugins registered with one `amm-agent run` started here.
-//! Trials are interleaved round by round (workload, then mode) after a
+//! Trials are interleaved round by round (workload, then mode and spill mode) after a
 //! warm-up; the Markdown table goes to stdout, one JSON line per trial to
 //! `--out`, each trial's Dask log to `<out>.logs/`. Needs root.
 
@@ -17,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use amm_benches::dask::{
-    DaskRunner, DaskVenv, Mode, TrialConfig, TrialResult, Workload, handle_stop_signals,
+    DaskRunner, DaskVenv, Mode, SpillMode, TrialConfig, TrialResult, Workload, handle_stop_signals,
 };
 use amm_benches::dask_rounds::{Rounds, error_line, percent, read_results, wall};
 use amm_benches::{dask_table, start_agent, target_dir};
@@ -51,6 +54,10 @@ struct Args {
         default_value = "plain,amm,amm-jemalloc"
     )]
     modes: Vec<Mode>,
+    /// amm_dask's spill modes, comma-separated: each amm mode runs once per
+    /// spill mode, alternated within every round (plain runs once).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "incremental")]
+    spill: Vec<SpillMode>,
     /// Warm-up trials before the measured ones (not recorded).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -71,6 +78,10 @@ struct Args {
     /// target/release/libamm_preload.so).
     #[arg(long)]
     preload_library: Option<PathBuf>,
+    /// The trial script (default: benches/dask/spike_trial.py of this
+    /// checkout; give a copy to keep a long run safe from edits and rebases).
+    #[arg(long)]
+    trial_script: Option<PathBuf>,
     /// Print the table of the trials in this JSON-lines file and exit.
     #[arg(long, value_name = "FILE")]
     table_from: Option<PathBuf>,
@@ -78,9 +89,10 @@ struct Args {
 
 fn describe(r: &TrialResult) -> String {
     format!(
-        "{:<6} {:<12} seed {:<3} {:<20} completed {:<5} restarts {} peak {} wall {} unmanaged after {}{}",
+        "{:<6} {:<12} {:<11} seed {:<3} {:<20} completed {:<5} restarts {} peak {} wall {} unmanaged after {} loop max {}{}",
         r.workload.name(),
         r.mode.name(),
+        r.spill.map_or("", SpillMode::name),
         r.seed,
         r.outcome.name(),
         r.completed,
@@ -89,6 +101,8 @@ fn describe(r: &TrialResult) -> String {
         wall(r),
         r.unmanaged_after_release_bytes
             .map_or_else(|| "-".into(), |b| format!("{} MiB", b >> 20)),
+        r.loop_lag_max_ms
+            .map_or_else(|| "-".into(), |ms| format!("{ms:.0} ms")),
         error_line(r),
     )
 }
@@ -107,6 +121,9 @@ fn runner(args: &Args, socket: PathBuf) -> Result<DaskRunner> {
     };
     let mut runner = DaskRunner::new(venv, Some(target_dir().join("bpf/amm.bpf.o")))?;
     runner.agent_socket = Some(socket);
+    if let Some(script) = &args.trial_script {
+        runner.script = script.clone();
+    }
     let lib = args
         .preload_library
         .clone()
@@ -120,6 +137,57 @@ fn runner(args: &Args, socket: PathBuf) -> Result<DaskRunner> {
     }
     runner.preload_library = Some(lib);
     Ok(runner)
+}
+
+fn config(
+    args: &Args,
+    workload: Workload,
+    (mode, spill): (Mode, Option<SpillMode>),
+    seed: u64,
+) -> TrialConfig {
+    TrialConfig {
+        mode,
+        spill,
+        workload,
+        limit_bytes: args.limit,
+        poll_ms: None,
+        seed,
+        timeout: Duration::from_secs(args.timeout_s),
+    }
+}
+
+/// What a round runs per workload: plain once, each amm mode once per
+/// spill mode (alternated).
+fn variants(args: &Args) -> Vec<(Mode, Option<SpillMode>)> {
+    args.modes
+        .iter()
+        .flat_map(|&m| match m {
+            Mode::Plain => vec![(m, None)],
+            _ => args.spill.iter().map(|&s| (m, Some(s))).collect(),
+        })
+        .collect()
+}
+
+/// The warm-up trials and the measured rounds.
+fn plan(args: &Args) -> (Vec<TrialConfig>, Vec<Vec<TrialConfig>>) {
+    let variants = variants(args);
+    let warmup = (0..args.warmup)
+        .map(|i| {
+            let w = args.workloads[i % args.workloads.len()];
+            config(args, w, variants[i % variants.len()], args.seed)
+        })
+        .collect();
+    let rounds = (0..args.trials)
+        .map(|round| {
+            let seed = args.seed + round as u64;
+            args.workloads
+                .iter()
+                .flat_map(|&w| variants.iter().map(move |&v| (w, v)))
+                .map(|(w, v)| config(args, w, v, seed))
+                .collect()
+        })
+        .collect();
+    (warmup, rounds)
 }
 
 fn main() -> Result<()> {
@@ -136,40 +204,14 @@ fn main() -> Result<()> {
     }
     let scratch = tempfile::tempdir()?;
     let socket = scratch.path().join("agent.sock");
-    let _agent = start_agent(&socket, Stdio::inherit())?;
+    let agent = start_agent(&socket, Stdio::inherit())?;
     let mut runner = runner(&args, socket)?;
     let out_path = args
         .out
         .clone()
         .unwrap_or_else(|| target_dir().join("bench-dask.jsonl"));
     runner.log_dir = Some(out_path.with_extension("logs"));
-    let config = |workload, mode, seed| TrialConfig {
-        mode,
-        workload,
-        limit_bytes: args.limit,
-        poll_ms: None,
-        seed,
-        timeout: Duration::from_secs(args.timeout_s),
-    };
-    let warmup = (0..args.warmup)
-        .map(|i| {
-            let w = args.workloads[i % args.workloads.len()];
-            let m = args.modes[i % args.modes.len()];
-            config(w, m, args.seed)
-        })
-        .collect();
-    let rounds = (0..args.trials)
-        .map(|round| {
-            let seed = args.seed + round as u64;
-            let mut trials = Vec::new();
-            for &w in &args.workloads {
-                for &m in &args.modes {
-                    trials.push(config(w, m, seed));
-                }
-            }
-            trials
-        })
-        .collect();
+    let (warmup, rounds) = plan(&args);
     let results = Rounds {
         runner: &runner,
         warmup,
@@ -179,6 +221,8 @@ fn main() -> Result<()> {
     }
     .run(&out_path)?;
     print!("{}", dask_table::markdown(&results));
+    // stopped before exit: exit() skips destructors
+    drop(agent);
     if stop.load(Ordering::SeqCst) {
         std::process::exit(130);
     }

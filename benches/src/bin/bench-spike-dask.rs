@@ -120,6 +120,7 @@ fn main() -> Result<()> {
     runner.log_dir = Some(out_path.with_extension("logs"));
     let config = |workload, seed| TrialConfig {
         mode: amm_benches::dask::Mode::Plain,
+        spill: None,
         workload,
         limit_bytes: args.limit,
         poll_ms: args.poll_ms,

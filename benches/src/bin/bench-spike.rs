@@ -137,6 +137,7 @@ fn main() -> Result<()> {
                     )?;
                     let r = runner.run_trial(&TrialConfig {
                         mode: amm_benches::dask::Mode::Plain,
+                        spill: None,
                         workload: *w,
                         limit_bytes: limit,
                         poll_ms: None,
