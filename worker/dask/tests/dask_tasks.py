@@ -82,12 +82,23 @@ def hoard(total, size, hold_s):
     return len(keep)
 
 
+def filled_block(nbytes, value):
+    """A kept result of `nbytes`, every byte `value` (every page written)."""
+    import numpy as np
+
+    return np.full(nbytes, value, dtype=np.uint8)
+
+
+def block_check(a):
+    """(its size, the value every byte holds, or -1 if they differ)."""
+    v = int(a[0])
+    return a.nbytes, v if bool((a == v).all()) else -1
+
+
 def random_block(nbytes, seed):
     import numpy as np
 
     return np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8)
-
-
 
 
 def allocator_in_use():

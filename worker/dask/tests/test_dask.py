@@ -19,6 +19,8 @@ from distributed import KilledWorker
 from conftest import MIB, wait_until
 from dask_tasks import (
     allocator_in_use,
+    block_check,
+    filled_block,
     hoard,
     hold_then_release,
     leak,
@@ -69,6 +71,26 @@ def test_workers_register_and_stay_registered(agent, cluster_factory):
     wait_until(lambda: {new_a, pids["b"]} <= agent.watched(), "re-registration after the agent's restart")
     assert "registered with amm-agent" in c.log("a")
     assert "amm-agent lost" in c.log("b")
+
+
+def test_a_plugin_registered_on_a_running_cluster_registers_its_workers(agent, cluster_factory):
+    # no --preload: the user adds amm_dask to a cluster that already runs
+    c = cluster_factory(agent)
+    c.add_worker("a", LIMIT, amm=False)
+    client = c.connect(1)
+    pid = c.pids()["a"]
+    assert pid not in agent.watched()
+    from amm_dask import AmmWorkerPlugin
+
+    client.register_plugin(AmmWorkerPlugin())
+    wait_until(lambda: pid in agent.watched(), "the running worker registered")
+    st = {w["pid"]: w for w in agent.status()["watches"]}
+    assert st[pid]["limit_bytes"] == LIMIT
+    # the plugin heard the agent say so (its loop reads the link's report)
+    wait_until(
+        lambda: next(iter(client.run(amm_stats).values())).get("connects"),
+        "the plugin connected",
+    )
 
 
 def test_a_worker_in_another_pid_namespace_registers_as_itself(agent, cluster_factory):
@@ -149,6 +171,58 @@ def test_pause_takes_effect_before_the_next_task_starts(agent, cluster_factory, 
     assert "amm: resuming worker" in c.log("a")
 
 
+def amm_stats(dask_worker):
+    """amm's counters in a worker (``client.run``)."""
+    return dict(dask_worker.plugins["amm"].stats)
+
+
+def spilled_and_rss(dask_worker):
+    """(values on disk, this process's RSS) in a worker (``client.run``)."""
+    import psutil
+
+    return len(dask_worker.data.slow), psutil.Process().memory_info().rss
+
+
+@pytest.mark.parametrize("mode", ["incremental", "thread"])
+def test_a_spill_keeps_every_value_and_the_worker_below_the_spill_level(agent, cluster_factory, mode):
+    # kept results past the spill level while tasks keep running: amm's spill
+    # (the kernel's spill event starts it) moves the oldest values to disk
+    # down to target, on the loop one value at a time or on a spill thread,
+    # while the loop keeps storing new results and reading spilled ones back
+    c = cluster_factory(agent, env={"DASK_AMM__SPILL": mode})
+    c.add_worker("a", LIMIT)
+    client = c.connect(1)
+    pid = c.pids()["a"]
+    wait_until(lambda: pid in agent.watched(), "worker registered")
+    n, each = 64, 8 * MIB  # the whole limit, kept
+    blocks = [client.submit(filled_block, each, i, pure=False) for i in range(n)]
+    client.gather(blocks[-1:])
+    checks = client.gather([client.submit(block_check, b, pure=False) for b in blocks])
+    # nothing lost, nothing mixed up between values
+    assert checks == [(each, i) for i in range(n)]
+    (st,) = client.run(amm_stats).values()
+    print(mode, st)
+    assert st["spills"] >= 1 and st["spilled_values"] >= 1, st
+    # where the eviction ran: the spill thread, or the event loop itself
+    off_loop = st["spilled_values"] if mode == "thread" else 0
+    assert st.get("spilled_values_off_loop", 0) == off_loop, st
+    # a spill runs from the spill level down to target (Dask's hysteresis):
+    # reading values back may leave the worker between the two, never above
+    spilled, _ = wait_until(
+        lambda: (s := next(iter(client.run(spilled_and_rss).values())))[1] < 0.7 * LIMIT and s,
+        "the worker below the spill level",
+    )
+    assert spilled > 0, spilled
+
+
+def test_a_spill_mode_that_does_not_exist_is_refused_by_name():
+    # DASK_AMM__SPILL=threads must not quietly run another mode
+    from amm_dask.worker import Spiller
+
+    with pytest.raises(ValueError, match="amm.spill is 'threads': use one of incremental, thread"):
+        Spiller(None, None, "threads", {})
+
+
 def test_a_leak_is_reported_as_a_leak_through_the_agent_the_log_and_metrics(
     agent, cluster_factory
 ):
@@ -219,7 +293,9 @@ def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory
     assert r["verdict"]["kind"] not in ("leak", "undecided"), r["verdict"]
 
 
-def test_the_policy_retires_a_leaking_worker_without_losing_its_keys(agent, cluster_factory, tmp_path):
+def policy_config(tmp_path) -> str:
+    """A Dask config directory that turns amm's AMM policy on (1 s ticks,
+    fast heartbeats and verdicts)."""
     cfg = tmp_path / "dask-config"
     cfg.mkdir()
     (cfg / "amm-test.yaml").write_text(
@@ -237,7 +313,11 @@ def test_the_policy_retires_a_leaking_worker_without_losing_its_keys(agent, clus
         "amm:\n"
         "  verdict-interval: 2s\n"
     )
-    c = cluster_factory(agent, env={"DASK_CONFIG": str(cfg)})
+    return str(cfg)
+
+
+def test_the_policy_retires_a_leaking_worker_without_losing_its_keys(agent, cluster_factory, tmp_path):
+    c = cluster_factory(agent, env={"DASK_CONFIG": policy_config(tmp_path)})
     c.add_worker("a", 1024 * MIB)
     c.add_worker("b", 1024 * MIB)
     client = c.connect(2)
@@ -262,6 +342,36 @@ def test_the_policy_retires_a_leaking_worker_without_losing_its_keys(agent, clus
     assert all(hs and a_addr not in hs for hs in holders.values()), holders
     events = client.get_events("amm")
     assert any(e.get("action") == "retire-leak" and e.get("worker") == a_addr for _, e in events)
+
+
+def test_the_policy_purges_a_hoarding_worker_and_does_not_retire_it(
+    agent, cluster_factory, tmp_path
+):
+    # a hoard is memory the allocator keeps, not a leak: the policy asks the
+    # worker to purge it (through the worker's amm_purge handler) and leaves
+    # the worker and its keys where they are
+    c = cluster_factory(agent, env={"DASK_CONFIG": policy_config(tmp_path)})
+    c.add_worker("a", 1024 * MIB)
+    client = c.connect(1)
+    a_addr = c.address("a")
+    a_pid = c.pids()["a"]
+    wait_until(lambda: a_pid in agent.watched(), "worker registered")
+    kept = client.submit(random_block, 4 * MIB, 7, pure=False)
+    client.submit(hoard, 300 * MIB, 1024, 6.0, pure=False).result(timeout=120)
+
+    def purged():
+        return [
+            e for _, e in client.get_events("amm")
+            if e.get("action") == "purge" and e.get("worker") == a_addr
+        ]
+
+    (first, *_) = wait_until(purged, "the policy purged the hoarding worker", 120, 0.5)
+    print(first)
+    assert first["result"][a_addr]["allocator"] == "jemalloc", first
+    actions = {e.get("action") for _, e in client.get_events("amm")}
+    assert "retire-leak" not in actions, actions
+    assert c.pids()["a"] == a_pid, "the hoarding worker was restarted"
+    assert a_addr in next(iter(client.who_has([kept]).values()))
 
 
 _WITHOUT_AMM_DASK = """

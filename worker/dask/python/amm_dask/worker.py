@@ -15,9 +15,11 @@ What it changes in a Dask worker (everything is undone by ``teardown``):
 - **Spill never holds the event loop for the whole spill**: on the kernel's
   spill event (and in Dask's own 100 ms monitor, which stays as the
   fallback) eviction runs either one value at a time on the loop, yielding
-  after each (``amm.spill: incremental``), or on a spill thread
+  after each (``amm.spill: incremental``, the default), or on a spill thread
   (``amm.spill: thread``; zict's own locks plus one of ours make the
-  SpillBuffer safe for that).
+  SpillBuffer safe for that). Once the values evicted add up to what RSS
+  was above target and RSS has not followed, it purges the allocator's
+  freed pages before evicting more (Dask runs ``gc.collect()`` there).
 - **Accounting**: every monitor tick, Dask's managed (in memory / spilled)
   split plus the allocator's statistics read in-process are pushed to the
   agent's timeline (``amm-worker report --agent SOCK --pid PID``), fed to the
@@ -83,6 +85,10 @@ class Levels:
         return self.target or self.pause
 
 
+#: ``amm.spill``'s values.
+SPILL_MODES = ("incremental", "thread")
+
+
 class Spiller:
     """Evicts least-recently-used values until RSS is below target, without
     holding the event loop for the whole spill."""
@@ -90,12 +96,16 @@ class Spiller:
     def __init__(self, worker, levels: Levels, mode: str, stats) -> None:
         self.worker = worker
         self.levels = levels
-        self.mode = mode if mode in ("incremental", "thread") else "incremental"
+        if mode not in SPILL_MODES:
+            raise ValueError(f"amm.spill is {mode!r}: use one of {', '.join(SPILL_MODES)}")
+        self.mode = mode
         self.stats = stats
         self.lock = threading.Lock()  # one evictor at a time
         self.running = False
         self.warned = False  # "nothing to spill", once per rise
         self.gc = ThrottledGC(logger=logger)
+        self.loop_thread = threading.get_ident()  # made on the event loop
+        self.task = None  # the incremental spill (asyncio keeps weak refs)
 
     def _can_evict(self) -> bool:
         data = self.worker.data
@@ -108,40 +118,69 @@ class Spiller:
             return self.worker.data.evict()
 
     def _loop_body(self, target: int):
-        """Yields after every eviction; returns (count, bytes)."""
+        """Evicts while RSS is above target; yields ("evicted", count,
+        bytes) after every value and ("purge", ...) when the values evicted
+        add up to what RSS was above target but RSS did not follow: the
+        allocator keeps freed pages (jemalloc's decay, glibc's heap), and a
+        purge, not more eviction, gives them back."""
         count = spilled = 0
+        owed = _native.rss_bytes() - target  # what eviction must free
         while _native.rss_bytes() > target:
+            if spilled >= owed:
+                yield "purge", count, spilled
+                owed = spilled + max(0, _native.rss_bytes() - target)
+                continue
             w = self._one()
             if w == -2:
-                if self.warned:
-                    break
-                self.warned = True
-                logger.warning(
-                    "amm: process memory %s is above target %s with nothing left to "
-                    "spill: the rest is unmanaged (see the verdict)",
-                    _fmt(_native.rss_bytes()),
-                    _fmt(target),
-                )
+                self._nothing_left(target)
                 break
             if w < 0:
                 break
             count += 1
             spilled += w
-            if count % 8 == 0:
-                self.gc.collect()
-            yield count, spilled
+            yield "evicted", count, spilled
+
+    def _nothing_left(self, target: int) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        logger.warning(
+            "amm: process memory %s is above target %s with nothing left to "
+            "spill: the rest is unmanaged (see the verdict)",
+            _fmt(_native.rss_bytes()),
+            _fmt(target),
+        )
+
+    def _purge(self) -> None:
+        """Frees what evicted values left behind: cycles, then the
+        allocator's freed pages (without the GIL)."""
+        self.gc.collect()
+        _native.release_hoard()
+        self.stats["spill_purges"] += 1
 
     async def _incremental(self, target: int) -> None:
+        from distributed.utils import offload
+
         count = spilled = 0
-        for count, spilled in self._loop_body(target):
-            await asyncio.sleep(0)
-        self._done(count, spilled)
+        try:
+            for step, count, spilled in self._loop_body(target):
+                if step == "purge":
+                    await offload(self._purge)
+                else:
+                    await asyncio.sleep(0)
+        finally:
+            self._done(count, spilled)
 
     def _threaded(self, target: int) -> None:
         count = spilled = 0
-        for count, spilled in self._loop_body(target):
-            pass
-        self._done(count, spilled)
+        try:
+            for step, count, spilled in self._loop_body(target):
+                if step == "purge":
+                    self._purge()
+        finally:
+            if threading.get_ident() != self.loop_thread:
+                self.stats["spilled_values_off_loop"] += count
+            self._done(count, spilled)
 
     def _done(self, count: int, spilled: int) -> None:
         self.running = False
@@ -166,7 +205,7 @@ class Spiller:
                 target=self._threaded, args=(target,), name="amm-spill", daemon=True
             ).start()
         else:
-            asyncio.ensure_future(self._incremental(target))
+            self.task = asyncio.ensure_future(self._incremental(target))
 
     async def dask_spill(self, worker, memory: int) -> None:
         """Replaces WorkerMemoryManager._spill (Dask's monitor fallback)."""
