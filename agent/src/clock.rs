@@ -1,28 +1,9 @@
 //! The two clocks the agent reads: CLOCK_MONOTONIC (the kernel's event
 //! stamps, `bpf_ktime_get_ns`) and CLOCK_BOOTTIME (a task's
 //! `start_boottime`, which binds a watch to the process it was made for).
+//! Both are read by `amm_record::sys`, the workspace's one clock reader.
 
-use nix::time::{ClockId, clock_gettime};
-
-fn now_ns(clock: ClockId) -> u64 {
-    // both clocks exist on every Linux the agent runs on; 0 would only make
-    // a delay look long or a watch match nothing
-    clock_gettime(clock).map_or(0, |t| {
-        (t.tv_sec() as u64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(t.tv_nsec() as u64)
-    })
-}
-
-/// CLOCK_MONOTONIC now, in ns (the clock of the kernel's event stamps).
-pub fn monotonic_ns() -> u64 {
-    now_ns(ClockId::CLOCK_MONOTONIC)
-}
-
-/// CLOCK_BOOTTIME now, in ns (the clock of `task_struct::start_boottime`).
-pub fn boottime_ns() -> u64 {
-    now_ns(ClockId::CLOCK_BOOTTIME)
-}
+pub use amm_record::sys::{boottime_ns, monotonic_ns};
 
 #[cfg(test)]
 mod tests {

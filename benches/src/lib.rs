@@ -123,9 +123,7 @@ fn spawn_agent(
 }
 
 /// CLOCK_MONOTONIC now, in ns (the clock of the kernel's event stamps).
-pub fn monotonic_ns() -> u64 {
-    amm_agent::clock::monotonic_ns()
-}
+pub use amm_record::sys::monotonic_ns;
 
 /// Pins the calling thread to one CPU (less noise on a small VM).
 pub fn pin_to_cpu(cpu: usize) {

@@ -327,9 +327,26 @@ mod tests {
             .arg("30")
             .spawn()
             .expect("spawn sleep");
-        let kids = children_of(std::process::id());
+        // proc(5): a `children` file "is reliable only if all of the child
+        // processes are stopped or frozen"; `--follow` reads it every poll,
+        // so a child missed once is found by a later poll. Ask as it does.
+        let mut kids = Vec::new();
+        for _ in 0..100 {
+            kids = children_of(std::process::id());
+            if kids.contains(&c.id()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let parent = Process::new(c.id() as i32)
+            .and_then(|p| p.stat())
+            .map(|s| s.ppid);
         let _ = c.kill();
         let _ = c.wait();
-        assert!(kids.contains(&c.id()), "{kids:?} lacks {}", c.id());
+        assert!(
+            kids.contains(&c.id()),
+            "100 polls never listed {} (its parent: {parent:?}; last read {kids:?})",
+            c.id()
+        );
     }
 }

@@ -502,10 +502,7 @@ impl State {
         };
         for i in 0..n {
             let process = status_bytes("VmRSS:");
-            let t_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-                .map_or(0, |t| {
-                    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-                });
+            let t_ns = amm_record::sys::monotonic_ns();
             let msg = amm_protocol::ClientMessage::Accounting {
                 pid,
                 t_ns,

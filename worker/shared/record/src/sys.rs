@@ -11,6 +11,12 @@ pub fn monotonic_ns() -> u64 {
     clock_ns(ClockId::CLOCK_MONOTONIC)
 }
 
+/// `CLOCK_BOOTTIME` in nanoseconds (the clock of a task's `start_boottime`,
+/// which binds a watch to the process it was made for).
+pub fn boottime_ns() -> u64 {
+    clock_ns(ClockId::CLOCK_BOOTTIME)
+}
+
 /// `CLOCK_REALTIME` in nanoseconds since the Unix epoch.
 pub fn unix_ns() -> u64 {
     clock_ns(ClockId::CLOCK_REALTIME)
@@ -23,7 +29,11 @@ pub fn thread_cpu_ns() -> u64 {
 
 fn clock_ns(id: ClockId) -> u64 {
     clock_gettime(id)
-        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .map(|t| {
+            (t.tv_sec() as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(t.tv_nsec() as u64)
+        })
         .unwrap_or(0)
 }
 

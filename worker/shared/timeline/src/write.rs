@@ -12,14 +12,9 @@ use crate::line::{Entry, Line};
 use crate::summary::Summary;
 use crate::tick::Tick;
 
-/// CLOCK_MONOTONIC now, in ns: the clock of the kernel's events.
-pub fn monotonic_ns() -> u64 {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
-        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
-        // CLOCK_MONOTONIC always exists on Linux
-        Err(_) => 0,
-    }
-}
+/// CLOCK_MONOTONIC now, in ns: the clock of the kernel's events (one
+/// definition for the workspace, in `amm_record::sys`).
+pub use amm_record::sys::monotonic_ns;
 
 /// A timeline writer shared by the threads of one process. Writing is best
 /// effort: a full disk must not stop a worker, so write errors are counted
