@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use amm_integration_tests::{Agent, bin, require_root};
+use amm_integration_tests::{Agent, bin, require_root, spill_then_hold};
 use serde_json::Value;
 
 struct Run {
@@ -85,32 +85,7 @@ fn a_registered_worker_spills_on_the_event_before_its_poll() {
     let run = Run::new();
     // 240 MiB managed (under target, 0.6 of 512 MiB: nothing spills on
     // put), then 160 MiB unmanaged lifts the process past spill (0.7)
-    let w = run.workload(
-        r#"
-[[phase]]
-name = "managed"
-[[phase.op]]
-op = "allocate"
-bytes = "240MiB"
-chunk = "4MiB"
-keep = "managed"
-key = "m"
-[[phase]]
-name = "unmanaged"
-[[phase.op]]
-op = "allocate"
-bytes = "160MiB"
-chunk = "4MiB"
-keep = "unmanaged"
-key = "u"
-tasks = 1
-[[phase]]
-name = "hold"
-[[phase.op]]
-op = "sleep"
-duration = "2s"
-"#,
-    );
+    let w = run.workload(&spill_then_hold("2s"));
     // a 10 s poll: its first tick is at the start, its second would come
     // long after the workload ended; only the agent's event can explain a
     // spill in between
