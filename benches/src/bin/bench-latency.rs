@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use amm_benches::{Faulter, monotonic_ns, percentiles, profile_dir, settle, target_dir};
 use amm_ebpf::EventKind;
-use amm_protocol::sched::ReaderPolicy;
+use amm_protocol::sched::{InForce, ReaderPolicy};
 use amm_protocol::{Client, EventMessage, Registration, TerminateBy};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -246,47 +246,50 @@ fn write_samples(path: &std::path::Path, paths: &[(&str, &Samples)]) -> Result<(
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if !amm_agent::probe::is_root() {
-        bail!("the latency benchmark loads BPF: run it as root");
-    }
-    // the thread that waits for events is scheduled as a worker's event
-    // thread is (amm-worker --agent-reader-priority, default 1)
-    let reader = match args.reader_priority {
-        0 => ReaderPolicy::ShortSlice,
-        p => ReaderPolicy::Realtime(p),
-    }
-    .apply();
+/// The socket and direct paths' samples and their reader's CPU time,
+/// interleaved in blocks of 10 so drift hits both.
+struct Paths {
+    agent: Samples,
+    ring: Samples,
+    agent_cpu: Duration,
+    ring_cpu: Duration,
+}
+
+fn run_paths(trials: usize, spin: Option<Duration>) -> Result<Paths> {
     // warm-up: fault the memory once so the first trials are not slower
-    let spin = (args.spin_ms > 0).then(|| Duration::from_millis(args.spin_ms));
     let _ = via_ring(3, spin)?;
-    let mut agent = Samples::default();
-    let mut ring = Samples::default();
-    // interleave the two paths in blocks so drift hits both
-    let block = 10;
-    let mut left = args.trials;
-    // the reader thread's CPU time on each path (setup included, alike)
-    let (mut agent_cpu, mut ring_cpu) = (Duration::ZERO, Duration::ZERO);
+    let mut p = Paths {
+        agent: Samples::default(),
+        ring: Samples::default(),
+        agent_cpu: Duration::ZERO,
+        ring_cpu: Duration::ZERO,
+    };
+    let mut left = trials;
     while left > 0 {
-        let k = block.min(left);
+        let k = left.min(10);
+        // the reader thread's CPU time on each path (setup included, alike)
         let t0 = thread_cpu()?;
-        agent.extend(via_agent(k)?);
+        p.agent.extend(via_agent(k)?);
         let t1 = thread_cpu()?;
-        ring.extend(via_ring(k, spin)?);
-        agent_cpu += t1.saturating_sub(t0);
-        ring_cpu += thread_cpu()?.saturating_sub(t1);
+        p.ring.extend(via_ring(k, spin)?);
+        p.agent_cpu += t1.saturating_sub(t0);
+        p.ring_cpu += thread_cpu()?.saturating_sub(t1);
         left -= k;
     }
-    if let Some(path) = &args.samples {
-        write_samples(path, &[("socket", &agent), ("direct", &ring)])?;
-    }
+    Ok(p)
+}
+
+/// Terminate trials per enforcer, interleaved: (enforcer, µs from the
+/// crossing to the exit, bytes past terminate at the peak).
+type TerminateSamples = Vec<(TerminateBy, Vec<f64>, Vec<f64>)>;
+
+fn run_terminate(trials: usize) -> Result<TerminateSamples> {
     let agent_proc = start_agent()?;
-    let mut term: Vec<(TerminateBy, Vec<f64>, Vec<f64>)> = vec![
+    let mut term: TerminateSamples = vec![
         (TerminateBy::Kernel, Vec::new(), Vec::new()),
         (TerminateBy::Agent, Vec::new(), Vec::new()),
     ];
-    for _ in 0..args.terminate_trials {
+    for _ in 0..trials {
         for (by, delay, over) in term.iter_mut() {
             let (d, o) = terminate_trial(&agent_proc, *by)?;
             delay.push(d);
@@ -294,11 +297,13 @@ fn main() -> Result<()> {
             settle();
         }
     }
-    drop(agent_proc);
+    Ok(term)
+}
 
+fn print_paths(args: &Args, reader: &InForce, p: &mut Paths) {
     println!(
         "event latency, kernel timestamp of the crossing -> the client holds the event; {} trials per path, each one crossing up (while touching {TOUCH_MIB} MiB) and one down (inside the munmap of it); reader thread: {reader}, spinning after a spike alarm for at most {} ms; kernel {}",
-        agent.up.len(),
+        p.agent.up.len(),
         args.spin_ms,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
@@ -308,8 +313,8 @@ fn main() -> Result<()> {
     let per_trial = |d: Duration| d.as_secs_f64() * 1e3 / args.trials.max(1) as f64;
     println!(
         "reader thread CPU per trial (setup included): socket {:.2} ms, direct {:.2} ms",
-        per_trial(agent_cpu),
-        per_trial(ring_cpu)
+        per_trial(p.agent_cpu),
+        per_trial(p.ring_cpu)
     );
     println!();
     println!("| path | crossing | median µs | p99 µs | max µs |");
@@ -317,9 +322,12 @@ fn main() -> Result<()> {
     for (name, s) in [
         (
             "socket: kernel -> agent -> Unix socket -> client",
-            &mut agent,
+            &mut p.agent,
         ),
-        ("direct: kernel -> the client's own ring buffer", &mut ring),
+        (
+            "direct: kernel -> the client's own ring buffer",
+            &mut p.ring,
+        ),
     ] {
         let mut all: Vec<f64> = s.up.iter().chain(&s.down).copied().collect();
         for (dir, v) in [("up", &mut s.up), ("down", &mut s.down), ("all", &mut all)] {
@@ -330,10 +338,11 @@ fn main() -> Result<()> {
             }
         }
     }
-    println!();
+}
+
+fn print_terminate(trials: usize, term: &mut TerminateSamples) {
     println!(
-        "terminate enforcement: a child allocates 400 MiB at full speed under a 200 MiB limit with terminate_signal SIGKILL; {} trials each, interleaved",
-        args.terminate_trials
+        "terminate enforcement: a child allocates 400 MiB at full speed under a 200 MiB limit with terminate_signal SIGKILL; {trials} trials each, interleaved"
     );
     println!();
     println!(
@@ -353,5 +362,28 @@ fn main() -> Result<()> {
             omax / 1024.0
         );
     }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !amm_agent::probe::is_root() {
+        bail!("the latency benchmark loads BPF: run it as root");
+    }
+    // the thread that waits for events is scheduled as a worker's event
+    // thread is (amm-worker --agent-reader-priority, default 1)
+    let reader = match args.reader_priority {
+        0 => ReaderPolicy::ShortSlice,
+        p => ReaderPolicy::Realtime(p),
+    }
+    .apply();
+    let spin = (args.spin_ms > 0).then(|| Duration::from_millis(args.spin_ms));
+    let mut paths = run_paths(args.trials, spin)?;
+    if let Some(path) = &args.samples {
+        write_samples(path, &[("socket", &paths.agent), ("direct", &paths.ring)])?;
+    }
+    let mut term = run_terminate(args.terminate_trials)?;
+    print_paths(&args, &reader, &mut paths);
+    println!();
+    print_terminate(args.terminate_trials, &mut term);
     Ok(())
 }
