@@ -44,22 +44,66 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Whether a test that needs root and BPF can run. Outside CI it prints a
-/// visible `SKIPPED` line and returns false; with `AMM_REQUIRE_BPF=1` it
-/// panics instead, so CI never skips silently.
-pub fn require_root(test: &str) -> bool {
+/// What a root-only test needs root for: which CI variable forbids skipping
+/// it and what its `SKIPPED` line says.
+#[derive(Clone, Copy, Debug)]
+pub enum RootFor {
+    /// Loading the BPF program (`AMM_REQUIRE_BPF=1` forbids the skip).
+    Bpf,
+    /// A cgroup with a hard memory limit (`AMM_REQUIRE_BPF=1`, which CI
+    /// sets with the BPF tests).
+    Cgroup,
+    /// Running programs as other uids (`AMM_REQUIRE_ROOT=1`).
+    OtherUids,
+}
+
+impl RootFor {
+    /// The environment variable that, set to 1, turns a skip into a failure.
+    fn variable(self) -> &'static str {
+        match self {
+            RootFor::Bpf | RootFor::Cgroup => "AMM_REQUIRE_BPF",
+            RootFor::OtherUids => "AMM_REQUIRE_ROOT",
+        }
+    }
+
+    /// Why the test needs root, for the `SKIPPED` line.
+    fn reason(self) -> &'static str {
+        match self {
+            RootFor::Bpf => "needs root to load BPF",
+            RootFor::Cgroup => "needs root for a cgroup with a hard limit",
+            RootFor::OtherUids => "needs root to run programs as other uids",
+        }
+    }
+}
+
+/// Whether a test that needs root for `why` can run. Outside CI it prints a
+/// visible `SKIPPED` line and returns false; with the variable `why` names
+/// set to 1 (as `.ci/run` does) it panics instead, so CI never skips
+/// silently.
+pub fn require_root_for(test: &str, why: RootFor) -> bool {
     if is_root() {
         return true;
     }
-    if std::env::var_os("AMM_REQUIRE_BPF").is_some_and(|v| v == "1") {
-        panic!("{test} needs root (BPF) and AMM_REQUIRE_BPF=1 forbids skipping it");
+    let variable = why.variable();
+    if std::env::var_os(variable).is_some_and(|v| v == "1") {
+        panic!(
+            "{test} {} and {variable}=1 forbids skipping it",
+            why.reason()
+        );
     }
     // written to the raw stderr handle, which the test harness does not capture
     let _ = writeln!(
         std::io::stderr(),
-        "SKIPPED {test}: needs root to load BPF (run `cargo xtask test` as root)"
+        "SKIPPED {test}: {} (run `cargo xtask test` as root)",
+        why.reason()
     );
     false
+}
+
+/// Whether a test that needs root and BPF can run: [`require_root_for`]
+/// with [`RootFor::Bpf`].
+pub fn require_root(test: &str) -> bool {
+    require_root_for(test, RootFor::Bpf)
 }
 
 /// The cargo target directory this executable was built into

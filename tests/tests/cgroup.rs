@@ -11,17 +11,8 @@ use amm_integration_tests::cgroup::HardLimit;
 
 const MIB: u64 = 1 << 20;
 
-/// True when the test may run. Without root it prints a visible `SKIPPED`
-/// line and returns false, unless `AMM_REQUIRE_BPF=1` (CI), where it fails.
 fn require_root(test: &str) -> bool {
-    if amm_integration_tests::is_root() {
-        return true;
-    }
-    if std::env::var_os("AMM_REQUIRE_BPF").is_some_and(|v| v == "1") {
-        panic!("{test} needs root and AMM_REQUIRE_BPF=1 forbids skipping it");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root");
-    false
+    amm_integration_tests::require_root_for(test, amm_integration_tests::RootFor::Cgroup)
 }
 
 struct Fault {

@@ -2,17 +2,16 @@
 //! Python, each run with `LD_PRELOAD`, read back through their allocator
 //! record (`amm-record`).
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use amm_integration_tests::bin;
 use amm_integration_tests::preload::{
     Driver, Preload, compile_c, record_fds, record_of, record_where, snapshot_where,
 };
-use amm_integration_tests::{bin, is_root};
 use amm_record::{Access, Allocator, ReadError, Snapshot};
 
 const MIB: u64 = 1 << 20;
@@ -39,14 +38,7 @@ fn live(s: &Snapshot) -> u64 {
 }
 
 fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("AMM_REQUIRE_ROOT").as_deref() == Ok("1") {
-        panic!("{test} needs root and AMM_REQUIRE_ROOT=1 forbids skipping it");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root (other uids)");
-    false
+    amm_integration_tests::require_root_for(test, amm_integration_tests::RootFor::OtherUids)
 }
 
 #[test]
