@@ -252,4 +252,39 @@ mod tests {
         );
         drop(w);
     }
+
+    /// A record found stuck mid-update is left alone, and after
+    /// [`STUCK_LIMIT`] such reads given up on: neither has a stand-in,
+    /// however young the last fresh read (a stuck writer must not keep
+    /// feeding its last numbers into the ticks).
+    #[test]
+    fn a_record_left_alone_or_given_up_has_no_stand_in() {
+        let mut w =
+            Writer::create(Some(Allocator::System), Duration::from_secs(60)).expect("writer");
+        let mut stats = Stats::default();
+        stats.publication.count = 1;
+        stats.publication.mono_ns = crate::sys::monotonic_ns();
+        w.publish(&stats);
+        let me = Task::of(std::process::id() as i32).expect("this process");
+        let mut f = Follower::new(me.pid, me.start_time, Access::Read);
+        assert!(f.read().is_some(), "a fresh read first");
+        // what a read that finds the seqlock held odd past its patience does
+        f.on_stuck();
+        assert!(
+            f.read_or_recent(Duration::from_secs(3600)).is_none(),
+            "a record left alone has no stand-in"
+        );
+        assert!(f.notice().is_some_and(|n| n.contains("left alone")));
+        for _ in 1..STUCK_LIMIT {
+            f.on_stuck();
+        }
+        assert!(f.notice().is_some_and(|n| n.contains("no longer read")));
+        assert!(f.read().is_none(), "given up: never read again");
+        assert!(
+            f.read_or_recent(Duration::from_secs(3600)).is_none(),
+            "a record given up on has no stand-in"
+        );
+        assert!(f.last().is_some(), "the last read is kept, only not used");
+        drop(w);
+    }
 }
