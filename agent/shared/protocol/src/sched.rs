@@ -243,6 +243,48 @@ mod tests {
         });
     }
 
+    /// The agent's readers run as root, a user's worker often does not: as
+    /// uid 65534 without capabilities, SCHED_FIFO is refused with what would
+    /// allow it and the short slice is in force. Only the test's own thread
+    /// changes uid (the raw `setresuid` syscall changes the calling thread's
+    /// credentials, not the process's, unlike libc's wrapper).
+    #[test]
+    fn an_unprivileged_thread_falls_back_to_the_short_slice_with_the_reason() {
+        use nix::sys::resource::{Resource, getrlimit};
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("AMM_REQUIRE_ROOT").is_none(),
+                "AMM_REQUIRE_ROOT is set but this test cannot become uid 65534"
+            );
+            println!("SKIPPED: needs root to run one thread as uid 65534");
+            return;
+        }
+        let rtprio = getrlimit(Resource::RLIMIT_RTPRIO).map_or(0, |(soft, _)| soft);
+        let got = on_thread(move || {
+            // SAFETY: plain integer arguments; affects the calling thread only.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+            let got = ReaderPolicy::Realtime(1).apply();
+            // SAFETY: reads the calling thread's policy, no pointers
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            (got, policy)
+        });
+        // a uid change makes the process non-dumpable; give the other tests
+        // their /proc back as it was
+        let _ = nix::sys::prctl::set_dumpable(true);
+        let (got, policy) = got;
+        println!("as uid 65534 (RLIMIT_RTPRIO {rtprio}): {got}");
+        if rtprio >= 1 {
+            assert_eq!(got, InForce::Fifo(1), "RLIMIT_RTPRIO allows priority 1");
+            return;
+        }
+        assert!(
+            matches!(&got, InForce::ShortSlice { fifo_refused: Some(why) } if why.contains("RLIMIT_RTPRIO")),
+            "{got:?}"
+        );
+        assert_eq!(policy, libc::SCHED_OTHER);
+    }
+
     #[test]
     fn a_priority_the_kernel_refuses_falls_back_to_the_short_slice_and_says_why() {
         on_thread(|| {
