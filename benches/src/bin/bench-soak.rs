@@ -188,8 +188,10 @@ fn cross(probe: &mut Faulter, reader: &mut Reader) -> Result<Vec<f64>> {
 /// its own ring; each level event's delay from the kernel's stamp to the
 /// client is recorded.
 fn latency(s: Arc<Shared>) -> Result<()> {
-    // as a worker's event thread does: wake on the event, not a slice later
-    let _ = amm_protocol::sched::request_short_slice(Duration::from_micros(100));
+    // as amm-worker's event thread does by default (SCHED_FIFO 1 where
+    // permitted, else the short slice): wake on the event, not a slice later
+    let granted = amm_protocol::sched::ReaderPolicy::Realtime(1).apply();
+    eprintln!("soak latency: the reading thread runs under {granted}");
     let limit = WORKER_LIMIT_MIB << 20;
     let mut f = Faulter::spawn()?;
     let mut sock = s.client("soak latency (socket)")?;
