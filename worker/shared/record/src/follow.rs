@@ -222,14 +222,19 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Mutex, MutexGuard};
+
     use crate::{Allocator, Stats, Writer};
 
-    /// A publisher that stops publishing for a while (preempted on a busy
-    /// machine) makes the next read stale; the last fresh read stands in
-    /// while it is young enough, its own publication time kept.
-    #[test]
-    fn a_late_publisher_leaves_a_recent_read_standing_in() {
-        let interval = Duration::from_millis(1);
+    /// The tests' records all live in this one process and a follower opens
+    /// the first it finds: one test's record at a time.
+    static ONE_RECORD: Mutex<()> = Mutex::new(());
+
+    /// A record this process published once at `interval`, and a follower
+    /// that read it fresh (with the guard that keeps other tests' records
+    /// out while it lives).
+    fn published(interval: Duration) -> (MutexGuard<'static, ()>, Writer, Follower, Snapshot) {
+        let one = ONE_RECORD.lock().unwrap_or_else(|e| e.into_inner());
         let mut w = Writer::create(Some(Allocator::System), interval).expect("writer");
         let mut stats = Stats::default();
         stats.publication.count = 1;
@@ -237,7 +242,16 @@ mod tests {
         w.publish(&stats);
         let me = Task::of(std::process::id() as i32).expect("this process");
         let mut f = Follower::new(me.pid, me.start_time, Access::Read);
-        let first = f.read().expect("a fresh read");
+        let first = f.read().expect("a fresh read of the record just published");
+        (one, w, f, first)
+    }
+
+    /// A publisher that stops publishing for a while (preempted on a busy
+    /// machine) makes the next read stale; the last fresh read stands in
+    /// while it is young enough, its own publication time kept.
+    #[test]
+    fn a_late_publisher_leaves_a_recent_read_standing_in() {
+        let (_one, w, mut f, first) = published(Duration::from_millis(1));
         // past three intervals and 100 ms: the record is stale now
         std::thread::sleep(Duration::from_millis(150));
         assert!(f.read().is_none(), "a stale read is not a fresh one");
@@ -259,15 +273,7 @@ mod tests {
     /// feeding its last numbers into the ticks).
     #[test]
     fn a_record_left_alone_or_given_up_has_no_stand_in() {
-        let mut w =
-            Writer::create(Some(Allocator::System), Duration::from_secs(60)).expect("writer");
-        let mut stats = Stats::default();
-        stats.publication.count = 1;
-        stats.publication.mono_ns = crate::sys::monotonic_ns();
-        w.publish(&stats);
-        let me = Task::of(std::process::id() as i32).expect("this process");
-        let mut f = Follower::new(me.pid, me.start_time, Access::Read);
-        assert!(f.read().is_some(), "a fresh read first");
+        let (_one, w, mut f, _) = published(Duration::from_secs(60));
         // what a read that finds the seqlock held odd past its patience does
         f.on_stuck();
         assert!(
