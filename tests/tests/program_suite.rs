@@ -181,10 +181,10 @@ fn c_leak_of_small_objects_is_a_leak() {
             "1GiB",
             &[exe.as_path(), Path::new("leak")],
         );
-        // 160 MiB of 64-byte objects kept over 8 s (a busy machine's cut
-        // may leave a first stretch too short to call: at least 64 MiB of
-        // it is called a leak, as before)
-        assert_leak(&r, &what, 64 * MIB);
+        // 160 MiB of 64-byte objects kept over 8 s: the leak findings hold
+        // most of it wherever a busy machine's ticks fall (a step the
+        // program missed while it waited for the CPU no longer cuts it)
+        assert_leak(&r, &what, 128 * MIB);
     }
 }
 
@@ -388,12 +388,11 @@ fn numpy_module_level_list_is_a_leak() {
             "1GiB",
             &[py.as_path(), job.as_path()],
         );
-        // 160 MiB leaked over 8 s. A busy machine's ticks can cut the
-        // leak's first seconds into a stretch too short to decide (seen
-        // once in 6 loaded runs: 55 MiB "undecided, 2.9 s is too short"
-        // beside a 99.8 MiB leak at the same rate); the leak findings then
-        // hold ~100 of the 160 MiB. Mending the cut is open (issue 10).
-        assert_leak(&r, &what, 96 * MIB);
+        // 160 MiB leaked over 8 s, all of it in the leak findings: a step
+        // the program missed while it waited for the CPU once cut the
+        // leak's first 3 s off as "too short to call" (1 run in 12 under
+        // load), which the segmenter no longer reads as memory that drops
+        assert_leak(&r, &what, 120 * MIB);
     }
 }
 

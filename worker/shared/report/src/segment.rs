@@ -17,7 +17,9 @@
 //!    lines differ by a significant amount at the cut or over the shorter
 //!    side, where growth starts, stops or turns back or memory drops (a
 //!    rise that only goes slower or faster is not cut: on a busy machine a
-//!    steady leak's rate varies). At most three levels of cuts.
+//!    steady leak's rate varies; nor is a rise that missed a step, since a
+//!    drop needs the samples to fall, `fall_across`). At most three
+//!    levels of cuts.
 
 use std::ops::Range;
 
@@ -359,7 +361,13 @@ fn split(run: &Run, th: &Thresholds, s: Span, depth: usize, out: &mut Vec<Span>)
     // 100 MiB fill was read as a slower rise, and the fill left uncut)
     let flat = |slope: f64, d: f64| (slope * d).abs() < sig;
     let turns = fl.slope.signum() != fr.slope.signum() || flat(fl.slope, dl) || flat(fr.slope, dr);
-    let drops = fl.at(tk) - fr.at(tk) >= sig;
+    // memory drops when the samples fall and stay down across the cut, not
+    // only when the two lines leave a gap there: a steady leak whose
+    // program missed a step (descheduled for a tick on a busy machine) has
+    // a right line one step below the left one though nothing fell (a
+    // numpy leak was cut 1 run in 12 under load, its first 3 s left "too
+    // short to call")
+    let drops = fl.at(tk) - fr.at(tk) >= sig && fall_across(&pts, k) >= sig;
     if (step < sig && bend < sig) || !(turns || drops) {
         out.push(s);
         return;
@@ -376,6 +384,27 @@ fn split(run: &Run, th: &Thresholds, s: Span, depth: usize, out: &mut Vec<Span>)
     };
     split(run, th, left, depth + 1, out);
     split(run, th, right, depth + 1, out);
+}
+
+/// Samples on each side of a cut whose median is that side's level there.
+const LEVEL_TICKS: usize = 3;
+
+/// How far the series fell across the cut at `k`: the median of the
+/// [`LEVEL_TICKS`] samples before it minus the median of those after it
+/// (one sample out of line on either side, a temporary or a late
+/// sample, moves neither level). Negative when it rose.
+fn fall_across(pts: &[(f64, f64)], k: usize) -> f64 {
+    let level = |side: &[(f64, f64)]| {
+        let mut ys: Vec<f64> = side.iter().map(|p| p.1).collect();
+        ys.sort_unstable_by(f64::total_cmp);
+        ys[ys.len() / 2]
+    };
+    let before = &pts[k.saturating_sub(LEVEL_TICKS)..k];
+    let after = &pts[k..(k + LEVEL_TICKS).min(pts.len())];
+    if before.is_empty() || after.is_empty() {
+        return 0.0;
+    }
+    level(before) - level(after)
 }
 
 /// The index where two least-squares lines leave the least squared error,
@@ -580,6 +609,29 @@ mod tests {
             segment(&run(straight, vec![]), &Thresholds::default()).len(),
             1
         );
+    }
+
+    /// A steady leak whose program missed one step (descheduled for a
+    /// tick): the line after it lies a step below the line before it, but
+    /// nothing fell, so it is one stretch; the same rise with memory that
+    /// really drops (40 MiB returned) is cut there.
+    #[test]
+    fn a_missed_step_is_no_drop_and_a_fall_is() {
+        let mib = 1u64 << 20;
+        let leak = |fall: u64| -> Vec<At<Tick>> {
+            (0..50)
+                .map(|i| {
+                    let steps = if i < 25 { i } else { i - 1 };
+                    let fell = if i < 25 { 0 } else { fall };
+                    tick(i as f64 * 0.2, (40 + 4 * steps) * mib - fell * mib)
+                })
+                .collect()
+        };
+        let s = segment(&run(leak(0), vec![]), &Thresholds::default());
+        assert_eq!(s.len(), 1, "{s:?}");
+        let s = segment(&run(leak(40), vec![]), &Thresholds::default());
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[1].range.start, 25, "{s:?}");
     }
 
     /// The suite's fast leak on a loaded machine: 30 MiB/s for 5 s, then
