@@ -67,6 +67,7 @@ scale linearly):
 """
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -440,6 +441,13 @@ def parse_args():
     p.add_argument("--allocator", choices=["glibc", "jemalloc"], default="glibc")
     p.add_argument("--preload-library", default=None, help="amm's jemalloc preload (with --allocator jemalloc)")
     p.add_argument("--spill-mode", choices=["incremental", "thread"], default=None)
+    p.add_argument(
+        "--amm-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set amm.KEY (a YAML value) for amm_dask; repeatable",
+    )
     args = p.parse_args()
     if args.allocator == "jemalloc" and not args.preload_library:
         p.error("--allocator jemalloc needs --preload-library")
@@ -491,8 +499,17 @@ def main():
             }
             if args.spill_mode:
                 amm["amm.spill"] = args.spill_mode
+            for kv in args.amm_config:
+                import yaml
+
+                k, _, v = kv.partition("=")
+                amm[f"amm.{k}"] = yaml.safe_load(v)
             dask.config.set(amm)
-            result["amm"] = {"allocator": args.allocator, "spill": dask.config.get("amm.spill")}
+            result["amm"] = {
+                "allocator": args.allocator,
+                "spill": dask.config.get("amm.spill"),
+                "config": dask.config.get("amm"),
+            }
         result["poll_ms"] = (
             dask.utils.parse_timedelta(
                 dask.config.get("distributed.worker.memory.monitor-interval")
@@ -631,6 +648,18 @@ def reset_loop_measures(dask_worker):
     dask_worker.digests_max["tick-duration"] = 0
 
 
+def digest_totals(dask_worker):
+    """Dask's own cumulative metrics of the run, summed by activity and
+    unit: ``execute/thread-cpu/seconds``, ``disk-write/count`` ... (where a
+    workload's time went: the tasks' CPU, their waits, spill writes)."""
+    out = collections.Counter()
+    for k, v in dask_worker.digests_total.items():
+        if not isinstance(k, tuple) or len(k) < 3:
+            continue
+        out["/".join(str(x) for x in (k[0], *k[-2:]))] += float(v)
+    return dict(out)
+
+
 def worker_memory(dask_worker):
     """RSS, managed (in memory) and amm's counters of one worker."""
     import psutil
@@ -642,12 +671,22 @@ def worker_memory(dask_worker):
         "rss": psutil.Process().memory_info().rss,
         "managed": int(getattr(fast, "total_weight", 0) or 0),
     }
+    cpu = psutil.Process().cpu_times()
+    out["cpu_user_s"], out["cpu_system_s"] = cpu.user, cpu.system
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    per = collections.Counter()
+    for t in psutil.Process().threads():
+        per[names.get(t.id, "native").rstrip("0123456789-_")] += t.user_time + t.system_time
+    out["threads_cpu_s"] = dict(per)
     lag = dask_worker.plugins.get("loop-lag")
     if lag is not None:
         out["loop_lag_max_ms"] = lag.max_ms
         out["loop_lag_p99_ms"] = lag.p99_ms()
         out["loop_late_50ms"] = lag.late_50
     out["tick_max_ms"] = dask_worker.digests_max.get("tick-duration", 0) * 1000.0
+    out["digests"] = digest_totals(dask_worker)
     plugin = dask_worker.plugins.get("amm")
     if plugin is not None and getattr(plugin, "levels", None) is not None:
         out["amm_stats"] = dict(plugin.stats)

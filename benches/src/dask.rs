@@ -187,6 +187,51 @@ pub struct TrialConfig {
     pub seed: u64,
     /// The workload gives up after this long.
     pub timeout: Duration,
+    /// amm_dask settings this trial overrides (amm modes; `None`: its
+    /// defaults), to run variants of one mode side by side.
+    pub variant: Option<AmmVariant>,
+}
+
+/// A named set of amm_dask settings (`amm.<key>` = YAML value) a trial
+/// runs with, e.g. `no-trim:trim-threshold=1TiB`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmmVariant {
+    /// Its name in the results and the tables.
+    pub name: String,
+    /// `(key, value)` pairs, keys without the `amm.` prefix.
+    pub settings: Vec<(String, String)>,
+}
+
+impl std::str::FromStr for AmmVariant {
+    type Err = String;
+
+    /// `NAME:KEY=VALUE[;KEY=VALUE...]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("{s:?}: give NAME:KEY=VALUE[;KEY=VALUE...] (keys of amm_dask's `amm:` config)")
+        };
+        let (name, rest) = s.split_once(':').ok_or_else(bad)?;
+        let settings = rest
+            .split(';')
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?;
+        let valid = |x: &str| {
+            !x.is_empty()
+                && x.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !valid(name) || settings.iter().any(|(k, _)| !valid(k)) {
+            return Err(bad());
+        }
+        Ok(AmmVariant {
+            name: name.to_string(),
+            settings,
+        })
+    }
 }
 
 /// How a trial went, decided by the first worker that died (or by the run
@@ -303,6 +348,9 @@ pub struct TrialResult {
     /// amm_dask's spill mode as the trial script set it (amm modes).
     #[serde(default)]
     pub spill: Option<SpillMode>,
+    /// The [`AmmVariant`] it ran with, by name (`None`: amm_dask's defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// The event loop's longest stall during the workload (a 10 ms timer's
     /// lateness), of the last worker, in ms.
     #[serde(default)]
@@ -670,6 +718,11 @@ impl DaskRunner {
             cmd.arg("--poll-ms").arg(p.to_string());
         }
         self.mode_args(cfg.mode, cfg.spill, &mut cmd)?;
+        if let (Some(v), true) = (&cfg.variant, cfg.mode != Mode::Plain) {
+            for (k, val) in &v.settings {
+                cmd.arg("--amm-config").arg(format!("{k}={val}"));
+            }
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.venv.python.display()))?;
@@ -1184,6 +1237,7 @@ fn assemble(
         workload: cfg.workload,
         mode: cfg.mode,
         spill: script.amm.as_ref().and_then(|a| a.spill),
+        variant: cfg.variant.as_ref().map(|v| v.name.clone()),
         loop_lag_max_ms: last.and_then(|w| w.loop_lag_max_ms),
         loop_lag_p99_ms: last.and_then(|w| w.loop_lag_p99_ms),
         loop_late_50ms: last.and_then(|w| w.loop_late_50ms),
@@ -1299,6 +1353,7 @@ mod tests {
             poll_ms: None,
             seed: 1,
             timeout: Duration::from_secs(1),
+            variant: None,
         }
     }
 
@@ -1386,5 +1441,29 @@ mod tests {
             [LifeEnd::TerminatedByNanny, LifeEnd::Died, LifeEnd::Shutdown]
         );
         assert_eq!(r.outcome, Outcome::TerminatedRestarted);
+    }
+
+    #[test]
+    fn a_variant_is_a_name_and_amm_settings_and_nothing_else() {
+        let v: AmmVariant = "no-trim:trim-threshold=1TiB; gate=false".parse().unwrap();
+        assert_eq!(v.name, "no-trim");
+        assert_eq!(
+            v.settings,
+            [
+                ("trim-threshold".to_string(), "1TiB".to_string()),
+                ("gate".to_string(), "false".to_string())
+            ]
+        );
+        for bad in [
+            "no-colon",
+            "x:",
+            "x:k",
+            ":k=v",
+            "x y:k=v",
+            "x:k/../v=1",
+            "x:k=v;",
+        ] {
+            assert!(bad.parse::<AmmVariant>().is_err(), "{bad:?} was accepted");
+        }
     }
 }

@@ -107,8 +107,9 @@ impl Row {
 }
 
 /// A row's place: workload, mode, spill mode (0: none, then
-/// [`SpillMode::ALL`] + 1), in table order.
-type Key = (usize, usize, usize);
+/// [`SpillMode::ALL`] + 1), settings variant (empty: amm_dask's defaults),
+/// in table order.
+type Key = (usize, usize, usize, String);
 
 fn key(t: &TrialResult) -> Key {
     let pos = |found: Option<usize>| found.unwrap_or(99);
@@ -117,6 +118,7 @@ fn key(t: &TrialResult) -> Key {
         pos(Mode::ALL.iter().position(|&x| x == t.mode)),
         t.spill
             .map_or(0, |s| pos(SpillMode::ALL.iter().position(|&x| x == s)) + 1),
+        t.variant.clone().unwrap_or_default(),
     )
 }
 
@@ -133,12 +135,18 @@ fn workload_name(w: usize) -> &'static str {
 }
 
 /// The mode's name, with a spill thread said (the incremental spill is
-/// amm_dask's default and stays unsaid, as in earlier tables).
-fn mode_name((_, m, s): Key) -> String {
-    let mode = Mode::ALL.get(m).map_or("?", |x| x.name());
-    match s.checked_sub(1).and_then(|i| SpillMode::ALL.get(i)) {
+/// amm_dask's default and stays unsaid, as in earlier tables), and its
+/// settings variant.
+fn mode_name((_, m, s, v): &Key) -> String {
+    let mode = Mode::ALL.get(*m).map_or("?", |x| x.name());
+    let mode = match s.checked_sub(1).and_then(|i| SpillMode::ALL.get(i)) {
         Some(SpillMode::Thread) => format!("{mode}, spill thread"),
         _ => mode.to_string(),
+    };
+    if v.is_empty() {
+        mode
+    } else {
+        format!("{mode} [{v}]")
     }
 }
 
@@ -166,8 +174,8 @@ pub fn markdown(results: &[TrialResult]) -> String {
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut plain: BTreeMap<usize, (Option<f64>, Option<f64>)> = BTreeMap::new();
-    for (&k, row) in rows.iter_mut() {
-        let (w, m, _) = k;
+    for (k, row) in rows.iter_mut() {
+        let &(w, m, _, _) = k;
         let wall = median(&mut row.wall_s);
         let unmanaged = median(&mut row.unmanaged_mib);
         if m == 0 {
@@ -219,20 +227,21 @@ fn spill_table(rows: &mut BTreeMap<Key, Row>) -> String {
         "| workload | mode | trials | loop stall ms median / max (vs incremental) \
          | Dask tick max ms median | ticks > 50 ms late median \
          | rise past spill → under target ms median / max (vs incremental) [episodes, unresolved] \
-         | tasks/s median (vs incremental) | peak % median / max |\n\
+         | tasks/s median (vs incremental, defaults) | peak % median / max |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut incremental: BTreeMap<(usize, usize), [Option<f64>; 3]> = BTreeMap::new();
-    for (&k, row) in rows.iter_mut() {
-        let (w, m, s) = k;
+    for (k, row) in rows.iter_mut() {
+        let (w, m, s) = (k.0, k.1, k.2);
+        let default = k.3.is_empty();
         let stall = median(&mut row.loop_max_ms);
         let back = median(&mut row.spill_to_target_ms);
         let rate = median(&mut row.tasks_per_s);
-        if s == 1 {
+        if s == 1 && default {
             incremental.insert((w, m), [stall, back, rate]);
         }
         let base = match incremental.get(&(w, m)) {
-            Some(&b) if s > 1 => b,
+            Some(&b) if s > 1 || !default => b,
             _ => [None; 3],
         };
         let pct = |v: Option<f64>| opt(v.map(|f| f * 100.0), 1);

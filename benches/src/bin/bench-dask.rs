@@ -20,7 +20,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use amm_benches::dask::{
-    DaskRunner, DaskVenv, Mode, SpillMode, TrialConfig, TrialResult, Workload, handle_stop_signals,
+    AmmVariant, DaskRunner, DaskVenv, Mode, SpillMode, TrialConfig, TrialResult, Workload,
+    handle_stop_signals,
 };
 use amm_benches::dask_rounds::{Rounds, error_line, percent, read_results, wall};
 use amm_benches::{dask_table, start_agent, target_dir};
@@ -58,6 +59,12 @@ struct Args {
     /// spill mode, alternated within every round (plain runs once).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "incremental")]
     spill: Vec<SpillMode>,
+    /// A variant of amm_dask's settings, `NAME:KEY=VALUE[;KEY=VALUE...]`
+    /// (keys of its `amm:` config, values in YAML, e.g.
+    /// `no-gate:gate=false`); repeatable. Each amm mode and spill mode runs
+    /// once with the defaults and once per variant, in every round.
+    #[arg(long = "variant", value_name = "NAME:KEY=VALUE")]
+    variants: Vec<AmmVariant>,
     /// Warm-up trials before the measured ones (not recorded).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -89,10 +96,11 @@ struct Args {
 
 fn describe(r: &TrialResult) -> String {
     format!(
-        "{:<6} {:<12} {:<11} seed {:<3} {:<20} completed {:<5} restarts {} peak {} wall {} unmanaged after {} loop max {}{}",
+        "{:<6} {:<12} {:<11} {} seed {:<3} {:<20} completed {:<5} restarts {} peak {} wall {} unmanaged after {} loop max {}{}",
         r.workload.name(),
         r.mode.name(),
         r.spill.map_or("", SpillMode::name),
+        r.variant.as_deref().unwrap_or(""),
         r.seed,
         r.outcome.name(),
         r.completed,
@@ -139,10 +147,13 @@ fn runner(args: &Args, socket: PathBuf) -> Result<DaskRunner> {
     Ok(runner)
 }
 
+/// One cell of a round: mode, spill mode, settings variant.
+type Variant = (Mode, Option<SpillMode>, Option<AmmVariant>);
+
 fn config(
     args: &Args,
     workload: Workload,
-    (mode, spill): (Mode, Option<SpillMode>),
+    (mode, spill, variant): Variant,
     seed: u64,
 ) -> TrialConfig {
     TrialConfig {
@@ -153,17 +164,25 @@ fn config(
         poll_ms: None,
         seed,
         timeout: Duration::from_secs(args.timeout_s),
+        variant,
     }
 }
 
 /// What a round runs per workload: plain once, each amm mode once per
-/// spill mode (alternated).
-fn variants(args: &Args) -> Vec<(Mode, Option<SpillMode>)> {
+/// spill mode and settings variant (alternated).
+fn variants(args: &Args) -> Vec<Variant> {
+    let settings: Vec<Option<AmmVariant>> = std::iter::once(None)
+        .chain(args.variants.iter().cloned().map(Some))
+        .collect();
     args.modes
         .iter()
         .flat_map(|&m| match m {
-            Mode::Plain => vec![(m, None)],
-            _ => args.spill.iter().map(|&s| (m, Some(s))).collect(),
+            Mode::Plain => vec![(m, None, None)],
+            _ => args
+                .spill
+                .iter()
+                .flat_map(|&s| settings.iter().map(move |v| (m, Some(s), v.clone())))
+                .collect(),
         })
         .collect()
 }
@@ -174,7 +193,7 @@ fn plan(args: &Args) -> (Vec<TrialConfig>, Vec<Vec<TrialConfig>>) {
     let warmup = (0..args.warmup)
         .map(|i| {
             let w = args.workloads[i % args.workloads.len()];
-            config(args, w, variants[i % variants.len()], args.seed)
+            config(args, w, variants[i % variants.len()].clone(), args.seed)
         })
         .collect();
     let rounds = (0..args.trials)
@@ -182,7 +201,7 @@ fn plan(args: &Args) -> (Vec<TrialConfig>, Vec<Vec<TrialConfig>>) {
             let seed = args.seed + round as u64;
             args.workloads
                 .iter()
-                .flat_map(|&w| variants.iter().map(move |&v| (w, v)))
+                .flat_map(|&w| variants.iter().map(move |v| (w, v.clone())))
                 .map(|(w, v)| config(args, w, v, seed))
                 .collect()
         })

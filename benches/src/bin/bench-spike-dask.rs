@@ -126,6 +126,7 @@ fn main() -> Result<()> {
         poll_ms: args.poll_ms,
         seed,
         timeout: Duration::from_secs(args.timeout_s),
+        variant: None,
     };
     let warmup = (0..args.warmup)
         .map(|i| config(args.workloads[i % args.workloads.len()], args.seed))

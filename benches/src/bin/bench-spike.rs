@@ -143,6 +143,7 @@ fn main() -> Result<()> {
                         poll_ms: None,
                         seed: t as u64 + 1,
                         timeout,
+                        variant: None,
                     })?;
                     writeln!(out, "{}", serde_json::to_string(&r)?)?;
                     let mut sample = Sample::from(&r);

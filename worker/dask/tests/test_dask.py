@@ -223,6 +223,18 @@ def test_a_spill_mode_that_does_not_exist_is_refused_by_name():
         Spiller(None, None, "threads", {})
 
 
+def test_glibc_free_chunks_a_trim_already_gave_back_are_not_purgeable():
+    # glibc's fordblks still counts free chunks after malloc_trim returned
+    # their pages; only what is still resident can be purged (else every
+    # tick finds "a hoard" and trims for nothing)
+    from amm_dask.worker import purgeable
+
+    glibc = {"allocator": "glibc", "fordblks": 200 * MIB, "hoarded": 3 * MIB}
+    assert purgeable(glibc) == 3 * MIB
+    je = {"allocator": "jemalloc", "dirty": 5 * MIB, "muzzy": 1 * MIB, "hoarded": 40 * MIB}
+    assert purgeable(je) == 6 * MIB
+
+
 def test_a_leak_is_reported_as_a_leak_through_the_agent_the_log_and_metrics(
     agent, cluster_factory
 ):

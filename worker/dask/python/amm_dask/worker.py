@@ -99,6 +99,7 @@ class Spiller:
         if mode not in SPILL_MODES:
             raise ValueError(f"amm.spill is {mode!r}: use one of {', '.join(SPILL_MODES)}")
         self.mode = mode
+        self.purge = bool(config.get("spill-purge", True))
         self.stats = stats
         self.lock = threading.Lock()  # one evictor at a time
         self.running = False
@@ -126,7 +127,7 @@ class Spiller:
         count = spilled = 0
         owed = _native.rss_bytes() - target  # what eviction must free
         while _native.rss_bytes() > target:
-            if spilled >= owed:
+            if spilled >= owed and self.purge:
                 yield "purge", count, spilled
                 owed = spilled + max(0, _native.rss_bytes() - target)
                 continue
@@ -212,6 +213,15 @@ class Spiller:
         self.start("dask monitor")
 
 
+def purgeable(heap: dict) -> int:
+    """What a purge/trim can give back now: jemalloc's dirty and muzzy
+    pages; glibc's free chunks still resident (what trims gave back since
+    they were freed is not)."""
+    if heap["allocator"] == "jemalloc":
+        return heap.get("dirty", 0) + heap.get("muzzy", 0)
+    return heap.get("hoarded", 0)
+
+
 class AmmWorkerPlugin(WorkerPlugin):
     """amm for one Dask worker (see the module's doc). Install with
     ``dask worker ... --preload amm_dask``, ``client.register_plugin(
@@ -234,6 +244,12 @@ class AmmWorkerPlugin(WorkerPlugin):
         self.agent_connected = False
         self.running_tasks: dict = {}
         self._unmanaged_hist: collections.deque = collections.deque()
+        import dask.config
+        from dask.utils import parse_timedelta
+
+        self._recent_window = parse_timedelta(
+            dask.config.get("distributed.worker.memory.recent-to-old-time")
+        )
         mm = worker.memory_manager
         self.mm = mm
         self.limit = mm.memory_limit
@@ -256,7 +272,8 @@ class AmmWorkerPlugin(WorkerPlugin):
             self.levels.terminate,
         )
         self.verdict = ("steady", "", [])
-        self._next_verdict = time.monotonic() + config.get_seconds("verdict-interval")
+        self._verdict_interval = config.get_seconds("verdict-interval")
+        self._next_verdict = time.monotonic() + self._verdict_interval
         self._trim_threshold = config.trim_threshold()
         self._trim_interval = self._trim_base = config.get_seconds("trim-interval")
         self._next_trim = 0.0
@@ -526,17 +543,12 @@ class AmmWorkerPlugin(WorkerPlugin):
         )
         self._maybe_trim(now, heap)
         if now >= self._next_verdict:
-            self._next_verdict = now + config.get_seconds("verdict-interval")
+            self._next_verdict = now + self._verdict_interval
             asyncio.ensure_future(self._log_verdict())
 
     def _unmanaged_recent(self, now: float, unmanaged: int) -> int:
         """Dask's "unmanaged recent": what appeared within recent-to-old-time."""
-        import dask.config
-        from dask.utils import parse_timedelta
-
-        window = parse_timedelta(
-            dask.config.get("distributed.worker.memory.recent-to-old-time")
-        )
+        window = self._recent_window
         h = self._unmanaged_hist
         h.append((now, unmanaged))
         while h and h[0][0] < now - window:
@@ -544,13 +556,14 @@ class AmmWorkerPlugin(WorkerPlugin):
         return max(0, unmanaged - min(u for _, u in h))
 
     # ------------------------------------------------------------ purge
-    def _purgeable(self, heap: dict) -> int:
-        if heap["allocator"] == "jemalloc":
-            return heap.get("dirty", 0) + heap.get("muzzy", 0)
-        return heap.get("fordblks", 0)
-
     def _maybe_trim(self, now: float, heap: dict) -> None:
-        if now < self._next_trim or self._purgeable(heap) <= self._trim_threshold:
+        """MALLOC_TRIM_THRESHOLD_ semantics: purge when what a purge can
+        return passes the threshold, at most once per (backed-off)
+        trim-interval. Like glibc's own trim at free(), it does not wait to
+        see whether the memory would be reused (benches/RESULTS.md, the
+        spill workload: a task's large blocks are faulted in afresh with or
+        without a purge; glibc maps them, jemalloc returns them itself)."""
+        if now < self._next_trim or purgeable(heap) <= self._trim_threshold:
             return
         self._next_trim = now + self._trim_interval
         asyncio.ensure_future(self._trim())
@@ -563,9 +576,11 @@ class AmmWorkerPlugin(WorkerPlugin):
         if self.link is not None:
             self.link.report_purge(_native.monotonic_ns(), reason, rss0, rss1, h0, h1, secs)
         self.stats["purges"] += 1
+        self.stats[f"purges_{reason}"] += 1
         self.stats["purged_bytes"] += returned
-        # back off while purges give little back
-        if returned < self._trim_threshold:
+        # back off while purges give little back: what both RSS and the
+        # allocator say came back (RSS alone also moves with the tasks)
+        if min(returned, max(0, h0 - h1)) < self._trim_threshold:
             self._trim_interval = min(self._trim_interval * 2, 30.0)
         else:
             self._trim_interval = self._trim_base
