@@ -1445,7 +1445,9 @@ mod tests {
 
     #[test]
     fn a_variant_is_a_name_and_amm_settings_and_nothing_else() {
-        let v: AmmVariant = "no-trim:trim-threshold=1TiB; gate=false".parse().unwrap();
+        let v: AmmVariant = "no-trim:trim-threshold=1TiB; gate=false"
+            .parse()
+            .expect("a valid variant");
         assert_eq!(v.name, "no-trim");
         assert_eq!(
             v.settings,
