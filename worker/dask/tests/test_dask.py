@@ -223,6 +223,25 @@ def test_a_spill_mode_that_does_not_exist_is_refused_by_name():
         Spiller(None, None, "threads", {})
 
 
+def test_the_running_tasks_file_is_written_off_the_loop_newest_snapshot_last(tmp_path):
+    # the nanny reads this file when the worker dies; the writes (a rename
+    # that waits for the disk) happen on a thread of their own, and the last
+    # snapshot published is the one on disk once it is closed
+    import json
+
+    from amm_dask.worker import RunningFile
+
+    path = str(tmp_path / "amm-running.json")
+    f = RunningFile(path)
+    for i in range(200):
+        f.publish({"pid": 1, "tasks": [{"key": f"k{i}"}]})
+    f.close()
+    assert not f.thread.is_alive()
+    with open(path) as fh:
+        assert json.load(fh) == {"pid": 1, "tasks": [{"key": "k199"}]}
+    assert not os.path.exists(path + ".tmp")
+
+
 def test_glibc_free_chunks_a_trim_already_gave_back_are_not_purgeable():
     # glibc's fordblks still counts free chunks after malloc_trim returned
     # their pages; only what is still resident can be purged (else every

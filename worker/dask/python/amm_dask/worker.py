@@ -27,7 +27,8 @@ What it changes in a Dask worker (everything is undone by ``teardown``):
   Hoarded memory is purged/trimmed under ``MALLOC_TRIM_THRESHOLD_``
   semantics.
 - Writes the tasks it is running to a small state file the nanny reads when
-  the worker dies (:mod:`amm_dask.nanny`).
+  the worker dies (:mod:`amm_dask.nanny`), from a thread of its own (the
+  rename waits for the disk; never on the event loop).
 """
 
 from __future__ import annotations
@@ -222,6 +223,57 @@ def purgeable(heap: dict) -> int:
     return heap.get("hoarded", 0)
 
 
+class RunningFile:
+    """The running-tasks file the nanny reads when the worker dies, written
+    by a thread of its own: the newest snapshot wins, written to a temporary
+    file and renamed over the old one (never torn).
+
+    Not on the event loop: the rename waits for the disk (ext4 flushes a
+    file renamed over another), and with spill files streaming to the same
+    disk that took milliseconds per task transition, twice per task
+    (benches/RESULTS.md, the spill workload)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.cv = threading.Condition()
+        self.doc: dict | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="amm-running-file", daemon=True)
+        self.thread.start()
+
+    def publish(self, doc: dict) -> None:
+        """Replaces the snapshot to write (returns at once)."""
+        with self.cv:
+            self.doc = doc
+            self.cv.notify()
+
+    def close(self) -> None:
+        """Writes what is pending, then stops the thread."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while self.doc is None and not self.closed:
+                    self.cv.wait()
+                doc, self.doc = self.doc, None
+                if doc is None:
+                    return
+            self._write(doc)
+
+    def _write(self, doc: dict) -> None:
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            logger.debug("amm: cannot write %s: %s", self.path, e)
+
+
 class AmmWorkerPlugin(WorkerPlugin):
     """amm for one Dask worker (see the module's doc). Install with
     ``dask worker ... --preload amm_dask``, ``client.register_plugin(
@@ -258,7 +310,7 @@ class AmmWorkerPlugin(WorkerPlugin):
             self.levels = None
         else:
             self.levels = Levels(self.limit, mm)
-        self._state_file = self._state_path(worker)
+        self._running_file = RunningFile(self._state_path(worker))
         self._write_running()
         metrics.register(self)
         if self.levels is None:
@@ -345,6 +397,7 @@ class AmmWorkerPlugin(WorkerPlugin):
 
     def teardown(self, worker) -> None:
         metrics.unregister(self)
+        self._running_file.close()
         if self.levels is None:
             return
         if self.link is not None:
@@ -371,21 +424,16 @@ class AmmWorkerPlugin(WorkerPlugin):
         self._write_running()
 
     def _write_running(self) -> None:
-        doc = {
-            "pid": os.getpid(),
-            "address": getattr(self.worker, "address", None),
-            "tasks": [
-                {"key": str(k), "started": t, "rss_at_start": r}
-                for k, (t, r) in self.running_tasks.items()
-            ],
-        }
-        tmp = self._state_file + ".tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, self._state_file)
-        except OSError:
-            pass
+        self._running_file.publish(
+            {
+                "pid": os.getpid(),
+                "address": getattr(self.worker, "address", None),
+                "tasks": [
+                    {"key": str(k), "started": t, "rss_at_start": r}
+                    for k, (t, r) in self.running_tasks.items()
+                ],
+            }
+        )
 
     # ------------------------------------------------------------ events
     def _on_wake(self, fd, events) -> None:
