@@ -671,6 +671,9 @@ def worker_memory(dask_worker):
         "rss": psutil.Process().memory_info().rss,
         "managed": int(getattr(fast, "total_weight", 0) or 0),
     }
+    with open("/proc/self/stat") as f:
+        stat = f.read().rsplit(")", 1)[1].split()
+    out["minflt"], out["majflt"] = int(stat[7]), int(stat[9])
     cpu = psutil.Process().cpu_times()
     out["cpu_user_s"], out["cpu_system_s"] = cpu.user, cpu.system
     import threading
