@@ -50,7 +50,9 @@ pub fn ols(pts: &[(f64, f64)]) -> Option<Line> {
     })
 }
 
-fn median(v: &mut [f64]) -> Option<f64> {
+/// The median of `v` (sorted in place; the mean of the two middle values
+/// for an even count), `None` when it is empty.
+pub(crate) fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

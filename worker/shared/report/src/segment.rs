@@ -396,15 +396,14 @@ const LEVEL_TICKS: usize = 3;
 fn fall_across(pts: &[(f64, f64)], k: usize) -> f64 {
     let level = |side: &[(f64, f64)]| {
         let mut ys: Vec<f64> = side.iter().map(|p| p.1).collect();
-        ys.sort_unstable_by(f64::total_cmp);
-        ys[ys.len() / 2]
+        crate::fit::median(&mut ys)
     };
     let before = &pts[k.saturating_sub(LEVEL_TICKS)..k];
     let after = &pts[k..(k + LEVEL_TICKS).min(pts.len())];
-    if before.is_empty() || after.is_empty() {
-        return 0.0;
+    match (level(before), level(after)) {
+        (Some(b), Some(a)) => b - a,
+        _ => 0.0,
     }
-    level(before) - level(after)
 }
 
 /// The index where two least-squares lines leave the least squared error,
