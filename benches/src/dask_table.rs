@@ -20,6 +20,11 @@ fn max(v: &[f64]) -> Option<f64> {
     v.iter().copied().reduce(f64::max)
 }
 
+/// A fraction as a percentage with one decimal (`-` when absent).
+fn pct(v: Option<f64>) -> String {
+    opt(v.map(|f| f * 100.0), 1)
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
 }
@@ -185,7 +190,6 @@ pub fn markdown(results: &[TrialResult]) -> String {
             Some(&p) if m != 0 => p,
             _ => (None, None),
         };
-        let pct = |v: Option<f64>| opt(v.map(|f| f * 100.0), 1);
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} / {} | {} | {}{} | {}{} | {} / {} | {} / {} |",
@@ -244,7 +248,6 @@ fn spill_table(rows: &mut BTreeMap<Key, Row>) -> String {
             Some(&b) if s > 1 || !default => b,
             _ => [None; 3],
         };
-        let pct = |v: Option<f64>| opt(v.map(|f| f * 100.0), 1);
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} / {}{} | {} | {} | {} / {}{} [{}, {}] | {}{} | {} / {} |",
