@@ -223,6 +223,21 @@ def test_a_spill_mode_that_does_not_exist_is_refused_by_name():
         Spiller(None, None, "threads", {})
 
 
+def test_a_boolean_key_that_is_not_a_boolean_is_refused_by_name():
+    # DASK_AMM__GATE=no reaches Dask's config as the string "no", which
+    # used to count as true; every boolean key is read through get_bool
+    import dask.config
+
+    from amm_dask import config
+
+    with dask.config.set({"amm.gate": "no"}):
+        with pytest.raises(ValueError, match="amm.gate is 'no': use true or false"):
+            config.get_bool("gate")
+    with dask.config.set({"amm.gate": False}):
+        assert config.get_bool("gate") is False
+    assert config.get_bool("spill-purge") is True  # amm.yaml's default
+
+
 def test_the_running_tasks_file_is_written_off_the_loop_newest_snapshot_last(tmp_path):
     # the nanny reads this file when the worker dies; the writes (a rename
     # that waits for the disk) happen on a thread of their own, and the last

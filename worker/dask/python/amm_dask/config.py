@@ -23,6 +23,16 @@ def get(key: str, default=None):
     return dask.config.get(f"amm.{key}", default=default)
 
 
+def get_bool(key: str) -> bool:
+    """``amm.<key>`` as a boolean; anything else (``DASK_AMM__GATE=no``
+    arrives as the string ``"no"``) is refused by name instead of counting
+    as true."""
+    v = get(key)
+    if not isinstance(v, bool):
+        raise ValueError(f"amm.{key} is {v!r}: use true or false")
+    return v
+
+
 def get_bytes(key: str) -> int | None:
     v = get(key)
     if v is None:

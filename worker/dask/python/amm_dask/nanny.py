@@ -119,7 +119,7 @@ class AmmNannyPlugin(NannyPlugin):
             logger.info("amm: the worker runs on the amm preload (%s)", env["LD_PRELOAD"])
         self._orig_exit = nanny._on_worker_exit
         nanny._on_worker_exit = self._on_worker_exit
-        if config.get("nanny.scheduler-plugin"):
+        if config.get_bool("nanny.scheduler-plugin"):
             nanny._ongoing_background_tasks.call_soon(self._install_scheduler_plugin)
 
     def teardown(self, nanny) -> None:

@@ -154,8 +154,8 @@ class AmmPolicy(ActiveMemoryManagerPolicy):
                  min_leak: int | str | None = None, purge_every: float = 30.0) -> None:
         from dask.utils import parse_bytes
 
-        self.retire_leaks = config.get("policy.retire-leaks") if retire_leaks is None else retire_leaks
-        self.purge_hoards = config.get("policy.purge-hoards") if purge_hoards is None else purge_hoards
+        self.retire_leaks = config.get_bool("policy.retire-leaks") if retire_leaks is None else retire_leaks
+        self.purge_hoards = config.get_bool("policy.purge-hoards") if purge_hoards is None else purge_hoards
         ml = config.get("policy.min-leak") if min_leak is None else min_leak
         self.min_leak = int(parse_bytes(ml)) if isinstance(ml, str) else int(ml)
         self.purge_every = purge_every

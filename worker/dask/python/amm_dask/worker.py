@@ -100,7 +100,7 @@ class Spiller:
         if mode not in SPILL_MODES:
             raise ValueError(f"amm.spill is {mode!r}: use one of {', '.join(SPILL_MODES)}")
         self.mode = mode
-        self.purge = bool(config.get("spill-purge", True))
+        self.purge = config.get_bool("spill-purge")
         self.stats = stats
         self.lock = threading.Lock()  # one evictor at a time
         self.running = False
@@ -333,7 +333,7 @@ class AmmWorkerPlugin(WorkerPlugin):
         self._patch_monitor(mm)
         worker.metrics["amm"] = lambda w: self.summary()
         worker.handlers["amm_purge"] = self._purge_handler
-        if config.get("register"):
+        if config.get_bool("register"):
             self._start_link(worker)
 
     def _state_path(self, worker) -> str:
@@ -345,7 +345,7 @@ class AmmWorkerPlugin(WorkerPlugin):
         lv = self.levels
         _native.gate_levels(lv.pause or 0, lv.resume or 0)
         _native.gate_open()
-        if not config.get("gate"):
+        if not config.get_bool("gate"):
             return
         ex = worker.executors.get("default")
         if ex is None or "submit" in vars(ex):
