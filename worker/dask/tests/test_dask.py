@@ -223,6 +223,28 @@ def test_a_spill_mode_that_does_not_exist_is_refused_by_name():
         Spiller(None, None, "threads", {})
 
 
+def test_the_running_tasks_file_is_never_written_through_a_planted_link(tmp_path):
+    # a link planted where the temporary file goes must not make the worker
+    # (often root) write through it: the link is replaced, its target untouched
+    import json
+    import stat
+
+    from amm_dask.worker import RunningFile
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    path = str(tmp_path / "amm-running.json")
+    os.symlink(victim, path + ".tmp")
+    f = RunningFile(path)
+    f.publish({"pid": 1, "tasks": []})
+    f.close()
+    assert victim.read_text() == "keep"
+    with open(path) as fh:
+        assert json.load(fh) == {"pid": 1, "tasks": []}
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+
+
 def test_a_boolean_key_that_is_not_a_boolean_is_refused_by_name():
     # DASK_AMM__GATE=no reaches Dask's config as the string "no", which
     # used to count as true; every boolean key is read through get_bool

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -265,9 +266,16 @@ class RunningFile:
             self._write(doc)
 
     def _write(self, doc: dict) -> None:
+        # a fresh owner-only file, never through a link planted where the
+        # temporary goes (the worker often runs as root): whatever is there
+        # is removed first (unlink removes a link, not its target), and
+        # O_EXCL | O_NOFOLLOW refuse one planted again in between
         tmp = self.path + ".tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            with open(tmp, "w") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            with os.fdopen(os.open(tmp, flags, 0o600), "w") as f:
                 json.dump(doc, f)
             os.replace(tmp, self.path)
         except OSError as e:
