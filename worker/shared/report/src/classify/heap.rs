@@ -304,13 +304,23 @@ impl Ctx<'_> {
             f.purges = purges.to_vec();
             return f;
         }
+        // trims that ran here found less than counts: it came and went
+        // between them (say so, not that none ran)
+        let trims = match purges.iter().map(|p| p.hoarded_before).max() {
+            None => "no trim ran".to_string(),
+            Some(seen) => format!(
+                "the {} trim(s) here found at most {} hoarded",
+                purges.len(),
+                bytes(seen)
+            ),
+        };
         let mut f = Finding::new(
             Kind::Undecided,
             max_h,
             mean_h,
             format!(
                 "{} hoarded in glibc's free chunks{}: a hoard if a trim returns it, \
-                 fragmentation if not — no trim ran",
+                 fragmentation if not — {trims}",
                 bytes(max_h),
                 self.phase_words()
             ),

@@ -35,7 +35,9 @@
 //! * **Managed growth** — managed data grew; unmanaged memory only followed.
 //!
 //! The stretch's verdict is its most serious finding: leak, then non-heap
-//! growth, then undecided; hoard, fragmentation, bounded cache and managed
+//! growth, then undecided (but an undecided between a hoard and
+//! fragmentation, which only a trim decides, ranks with them); hoard,
+//! fragmentation, bounded cache and managed
 //! growth, which can all be true at once, are ranked by their average share
 //! of the stretch's memory (jemalloc's dirty pages, its slab slack, glibc's
 //! hoard split by what a trim returned, the cache's size, managed data
@@ -595,9 +597,19 @@ fn tier(k: Kind) -> u8 {
 /// temporaries glibc kept until a trim). Beside a hoard of a few dirty
 /// pages, which jemalloc keeps between purges, temporaries hundreds of MiB
 /// high are the stretch's story and are weighed by bytes with the rest.
+///
+/// An undecided that only a trim decides is a hoard or fragmentation,
+/// never a leak: it ranks with them, by bytes, not above them. A glibc
+/// cache's one tick of 4 MiB "hoarded" (a trim's residency read while the
+/// program filled on, paired with live bytes from before it) led a stretch
+/// whose 98.5 MiB bounded cache it sat beside, and the run said
+/// "undecided" about a cache.
 fn tier_in(f: &Finding, kept: u64) -> u8 {
     match f.kind {
         Kind::Transient if kept.saturating_mul(2) < f.bytes => tier(Kind::Hoard),
+        Kind::Undecided if f.would_decide.as_deref() == Some(heap::TRIM_DECIDES) => {
+            tier(Kind::Hoard)
+        }
         k => tier(k),
     }
 }
