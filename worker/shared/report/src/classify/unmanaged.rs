@@ -46,6 +46,23 @@ fn tick_interval(t: &[f64]) -> f64 {
     d.get(d.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Where `unmanaged_live` had got to at the stretch's last tick as RSS
+/// saw it: RSS then, less the least the rest of the process (RSS less
+/// `unmanaged_live`) held in the stretch. RSS is read at the tick; the
+/// allocator's live bytes may lag it (glibc's `mallinfo2`, where nothing
+/// counts, is up to a second old: a cache's fill stood still in them for
+/// 0.8 s while RSS rose 16 MiB), and the floor's line lags a rise by about
+/// half a floor bin (8–13 MiB below what a jemalloc cache had reached).
+fn reached_by_rss(s: &Series) -> Option<f64> {
+    let rest = s
+        .process
+        .iter()
+        .zip(&s.unmanaged)
+        .map(|(p, u)| p.saturating_sub(*u))
+        .min()?;
+    Some(s.process.last()?.saturating_sub(rest) as f64)
+}
+
 fn unmanaged_of(t: &Tick) -> Option<u64> {
     t.split.map(|x| x.unmanaged_live)
 }
@@ -305,10 +322,11 @@ impl Ctx<'_> {
         // the record a tick carries is up to an interval older than its RSS
         let pace = j.fit.line.slope.max(0.0);
         let more = pace * ((flat_from - tr.to_s).max(0.0) + tick_interval(&st.s.t));
+        let reached = end.max(reached_by_rss(st.s).unwrap_or(end));
         let (rose_s, flat_s) = (flat_from - tr.from_s, flat_until - flat_from);
         if hi - lo > sig
             || plateau < end - sig
-            || plateau > end + sig + more
+            || plateau > reached + sig + more
             || flat_s < self.th.leak_min_window_s.max(rose_s)
         {
             return None;
