@@ -183,6 +183,12 @@ pub struct Accounting {
     /// How far RSS moved while the allocator was read (other threads were
     /// allocating or freeing): the split is exact only to within this.
     pub rss_moved: u64,
+    /// CLOCK_MONOTONIC ns when the measurement began: the tick's time in
+    /// the timeline. Stamped when written instead, a tick measured before
+    /// a phase ended but written after it (the monitor preempted in
+    /// between) read as the next phase's, with 55.5 of the 64 MiB its
+    /// tasks were still allocating.
+    pub began_ns: u64,
 }
 
 impl Accounting {
@@ -200,6 +206,7 @@ impl Accounting {
             heap_live: live,
             allocator_resident: resident,
             rss_moved: 0,
+            began_ns: 0,
         }
     }
 
@@ -486,7 +493,8 @@ impl MemoryManager {
         // is repeated while it moved; `rss_moved` says by how much it moved
         // during the one that was kept, which bounds the identity error.
         let mut attempt = 1;
-        let (statm, heap, before, s, moved) = loop {
+        let (statm, heap, before, s, moved, began_ns) = loop {
+            let began_ns = crate::timeline::monotonic_ns();
             let rss_before = proc::statm()?.resident;
             let before = self.buffer.stats();
             let heap = self.heap.read(detail)?;
@@ -494,13 +502,14 @@ impl MemoryManager {
             let s = self.buffer.stats();
             let moved = statm.resident.abs_diff(rss_before);
             if moved <= SETTLED_BYTES || attempt == MEASURE_ATTEMPTS {
-                break (statm, heap, before, s, moved);
+                break (statm, heap, before, s, moved, began_ns);
             }
             attempt += 1;
         };
         let managed = s.managed.min(before.managed);
         let mut acc = Accounting::measured(statm, managed, s.spilled, &heap);
         acc.rss_moved = moved;
+        acc.began_ns = began_ns;
         acc.split.unmanaged_recent = self.recent.push(
             Instant::now(),
             acc.split.process.saturating_sub(acc.split.managed),
@@ -810,16 +819,19 @@ impl MemoryManager {
         }
         if let Some(t) = &self.timeline {
             let cgroup_usage: Option<CgroupUsage> = self.cgroup.as_ref().and_then(|c| c.usage());
-            t.tick(Tick {
-                limit: self.limit,
-                paused: Some(self.gate.is_paused()),
-                tasks_started: Some(self.gate.started()),
-                tasks_finished: Some(self.gate.finished_count()),
-                spill: Some(self.buffer.stats()),
-                cgroup: cgroup_usage,
-                heap: Some(heap.clone()),
-                ..acc.tick()
-            });
+            t.tick_at(
+                acc.began_ns,
+                Tick {
+                    limit: self.limit,
+                    paused: Some(self.gate.is_paused()),
+                    tasks_started: Some(self.gate.started()),
+                    tasks_finished: Some(self.gate.finished_count()),
+                    spill: Some(self.buffer.stats()),
+                    cgroup: cgroup_usage,
+                    heap: Some(heap.clone()),
+                    ..acc.tick()
+                },
+            );
         }
         Ok((acc, heap))
     }
@@ -1011,6 +1023,60 @@ mod tests {
         assert_eq!(w.push(t0 + Duration::from_secs(2), 120, win), 20);
         // 100 is older than the window at t0+31s: the minimum is now 120.
         assert_eq!(w.push(t0 + Duration::from_secs(31), 130, win), 10);
+    }
+
+    /// The monitor measured, was preempted, and a phase ended before its
+    /// tick was written (the hook runs in that window, as the workload
+    /// thread would): the tick still lies before the phase on the `t_ns`
+    /// clock, so the next phase never gets a measurement of this one.
+    #[test]
+    fn a_tick_is_placed_when_it_was_measured_not_when_written() {
+        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("tl.jsonl");
+        let tl = Arc::new(Timeline::create(&path, false).expect("timeline"));
+        let buffer = Arc::new(SpillBuffer::new(
+            SpillDir::open(tmp.path(), "at").expect("dir"),
+            SpillOptions {
+                target: None,
+                max_spill: None,
+                write: WriteOptions {
+                    fsync: false,
+                    drop_cache: true,
+                },
+            },
+        ));
+        let phase_writer = tl.clone();
+        let mut m = MemoryManager::new(
+            MemoryConfig::default(),
+            None,
+            buffer,
+            Arc::new(Gate::default()),
+            Some(tl.clone()),
+            Box::new(|_| {}),
+        )
+        .with_tick_hook(Box::new(move |_| {
+            phase_writer.event(Event::Phase(amm_timeline::Phase {
+                name: "next".into(),
+                ..amm_timeline::Phase::default()
+            }));
+        }));
+        m.tick().expect("tick");
+        tl.flush();
+        let text = std::fs::read_to_string(&path).expect("read");
+        let t_ns_of = |kind: &str| -> u64 {
+            let line = text
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+                .find(|v| v["kind"] == kind)
+                .unwrap_or_else(|| panic!("no {kind} line in {text}"));
+            line["t_ns"].as_u64().expect("t_ns")
+        };
+        let (tick, phase) = (t_ns_of("tick"), t_ns_of("event"));
+        assert!(
+            tick < phase,
+            "the tick ({tick}) is placed after the phase ({phase}) that began after it was measured"
+        );
     }
 
     #[test]

@@ -87,6 +87,14 @@ impl<W: Write> Writer<W> {
         self.entry_at(monotonic_ns(), Entry::Tick(Box::new(tick)));
     }
 
+    /// Writes a tick measured at `t_ns` (CLOCK_MONOTONIC, when its
+    /// measurement began); `t_ms` is when it is written. An event written
+    /// while the tick was measured then lies after it on the `t_ns` clock,
+    /// whichever line was written first.
+    pub fn tick_at(&self, t_ns: u64, tick: Tick) {
+        self.entry_at(t_ns, Entry::Tick(Box::new(tick)));
+    }
+
     /// Writes an event, now.
     pub fn event(&self, event: Event) {
         self.entry_at(monotonic_ns(), Entry::Event(event));
