@@ -1013,6 +1013,22 @@ impl ManagerHandle {
 mod tests {
     use super::*;
 
+    /// A spill buffer in `dir` with no target, writing without fsync.
+    fn test_buffer(dir: &std::path::Path, name: &str) -> Arc<SpillBuffer> {
+        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
+        Arc::new(SpillBuffer::new(
+            SpillDir::open(dir, name).expect("dir"),
+            SpillOptions {
+                target: None,
+                max_spill: None,
+                write: WriteOptions {
+                    fsync: false,
+                    drop_cache: true,
+                },
+            },
+        ))
+    }
+
     #[test]
     fn recent_is_growth_over_the_window_minimum() {
         let mut w = RecentWindow::default();
@@ -1031,21 +1047,10 @@ mod tests {
     /// clock, so the next phase never gets a measurement of this one.
     #[test]
     fn a_tick_is_placed_when_it_was_measured_not_when_written() {
-        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
         let tmp = tempfile::tempdir().expect("tmp");
         let path = tmp.path().join("tl.jsonl");
         let tl = Arc::new(Timeline::create(&path, false).expect("timeline"));
-        let buffer = Arc::new(SpillBuffer::new(
-            SpillDir::open(tmp.path(), "at").expect("dir"),
-            SpillOptions {
-                target: None,
-                max_spill: None,
-                write: WriteOptions {
-                    fsync: false,
-                    drop_cache: true,
-                },
-            },
-        ));
+        let buffer = test_buffer(tmp.path(), "at");
         let phase_writer = tl.clone();
         let mut m = MemoryManager::new(
             MemoryConfig::default(),
@@ -1098,20 +1103,9 @@ mod tests {
 
     #[test]
     fn level_events_act_without_waiting_for_the_poll() {
-        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
         use std::sync::atomic::AtomicBool;
         let tmp = tempfile::tempdir().expect("tmp");
-        let buffer = Arc::new(SpillBuffer::new(
-            SpillDir::open(tmp.path(), "ev").expect("dir"),
-            SpillOptions {
-                target: None,
-                max_spill: None,
-                write: WriteOptions {
-                    fsync: false,
-                    drop_cache: true,
-                },
-            },
-        ));
+        let buffer = test_buffer(tmp.path(), "ev");
         let gate = Arc::new(Gate::default());
         let terminated = Arc::new(AtomicBool::new(false));
         let t = terminated.clone();
