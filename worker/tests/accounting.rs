@@ -41,24 +41,24 @@ fn check_identity(ticks: &[&Value], allocator: &str) -> u64 {
     worst
 }
 
-/// The ticks measured in the phase named `name`: between its `phase` event
-/// and the next phase (or the end) on the `t_ns` clock, when each line
-/// happened. Not by their order in the file: a tick measured before the
-/// phase began may be written after its event (the monitor preempted
-/// between measuring and writing; under load one read 55.5 MiB of the
-/// 64 MiB the previous phase's tasks were still allocating).
+/// The ticks measured wholly in the phase named `name`: written after its
+/// `phase` event and before the next phase (or the end), so measured before
+/// that began, and begun after the phase's event (`t_ns`, when a tick's
+/// measurement began). Under load a measurement spans tens of ms: one begun
+/// before the phase and written after its event read 62.7 MiB of the 64 MiB
+/// the previous phase's tasks were still allocating; one begun before the
+/// end and written after it read 57.5 MiB while the workload's data was
+/// being freed.
 fn phase_ticks<'a>(tl: &'a [Value], name: &str) -> Vec<&'a Value> {
     let Some(start) = first_event(tl, "phase", |e| e["name"] == name) else {
         return Vec::new();
     };
     let t_ns = |v: &Value| v["t_ns"].as_u64().expect("every line has t_ns");
     let from = t_ns(&tl[start]);
-    let until = tl[start + 1..]
+    tl[start + 1..]
         .iter()
-        .find(|v| v["kind"] == "event" && (v["event"] == "phase" || v["event"] == "end"))
-        .map_or(u64::MAX, t_ns);
-    tl.iter()
-        .filter(|v| v["kind"] == "tick" && (from..until).contains(&t_ns(v)))
+        .take_while(|v| !(v["kind"] == "event" && (v["event"] == "phase" || v["event"] == "end")))
+        .filter(|v| v["kind"] == "tick" && t_ns(v) >= from)
         .collect()
 }
 
