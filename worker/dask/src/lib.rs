@@ -12,6 +12,7 @@
 //!   `mallctl`, glibc through `mallinfo2`) and purge/trim;
 //! - [`verdict`]: the leak/hoard verdict (`amm-report`) of the worker's own
 //!   accounting, for its log and metrics;
+//! - [`running`]: the running-tasks file's write, whole and off the GIL;
 //! - [`story`]: what the agent saw of a dead worker (for the nanny's
 //!   KilledWorker story).
 //!
@@ -23,6 +24,7 @@ use pyo3::prelude::*;
 pub mod gate;
 pub mod heap;
 pub mod link;
+pub mod running;
 pub mod story;
 pub mod verdict;
 
@@ -40,6 +42,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(heap::heap_stats, m)?)?;
     m.add_function(wrap_pyfunction!(heap::release_hoard, m)?)?;
     m.add_function(wrap_pyfunction!(story::kill_story, m)?)?;
+    m.add_function(wrap_pyfunction!(running::replace_file, m)?)?;
     m.add_function(wrap_pyfunction!(monotonic_ns, m)?)?;
     Ok(())
 }

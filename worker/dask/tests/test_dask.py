@@ -279,6 +279,52 @@ def test_the_running_tasks_file_is_written_off_the_loop_newest_snapshot_last(tmp
     assert not os.path.exists(path + ".tmp")
 
 
+def test_the_running_tasks_file_is_swapped_in_whole_and_never_through_a_link_at_its_name(
+    tmp_path,
+):
+    # replace_file exchanges the new file with the old one (no rename over
+    # it: ext4 flushes a file renamed over another, in the writer): a reader
+    # finds the file at every moment after the first write, always whole;
+    # a link planted at the file's own name is swapped out and removed,
+    # its target untouched
+    import json
+    import stat
+    import threading
+
+    from amm_dask import _native
+
+    path = tmp_path / "amm-running.json"
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.symlink(victim, path)
+    _native.replace_file(str(path), b'{"n": -1}')
+    assert victim.read_text() == "keep"
+    assert stat.S_ISREG(os.lstat(path).st_mode)
+
+    n, bad, done = 300, [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                json.loads(path.read_bytes())
+            except (OSError, ValueError) as e:
+                bad.append(repr(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(n):
+            doc = {"n": i, "tasks": [{"key": f"k{j}"} for j in range(i % 50)]}
+            _native.replace_file(str(path), json.dumps(doc).encode())
+    finally:
+        done.set()
+        reader.join()
+    assert bad == [], bad[:3]
+    assert json.loads(path.read_bytes())["n"] == n - 1
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["amm-running.json", "victim"]
+
+
 def test_glibc_free_chunks_a_trim_already_gave_back_are_not_purgeable():
     # glibc's fordblks still counts free chunks after malloc_trim returned
     # their pages; only what is still resident can be purged (else every
