@@ -99,6 +99,19 @@ pub fn start(allocator: Option<Allocator>) -> Result<(), String> {
     spawn(Duration::ZERO).map_err(|e| format!("cannot start the publishing thread: {e}"))
 }
 
+/// The preload libraries' `amm_preload_threshold_purges(int)`: `1` turns
+/// the publisher's own threshold purges on, `0` off, anything else only
+/// asks; returns whether they were on (`1`) or not (`0`). A program that
+/// drives its purges itself (amm_dask's worker plugin) turns them off while
+/// it does, so one owner purges ([`publisher::set_threshold_purges`]).
+pub fn threshold_purges_ctl(on: i32) -> i32 {
+    let was = match on {
+        0 | 1 => publisher::set_threshold_purges(on == 1),
+        _ => publisher::threshold_purges(),
+    };
+    i32::from(was)
+}
+
 /// The `pthread_atfork` child handler.
 extern "C" fn after_fork_in_child() {
     SLOT.abandon();

@@ -39,6 +39,25 @@ pub const DEFAULT_MALLINFO_BUDGET: f64 = glibc::DEFAULT_BUDGET;
 /// cannot make the process do nothing but purge).
 pub const REQUEST_MIN_GAP: Duration = Duration::from_millis(10);
 
+/// Whether publishers purge past the threshold on their own (see
+/// [`set_threshold_purges`]).
+static THRESHOLD_PURGES: AtomicBool = AtomicBool::new(true);
+
+/// Turns the publisher's own threshold purges on or off for this process
+/// and returns what they were. A program that drives purges itself under
+/// the same `MALLOC_TRIM_THRESHOLD_` (amm_dask in a Dask worker on the
+/// preload) turns them off, so one owner purges; requested purges are
+/// served either way. While off, the record says so: its threshold reads
+/// `u64::MAX` (none).
+pub fn set_threshold_purges(on: bool) -> bool {
+    THRESHOLD_PURGES.swap(on, Ordering::AcqRel)
+}
+
+/// Whether publishers purge past the threshold on their own now.
+pub fn threshold_purges() -> bool {
+    THRESHOLD_PURGES.load(Ordering::Acquire)
+}
+
 /// What the publisher does.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -136,9 +155,11 @@ impl Publisher {
         let cpu = sys::thread_cpu_ns();
         self.refresh();
         let purgeable = self.purgeable();
+        let threshold = self.cfg.trim_threshold.filter(|_| threshold_purges());
+        self.stats.purge.threshold_bytes = threshold.unwrap_or(u64::MAX);
         if self
             .governor
-            .threshold_due(purgeable, self.cfg.trim_threshold, self.cfg.purge_interval)
+            .threshold_due(purgeable, threshold, self.cfg.purge_interval)
         {
             self.purge(PurgeReason::Threshold, None);
         }
@@ -404,6 +425,7 @@ fn warn_once(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host;
 
     #[test]
     fn the_record_lists_the_arenas_with_the_most_to_purge() {
@@ -418,5 +440,39 @@ mod tests {
         assert_eq!(top.len(), MAX_ARENAS);
         assert_eq!(top[0].index, 36, "the 64 largest are 36..100");
         assert!(top.windows(2).all(|w| w[0].index < w[1].index));
+    }
+
+    #[test]
+    fn threshold_purges_stand_down_while_the_program_purges_by_itself() {
+        // a glibc hoard well past the threshold: 32 MiB of 64 KiB blocks
+        // (below the mmap threshold), freed but the last, which keeps them
+        // from the top of the heap, so glibc does not trim them at free
+        let mut blocks: Vec<Vec<u8>> = (0..512).map(|i| vec![i as u8 | 1; 64 << 10]).collect();
+        let last = blocks.pop();
+        drop(blocks);
+        let mut cfg = Config::new(Some(Allocator::System));
+        cfg.trim_threshold = Some(1 << 20);
+        cfg.purge_interval = Duration::ZERO;
+        let mut p = Publisher::new(cfg, None).expect("an allocator record");
+        assert!(set_threshold_purges(false), "on by default");
+        p.tick();
+        let (count, threshold) = (p.stats.purge.threshold_count, p.stats.purge.threshold_bytes);
+        assert!(!set_threshold_purges(true));
+        assert_eq!(
+            (count, threshold),
+            (0, u64::MAX),
+            "off: no purge of its own, and the record says there is no threshold"
+        );
+        let hoard = p.purgeable();
+        assert!(hoard > 1 << 20, "the hoard is {hoard} bytes");
+        p.tick();
+        assert_eq!(p.stats.purge.threshold_bytes, 1 << 20);
+        assert_eq!(p.stats.purge.threshold_count, 1, "on again: it purges");
+        assert_eq!(
+            host::threshold_purges_ctl(-1),
+            1,
+            "a question changes nothing"
+        );
+        drop(last);
     }
 }

@@ -166,6 +166,34 @@ pub fn release() -> &'static str {
     }
 }
 
+type PurgeCtl = unsafe extern "C" fn(c_int) -> c_int;
+
+/// The amm preload's `amm_preload_threshold_purges`, if one is loaded.
+fn preload_purge_ctl() -> Option<PurgeCtl> {
+    static F: OnceLock<Option<usize>> = OnceLock::new();
+    let addr = *F.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+        let p =
+            unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"amm_preload_threshold_purges".as_ptr()) };
+        (!p.is_null()).then_some(p as usize)
+    });
+    // SAFETY: the symbol is the preload's function of this signature.
+    addr.map(|a| unsafe { std::mem::transmute::<usize, PurgeCtl>(a) })
+}
+
+/// The amm preload's own purges past `MALLOC_TRIM_THRESHOLD_`: turns them
+/// on or off (`None`: only asks) and returns whether they were on, or
+/// `None` when this process does not run on the preload. The worker plugin
+/// turns them off while it purges under the same threshold: one owner.
+#[pyfunction]
+#[pyo3(signature = (on=None))]
+pub fn preload_threshold_purges(on: Option<bool>) -> Option<bool> {
+    let f = preload_purge_ctl()?;
+    let arg = on.map_or(-1, c_int::from);
+    // SAFETY: the preload's function takes any int and has no preconditions.
+    Some(unsafe { f(arg) } == 1)
+}
+
 /// The allocator's statistics as a dict: `allocator`, `live`, `resident`,
 /// `hoarded` and the detail.
 #[pyfunction]

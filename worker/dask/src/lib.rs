@@ -41,6 +41,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gate::rss_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(heap::heap_stats, m)?)?;
     m.add_function(wrap_pyfunction!(heap::release_hoard, m)?)?;
+    m.add_function(wrap_pyfunction!(heap::preload_threshold_purges, m)?)?;
     m.add_function(wrap_pyfunction!(story::kill_story, m)?)?;
     m.add_function(wrap_pyfunction!(running::replace_file, m)?)?;
     m.add_function(wrap_pyfunction!(monotonic_ns, m)?)?;

@@ -101,6 +101,14 @@ def random_block(nbytes, seed):
     return np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8)
 
 
+def preload_purges_own():
+    """Whether amm's preload purges past MALLOC_TRIM_THRESHOLD_ on its own
+    in this process (None: not on the preload): run with ``client.run``."""
+    from amm_dask import _native
+
+    return _native.preload_threshold_purges()
+
+
 def allocator_in_use():
     """(the allocator amm reads in this process, the amm preload library
     mapped into it or None): run on a worker with ``client.run``."""

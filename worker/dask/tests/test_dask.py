@@ -24,6 +24,7 @@ from dask_tasks import (
     hoard,
     hold_then_release,
     leak,
+    preload_purges_own,
     random_block,
     spike,
     started_at,
@@ -325,6 +326,34 @@ def test_the_running_tasks_file_is_swapped_in_whole_and_never_through_a_link_at_
     assert sorted(os.listdir(tmp_path)) == ["amm-running.json", "victim"]
 
 
+def test_the_preload_answers_who_purges_past_the_threshold(tmp_path):
+    # amm_dask finds the preload's switch of its own threshold purges in a
+    # process on the preload (on by default; off, then on again), and
+    # nothing to switch on glibc
+    import subprocess
+    import sys
+
+    from amm_dask import nanny
+
+    lib = bundled_preload(nanny)
+    if lib is None:
+        pytest.skip("amm_dask was installed without libamm_preload.so")
+    script = (
+        "from amm_dask import _native as n\n"
+        "print(n.preload_threshold_purges(), n.preload_threshold_purges(False),"
+        " n.preload_threshold_purges(), n.preload_threshold_purges(True),"
+        " n.preload_threshold_purges())\n"
+    )
+    env = dict(os.environ, LD_PRELOAD=lib, MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True, cwd=tmp_path)
+    assert out.stdout.split() == ["True", "True", "False", "False", "True"], out
+    env.pop("LD_PRELOAD")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True, cwd=tmp_path)
+    assert out.stdout.split() == ["None"] * 5, out
+
+
 def test_glibc_free_chunks_a_trim_already_gave_back_are_not_purgeable():
     # glibc's fordblks still counts free chunks after malloc_trim returned
     # their pages; only what is still resident can be purged (else every
@@ -389,8 +418,12 @@ def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory
         from amm_dask import nanny
 
         assert seen == "jemalloc" and preload == bundled_preload(nanny), (seen, preload)
+        # one purger: the preload's own threshold purges stand down while
+        # the plugin purges (and so the purge below is the plugin's)
+        assert list(client.run(preload_purges_own).values()) == [False]
     else:
         assert seen == "glibc" and preload is None, (seen, preload)
+        assert list(client.run(preload_purges_own).values()) == [None]
     wait_until(lambda: pid in agent.watched(), "worker registered")
     time.sleep(2)
     client.submit(hoard, 300 * MIB, 1024, 6.0, pure=False).result(timeout=120)
@@ -405,6 +438,10 @@ def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory
     assert max(f["bytes"] for f in hoards) >= 200 * MIB, hoards
     assert all(f["purges"] for f in hoards), hoards
     assert r["verdict"]["kind"] not in ("leak", "undecided"), r["verdict"]
+    if allocator == "jemalloc":
+        # without the plugin, the preload purges on its own again
+        client.unregister_worker_plugin("amm")
+        assert list(client.run(preload_purges_own).values()) == [True]
 
 
 def policy_config(tmp_path) -> str:

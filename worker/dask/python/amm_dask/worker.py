@@ -25,7 +25,8 @@ What it changes in a Dask worker (everything is undone by ``teardown``):
   agent's timeline (``amm-worker report --agent SOCK --pid PID``), fed to the
   in-process verdict (logged when it changes) and shown in ``/metrics``.
   Hoarded memory is purged/trimmed under ``MALLOC_TRIM_THRESHOLD_``
-  semantics.
+  semantics, by this plugin alone: amm's preload library, when the worker
+  runs on it, stops its own threshold purges until ``teardown``.
 - Writes the tasks it is running to a small state file the nanny reads when
   the worker dies (:mod:`amm_dask.nanny`), from a thread of its own (the
   rename waits for the disk; never on the event loop).
@@ -332,6 +333,10 @@ class AmmWorkerPlugin(WorkerPlugin):
         self._trim_threshold = config.trim_threshold()
         self._trim_interval = self._trim_base = config.get_seconds("trim-interval")
         self._next_trim = 0.0
+        # one purger: amm's preload, when the worker runs on it, stands down
+        # while this plugin purges under the same threshold (its purges are
+        # the ones the agent, the verdict, the metrics and AmmPolicy see)
+        self._preload_purged = _native.preload_threshold_purges(False)
         self._install_gate(worker)
         self._patch_monitor(mm)
         worker.metrics["amm"] = lambda w: self.summary()
@@ -413,6 +418,8 @@ class AmmWorkerPlugin(WorkerPlugin):
         if ex is not None and "submit" in vars(ex):
             del ex.submit
         _native.gate_open()
+        if self._preload_purged:
+            _native.preload_threshold_purges(True)
         worker.metrics.pop("amm", None)
         worker.handlers.pop("amm_purge", None)
 

@@ -27,6 +27,14 @@ extern "C" fn on_load() {
     }
 }
 
+/// Turns the publisher's own purges past `MALLOC_TRIM_THRESHOLD_` on (`1`)
+/// or off (`0`), or only asks (any other value); returns whether they were
+/// on. For a program that purges by itself (amm_dask): one owner.
+#[unsafe(no_mangle)]
+pub extern "C" fn amm_preload_threshold_purges(on: std::ffi::c_int) -> std::ffi::c_int {
+    amm_alloc::host::threshold_purges_ctl(on)
+}
+
 #[used]
 #[unsafe(link_section = ".init_array")]
 static ON_LOAD: extern "C" fn() = on_load;
