@@ -109,6 +109,13 @@ def preload_purges_own():
     return _native.preload_threshold_purges()
 
 
+def preload_purges_own_after_teardown(dask_worker):
+    """Tears amm's worker plugin down (as Dask does when the worker closes
+    or the plugin is removed), then: preload_purges_own()."""
+    dask_worker.plugins["amm"].teardown(dask_worker)
+    return preload_purges_own()
+
+
 def allocator_in_use():
     """(the allocator amm reads in this process, the amm preload library
     mapped into it or None): run on a worker with ``client.run``."""

@@ -25,6 +25,7 @@ from dask_tasks import (
     hold_then_release,
     leak,
     preload_purges_own,
+    preload_purges_own_after_teardown,
     random_block,
     spike,
     started_at,
@@ -440,8 +441,7 @@ def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory
     assert r["verdict"]["kind"] not in ("leak", "undecided"), r["verdict"]
     if allocator == "jemalloc":
         # without the plugin, the preload purges on its own again
-        client.unregister_worker_plugin("amm")
-        assert list(client.run(preload_purges_own).values()) == [True]
+        assert list(client.run(preload_purges_own_after_teardown).values()) == [True]
 
 
 def policy_config(tmp_path) -> str:
