@@ -262,6 +262,36 @@ def test_a_boolean_key_that_is_not_a_boolean_is_refused_by_name():
     assert config.get_bool("spill-purge") is True  # amm.yaml's default
 
 
+def test_importing_amm_dask_keeps_the_config_the_program_set():
+    # amm_dask used to dask.config.refresh() at import, which rebuilt the
+    # config from files and environment: a LocalCluster's
+    # lost-worker-timeout or a worker's memory fraction set before the
+    # import was silently gone. A DASK_AMM__ variable set after dask's
+    # import still counts, below what the program set, above amm.yaml.
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import os, json, dask, distributed\n"
+        "dask.config.set({'distributed.deploy.lost-worker-timeout': '1h',\n"
+        "                 'distributed.worker.memory.target': 0.5,\n"
+        "                 'amm.trim-interval': '3s'})\n"
+        "os.environ['DASK_AMM__SPILL'] = 'thread'\n"
+        "os.environ['DASK_AMM__TRIM_INTERVAL'] = '9s'\n"
+        "import amm_dask\n"
+        "g = dask.config.get\n"
+        "print(json.dumps([g('distributed.deploy.lost-worker-timeout'),\n"
+        "                  g('distributed.worker.memory.target'), g('amm.spill'),\n"
+        "                  g('amm.trim-interval'), g('amm.gate')]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["1h", 0.5, "thread", "3s", True]
+
+
 def test_the_running_tasks_file_is_written_off_the_loop_newest_snapshot_last(tmp_path):
     # the nanny reads this file when the worker dies; the writes (a rename
     # that waits for the disk) happen on a thread of their own, and the last

@@ -13,9 +13,19 @@ _HERE = os.path.dirname(__file__)
 with open(os.path.join(_HERE, "amm.yaml")) as f:
     DEFAULTS = yaml.safe_load(f)
 
+# DASK_AMM__* variables set after dask was imported (dask reads the
+# environment once, at its import): they fill the amm keys nobody set, then
+# amm.yaml's defaults fill the rest. Never `dask.config.refresh()` here: it
+# rebuilds the whole config from files and environment and so throws away
+# every `dask.config.set(...)` the program made before importing amm_dask
+# (a LocalCluster's `distributed.deploy.lost-worker-timeout`, a worker's
+# memory fractions).
+dask.config.update(
+    dask.config.config,
+    dask.config.collect_env({k: v for k, v in os.environ.items() if k.startswith("DASK_AMM__")}),
+    priority="old",
+)
 dask.config.update_defaults(DEFAULTS)
-# DASK_AMM__* variables set after dask was imported
-dask.config.refresh()
 
 
 def get(key: str, default=None):
