@@ -489,6 +489,17 @@ def main():
 
         if args.poll_ms is not None:
             dask.config.set({"distributed.worker.memory.monitor-interval": f"{args.poll_ms}ms"})
+        # LocalCluster (Dask's SpecCluster) closes a worker's nanny when a
+        # timer started at an EARLIER removal of that worker fires while a
+        # later incarnation is between its death and its restart
+        # (`_update_worker_status`: one `call_later(lost-worker-timeout)` per
+        # removal, never cancelled when the worker comes back). With a worker
+        # killed every few seconds, 15 s after one death can land in the ~1 s
+        # gap after another: the nanny closes, nothing restarts the worker
+        # and the trial hangs with its task queued (seen in 2 of ~60 amm
+        # spike trials, session 8). Every mode gets the same timeout, past
+        # any trial's length, so the modes stay side by side.
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"})
         if args.amm_socket:
             import amm_dask  # noqa: F401  (the amm: config defaults)
 
