@@ -247,6 +247,31 @@ def test_the_running_tasks_file_is_never_written_through_a_planted_link(tmp_path
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
 
 
+def test_the_nanny_state_directory_is_its_own_never_one_planted_in_advance(tmp_path):
+    # Dask's local directory defaults to the shared /tmp and the nanny often
+    # runs as root: a directory planted at amm's old fixed name (world
+    # writable, or a link to one) is never used; each nanny gets a fresh
+    # owner-only one
+    import stat
+
+    from amm_dask.nanny import state_directory
+
+    planted = tmp_path / f"amm-{os.getpid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, str(planted) + "-link")
+    a, b = state_directory(str(tmp_path)), state_directory(str(tmp_path))
+    assert a != b and str(planted) not in (a, b)
+    for d in (a, b):
+        st = os.lstat(d)
+        assert os.path.dirname(d) == str(tmp_path)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid(), d
+        assert stat.S_IMODE(st.st_mode) == 0o700, oct(st.st_mode)
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_boolean_key_that_is_not_a_boolean_is_refused_by_name():
     # DASK_AMM__GATE=no reaches Dask's config as the string "no", which
     # used to count as true; every boolean key is read through get_bool

@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import tempfile
 import time
 
 from distributed import NannyPlugin
@@ -97,6 +98,17 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
+def state_directory(base: str) -> str:
+    """A new directory for this nanny's state (the running-tasks file the
+    worker writes and the nanny reads when the worker dies) under Dask's
+    local directory: made by ``mkdtemp``, so owner-only (0700) and never one
+    that someone else made or linked in advance. Dask's default local
+    directory is in the shared /tmp, and the nanny often runs as root: a
+    fixed name there (``amm-PID``, used before) could be a directory another
+    user planted, whose files the nanny would read."""
+    return tempfile.mkdtemp(prefix=f"amm-{os.getpid()}-", dir=base)
+
+
 class AmmNannyPlugin(NannyPlugin):
     """amm for one Dask nanny (see the module's doc)."""
 
@@ -109,8 +121,7 @@ class AmmNannyPlugin(NannyPlugin):
     def setup(self, nanny) -> None:
         self.nanny = nanny
         self.kills = 0
-        self.state_dir = os.path.join(nanny.local_directory, f"amm-{os.getpid()}")
-        os.makedirs(self.state_dir, exist_ok=True)
+        self.state_dir = state_directory(nanny.local_directory)
         env = worker_environment()
         env[STATE_DIR_ENV] = self.state_dir
         env[KILLS_ENV] = "0"
