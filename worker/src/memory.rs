@@ -1015,18 +1015,7 @@ mod tests {
 
     /// A spill buffer in `dir` with no target, writing without fsync.
     fn test_buffer(dir: &std::path::Path, name: &str) -> Arc<SpillBuffer> {
-        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
-        Arc::new(SpillBuffer::new(
-            SpillDir::open(dir, name).expect("dir"),
-            SpillOptions {
-                target: None,
-                max_spill: None,
-                write: WriteOptions {
-                    fsync: false,
-                    drop_cache: true,
-                },
-            },
-        ))
+        Arc::new(crate::spill::test_buffer(dir, name, None, true))
     }
 
     #[test]

@@ -891,24 +891,35 @@ impl SpillBuffer {
     }
 }
 
+/// A spill buffer for the crate's tests: in directory `name` under `dir`,
+/// spilling past `target` (None: only when told to), writing without fsync.
+#[cfg(test)]
+pub(crate) fn test_buffer(
+    dir: &std::path::Path,
+    name: &str,
+    target: Option<u64>,
+    drop_cache: bool,
+) -> SpillBuffer {
+    SpillBuffer::new(
+        SpillDir::open(dir, name).expect("dir"),
+        SpillOptions {
+            target,
+            max_spill: None,
+            write: WriteOptions {
+                fsync: false,
+                drop_cache,
+            },
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn buffer(target: Option<u64>) -> (tempfile::TempDir, SpillBuffer) {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = SpillDir::open(tmp.path(), "unit").expect("dir");
-        let b = SpillBuffer::new(
-            dir,
-            SpillOptions {
-                target,
-                max_spill: None,
-                write: WriteOptions {
-                    fsync: false,
-                    drop_cache: true,
-                },
-            },
-        );
+        let b = test_buffer(tmp.path(), "unit", target, true);
         (tmp, b)
     }
 

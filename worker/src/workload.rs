@@ -547,18 +547,7 @@ mod tests {
 
     /// A SpillBuffer in `dir` that spills only when told to.
     fn scratch_buffer(dir: &Path, name: &str) -> Arc<SpillBuffer> {
-        use crate::spill::{SpillDir, SpillOptions, WriteOptions};
-        Arc::new(SpillBuffer::new(
-            SpillDir::open(dir, name).expect("dir"),
-            SpillOptions {
-                target: None,
-                max_spill: None,
-                write: WriteOptions {
-                    fsync: false,
-                    drop_cache: false,
-                },
-            },
-        ))
+        Arc::new(crate::spill::test_buffer(dir, name, None, false))
     }
 
     /// Issue 9 item 10: with 5 corrupt spilled keys only the first 3 were
