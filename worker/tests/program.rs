@@ -211,6 +211,7 @@ fn the_nanny_terminates_a_program_past_terminate_and_says_so() {
     assert_eq!(exits[0]["by"]["who"], "supervisor", "{}", exits[0]);
     assert_eq!(exits[0]["level"], "terminate", "{}", exits[0]);
     assert_eq!(events(&t, "restart").len(), 1, "one restart between two");
+    terminates_lie_after_the_tick_that_measured_them(&t);
     // every line is the timeline contract's, and the report reads it: two
     // kills by the nanny, each with its signal
     assert!(t.iter().all(|v| v["v"] == 1), "{t:?}");
@@ -231,6 +232,28 @@ fn the_nanny_terminates_a_program_past_terminate_and_says_so() {
     for k in killed {
         assert_eq!(k["signal"], libc::SIGKILL, "{k}");
         assert!(k["by"].as_str().is_some_and(|b| b.contains("nanny")), "{k}");
+    }
+}
+
+/// The nanny writes `terminate` between reading the program's RSS and
+/// writing that read's tick (the next tick in the file, with the same
+/// bytes): the tick is stamped when its measurement began, so on `t_ns` it
+/// lies no later than the event its read caused (an ordering fact: stamped
+/// when written, it lies after it).
+fn terminates_lie_after_the_tick_that_measured_them(t: &[Value]) {
+    for (i, term) in t.iter().enumerate() {
+        if !(term["kind"] == "event" && term["event"] == "terminate") {
+            continue;
+        }
+        let tick = t[i + 1..]
+            .iter()
+            .find(|v| v["kind"] == "tick")
+            .unwrap_or_else(|| panic!("no tick written after {term}"));
+        assert_eq!(u(tick, "process"), u(term, "process"), "{tick}\n{term}");
+        assert!(
+            u(tick, "t_ns") <= u(term, "t_ns"),
+            "the tick that measured the terminate lies after it on t_ns:\n{tick}\n{term}"
+        );
     }
 }
 

@@ -292,6 +292,11 @@ impl AnyProgram {
             return;
         }
         self.state.last_poll = Some(Instant::now());
+        // the tick's time is when its measurement began, as amm-worker's
+        // own (`Accounting::began_ns`): the level, hook and terminate
+        // events this read causes are written before the tick yet lie
+        // after it on `t_ns`
+        let began_ns = crate::timeline::monotonic_ns();
         let rss = match crate::proc::rss_of(pid) {
             // a zombie has no memory left to show: the wait will tell
             Ok(r) if r.total() > 0 => r,
@@ -321,7 +326,7 @@ impl AnyProgram {
         // no tick of RSS alone while the record is expected any moment
         let warming_up = self.state.record.as_ref().is_some_and(|r| r.warming_up());
         if let Some(t) = self.timeline.as_ref().filter(|_| !warming_up) {
-            t.tick(tick);
+            t.tick_at(began_ns, tick);
         }
         if let Some(p) = purge {
             tracing::info!(

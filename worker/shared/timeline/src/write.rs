@@ -82,15 +82,12 @@ impl<W: Write> Writer<W> {
         self.line(&Line::new(self.t_ms(), Some(t_ns), entry));
     }
 
-    /// Writes a tick, now.
-    pub fn tick(&self, tick: Tick) {
-        self.entry_at(monotonic_ns(), Entry::Tick(Box::new(tick)));
-    }
-
-    /// Writes a tick measured at `t_ns` (CLOCK_MONOTONIC, when its
-    /// measurement began); `t_ms` is when it is written. An event written
-    /// while the tick was measured then lies after it on the `t_ns` clock,
-    /// whichever line was written first.
+    /// Writes a tick measured at `t_ns` (CLOCK_MONOTONIC, taken just
+    /// before its first read: statm, `/proc/PID/status`); `t_ms` is when
+    /// it is written. An event written while the tick was measured then
+    /// lies after it on the `t_ns` clock, whichever line was written first.
+    /// There is no "tick, now": every writer says when its measurement
+    /// began (amm-worker's monitor, the `-- CMD` supervisor).
     pub fn tick_at(&self, t_ns: u64, tick: Tick) {
         self.entry_at(t_ns, Entry::Tick(Box::new(tick)));
     }
@@ -135,7 +132,7 @@ mod tests {
     #[test]
     fn what_is_written_reads_back() {
         let w = Writer::new(Vec::new());
-        w.tick(Tick::rss(4096));
+        w.tick_at(monotonic_ns(), Tick::rss(4096));
         w.event(Event::Phase(Phase {
             name: "fill".into(),
             ..Phase::default()
