@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use amm_ebpf::EventKind;
 use amm_protocol::{EventMessage, Fractions, ThresholdBytes};
+use amm_record::Notice;
 use anyhow::{Context, Result, bail};
 
 use crate::clock::monotonic_ns;
@@ -147,7 +148,7 @@ impl Session<'_> {
                 return Ok(());
             }
             poll_readable(&reader, Duration::from_millis(100))?;
-            self.sample();
+            self.sample(out)?;
             if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
@@ -232,12 +233,19 @@ impl Session<'_> {
     }
 
     /// Reads each process's allocator record, and samples RSS (and the
-    /// record) for the reports.
-    fn sample(&mut self) {
+    /// record) for the reports. A record found is a line of the watch's
+    /// output; a record refused or left alone is a warning on stderr.
+    fn sample(&mut self, out: &mut dyn Write) -> Result<()> {
         for (pid, w) in self.watched.iter_mut() {
             let snap = w.record.read_or_recent(amm_record::STAND_IN);
-            if let Some(said) = w.record.notice() {
-                eprintln!("{said}");
+            match w.record.notice() {
+                Some(Notice::Reading {
+                    pid,
+                    allocator,
+                    interval_ms,
+                }) => self.printer.record(pid, allocator, interval_ms, out)?,
+                Some(n) => eprintln!("warning: {n}"),
+                None => {}
             }
             let state = self.probe.watch_of(*pid).map(|x| x.state);
             let r = w.recorder.as_mut().or(self.shared.as_mut());
@@ -245,6 +253,7 @@ impl Session<'_> {
                 r.sample(state.as_ref(), snap.as_ref());
             }
         }
+        Ok(())
     }
 
     /// The kernel's peak for `pid`: the map's, or the event's.

@@ -983,14 +983,16 @@ fn read_events(out: impl Read) -> (Vec<EventMessage>, Vec<String>) {
 }
 
 /// The watch's own lines beside the kernel's events: what it watches
-/// (`watching`) and how the process ended (`ending`).
+/// (`watching`), that it reads the allocator record (`record`) and how the
+/// process ended (`ending`). Its stderr holds only warnings and errors
+/// (the trial's `error`).
 fn is_watch_note(line: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(line)
         .ok()
         .and_then(|v| {
             v.get("event")?
                 .as_str()
-                .map(|e| e == "watching" || e == "ending")
+                .map(|e| matches!(e, "watching" | "record" | "ending"))
         })
         .unwrap_or(false)
 }
@@ -1298,6 +1300,26 @@ mod tests {
             foreign: false,
             signalled: false,
         }
+    }
+
+    /// The watch's own lines (what it watches, the record it reads, the
+    /// ending) are neither events nor unreadable lines (the trial's error).
+    #[test]
+    fn the_watchs_own_lines_are_no_events_and_no_errors() {
+        let level = ev(EventKind::Level, 5, 700 << 20, Level::Spill, Level::Below);
+        let text = [
+            r#"{"event":"watching","pid":7,"limit_bytes":1048576000}"#.to_string(),
+            r#"{"event":"record","pid":7,"allocator":"jemalloc","interval_ms":100}"#.into(),
+            serde_json::to_string(&level).expect("json"),
+            r#"{"event":"ending","pid":7,"peak_rss_bytes":1}"#.into(),
+        ]
+        .join("\n");
+        let (events, bad) = read_events(text.as_bytes());
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].t_ns, 5);
+        let (_, bad) = read_events(&b"pid 7: reading its allocator record\n"[..]);
+        assert_eq!(bad.len(), 1, "a line that is no JSON is still reported");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! never transient or a leak; a leak of small objects kept (jemalloc) is a leak.
 //! Root: it loads the BPF probe.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -16,8 +16,9 @@ use amm_integration_tests::preload::{Driver, Preload, compile_c};
 use amm_integration_tests::{bin, bpf_object, report_kinds as kinds, require_root};
 use serde_json::Value;
 
-/// A watch with `--report`; its stderr lines come through the channel.
-fn start_watch(pid: i32, report: &Path) -> (Child, mpsc::Receiver<String>) {
+/// A watch with `--report`; its stdout lines come through the channel, its
+/// stderr is collected by the thread.
+fn start_watch(pid: i32, report: &Path) -> Watch {
     let mut child = Command::new(bin("amm-agent"))
         .args(["watch", &pid.to_string(), "--limit", "4GiB"])
         .arg("--bpf-object")
@@ -26,27 +27,48 @@ fn start_watch(pid: i32, report: &Path) -> (Child, mpsc::Receiver<String>) {
         .arg("/nonexistent/amm-agent.sock")
         .arg("--report")
         .arg(report)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn amm-agent watch");
-    let err = BufReader::new(child.stderr.take().expect("stderr"));
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut err = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for l in err.lines().map_while(Result::ok) {
+        for l in out.lines().map_while(Result::ok) {
             if tx.send(l).is_err() {
                 break;
             }
         }
     });
-    (child, rx)
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    Watch {
+        child,
+        lines: rx,
+        stderr,
+    }
+}
+
+/// A running `amm-agent watch`.
+struct Watch {
+    child: Child,
+    /// Its stdout, line by line.
+    lines: mpsc::Receiver<String>,
+    /// Its stderr, whole once it exits.
+    stderr: std::thread::JoinHandle<String>,
 }
 
 /// Waits (at most a minute: a bound, not a timing assertion) for the line
-/// that says the watch reads the record; returns it.
-fn wait_for_record(rx: &mpsc::Receiver<String>) -> String {
+/// that says the watch reads the record (news: on stdout, with the
+/// process's story); returns it.
+fn wait_for_record(w: &Watch) -> String {
     loop {
-        let l = rx
+        let l = w
+            .lines
             .recv_timeout(Duration::from_secs(60))
             .expect("the watch never read the allocator record");
         if l.contains("reading its allocator record") {
@@ -56,11 +78,19 @@ fn wait_for_record(rx: &mpsc::Receiver<String>) -> String {
 }
 
 /// Ends the program, waits for the watch and reads its JSON report.
-fn finish(mut driver: Driver, mut watch: Child, report: &Path) -> Value {
+/// Its stderr is for diagnostics (warnings, errors, where the report went),
+/// never news of the record: bench-dask reports a watch's stderr as the
+/// trial's error.
+fn finish(mut driver: Driver, mut watch: Watch, report: &Path) -> Value {
     let _ = driver.cmd("exit");
     driver.finish().expect("reap the program");
-    let status = watch.wait().expect("wait for the watch");
-    assert!(status.success(), "watch failed: {status}");
+    let status = watch.child.wait().expect("wait for the watch");
+    let err = watch.stderr.join().expect("the stderr reader");
+    assert!(status.success(), "watch failed: {status}: {err}");
+    assert!(
+        !err.contains("allocator record"),
+        "news of the record on stderr: {err}"
+    );
     let text = std::fs::read_to_string(report).expect("the report was not written");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is not JSON ({e}): {text}"))
 }
@@ -77,8 +107,8 @@ fn a_hoard_of_freed_medium_objects_is_a_hoard_never_transient() {
     cmd.env("MALLOC_TRIM_THRESHOLD_", "17179869184");
     let mut d = Driver::start(cmd).expect("start the program");
     let report = dir.path().join("hoard.json");
-    let (watch, rx) = start_watch(d.pid, &report);
-    let said = wait_for_record(&rx);
+    let watch = start_watch(d.pid, &report);
+    let said = wait_for_record(&watch);
     assert!(said.contains("system"), "{said}");
     // 192 MiB of 32 KiB objects, all freed but the last: a glibc hoard
     assert_eq!(d.cmd("alloc 192 32768").expect("alloc"), "ok alloc");
@@ -124,8 +154,8 @@ fn a_leak_of_small_objects_is_a_leak() {
     let program = compile_c("driver", dir.path(), &[]).expect("compile driver.c");
     let mut d = Driver::start(Preload::Jemalloc.command(&program)).expect("start the program");
     let report = dir.path().join("leak.json");
-    let (watch, rx) = start_watch(d.pid, &report);
-    let said = wait_for_record(&rx);
+    let watch = start_watch(d.pid, &report);
+    let said = wait_for_record(&watch);
     assert!(said.contains("jemalloc"), "{said}");
     // 4 MiB of 64-byte objects kept every 200 ms, for 8 s: 160 MiB
     for _ in 0..40 {

@@ -5,6 +5,7 @@ use std::io::Write;
 
 use amm_ebpf::EventKind;
 use amm_protocol::{EventMessage, ThresholdBytes};
+use amm_record::{Allocator, Notice};
 use anyhow::Result;
 use bytesize::ByteSize;
 
@@ -80,6 +81,34 @@ impl Printer {
                 show(t.terminate),
                 show(t.rearm),
             )?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// The line that says a process's allocator record is read from now on
+    /// (news, so it goes with the process's story, not to stderr).
+    pub(super) fn record(
+        &self,
+        pid: i32,
+        allocator: Option<Allocator>,
+        interval_ms: u64,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        if self.json {
+            let v = serde_json::json!({
+                "event": "record", "pid": pid,
+                "allocator": allocator.map(Allocator::name), "interval_ms": interval_ms,
+            });
+            serde_json::to_writer(&mut *out, &v)?;
+            writeln!(out)?;
+        } else {
+            let n = Notice::Reading {
+                pid,
+                allocator,
+                interval_ms,
+            };
+            writeln!(out, "{n}")?;
         }
         out.flush()?;
         Ok(())

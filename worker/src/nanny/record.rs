@@ -102,8 +102,10 @@ impl ProgramRecord {
             self.follower.look_now();
         }
         let snap = self.follower.read_or_recent(amm_record::STAND_IN);
-        if let Some(said) = self.follower.notice() {
-            tracing::info!("{said}");
+        match self.follower.notice() {
+            Some(n) if n.is_warning() => tracing::warn!("{n}"),
+            Some(n) => tracing::info!("{n}"),
+            None => {}
         }
         self.last = snap;
         let s = snap?;

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{Access, OpenError, ReadError, Reader, Snapshot, Task};
+use crate::{Access, Allocator, OpenError, ReadError, Reader, Snapshot, Task};
 
 /// How often to look again for a record that is not there (yet), or for
 /// the successor of a stale one.
@@ -28,6 +28,50 @@ pub const STUCK_LIMIT: u32 = 3;
 /// nothing while the record stays open ([`Follower::read_or_recent`]).
 pub const STAND_IN: Duration = Duration::from_secs(1);
 
+/// What a follower has to say, once ([`Follower::notice`]): news, or a
+/// warning. A caller shows news as part of its story of the process
+/// (`amm-agent watch` on stdout, the supervisor's log at info) and a
+/// warning as one (stderr, the log at warn).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The record was found and is read from now on.
+    Reading {
+        /// The process.
+        pid: i32,
+        /// Its allocator, as the record says.
+        allocator: Option<Allocator>,
+        /// How often it publishes, ms.
+        interval_ms: u64,
+    },
+    /// The record was refused, or stayed mid-update and is left alone (for
+    /// a while, or for good): RSS only meanwhile. The text says which.
+    Warning(String),
+}
+
+impl Notice {
+    /// Whether it is a warning (else news).
+    pub fn is_warning(&self) -> bool {
+        matches!(self, Notice::Warning(_))
+    }
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::Reading {
+                pid,
+                allocator,
+                interval_ms,
+            } => write!(
+                f,
+                "pid {pid}: reading its allocator record ({}, published every {interval_ms} ms)",
+                allocator.map_or("unknown allocator", |a| a.name())
+            ),
+            Notice::Warning(w) => f.write_str(w),
+        }
+    }
+}
+
 /// Follows the record of one task.
 #[derive(Debug)]
 pub struct Follower {
@@ -39,7 +83,7 @@ pub struct Follower {
     stuck: u32,
     gave_up: bool,
     /// What to say next (taken by [`Follower::notice`]).
-    notice: Option<String>,
+    notice: Option<Notice>,
     /// The refusal already said (said once).
     said: Option<String>,
     /// The last consistent, fresh read.
@@ -137,33 +181,33 @@ impl Follower {
     }
 
     /// What the follower has to say since the last call, once: the record
-    /// was found, refused, or found stuck.
-    pub fn notice(&mut self) -> Option<String> {
+    /// was found (news), refused, or found stuck (warnings).
+    pub fn notice(&mut self) -> Option<Notice> {
         self.notice.take()
     }
 
-    fn say(&mut self, what: String) {
+    /// A warning, said once until something else is said.
+    fn warn(&mut self, what: String) {
         if self.said.as_deref() != Some(what.as_str()) {
             self.said = Some(what.clone());
-            self.notice = Some(what);
+            self.notice = Some(Notice::Warning(what));
         }
     }
 
     fn open(&mut self) {
         match self.open_bound() {
             Ok(r) => {
-                let what = r.info().allocator.map_or("unknown allocator", |a| a.name());
-                self.notice = Some(format!(
-                    "pid {}: reading its allocator record ({what}, published every {} ms)",
-                    self.pid,
-                    r.info().interval_ns / 1_000_000
-                ));
+                self.notice = Some(Notice::Reading {
+                    pid: self.pid,
+                    allocator: r.info().allocator,
+                    interval_ms: r.info().interval_ns / 1_000_000,
+                });
                 self.said = None;
                 self.reader = Some(r);
             }
             // not on the preload (yet): kernel data only
             Err(OpenError::NoRecord(_)) | Err(OpenError::NoProcess(_)) => {}
-            Err(e) => self.say(format!("pid {}: {e}", self.pid)),
+            Err(e) => self.warn(format!("pid {}: {e}", self.pid)),
         }
     }
 
@@ -202,14 +246,14 @@ impl Follower {
         self.reader = None;
         if self.stuck >= STUCK_LIMIT {
             self.gave_up = true;
-            self.say(format!(
+            self.warn(format!(
                 "pid {}: its allocator record stayed mid-update {STUCK_LIMIT} times in a row; \
                  no longer read (RSS only from now on)",
                 self.pid
             ));
         } else {
             self.next_try = Instant::now() + STUCK_BACKOFF;
-            self.say(format!(
+            self.warn(format!(
                 "pid {}: its allocator record stayed mid-update for {} ms; left alone for {} s",
                 self.pid,
                 crate::READ_PATIENCE.as_millis(),
@@ -246,6 +290,30 @@ mod tests {
         (one, w, f, first)
     }
 
+    /// Finding the record is news, not a warning: `amm-agent watch` prints
+    /// it with the process's story (stdout), never where its warnings go.
+    #[test]
+    fn finding_the_record_is_news_not_a_warning() {
+        let (_one, w, mut f, _) = published(Duration::from_secs(60));
+        let n = f.notice().expect("the record was found");
+        assert!(!n.is_warning(), "{n}");
+        assert_eq!(
+            n,
+            Notice::Reading {
+                pid: std::process::id() as i32,
+                allocator: Some(Allocator::System),
+                interval_ms: 60_000
+            }
+        );
+        assert!(
+            n.to_string()
+                .ends_with(": reading its allocator record (system, published every 60000 ms)"),
+            "{n}"
+        );
+        assert!(f.notice().is_none(), "said once");
+        drop(w);
+    }
+
     /// A publisher that stops publishing for a while (preempted on a busy
     /// machine) makes the next read stale; the last fresh read stands in
     /// while it is young enough, its own publication time kept.
@@ -280,11 +348,17 @@ mod tests {
             f.read_or_recent(Duration::from_secs(3600)).is_none(),
             "a record left alone has no stand-in"
         );
-        assert!(f.notice().is_some_and(|n| n.contains("left alone")));
+        assert!(
+            f.notice()
+                .is_some_and(|n| n.is_warning() && n.to_string().contains("left alone"))
+        );
         for _ in 1..STUCK_LIMIT {
             f.on_stuck();
         }
-        assert!(f.notice().is_some_and(|n| n.contains("no longer read")));
+        assert!(
+            f.notice()
+                .is_some_and(|n| n.is_warning() && n.to_string().contains("no longer read"))
+        );
         assert!(f.read().is_none(), "given up: never read again");
         assert!(
             f.read_or_recent(Duration::from_secs(3600)).is_none(),

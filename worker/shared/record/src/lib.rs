@@ -38,7 +38,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use follow::{Follower, RETRY, STAND_IN, STUCK_BACKOFF, STUCK_LIMIT};
+pub use follow::{Follower, Notice, RETRY, STAND_IN, STUCK_BACKOFF, STUCK_LIMIT};
 pub use layout::{PurgeOutcome, PurgeReason, Stats};
 pub use reader::{Access, Reader, RecordInfo, Snapshot, Ticket, open, open_task, request_purge};
 pub use seqlock::READ_PATIENCE;
