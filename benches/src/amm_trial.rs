@@ -215,45 +215,82 @@ fn kernel_life(client: &mut Client, pid: u32, t0: u64, after: &[&Value]) -> Resu
 /// lines (`after`: those of this life; `t0`: its timeline's start on the
 /// kernel's clock).
 fn life_from(pid: u32, samples: &[Sample], t0: u64, after: &[&Value]) -> AmmLife {
-    let mut term_ns = None;
-    let mut exit_ns = None;
-    let mut peak = 0;
-    let mut killed_at_page = false;
-    // episodes above spill: (rise, fall or exit)
-    let mut episodes: Vec<(u64, Option<u64>)> = Vec::new();
-    for s in samples {
-        match &s.what {
-            SampleKind::Level {
-                from,
-                to,
-                signalled,
-                ..
-            } => {
-                if *from == amm_ebpf::Level::Below && *to >= amm_ebpf::Level::Spill {
-                    episodes.push((s.t_ns, None));
-                }
-                if *to == amm_ebpf::Level::Below
-                    && let Some(e) = episodes.last_mut()
-                {
-                    e.1.get_or_insert(s.t_ns);
-                }
-                if *to == amm_ebpf::Level::Terminate {
-                    term_ns = Some(s.t_ns);
-                    killed_at_page |= *signalled;
-                }
-            }
-            SampleKind::Exit { peak_rss_bytes } => {
-                exit_ns = Some(s.t_ns);
-                peak = peak.max(*peak_rss_bytes);
-            }
-            SampleKind::Unwatched { peak_rss_bytes } => peak = peak.max(*peak_rss_bytes),
-            _ => {}
-        }
+    let k = KernelStory::of(samples);
+    let actions = worker_actions(after, t0);
+    let (reactions_ns, missed, nothing_to_spill) = reactions(&k, &actions);
+    let ms = |ns: u64| ns as f64 / 1e6;
+    AmmLife {
+        pid,
+        peak_rss_bytes: k.peak,
+        reactions_ms: reactions_ns.into_iter().map(ms).collect(),
+        missed,
+        nothing_to_spill,
+        terminate_to_exit_ms: k
+            .term_ns
+            .zip(k.exit_ns)
+            .map(|(t, e)| ms(e.saturating_sub(t))),
+        killed_at_page: k.killed_at_page,
+        ending: String::new(),
     }
-    // the worker's own reactions to process memory, on the kernel's clock
-    // (not the spills a put makes when managed memory passes target; a
-    // spill event is written when the spill is done: it began `ms` earlier)
-    let actions: Vec<(u64, bool)> = after
+}
+
+/// What the kernel's samples of one worker say.
+#[derive(Debug, Default)]
+struct KernelStory {
+    /// The last crossing of terminate.
+    term_ns: Option<u64>,
+    /// The exit.
+    exit_ns: Option<u64>,
+    /// Peak RSS, bytes.
+    peak: u64,
+    /// The kernel signalled it at the terminate page.
+    killed_at_page: bool,
+    /// Episodes above spill: (rise from below, fall below target).
+    episodes: Vec<(u64, Option<u64>)>,
+}
+
+impl KernelStory {
+    fn of(samples: &[Sample]) -> KernelStory {
+        let mut k = KernelStory::default();
+        for s in samples {
+            match &s.what {
+                SampleKind::Level {
+                    from,
+                    to,
+                    signalled,
+                    ..
+                } => {
+                    if *from == amm_ebpf::Level::Below && *to >= amm_ebpf::Level::Spill {
+                        k.episodes.push((s.t_ns, None));
+                    }
+                    if *to == amm_ebpf::Level::Below
+                        && let Some(e) = k.episodes.last_mut()
+                    {
+                        e.1.get_or_insert(s.t_ns);
+                    }
+                    if *to == amm_ebpf::Level::Terminate {
+                        k.term_ns = Some(s.t_ns);
+                        k.killed_at_page |= *signalled;
+                    }
+                }
+                SampleKind::Exit { peak_rss_bytes } => {
+                    k.exit_ns = Some(s.t_ns);
+                    k.peak = k.peak.max(*peak_rss_bytes);
+                }
+                SampleKind::Unwatched { peak_rss_bytes } => k.peak = k.peak.max(*peak_rss_bytes),
+                _ => {}
+            }
+        }
+        k
+    }
+}
+
+/// The worker's own reactions to process memory, on the kernel's clock,
+/// each with whether it was `nothing_to_spill` (not the spills a put makes
+/// when managed memory passes target; a spill event is written when the
+/// spill is done: it began `ms` earlier).
+fn worker_actions(after: &[&Value], t0: u64) -> Vec<(u64, bool)> {
+    after
         .iter()
         .filter(|v| {
             v["kind"] == "event"
@@ -279,12 +316,18 @@ fn life_from(pid: u32, samples: &[Sample], t0: u64, after: &[&Value]) -> AmmLife
                 .saturating_sub(v["ms"].as_u64().unwrap_or(0));
             Some((t0 + t * 1_000_000, nothing))
         })
-        .collect();
+        .collect()
+}
+
+/// For each episode above spill, the time to the worker's first action in
+/// it (0 for the last when the kernel killed it at the page); the episodes
+/// with none; the first actions that were `nothing_to_spill`.
+fn reactions(k: &KernelStory, actions: &[(u64, bool)]) -> (Vec<u64>, u32, u32) {
     let mut reactions_ns = Vec::new();
     let (mut missed, mut nothing_to_spill) = (0, 0);
-    let last = episodes.len().saturating_sub(1);
-    for (i, &(up, down)) in episodes.iter().enumerate() {
-        let end = down.or(exit_ns).unwrap_or(u64::MAX);
+    let last = k.episodes.len().saturating_sub(1);
+    for (i, &(up, down)) in k.episodes.iter().enumerate() {
+        let end = down.or(k.exit_ns).unwrap_or(u64::MAX);
         // t_ms has a 1 ms resolution
         match actions
             .iter()
@@ -294,21 +337,11 @@ fn life_from(pid: u32, samples: &[Sample], t0: u64, after: &[&Value]) -> AmmLife
                 reactions_ns.push(t.saturating_sub(up));
                 nothing_to_spill += u32::from(nothing);
             }
-            None if killed_at_page && i == last => reactions_ns.push(0),
+            None if k.killed_at_page && i == last => reactions_ns.push(0),
             None => missed += 1,
         }
     }
-    let ms = |ns: u64| ns as f64 / 1e6;
-    AmmLife {
-        pid,
-        peak_rss_bytes: peak,
-        reactions_ms: reactions_ns.into_iter().map(ms).collect(),
-        missed,
-        nothing_to_spill,
-        terminate_to_exit_ms: term_ns.zip(exit_ns).map(|(t, e)| ms(e.saturating_sub(t))),
-        killed_at_page,
-        ending: String::new(),
-    }
+    (reactions_ns, missed, nothing_to_spill)
 }
 
 /// Runs one trial; `agent` is the benchmark's running agent's socket; the
@@ -328,9 +361,65 @@ pub fn run_trial(
     std::fs::write(&w, toml)?;
     let tl_path: PathBuf = dir.path().join("timeline.jsonl");
     let cg = HardLimit::create("spike-amm", limit)?;
+    let mut cmd = worker_command(mode, &w, limit, agent, &tl_path, dir.path());
+    cg.enter_before_exec(&mut cmd)?;
+    let (wall_ms, out) = run_until(cmd, timeout)?;
+    let summary = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    let tl = timeline(&tl_path);
+    let oom_kills = cg.oom_kills()?;
+    let cgroup_peak = cg.peak_bytes()?;
+    drop(cg);
+
+    let mut lives = lives_of(agent, &tl)?;
+    if let Some(attempts) = summary["attempts"].as_array() {
+        for (l, a) in lives.iter_mut().zip(attempts) {
+            l.ending = a["ending"].as_str().unwrap_or("").to_string();
+        }
+    }
+    if let Some(k) = keep {
+        let to = k.join(format!(
+            "{workload}-{}-{}.jsonl",
+            mode.name().replace([' ', ',', '+'], ""),
+            lives.first().map_or(0, |l| l.pid)
+        ));
+        std::fs::copy(&tl_path, &to)
+            .with_context(|| format!("cannot keep the timeline as {}", to.display()))?;
+    }
+    let peak = lives.iter().map(|l| l.peak_rss_bytes).max().unwrap_or(0);
+    let terminate = (limit as f64 * 0.95) as u64;
+    Ok(AmmTrial {
+        mode,
+        workload: workload.to_string(),
+        limit_bytes: limit,
+        outcome: outcome_of(oom_kills, &summary),
+        peak_fraction: peak as f64 / limit as f64,
+        cgroup_peak_fraction: cgroup_peak.map(|p| p as f64 / limit as f64),
+        overshoot_bytes: peak.saturating_sub(terminate),
+        oom_kills,
+        restarts: summary["restarts"].as_u64().unwrap_or(0),
+        wall_ms,
+        lives,
+        summary,
+    })
+}
+
+/// `amm-worker run` of the workload `w` in `mode`, its timeline at `tl`,
+/// spilling under `dir`.
+fn worker_command(
+    mode: AmmMode,
+    w: &Path,
+    limit: u64,
+    agent: &Path,
+    tl: &Path,
+    dir: &Path,
+) -> Command {
     let mut cmd = Command::new(profile_dir().join("amm-worker"));
     cmd.arg("run")
-        .arg(&w)
+        .arg(w)
         .arg("--memory-limit")
         .arg(limit.to_string())
         .arg("--monitor-interval")
@@ -342,9 +431,9 @@ pub fn run_trial(
         .arg("--agent")
         .arg(agent)
         .arg("--timeline")
-        .arg(&tl_path)
+        .arg(tl)
         .arg("--local-directory")
-        .arg(dir.path())
+        .arg(dir)
         .args([
             "--nthreads",
             "1",
@@ -359,7 +448,12 @@ pub fn run_trial(
     if mode != AmmMode::Agent {
         cmd.arg("--agent-observe-only");
     }
-    cg.enter_before_exec(&mut cmd)?;
+    cmd
+}
+
+/// Runs `cmd` to its end, killed past `timeout`: the wall time (ms) and
+/// its stdout.
+fn run_until(mut cmd: Command, timeout: Duration) -> Result<(u64, String)> {
     let start = Instant::now();
     let mut child = cmd.spawn().context("start amm-worker")?;
     let mut stdout = child.stdout.take().context("stdout")?;
@@ -377,18 +471,12 @@ pub fn run_trial(
         std::thread::sleep(Duration::from_millis(50));
     }
     let wall_ms = start.elapsed().as_millis() as u64;
-    let out = reader.join().unwrap_or_default();
-    let summary = out
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .unwrap_or(Value::Null);
-    let tl = timeline(&tl_path);
-    let oom_kills = cg.oom_kills()?;
-    let cgroup_peak = cg.peak_bytes()?;
-    drop(cg);
+    Ok((wall_ms, reader.join().unwrap_or_default()))
+}
 
-    // the lives: each attempt starts with a `start` event
+/// Each attempt in the timeline `tl` (it starts with a `start` event), as
+/// the agent's kernel record of it and its own lines tell it.
+fn lives_of(agent: &Path, tl: &[Value]) -> Result<Vec<AmmLife>> {
     let starts: Vec<usize> = tl
         .iter()
         .enumerate()
@@ -415,24 +503,13 @@ pub fn run_trial(
         }
         lives.push(life?);
     }
-    if let Some(attempts) = summary["attempts"].as_array() {
-        for (l, a) in lives.iter_mut().zip(attempts) {
-            l.ending = a["ending"].as_str().unwrap_or("").to_string();
-        }
-    }
-    if let Some(k) = keep {
-        let to = k.join(format!(
-            "{workload}-{}-{}.jsonl",
-            mode.name().replace([' ', ',', '+'], ""),
-            lives.first().map_or(0, |l| l.pid)
-        ));
-        std::fs::copy(&tl_path, &to)
-            .with_context(|| format!("cannot keep the timeline as {}", to.display()))?;
-    }
-    let peak = lives.iter().map(|l| l.peak_rss_bytes).max().unwrap_or(0);
-    let terminate = (limit as f64 * 0.95) as u64;
+    Ok(lives)
+}
+
+/// How a trial went, from its cgroup's OOM kills and the nanny's summary.
+fn outcome_of(oom_kills: u64, summary: &Value) -> AmmOutcome {
     let terminations = summary["terminations"].as_u64().unwrap_or(0);
-    let outcome = if oom_kills > 0 {
+    if oom_kills > 0 {
         AmmOutcome::OomKilled
     } else if terminations > 0 {
         AmmOutcome::TerminatedRestarted
@@ -440,21 +517,7 @@ pub fn run_trial(
         AmmOutcome::Finished
     } else {
         AmmOutcome::Failed
-    };
-    Ok(AmmTrial {
-        mode,
-        workload: workload.to_string(),
-        limit_bytes: limit,
-        outcome,
-        peak_fraction: peak as f64 / limit as f64,
-        cgroup_peak_fraction: cgroup_peak.map(|p| p as f64 / limit as f64),
-        overshoot_bytes: peak.saturating_sub(terminate),
-        oom_kills,
-        restarts: summary["restarts"].as_u64().unwrap_or(0),
-        wall_ms,
-        lives,
-        summary,
-    })
+    }
 }
 
 impl AmmTrial {

@@ -697,6 +697,54 @@ impl DaskRunner {
     /// Python, no cgroup, no probe); whatever Dask or the kernel did to the
     /// worker is in the [`TrialResult`].
     pub fn run_trial(&self, cfg: &TrialConfig) -> Result<TrialResult> {
+        let mut child = self
+            .trial_command(cfg)?
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.venv.python.display()))?;
+        let group = GroupGuard::new(child.id());
+        let stdout = child.stdout.take().context("the trial's stdout")?;
+        let stderr = child.stderr.take().context("the trial's stderr")?;
+        let out_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(stdout).read_to_string(&mut s);
+            s
+        });
+        let (tx, rx) = mpsc::channel();
+        let log_file = self.trial_log(cfg, child.id())?;
+        let err_thread = std::thread::spawn(move || read_stderr(stderr, tx, log_file));
+
+        let deadline = Instant::now() + cfg.timeout + STARTUP_SHUTDOWN_MARGIN;
+        let mut followed = self.follow_workers(cfg, &rx, deadline);
+        // the script is done (or given up on: then at once): reap it, then
+        // the last worker
+        let status = if followed.harness_error.is_some() {
+            wait_until(&mut child, Instant::now())
+        } else {
+            wait_until(&mut child, deadline)
+        };
+        drop(group);
+        if let Some(last) = followed.current.take() {
+            followed.lives.push(finish_life(last, cfg.limit_bytes));
+        }
+        let tail = err_thread.join().unwrap_or_default();
+        let stdout = out_thread.join().unwrap_or_default();
+        if let Some(e) = followed.harness_error {
+            return Err(e.context(format!("trial log (tail):\n{}", tail.join("\n"))));
+        }
+        let (script, raw, parse_error) = script_result(&stdout, status, &tail);
+        Ok(assemble(
+            cfg,
+            script,
+            raw,
+            parse_error,
+            followed.lives,
+            followed.closing_ns,
+        ))
+    }
+
+    /// The trial script's command for `cfg`: its stdout (the result) and
+    /// stderr (the announcements) piped, in a process group of its own.
+    fn trial_command(&self, cfg: &TrialConfig) -> Result<Command> {
         let mut cmd = Command::new(&self.venv.python);
         cmd.arg(&self.script)
             .args(["--workload", cfg.workload.name()])
@@ -723,65 +771,58 @@ impl DaskRunner {
                 cmd.arg("--amm-config").arg(format!("{k}={val}"));
             }
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.venv.python.display()))?;
-        let group = GroupGuard::new(child.id());
-        let stdout = child.stdout.take().context("the trial's stdout")?;
-        let stderr = child.stderr.take().context("the trial's stderr")?;
-        let out_thread = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = BufReader::new(stdout).read_to_string(&mut s);
-            s
-        });
-        let (tx, rx) = mpsc::channel();
-        let log_file = match &self.log_dir {
-            Some(d) => {
-                fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-                let p = d.join(format!(
-                    "{}-seed{}-{}.log",
-                    cfg.workload.name(),
-                    cfg.seed,
-                    child.id()
-                ));
-                Some(
-                    fs::File::create(&p)
-                        .with_context(|| format!("cannot create {}", p.display()))?,
-                )
-            }
-            None => None,
-        };
-        let err_thread = std::thread::spawn(move || read_stderr(stderr, tx, log_file));
+        Ok(cmd)
+    }
 
-        let deadline = Instant::now() + cfg.timeout + STARTUP_SHUTDOWN_MARGIN;
-        let mut lives: Vec<WorkerLife> = Vec::new();
-        let mut current: Option<Live> = None;
-        let mut harness_error: Option<anyhow::Error> = None;
-        let mut closing_ns = None;
+    /// The file that keeps the trial's whole stderr (with `log_dir`).
+    fn trial_log(&self, cfg: &TrialConfig, pid: u32) -> Result<Option<fs::File>> {
+        let Some(d) = &self.log_dir else {
+            return Ok(None);
+        };
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        let p = d.join(format!(
+            "{}-seed{}-{pid}.log",
+            cfg.workload.name(),
+            cfg.seed,
+        ));
+        let f = fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        Ok(Some(f))
+    }
+
+    /// Follows the script's announcements until it closes, the deadline
+    /// passes or a worker cannot be watched: each new worker gets its life
+    /// (cgroup, watch) and the one before is finished.
+    fn follow_workers(
+        &self,
+        cfg: &TrialConfig,
+        rx: &mpsc::Receiver<Line>,
+        deadline: Instant,
+    ) -> Followed {
+        let mut f = Followed::default();
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Line::Worker(pid)) => {
                     let next = match self.start_life(pid, cfg.limit_bytes) {
                         Ok(l) => l,
                         Err(e) => {
-                            harness_error = Some(e);
+                            f.harness_error = Some(e);
                             break;
                         }
                     };
-                    if let Some(prev) = current.replace(next) {
-                        lives.push(finish_life(prev, cfg.limit_bytes));
+                    if let Some(prev) = f.current.replace(next) {
+                        f.lives.push(finish_life(prev, cfg.limit_bytes));
                     }
                 }
                 Ok(Line::GateTimeout(pid)) => {
-                    if let Some(l) = current.as_mut().filter(|l| l.pid == pid) {
+                    if let Some(l) = f.current.as_mut().filter(|l| l.pid == pid) {
                         l.gate_timeout = true;
                     }
                 }
-                Ok(Line::Closing(t)) => closing_ns = Some(t),
+                Ok(Line::Closing(t)) => f.closing_ns = Some(t),
                 Ok(Line::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if Instant::now() > deadline {
-                        harness_error = Some(anyhow::anyhow!(
+                        f.harness_error = Some(anyhow::anyhow!(
                             "the trial script did not end within {} s; killed it",
                             (cfg.timeout + STARTUP_SHUTDOWN_MARGIN).as_secs()
                         ));
@@ -790,52 +831,7 @@ impl DaskRunner {
                 }
             }
         }
-        // the script is done (or given up on: then at once): reap it, then
-        // the last worker
-        let status = if harness_error.is_some() {
-            wait_until(&mut child, Instant::now())
-        } else {
-            wait_until(&mut child, deadline)
-        };
-        drop(group);
-        if let Some(last) = current.take() {
-            lives.push(finish_life(last, cfg.limit_bytes));
-        }
-        let tail = err_thread.join().unwrap_or_default();
-        let stdout = out_thread.join().unwrap_or_default();
-        if let Some(e) = harness_error {
-            return Err(e.context(format!("trial log (tail):\n{}", tail.join("\n"))));
-        }
-        let json_line = stdout
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('{'));
-        let (script, raw, parse_error) =
-            match json_line.map(serde_json::from_str::<serde_json::Value>) {
-                Some(Ok(v)) => match serde_json::from_value::<ScriptResult>(v.clone()) {
-                    Ok(s) => (s, v, None),
-                    Err(e) => (
-                        ScriptResult::default(),
-                        v,
-                        Some(format!("bad trial JSON: {e}")),
-                    ),
-                },
-                Some(Err(e)) => (
-                    ScriptResult::default(),
-                    serde_json::Value::Null,
-                    Some(format!("bad trial JSON: {e}")),
-                ),
-                None => (
-                    ScriptResult::default(),
-                    serde_json::Value::Null,
-                    Some(format!(
-                        "the trial script printed no result ({}); its log (tail):\n{}",
-                        status.map_or_else(|| "still running".to_string(), |s| s.to_string()),
-                        tail.join("\n")
-                    )),
-                ),
-            };
-        Ok(assemble(cfg, script, raw, parse_error, lives, closing_ns))
+        f
     }
 
     /// The trial script's arguments for a mode.
@@ -932,6 +928,56 @@ impl DaskRunner {
         }
         live.cgroup = Some(cgroup);
         Ok(live)
+    }
+}
+
+/// What following a trial's workers gave.
+#[derive(Default)]
+struct Followed {
+    /// The workers finished so far.
+    lives: Vec<WorkerLife>,
+    /// The worker alive when following stopped.
+    current: Option<Live>,
+    /// Why the harness gave up (then the trial is an `Err`).
+    harness_error: Option<anyhow::Error>,
+    /// When the script said it was closing the cluster.
+    closing_ns: Option<u64>,
+}
+
+/// The script's result, its last JSON line on stdout (and the line as
+/// JSON, kept raw), or why there is none.
+fn script_result(
+    stdout: &str,
+    status: Option<std::process::ExitStatus>,
+    tail: &[String],
+) -> (ScriptResult, serde_json::Value, Option<String>) {
+    let json_line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'));
+    match json_line.map(serde_json::from_str::<serde_json::Value>) {
+        Some(Ok(v)) => match serde_json::from_value::<ScriptResult>(v.clone()) {
+            Ok(s) => (s, v, None),
+            Err(e) => (
+                ScriptResult::default(),
+                v,
+                Some(format!("bad trial JSON: {e}")),
+            ),
+        },
+        Some(Err(e)) => (
+            ScriptResult::default(),
+            serde_json::Value::Null,
+            Some(format!("bad trial JSON: {e}")),
+        ),
+        None => (
+            ScriptResult::default(),
+            serde_json::Value::Null,
+            Some(format!(
+                "the trial script printed no result ({}); its log (tail):\n{}",
+                status.map_or_else(|| "still running".to_string(), |s| s.to_string()),
+                tail.join("\n")
+            )),
+        ),
     }
 }
 
@@ -1171,17 +1217,10 @@ fn spill_episodes(events: &[EventMessage]) -> (Vec<f64>, u32) {
     (done, u32::from(open.is_some()))
 }
 
-/// Decides each worker's end and the trial's outcome. `closing_ns`: when
-/// the script said it was closing the cluster (a worker that exits after
-/// that was shut down; one that exited before, unexplained, died).
-fn assemble(
-    cfg: &TrialConfig,
-    script: ScriptResult,
-    raw: serde_json::Value,
-    parse_error: Option<String>,
-    mut lives: Vec<WorkerLife>,
-    closing_ns: Option<u64>,
-) -> TrialResult {
+/// Each worker's end: OOM-killed, killed at the terminate page (amm),
+/// terminated by Dask's nanny, shut down (it exited after the script said
+/// it was closing, at `closing_ns`) or died.
+fn decide_ends(lives: &mut [WorkerLife], script: &ScriptResult, closing_ns: Option<u64>) {
     let terminated: Vec<u32> = script
         .nanny_terminations
         .iter()
@@ -1195,7 +1234,6 @@ fn assemble(
         .filter(|k| k.killed_at_page == Some(true))
         .filter_map(|k| k.pid)
         .collect();
-    let n = lives.len();
     for l in lives.iter_mut() {
         l.nanny_terminated = terminated.contains(&l.pid);
         l.end = if l.oom_kills > 0 {
@@ -1210,6 +1248,45 @@ fn assemble(
             LifeEnd::Died
         };
     }
+}
+
+/// What went wrong in a trial: the script's result unreadable, the
+/// script's own error, a worker that ran before its cgroup held it, and
+/// each worker's (its watch, its cgroup).
+fn trial_errors(
+    parse_error: Option<String>,
+    script: &ScriptResult,
+    lives: &[WorkerLife],
+) -> Vec<String> {
+    let mut errors: Vec<String> = parse_error.into_iter().collect();
+    errors.extend(script.error.clone());
+    for l in lives {
+        if l.gate_timeout {
+            errors.push(format!(
+                "worker {} started before it was in its cgroup (the gate timed out)",
+                l.pid
+            ));
+        }
+        if let Some(e) = &l.error {
+            errors.push(format!("worker {}: {e}", l.pid));
+        }
+    }
+    errors
+}
+
+/// Decides each worker's end and the trial's outcome. `closing_ns`: when
+/// the script said it was closing the cluster (a worker that exits after
+/// that was shut down; one that exited before, unexplained, died).
+fn assemble(
+    cfg: &TrialConfig,
+    script: ScriptResult,
+    raw: serde_json::Value,
+    parse_error: Option<String>,
+    mut lives: Vec<WorkerLife>,
+    closing_ns: Option<u64>,
+) -> TrialResult {
+    let n = lives.len();
+    decide_ends(&mut lives, &script, closing_ns);
     let first_death = lives.iter().find(|l| l.end != LifeEnd::Shutdown);
     let outcome = match first_death.map(|l| l.end) {
         Some(LifeEnd::OomKilled) => Outcome::OomKilled,
@@ -1221,19 +1298,7 @@ fn assemble(
     let decisive =
         first_death.or_else(|| lives.iter().max_by_key(|l| l.peak_rss_bytes.unwrap_or(0)));
     let limit = cfg.limit_bytes as f64;
-    let mut errors: Vec<String> = parse_error.into_iter().collect();
-    errors.extend(script.error.clone());
-    for l in &lives {
-        if l.gate_timeout {
-            errors.push(format!(
-                "worker {} started before it was in its cgroup (the gate timed out)",
-                l.pid
-            ));
-        }
-        if let Some(e) = &l.error {
-            errors.push(format!("worker {}: {e}", l.pid));
-        }
-    }
+    let errors = trial_errors(parse_error, &script, &lives);
     let last = script.after_release.as_ref().and_then(|a| a.workers.last());
     TrialResult {
         workload: cfg.workload,

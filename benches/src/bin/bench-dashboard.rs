@@ -240,20 +240,46 @@ fn main() -> Result<()> {
         "load before: {}",
         std::fs::read_to_string("/proc/loadavg")?.trim()
     );
+    let stop = Arc::new(AtomicBool::new(false));
+    let viewers = cpu_table(&args, &mut fleet, agent_pid, &http, &stop)?;
+    scrape_time(&args, &http)?;
+    relay(&args, &mut fleet, &http)?;
+    stop.store(true, Ordering::Relaxed);
+    for v in viewers {
+        let _ = v.join();
+    }
+    pixels(&args, &mut fleet, &http)?;
+    println!(
+        "load after: {}",
+        std::fs::read_to_string("/proc/loadavg")?.trim()
+    );
+    drop(agent);
+    Ok(())
+}
+
+/// The agent's CPU with no viewer, with live streams, and with streams
+/// and a /metrics scrape every second. The streams stay open (until
+/// `stop`): their join handles.
+fn cpu_table(
+    args: &Args,
+    fleet: &mut Fleet,
+    agent_pid: u32,
+    http: &HttpListener,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<std::thread::JoinHandle<u64>>> {
     println!(
         "\n{} watched processes, each pushing a split every 200 ms; agent CPU over {} s:\n",
         args.workers, args.seconds
     );
     println!("| HTTP side | agent, all threads | its HTTP thread | the rest (relay) |");
     println!("| --- | --- | --- | --- |");
-    cpu_phase("no viewer", &mut fleet, agent_pid, args.seconds)?;
-    let stop = Arc::new(AtomicBool::new(false));
+    cpu_phase("no viewer", fleet, agent_pid, args.seconds)?;
     let viewers: Vec<_> = (0..args.viewers)
-        .map(|_| viewer(&http, stop.clone(), true))
+        .map(|_| viewer(http, stop.clone(), true))
         .collect();
     cpu_phase(
         &format!("{} live streams", args.viewers),
-        &mut fleet,
+        fleet,
         agent_pid,
         args.seconds,
     )?;
@@ -269,19 +295,22 @@ fn main() -> Result<()> {
     };
     cpu_phase(
         &format!("{} live streams + /metrics every 1 s", args.viewers),
-        &mut fleet,
+        fleet,
         agent_pid,
         args.seconds,
     )?;
     scraping.store(true, Ordering::Relaxed);
     let _ = scraper.join();
+    Ok(viewers)
+}
 
-    // scrape time
+/// /metrics' size and the time to scrape it, with the streams open.
+fn scrape_time(args: &Args, http: &HttpListener) -> Result<()> {
     let mut ms = Vec::new();
     let mut size = 0;
     for _ in 0..args.scrapes {
         let t = Instant::now();
-        size = scrape(&http)?;
+        size = scrape(http)?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     println!(
@@ -291,18 +320,6 @@ fn main() -> Result<()> {
         size,
         fmt(&mut ms)
     );
-
-    relay(&args, &mut fleet, &http)?;
-    stop.store(true, Ordering::Relaxed);
-    for v in viewers {
-        let _ = v.join();
-    }
-    pixels(&args, &mut fleet, &http)?;
-    println!(
-        "load after: {}",
-        std::fs::read_to_string("/proc/loadavg")?.trim()
-    );
-    drop(agent);
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 //! Run as root: `cargo xtask bench spike`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -53,16 +53,7 @@ fn main() -> Result<()> {
     if !amm_agent::probe::is_root() {
         bail!("the spike benchmark creates cgroups and loads BPF: run it as root");
     }
-    let mut err = std::io::stderr();
-    for purpose in ["spike-amm", "dask"] {
-        let stale = HardLimit::remove_stale(purpose)?;
-        if stale > 0 {
-            writeln!(
-                err,
-                "removed {stale} {purpose} cgroup(s) an earlier run left behind"
-            )?;
-        }
-    }
+    remove_stale_cgroups()?;
     let scratch = tempfile::tempdir()?;
     let socket = scratch.path().join("agent.sock");
     let _agent = start_agent(&socket, Stdio::inherit())?;
@@ -76,15 +67,22 @@ fn main() -> Result<()> {
             Some(target_dir().join("bpf/amm.bpf.o")),
         )?)
     };
-    let mut out = std::fs::File::create(&args.out)
+    let out = std::fs::File::create(&args.out)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let timeout = Duration::from_secs(args.timeout_s);
     if let Some(k) = &args.keep_timelines {
         std::fs::create_dir_all(k).with_context(|| format!("cannot create {}", k.display()))?;
     }
-    let mut samples: Vec<Sample> = Vec::new();
-    // row, reactions, rises with no reaction, rises with nothing to spill
-    let mut spill_reactions: Vec<(String, Vec<f64>, u32, u32)> = Vec::new();
+    let mut bench = Bench {
+        args: &args,
+        limit,
+        socket,
+        scratch: scratch.path(),
+        timeout,
+        out,
+        samples: Vec::new(),
+        spill_reactions: Vec::new(),
+    };
     let modes = AmmMode::ALL.len() + usize::from(dask.is_some());
     for t in 0..args.trials {
         for w in &args.workloads {
@@ -92,67 +90,118 @@ fn main() -> Result<()> {
             for k in 0..modes {
                 let m = (k + t) % modes;
                 if let Some(mode) = AmmMode::ALL.get(m).copied() {
-                    writeln!(
-                        err,
-                        "trial {}/{} {} / {}",
-                        t + 1,
-                        args.trials,
-                        w.name(),
-                        mode.name()
-                    )?;
-                    let trial = run_trial(
-                        mode,
-                        w.name(),
-                        limit,
-                        &socket,
-                        scratch.path(),
-                        timeout,
-                        args.keep_timelines.as_deref(),
-                    )?;
-                    writeln!(out, "{}", serde_json::to_string(&trial)?)?;
-                    let row = format!("{} / {}", w.name(), mode.name());
-                    let r: Vec<f64> = trial
-                        .lives
-                        .iter()
-                        .flat_map(|l| l.reactions_ms.iter().copied())
-                        .collect();
-                    let missed: u32 = trial.lives.iter().map(|l| l.missed).sum();
-                    let nothing: u32 = trial.lives.iter().map(|l| l.nothing_to_spill).sum();
-                    match spill_reactions.iter_mut().find(|(k, ..)| *k == row) {
-                        Some((_, v, m, n)) => {
-                            v.extend(r);
-                            *m += missed;
-                            *n += nothing;
-                        }
-                        None => spill_reactions.push((row, r, missed, nothing)),
-                    }
-                    samples.push(trial.sample());
+                    bench.amm_trial(t, *w, mode)?;
                 } else if let Some(runner) = &dask {
-                    writeln!(
-                        err,
-                        "trial {}/{} {} / real Dask",
-                        t + 1,
-                        args.trials,
-                        w.name()
-                    )?;
-                    let r = runner.run_trial(&TrialConfig {
-                        mode: amm_benches::dask::Mode::Plain,
-                        spill: None,
-                        workload: *w,
-                        limit_bytes: limit,
-                        poll_ms: None,
-                        seed: t as u64 + 1,
-                        timeout,
-                        variant: None,
-                    })?;
-                    writeln!(out, "{}", serde_json::to_string(&r)?)?;
-                    let mut sample = Sample::from(&r);
-                    sample.row = format!("{} / real Dask 2026.8.0 (poll 100 ms)", w.name());
-                    samples.push(sample);
+                    bench.dask_trial(runner, t, *w)?;
                 }
             }
         }
     }
+    print_tables(&args, bench.samples, bench.spill_reactions);
+    Ok(())
+}
+
+/// Removes the cgroups an earlier run left behind.
+fn remove_stale_cgroups() -> Result<()> {
+    for purpose in ["spike-amm", "dask"] {
+        let stale = HardLimit::remove_stale(purpose)?;
+        if stale > 0 {
+            writeln!(
+                std::io::stderr(),
+                "removed {stale} {purpose} cgroup(s) an earlier run left behind"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// One row's spill reactions: the row, the reactions (ms), rises with no
+/// reaction, rises with nothing to spill.
+type SpillReactions = (String, Vec<f64>, u32, u32);
+
+/// A run in progress: where trials go and what they gave so far.
+struct Bench<'a> {
+    args: &'a Args,
+    limit: u64,
+    socket: PathBuf,
+    scratch: &'a Path,
+    timeout: Duration,
+    out: std::fs::File,
+    samples: Vec<Sample>,
+    spill_reactions: Vec<SpillReactions>,
+}
+
+impl Bench<'_> {
+    /// Trial `t` of amm-worker in `mode`: written out, its sample and its
+    /// spill reactions kept.
+    fn amm_trial(&mut self, t: usize, w: Workload, mode: AmmMode) -> Result<()> {
+        writeln!(
+            std::io::stderr(),
+            "trial {}/{} {} / {}",
+            t + 1,
+            self.args.trials,
+            w.name(),
+            mode.name()
+        )?;
+        let trial = run_trial(
+            mode,
+            w.name(),
+            self.limit,
+            &self.socket,
+            self.scratch,
+            self.timeout,
+            self.args.keep_timelines.as_deref(),
+        )?;
+        writeln!(self.out, "{}", serde_json::to_string(&trial)?)?;
+        let row = format!("{} / {}", w.name(), mode.name());
+        let r: Vec<f64> = trial
+            .lives
+            .iter()
+            .flat_map(|l| l.reactions_ms.iter().copied())
+            .collect();
+        let missed: u32 = trial.lives.iter().map(|l| l.missed).sum();
+        let nothing: u32 = trial.lives.iter().map(|l| l.nothing_to_spill).sum();
+        match self.spill_reactions.iter_mut().find(|(k, ..)| *k == row) {
+            Some((_, v, m, n)) => {
+                v.extend(r);
+                *m += missed;
+                *n += nothing;
+            }
+            None => self.spill_reactions.push((row, r, missed, nothing)),
+        }
+        self.samples.push(trial.sample());
+        Ok(())
+    }
+
+    /// Trial `t` of real Dask: written out, its sample kept.
+    fn dask_trial(&mut self, runner: &DaskRunner, t: usize, w: Workload) -> Result<()> {
+        writeln!(
+            std::io::stderr(),
+            "trial {}/{} {} / real Dask",
+            t + 1,
+            self.args.trials,
+            w.name()
+        )?;
+        let r = runner.run_trial(&TrialConfig {
+            mode: amm_benches::dask::Mode::Plain,
+            spill: None,
+            workload: w,
+            limit_bytes: self.limit,
+            poll_ms: None,
+            seed: t as u64 + 1,
+            timeout: self.timeout,
+            variant: None,
+        })?;
+        writeln!(self.out, "{}", serde_json::to_string(&r)?)?;
+        let mut sample = Sample::from(&r);
+        sample.row = format!("{} / real Dask 2026.8.0 (poll 100 ms)", w.name());
+        self.samples.push(sample);
+        Ok(())
+    }
+}
+
+/// The spike table and the spill-reaction table.
+fn print_tables(args: &Args, mut samples: Vec<Sample>, spill_reactions: Vec<SpillReactions>) {
     println!(
         "spike benchmark: limit {} MiB (= the worker's cgroup hard limit), {} trials per mode and workload, interleaved; kernel {}",
         args.limit_mib,
@@ -189,5 +238,4 @@ fn main() -> Result<()> {
         };
         println!("| {row} | {cell} | {nothing} | {missed} |");
     }
-    Ok(())
 }
