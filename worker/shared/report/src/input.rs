@@ -5,10 +5,14 @@
 //! (`amm-agent watch --report`, `amm-worker report --agent`), which pushes
 //! them ([`Run::push_tick`], [`Run::push_event`]).
 //!
-//! Times are seconds since the first sample of the run. A timeline that holds
-//! several attempts (a worker restarted by its nanny appends after a `start`
-//! event, with its own clock) is laid end to end: each attempt starts where
-//! the previous one's last line was.
+//! Times are seconds since the first sample of the run. A line of a file is
+//! placed when it happened, its `t_ns` counted from its attempt's start
+//! (`t0_monotonic_ns`), so a tick is where its measurement began even when
+//! it was written after an event that followed (see `Clock::seconds`); a
+//! file without them is placed by `t_ms`, when each line was written. A
+//! timeline that holds several attempts (a worker restarted by its nanny
+//! appends after a `start` event, with its own clock) is laid end to end:
+//! each attempt starts where the previous one's last line was.
 
 use std::io::BufRead;
 use std::ops::Deref;
@@ -96,11 +100,32 @@ const NOTED_SKIPS: usize = 5;
 #[derive(Debug, Default)]
 struct Clock {
     attempt: Option<u32>,
+    /// CLOCK_MONOTONIC ns at the attempt's `t_ms` 0 (its `start` event's
+    /// `t0_monotonic_ns`), when known: lines with `t_ns` are placed by it.
+    origin_ns: Option<u64>,
     offset: f64,
     last_t: f64,
     skipped: Vec<String>,
     skipped_count: usize,
     derived: bool,
+}
+
+impl Clock {
+    /// Seconds since the attempt's `t_ms` 0 at which `line` happened: by its
+    /// `t_ns` when the attempt's origin is known, else by `t_ms`. `t_ms` is
+    /// when a line was written, on the writer's clock, to the millisecond;
+    /// `t_ns` is when it happened: a tick's measurement began before the
+    /// events it caused or that were written while it was measured (a
+    /// worker's monitor preempted between measuring and writing, the
+    /// supervisor's `terminate`), a relayed kernel event keeps its own time,
+    /// and the nanny's `exit` and `restart` lines in a worker's timeline
+    /// count `t_ms` from the attempt's spawn, not the worker's start.
+    fn seconds(&self, line: &Line) -> f64 {
+        match (line.t_ns, self.origin_ns) {
+            (Some(ns), Some(origin)) => (i128::from(ns) - i128::from(origin)) as f64 / 1e9,
+            _ => line.t_ms as f64 / 1000.0,
+        }
+    }
 }
 
 impl Run {
@@ -207,15 +232,15 @@ impl Run {
 
     /// Places one line on the run's clock and keeps what it holds.
     fn take_line(&mut self, line: Line, clock: &mut Clock) {
-        let t_ms = line.t_ms as f64 / 1000.0;
         if let Entry::Event(Event::Start(s)) = &line.entry {
             // a new process: its clock starts again at 0
             if clock.attempt.is_some() {
                 clock.offset = clock.last_t;
             }
             clock.attempt = Some(s.attempt);
+            clock.origin_ns = s.t0_monotonic_ns;
         }
-        let t = clock.offset + t_ms;
+        let t = clock.offset + clock.seconds(&line);
         clock.last_t = clock.last_t.max(t);
         let attempt = clock.attempt.unwrap_or(0);
         match line.entry {
@@ -321,6 +346,89 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// An amm-worker timeline: 3 s of phase `warm` at no unmanaged memory,
+    /// then phase `load` whose tasks take 20, 40, 60 then 80 MiB, then
+    /// phase `work` holding 80 MiB. The monitor measured `load`'s fourth
+    /// tick at 3.79 s, was preempted, and wrote it at 3.804 s: after the
+    /// workload thread wrote `work` (3.8 s). `with_t_ns: false` is the same
+    /// file from a writer that stamped no `t_ns`.
+    fn load_measured_before_work_written_after(with_t_ns: bool) -> String {
+        const T0: u64 = 7_000_000_000;
+        const MIB: u64 = 1 << 20;
+        let line = |t_ms: u64, measured_ms: u64, rest: String| {
+            let t_ns = if with_t_ns {
+                format!(r#","t_ns":{}"#, T0 + measured_ms * 1_000_000)
+            } else {
+                String::new()
+            };
+            format!(r#"{{"v":1,"t_ms":{t_ms}{t_ns},{rest}}}"#)
+        };
+        let tick = |t_ms: u64, measured_ms: u64, live: u64| {
+            let p = 100 * MIB + live * MIB;
+            let rest = format!(
+                r#""kind":"tick","process":{p},"managed":0,"unmanaged_live":{},"hoarded":0,"non_heap":{}"#,
+                live * MIB,
+                100 * MIB
+            );
+            line(t_ms, measured_ms, rest)
+        };
+        let phase = |t_ms: u64, name: &str| {
+            line(
+                t_ms,
+                t_ms,
+                format!(r#""kind":"event","event":"phase","name":"{name}""#),
+            )
+        };
+        let start = format!(
+            r#""kind":"event","event":"start","attempt":0,"allocator":"jemalloc","limit":{},"t0_monotonic_ns":{T0}"#,
+            4u64 << 30
+        );
+        let mut lines = vec![line(0, 0, start), phase(0, "warm")];
+        lines.extend((1..15).map(|i| tick(i * 200, i * 200, 0)));
+        lines.push(phase(3000, "load"));
+        lines.extend([
+            tick(3200, 3200, 20),
+            tick(3400, 3400, 40),
+            tick(3600, 3600, 60),
+        ]);
+        lines.push(phase(3800, "work"));
+        lines.push(tick(3804, 3790, 80));
+        lines.extend((20..50).map(|i| tick(i * 200, i * 200, 80)));
+        lines.join("\n")
+    }
+
+    /// A tick is placed when it was measured (`t_ns`), not when it was
+    /// written (`t_ms`): the fourth tick of `load` is `load`'s, so the
+    /// phase rose 60 MiB and the report says so. Placed by `t_ms` (what a
+    /// timeline without `t_ns` still gets) it counts for `work` and `load`
+    /// keeps three ticks.
+    #[test]
+    fn a_tick_is_placed_when_it_was_measured_not_when_written() {
+        let th = crate::Thresholds::default();
+        let load_of = |with_t_ns: bool| {
+            let text = load_measured_before_work_written_after(with_t_ns);
+            let run = Run::from_timeline(text.as_bytes()).expect("run");
+            let r = crate::analyze(&run, &th);
+            let load = r.stretches.iter().find(|s| s.phases == ["load"]).cloned();
+            (r, load.expect("a stretch of phase load"))
+        };
+        let (r, load) = load_of(true);
+        assert_eq!(load.ticks, 4, "{load:?}");
+        assert!((load.to_s - 3.79).abs() < 1e-9, "{load:?}");
+        assert!(load.headline.contains("rose 60.0 MiB"), "{}", load.headline);
+        assert_ne!(
+            r.verdict.kind,
+            crate::Kind::Steady,
+            "{}",
+            r.verdict.headline
+        );
+        // by write time the boundary moves: the tick measured in `load`
+        // counts for `work` (and the report, amm 62f6873, said "nothing
+        // grows" for the whole run)
+        let (_, load) = load_of(false);
+        assert_eq!(load.ticks, 3, "{load:?}");
     }
 
     #[test]
