@@ -480,6 +480,9 @@ def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory
     else:
         assert seen == "glibc" and preload is None, (seen, preload)
         assert list(client.run(preload_purges_own).values()) == [None]
+        # the nanny gave the glibc worker its large-block reuse back
+        mmap = client.run(os.environ.get, "MALLOC_MMAP_THRESHOLD_")
+        assert list(mmap.values()) == [str(32 * MIB)], mmap
     wait_until(lambda: pid in agent.watched(), "worker registered")
     time.sleep(2)
     client.submit(hoard, 300 * MIB, 1024, 6.0, pure=False).result(timeout=120)
@@ -656,6 +659,38 @@ def test_the_preload_library_is_never_taken_from_the_working_directory_or_a_writ
     assert nanny.find_preload_library() == fallback
     lib.parent.chmod(0o755)
     assert nanny.find_preload_library() == str(lib)
+
+
+def test_a_glibc_worker_gets_an_mmap_threshold_unless_it_has_one_and_a_bad_one_is_refused(
+    monkeypatch,
+):
+    import dask.config
+
+    from amm_dask import nanny
+
+    monkeypatch.delenv(nanny.MMAP_THRESHOLD_ENV, raising=False)
+    key = nanny.MMAP_THRESHOLD_ENV
+    with dask.config.set({"amm.nanny.allocator": "glibc"}):
+        # Dask's MALLOC_TRIM_THRESHOLD_ pinned glibc's at 128 KiB: amm sets one
+        assert nanny.worker_environment({"MALLOC_TRIM_THRESHOLD_": "65536"})[key] == str(32 * MIB)
+        # one the user gave the nanny (pre-spawn-environ, or its own) is kept
+        assert key not in nanny.worker_environment({key: "131072"})
+        monkeypatch.setenv(key, "131072")
+        assert key not in nanny.worker_environment({})
+        monkeypatch.delenv(key)
+        with dask.config.set({"amm.nanny.mmap-threshold": None}):
+            assert key not in nanny.worker_environment({})
+        with dask.config.set({"amm.nanny.mmap-threshold": "4MiB"}):
+            assert nanny.worker_environment({})[key] == str(4 * MIB)
+        for bad, says in (("banana", "use a size"), ("64MiB", "at most 32MiB"), (-1, "at most")):
+            with dask.config.set({"amm.nanny.mmap-threshold": bad}):
+                with pytest.raises(ValueError, match=says):
+                    nanny.worker_environment({})
+    # on amm's jemalloc preload glibc's setting means nothing: not set
+    if bundled_preload(nanny) is not None:
+        with dask.config.set({"amm.nanny.allocator": "jemalloc"}):
+            env = nanny.worker_environment({})
+            assert "LD_PRELOAD" in env and key not in env, env
 
 
 def bundled_preload(nanny):
