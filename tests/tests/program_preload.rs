@@ -369,3 +369,28 @@ fn a_hostile_record_never_crashes_nor_misleads_the_supervisor_and_purges_reach_o
         );
     }
 }
+
+/// What glibc's mmap threshold a program gets: on the glibc observer (whose
+/// publisher trims past `MALLOC_TRIM_THRESHOLD_`) glibc keeps freed blocks
+/// up to 32 MiB for reuse instead of the 128 KiB the trim threshold pins;
+/// the user's own threshold stays; jemalloc's program gets none.
+#[test]
+fn a_glibc_program_amm_trims_keeps_large_blocks_unless_the_user_chose() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sh = Path::new("sh");
+    let script = Path::new("echo \"${MALLOC_MMAP_THRESHOLD_:-unset} $MALLOC_TRIM_THRESHOLD_\"");
+    let argv = [sh, Path::new("-c"), script];
+    let said = |preload, mmap: Option<&str>| {
+        let mut c = supervised(dir.path(), Some(preload), &[], &argv);
+        c.env_remove("MALLOC_MMAP_THRESHOLD_").stdout(Stdio::piped());
+        if let Some(m) = mmap {
+            c.env("MALLOC_MMAP_THRESHOLD_", m);
+        }
+        let out = c.output().expect("amm-worker runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(said(Preload::Glibc, None), format!("{} 65536", 32 * MIB));
+    assert_eq!(said(Preload::Glibc, Some("131072")), "131072 65536");
+    assert_eq!(said(Preload::Jemalloc, None), "unset 65536");
+}

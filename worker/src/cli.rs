@@ -376,10 +376,13 @@ fn run_program(a: ProgramArgs) -> anyhow::Result<i32> {
         }
     };
     let python = crate::inject::is_python(&a.cmd[0]);
-    let injection =
-        crate::inject::injection(library.as_deref(), memory.trim_threshold, python, &|k| {
-            std::env::var_os(k)
-        });
+    let injection = crate::inject::injection(
+        allocator,
+        library.as_deref(),
+        memory.trim_threshold,
+        python,
+        &|k| std::env::var_os(k),
+    );
     let hook = |text: &Option<String>, flag: &str| -> anyhow::Result<Option<Action>> {
         let Some(t) = text else { return Ok(None) };
         let action = Action::parse(t, a.hook_shell).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;

@@ -2,8 +2,10 @@
 //! on amm's allocator: `LD_PRELOAD` of the preload library
 //! for the chosen allocator ([`preload_file`]: `libamm_preload.so`, jemalloc
 //! as the process's malloc, or `libamm_preload_glibc.so`, which only observes
-//! glibc), `MALLOC_TRIM_THRESHOLD_`, and for a Python program the allocator
-//! choice of [`python_malloc`].
+//! glibc), `MALLOC_TRIM_THRESHOLD_`, on glibc `MALLOC_MMAP_THRESHOLD_`
+//! ([`amm_alloc::glibc::MMAP_THRESHOLD_MAX`]: the trim threshold pins glibc's
+//! at 128 KiB, and amm's observer trims the hoard itself), and for a Python
+//! program the allocator choice of [`python_malloc`].
 //!
 //! The library is looked for in `--preload PATH` / `$AMM_PRELOAD_LIB`, next
 //! to the amm-worker binary (the cargo target directory in a checkout), in
@@ -154,10 +156,13 @@ pub fn which(argv0: &OsStr) -> Option<PathBuf> {
         .find(|c| c.is_file())
 }
 
-/// The environment for a program loading `library` (the allocator's, from
-/// [`find_library`]; none: plain glibc without statistics). `current` is the
-/// nanny's own environment: a variable the user set there is left as it is.
+/// The environment for a program on `allocator` loading `library` (the
+/// allocator's, from [`find_library`]; none: plain glibc without statistics,
+/// nothing trims it, so glibc's mmap threshold is left alone). `current` is
+/// the nanny's own environment: a variable the user set there is left as it
+/// is.
 pub fn injection(
+    allocator: Allocator,
     library: Option<&Path>,
     trim_threshold: Option<u64>,
     python: bool,
@@ -174,10 +179,21 @@ pub fn injection(
         set("LD_PRELOAD", v);
         inj.library = Some(lib.to_path_buf());
     }
+    let users_trim = current("MALLOC_TRIM_THRESHOLD_");
     if let Some(t) = trim_threshold
-        && current("MALLOC_TRIM_THRESHOLD_").is_none()
+        && users_trim.is_none()
     {
         set("MALLOC_TRIM_THRESHOLD_", t.to_string().into());
+    }
+    // the observer trims past the trim threshold: only then may glibc keep
+    // large freed blocks
+    let trimmed = library.is_some() && (trim_threshold.is_some() || users_trim.is_some());
+    if allocator == Allocator::System
+        && trimmed
+        && current("MALLOC_MMAP_THRESHOLD_").is_none()
+    {
+        let max = amm_alloc::glibc::MMAP_THRESHOLD_MAX;
+        set("MALLOC_MMAP_THRESHOLD_", max.to_string().into());
     }
     if let Some(choice) = python_malloc().filter(|_| python)
         && current("PYTHONMALLOC").is_none()
@@ -203,7 +219,7 @@ mod tests {
     fn jemalloc_python_gets_the_library_first_and_keeps_the_users_choices() {
         let lib = Path::new("/usr/lib/amm/libamm_preload.so");
         let env = env_of(&[("LD_PRELOAD", "/x/libfoo.so"), ("PYTHONMALLOC", "pymalloc")]);
-        let inj = injection(Some(lib), Some(65536), true, &env);
+        let inj = injection(Allocator::Jemalloc, Some(lib), Some(65536), true, &env);
         let get = |k: &str| inj.set.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone());
         assert_eq!(
             get("LD_PRELOAD"),
@@ -211,9 +227,37 @@ mod tests {
         );
         assert_eq!(get("MALLOC_TRIM_THRESHOLD_"), Some("65536".into()));
         assert_eq!(get("PYTHONMALLOC"), None, "the user's PYTHONMALLOC stays");
+        assert_eq!(get("MALLOC_MMAP_THRESHOLD_"), None, "not glibc");
         // pymalloc stays (measured: see python_malloc)
-        let inj = injection(None, None, true, &env_of(&[]));
+        let inj = injection(Allocator::System, None, None, true, &env_of(&[]));
         assert!(inj.set.is_empty(), "{:?}", inj.set);
+    }
+
+    #[test]
+    fn a_trimmed_glibc_program_gets_its_large_block_reuse_back_unless_it_chose() {
+        let lib = Path::new("/usr/lib/amm/libamm_preload_glibc.so");
+        let get = |inj: &Injection, k: &str| {
+            inj.set
+                .iter()
+                .find(|(a, _)| a == k)
+                .map(|(_, b)| b.clone())
+        };
+        let inj = injection(Allocator::System, Some(lib), Some(65536), false, &env_of(&[]));
+        assert_eq!(get(&inj, "MALLOC_TRIM_THRESHOLD_"), Some("65536".into()));
+        assert_eq!(
+            get(&inj, "MALLOC_MMAP_THRESHOLD_"),
+            Some((32u64 << 20).to_string().into())
+        );
+        // the user's own threshold stays
+        let env = env_of(&[("MALLOC_MMAP_THRESHOLD_", "131072")]);
+        let inj = injection(Allocator::System, Some(lib), Some(65536), false, &env);
+        assert_eq!(get(&inj, "MALLOC_MMAP_THRESHOLD_"), None);
+        // without the observer, or without a trim threshold, nothing trims
+        // the heap: glibc's is left alone
+        let inj = injection(Allocator::System, None, Some(65536), false, &env_of(&[]));
+        assert_eq!(get(&inj, "MALLOC_MMAP_THRESHOLD_"), None);
+        let inj = injection(Allocator::System, Some(lib), None, false, &env_of(&[]));
+        assert_eq!(get(&inj, "MALLOC_MMAP_THRESHOLD_"), None);
     }
 
     #[test]

@@ -41,6 +41,16 @@ pub use sampler::{DEFAULT_BUDGET, HEAP_RESCAN, Sampler, Uncounted, budgeted};
 /// size, aligned to it.
 pub const HEAP_MAX_SIZE: u64 = 64 << 20;
 
+/// The largest mmap threshold glibc takes on 64-bit (half a heap): the
+/// `MALLOC_MMAP_THRESHOLD_` amm gives a glibc program whose hoard it trims.
+/// Setting `MALLOC_TRIM_THRESHOLD_` turns glibc's dynamic mmap threshold
+/// off (mallopt(3)) and pins it at 128 KiB, so every larger block would be
+/// mapped, faulted page by page and unmapped at its free; with amm trimming
+/// the hoard, freed blocks up to this size are kept for reuse instead, as
+/// glibc would without the trim threshold (benches/RESULTS.md, "Sparse on
+/// glibc": 640 k page faults per run → ~200 k).
+pub const MMAP_THRESHOLD_MAX: u64 = HEAP_MAX_SIZE / 2;
+
 /// `mallinfo2`'s numbers, and what reading them cost.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mallinfo {
