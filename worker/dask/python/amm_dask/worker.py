@@ -87,6 +87,29 @@ class Levels:
         return self.target or self.pause
 
 
+#: On glibc, the spill trims once values whose pages stay in the heap when
+#: freed add up to this much (what ``munmap`` gave back at once when Dask's
+#: ``MALLOC_TRIM_THRESHOLD_`` pinned the mmap threshold at 128 KiB).
+HEAP_TRIM_STEP = 1 << 20
+
+
+def heap_keeps_below(allocator: str) -> int:
+    """The size under which a freed block stays in the heap until a trim,
+    so that evicting a value that size gives its pages back only at the
+    spill's next trim: glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``;
+    128 KiB when only ``MALLOC_TRIM_THRESHOLD_`` is set, which pins it; up
+    to 32 MiB when glibc adjusts it itself). 0 on jemalloc, whose freed
+    extents decay and which the spill purges once RSS does not follow."""
+    if allocator != "glibc":
+        return 0
+    env = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+    if env.isdigit():
+        return int(env)
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return 128 << 10
+    return 32 << 20
+
+
 #: ``amm.spill``'s values.
 SPILL_MODES = ("incremental", "thread")
 
@@ -107,6 +130,7 @@ class Spiller:
         self.running = False
         self.warned = False  # "nothing to spill", once per rise
         self.gc = ThrottledGC(logger=logger)
+        self.heap_keeps_below = heap_keeps_below(_native.heap_stats()["allocator"])
         self.loop_thread = threading.get_ident()  # made on the event loop
         self.task = None  # the incremental spill (asyncio keeps weak refs)
 
@@ -126,12 +150,13 @@ class Spiller:
         add up to what RSS was above target but RSS did not follow: the
         allocator keeps freed pages (jemalloc's decay, glibc's heap), and a
         purge, not more eviction, gives them back."""
-        count = spilled = 0
+        count = spilled = in_heap = 0
         owed = _native.rss_bytes() - target  # what eviction must free
         while _native.rss_bytes() > target:
-            if spilled >= owed and self.purge:
+            if self.purge and (spilled >= owed or in_heap >= HEAP_TRIM_STEP):
                 yield "purge", count, spilled
                 owed = spilled + max(0, _native.rss_bytes() - target)
+                in_heap = 0
                 continue
             w = self._one()
             if w == -2:
@@ -141,6 +166,8 @@ class Spiller:
                 break
             count += 1
             spilled += w
+            if w < self.heap_keeps_below:
+                in_heap += w
             yield "evicted", count, spilled
 
     def _nothing_left(self, target: int) -> None:
