@@ -382,7 +382,8 @@ fn a_glibc_program_amm_trims_keeps_large_blocks_unless_the_user_chose() {
     let argv = [sh, Path::new("-c"), script];
     let said = |preload, mmap: Option<&str>| {
         let mut c = supervised(dir.path(), Some(preload), &[], &argv);
-        c.env_remove("MALLOC_MMAP_THRESHOLD_").stdout(Stdio::piped());
+        c.env_remove("MALLOC_MMAP_THRESHOLD_")
+            .stdout(Stdio::piped());
         if let Some(m) = mmap {
             c.env("MALLOC_MMAP_THRESHOLD_", m);
         }

@@ -188,10 +188,7 @@ pub fn injection(
     // the observer trims past the trim threshold: only then may glibc keep
     // large freed blocks
     let trimmed = library.is_some() && (trim_threshold.is_some() || users_trim.is_some());
-    if allocator == Allocator::System
-        && trimmed
-        && current("MALLOC_MMAP_THRESHOLD_").is_none()
-    {
+    if allocator == Allocator::System && trimmed && current("MALLOC_MMAP_THRESHOLD_").is_none() {
         let max = amm_alloc::glibc::MMAP_THRESHOLD_MAX;
         set("MALLOC_MMAP_THRESHOLD_", max.to_string().into());
     }
@@ -236,13 +233,15 @@ mod tests {
     #[test]
     fn a_trimmed_glibc_program_gets_its_large_block_reuse_back_unless_it_chose() {
         let lib = Path::new("/usr/lib/amm/libamm_preload_glibc.so");
-        let get = |inj: &Injection, k: &str| {
-            inj.set
-                .iter()
-                .find(|(a, _)| a == k)
-                .map(|(_, b)| b.clone())
-        };
-        let inj = injection(Allocator::System, Some(lib), Some(65536), false, &env_of(&[]));
+        let get =
+            |inj: &Injection, k: &str| inj.set.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone());
+        let inj = injection(
+            Allocator::System,
+            Some(lib),
+            Some(65536),
+            false,
+            &env_of(&[]),
+        );
         assert_eq!(get(&inj, "MALLOC_TRIM_THRESHOLD_"), Some("65536".into()));
         assert_eq!(
             get(&inj, "MALLOC_MMAP_THRESHOLD_"),

@@ -693,6 +693,22 @@ def test_a_glibc_worker_gets_an_mmap_threshold_unless_it_has_one_and_a_bad_one_i
             assert "LD_PRELOAD" in env and key not in env, env
 
 
+def test_the_spill_knows_which_evicted_values_stay_in_glibcs_heap(monkeypatch):
+    # evicting a value below glibc's mmap threshold leaves its pages in the
+    # heap until a trim, so the spill trims as it goes (every HEAP_TRIM_STEP)
+    from amm_dask.worker import heap_keeps_below
+
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(k, raising=False)
+    assert heap_keeps_below("jemalloc") == 0
+    assert heap_keeps_below("glibc") == 32 * MIB  # glibc's dynamic threshold, at most
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert heap_keeps_below("glibc") == 128 * 1024  # pinned by the trim threshold
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(32 * MIB))
+    assert heap_keeps_below("glibc") == 32 * MIB
+    assert heap_keeps_below("jemalloc") == 0
+
+
 def bundled_preload(nanny):
     """The libamm_preload.so installed with the package, or None."""
     path = os.path.join(os.path.dirname(nanny.__file__), "libamm_preload.so")

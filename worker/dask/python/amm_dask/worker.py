@@ -19,7 +19,9 @@ What it changes in a Dask worker (everything is undone by ``teardown``):
   (``amm.spill: thread``; zict's own locks plus one of ours make the
   SpillBuffer safe for that). Once the values evicted add up to what RSS
   was above target and RSS has not followed, it purges the allocator's
-  freed pages before evicting more (Dask runs ``gc.collect()`` there).
+  freed pages before evicting more (Dask runs ``gc.collect()`` there); on
+  glibc also after every MiB of evicted values small enough to stay in the
+  heap (below the mmap threshold the nanny raised: :func:`heap_keeps_below`).
 - **Accounting**: every monitor tick, Dask's managed (in memory / spilled)
   split plus the allocator's statistics read in-process are pushed to the
   agent's timeline (``amm-worker report --agent SOCK --pid PID``), fed to the
