@@ -481,7 +481,8 @@ def test_a_hoard_is_reported_as_a_hoard_through_the_agent(agent, cluster_factory
         assert seen == "glibc" and preload is None, (seen, preload)
         assert list(client.run(preload_purges_own).values()) == [None]
         # the nanny gave the glibc worker its large-block reuse back
-        mmap = client.run(os.environ.get, "MALLOC_MMAP_THRESHOLD_")
+        # (a lambda: `os.environ.get` would pickle the client's environ along)
+        mmap = client.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
         assert list(mmap.values()) == [str(32 * MIB)], mmap
     wait_until(lambda: pid in agent.watched(), "worker registered")
     time.sleep(2)
