@@ -120,13 +120,29 @@ impl Clock {
     /// supervisor's `terminate`), a relayed kernel event keeps its own time,
     /// and the nanny's `exit` and `restart` lines in a worker's timeline
     /// count `t_ms` from the attempt's spawn, not the worker's start.
+    /// A `t_ns` further than [`MAX_SKEW_S`] from its own `t_ms` (a broken or
+    /// hand-made file: before the attempt's start, or years after it) is not
+    /// believed: the line stays where it was written.
     fn seconds(&self, line: &Line) -> f64 {
+        let written = line.t_ms as f64 / 1000.0;
         match (line.t_ns, self.origin_ns) {
-            (Some(ns), Some(origin)) => (i128::from(ns) - i128::from(origin)) as f64 / 1e9,
-            _ => line.t_ms as f64 / 1000.0,
+            (Some(ns), Some(origin)) => {
+                let happened = (i128::from(ns) - i128::from(origin)) as f64 / 1e9;
+                if happened >= 0.0 && (happened - written).abs() <= MAX_SKEW_S {
+                    happened
+                } else {
+                    written
+                }
+            }
+            _ => written,
         }
     }
 }
+
+/// How far (seconds) a line's `t_ns` may place it from its `t_ms`: a tick is
+/// written milliseconds after its measurement began (seconds on a starved
+/// machine), the nanny's lines count from the spawn, not the start.
+const MAX_SKEW_S: f64 = 10.0;
 
 impl Run {
     /// An empty run from `source`.
@@ -397,6 +413,34 @@ mod tests {
         lines.push(tick(3804, 3790, 80));
         lines.extend((20..50).map(|i| tick(i * 200, i * 200, 80)));
         lines.join("\n")
+    }
+
+    /// A `t_ns` that contradicts its `t_ms` (before the attempt's start, or
+    /// absurdly late) is not believed: the run keeps its length and every
+    /// time stays on the run's clock.
+    #[test]
+    fn a_t_ns_far_from_its_t_ms_is_not_believed() {
+        let text = load_measured_before_work_written_after(true);
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let n = lines.len();
+        for (i, bad) in [(5, "0"), (6, "18446744073709551615"), (n - 2, "1")] {
+            let v: serde_json::Value = serde_json::from_str(&lines[i]).expect("json");
+            let t_ns = v["t_ns"].as_u64().expect("a line with t_ns").to_string();
+            lines[i] = lines[i].replace(&format!(r#""t_ns":{t_ns}"#), &format!(r#""t_ns":{bad}"#));
+        }
+        let run = Run::from_timeline(lines.join("\n").as_bytes()).expect("run");
+        let r = crate::analyze(&run, &crate::Thresholds::default());
+        let end = r.stretches.iter().map(|s| s.to_s).fold(0.0, f64::max);
+        let start = r
+            .stretches
+            .iter()
+            .map(|s| s.from_s)
+            .fold(f64::MAX, f64::min);
+        assert!(
+            start >= 0.0 && end < 11.0,
+            "{start}..{end}: {:?}",
+            r.stretches
+        );
     }
 
     /// A tick is placed when it was measured (`t_ns`), not when it was
