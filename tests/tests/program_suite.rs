@@ -485,8 +485,12 @@ fn numpy_churn_then_release_is_transient() {
     let (py, job) = numpy_job(
         dir.path(),
         "churn.py",
+        // each array is held 0.25 s, past one 200 ms tick: on glibc it is
+        // unmapped at its free, and one that lived only while summed (~50 ms)
+        // was seen by 3 ticks in 33 once, which read as "steady"
         "import time\nimport numpy as np\nfor i in range(20):\n\
-         \x20   a = np.ones((64 << 20) // 8)\n    a.sum()\n    del a\n    time.sleep(0.3)\n",
+         \x20   a = np.ones((64 << 20) // 8)\n    a.sum()\n    time.sleep(0.25)\n    del a\n\
+         \x20   time.sleep(0.3)\n",
     );
     for p in Preload::BOTH {
         let what = format!("numpy churn on {}", p.allocator().name());
