@@ -15,8 +15,10 @@
  *                         up to 100 MiB, then keeps it at that size for 10 s
  *                         while the same work (2 MiB of temporaries every
  *                         200 ms) goes on
- *   labelled temporaries  every 300 ms allocates 64 MiB of 64 KiB objects,
- *                         touches them, frees them all; 20 times
+ *   labelled temporaries  allocates 64 MiB of 64 KiB objects, touches them,
+ *                         holds them 250 ms (past one 200 ms tick: on glibc
+ *                         they are returned at their free), frees them all,
+ *                         waits 300 ms; 20 times
  * Each mode exits 0 when done.
  */
 #define _GNU_SOURCE
@@ -57,12 +59,14 @@ static void sleep_ms(long ms) {
     while (nanosleep(&t, &t) != 0) {}
 }
 
-/* Task temporaries: `bytes` in objects of `size`, used, then freed. */
-static void temporaries(size_t bytes, size_t size) {
+/* Task temporaries: `bytes` in objects of `size`, used, held `hold_ms`,
+ * then freed. */
+static void temporaries(size_t bytes, size_t size, long hold_ms) {
     size_t n = bytes / size;
     void **t = malloc(n * sizeof *t);
     if (!t) { perror("malloc"); exit(2); }
     for (size_t i = 0; i < n; i++) t[i] = touched(size, (int)i);
+    if (hold_ms > 0) sleep_ms(hold_ms);
     for (size_t i = 0; i < n; i++) free(t[i]);
     free(t);
 }
@@ -86,7 +90,7 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "leak") == 0) {
         for (int i = 0; i < 40; i++) {
             fill(4 * MIB, 64);
-            temporaries(8 * MIB, 4096);
+            temporaries(8 * MIB, 4096, 0);
             sleep_ms(200);
         }
     } else if (strcmp(mode, "hoard") == 0) {
@@ -106,12 +110,12 @@ int main(int argc, char **argv) {
     } else if (strcmp(mode, "cache") == 0) {
         for (int i = 0; i < 25 + 50; i++) {
             if (i < 25) fill(4 * MIB, 1024);
-            temporaries(2 * MIB, 4096);
+            temporaries(2 * MIB, 4096, 0);
             sleep_ms(200);
         }
     } else if (strcmp(mode, "temporaries") == 0) {
         for (int i = 0; i < 20; i++) {
-            temporaries(64 * MIB, 65536);
+            temporaries(64 * MIB, 65536, 250);
             sleep_ms(300);
         }
     } else {
