@@ -27,15 +27,11 @@ import time
 from distributed import NannyPlugin
 
 from amm_dask import _native, config
-from amm_dask.worker import KILLS_ENV, STATE_DIR_ENV
+from amm_dask.worker import KILLS_ENV, MMAP_THRESHOLD_ENV, MMAP_THRESHOLD_MAX, STATE_DIR_ENV
 
 logger = logging.getLogger("distributed.nanny.amm")
 
 PRELOAD_ENV = "AMM_PRELOAD_LIBRARY"
-MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
-#: glibc's largest mmap threshold on 64-bit (half its 64 MiB arena heap);
-#: glibc ignores a larger MALLOC_MMAP_THRESHOLD_.
-MMAP_THRESHOLD_MAX = 32 << 20
 
 
 def find_preload_library() -> str | None:

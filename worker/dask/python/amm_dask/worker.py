@@ -89,6 +89,13 @@ class Levels:
         return self.target or self.pause
 
 
+#: glibc's mmap threshold variable (the nanny sets it for a glibc worker).
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+#: glibc's largest mmap threshold on 64-bit (half its 64 MiB arena heap),
+#: also where its dynamic threshold stops; glibc ignores a larger
+#: MALLOC_MMAP_THRESHOLD_.
+MMAP_THRESHOLD_MAX = 32 << 20
+
 #: On glibc, the spill trims once values whose pages stay in the heap when
 #: freed add up to this much (what ``munmap`` gave back at once when Dask's
 #: ``MALLOC_TRIM_THRESHOLD_`` pinned the mmap threshold at 128 KiB).
@@ -104,12 +111,12 @@ def heap_keeps_below(allocator: str) -> int:
     extents decay and which the spill purges once RSS does not follow."""
     if allocator != "glibc":
         return 0
-    env = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+    env = os.environ.get(MMAP_THRESHOLD_ENV, "")
     if env.isdigit():
         return int(env)
     if "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return 128 << 10
-    return 32 << 20
+    return MMAP_THRESHOLD_MAX
 
 
 #: ``amm.spill``'s values.
