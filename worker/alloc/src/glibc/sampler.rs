@@ -53,7 +53,8 @@ pub const HEAP_RESCAN: Duration = Duration::from_secs(1);
 
 /// The share of one CPU the scans for heaps known to be missing may take:
 /// more than the periodic ones, since the residency (and so the hoard) is
-/// wrong until they run; they stop once the heaps are found.
+/// wrong until they run; they stop once the heaps are found. A sampler
+/// whose own budget is larger uses its own.
 pub const MISSING_HEAPS_BUDGET: f64 = 0.01;
 
 /// The oldest the live bytes may be where `mallinfo2` is their only source
@@ -233,7 +234,7 @@ impl Sampler {
         let cost = amm_record::sys::thread_cpu_ns().saturating_sub(cpu);
         self.next_scan
             .after(now, cost, self.budget, self.floor.min(HEAP_RESCAN));
-        let gap = budgeted(cost as f64 / 1e9, MISSING_HEAPS_BUDGET, self.floor);
+        let gap = budgeted(cost as f64 / 1e9, self.missing_heaps_budget(), self.floor);
         self.next_missing_scan = Due(Some(now + gap));
         match scanned {
             Ok(h) => {
@@ -244,6 +245,15 @@ impl Sampler {
             Err(e) if self.heaps.is_none() => Err(e),
             Err(_) => Ok(()),
         }
+    }
+
+    /// The share of one CPU the scans for missing heaps may take: never
+    /// less than the periodic ones' (a caller that lifts the budget lifts
+    /// it for these too: with the fixed 1 %, a 0.15–0.4 ms scan put the
+    /// next one 15–40 ms away, as long as a thread takes to fill a new
+    /// arena, so whether a tick found it was a race).
+    fn missing_heaps_budget(&self) -> f64 {
+        self.budget.max(MISSING_HEAPS_BUDGET)
     }
 
     /// Makes the expensive reads due at the next call (after a trim, which
@@ -381,6 +391,23 @@ mod tests {
         // 20 µs of CPU in 50 ms of wall time
         due.after(began, 20_000, DEFAULT_BUDGET, floor);
         assert!(due.0.is_some_and(|t| t <= began + floor));
+    }
+
+    /// The scans for missing heaps take at least their own 1 % and never
+    /// less than the sampler's budget: a caller with no budget limit finds
+    /// a new arena at its next read (glibc_counted's CI failure).
+    #[test]
+    fn missing_heap_scans_get_at_least_the_samplers_budget() {
+        let small = Sampler::new(DEFAULT_BUDGET, Duration::ZERO);
+        assert_eq!(small.missing_heaps_budget(), MISSING_HEAPS_BUDGET);
+        let unlimited = Sampler::new(1.0, Duration::ZERO);
+        assert_eq!(unlimited.missing_heaps_budget(), 1.0);
+        let cost = 400e-6;
+        assert_eq!(
+            budgeted(cost, unlimited.missing_heaps_budget(), Duration::ZERO),
+            Duration::from_secs_f64(cost),
+            "a 0.4 ms scan may run again 0.4 ms later, not 40 ms"
+        );
     }
 
     #[test]
