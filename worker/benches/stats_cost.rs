@@ -198,26 +198,95 @@ fn alloc_path() -> (f64, f64) {
     (med(a), med(b))
 }
 
+/// Without `AMM_ALLOCATOR`: runs this bench once per allocator, each in its
+/// own process (the global allocator is chosen at the first allocation).
+fn run_per_allocator() -> ! {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cannot find the bench binary to run it per allocator: {e}");
+            std::process::exit(1);
+        }
+    };
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let mut failed = false;
+    for a in ["jemalloc", "system"] {
+        let status = std::process::Command::new(&exe)
+            .args(&args)
+            .env(alloc::ALLOCATOR_ENV, a)
+            .status();
+        failed |= !status.is_ok_and(|s| s.success());
+    }
+    std::process::exit(i32::from(failed));
+}
+
+/// One summary row: heap, read, mean wall time, mean CPU time.
+type Row = (&'static str, &'static str, Duration, Duration);
+
+/// Times every read on one heap while the busy threads run: criterion's
+/// samples, and our own rows (`summary`) and first tick reads (`firsts`).
+fn measure_heap(
+    c: &mut Criterion,
+    a: Allocator,
+    group: &str,
+    heap_name: &'static str,
+    (summary, firsts): (&mut Vec<Row>, &mut Vec<Row>),
+) {
+    for (read_name, f) in reads(a) {
+        c.bench_function(&format!("{group}/{heap_name}/{read_name}"), |b| b.iter(f));
+        // our own summary: wall and this thread's CPU over 50 reads
+        let n = 50;
+        let (w0, c0) = (Instant::now(), thread_cpu());
+        for _ in 0..n {
+            f();
+        }
+        let wall = w0.elapsed() / n;
+        let cpu = thread_cpu().saturating_sub(c0) / n;
+        summary.push((heap_name, read_name, wall, cpu));
+    }
+    for (read_name, detail) in TICK_READS {
+        let mut reader = HeapReader::new(a, TICK);
+        c.bench_function(&format!("{group}/{heap_name}/{read_name}"), |b| {
+            b.iter(|| black_box(reader.read(detail).ok()))
+        });
+        let mut reader = HeapReader::new(a, TICK);
+        let (first, (wall, cpu)) = ticks(&mut reader, detail);
+        firsts.push((heap_name, read_name, first.0, first.1));
+        summary.push((heap_name, read_name, wall, cpu));
+    }
+}
+
+/// Prints the rows as shares of a 200 ms tick, then the first reads.
+fn print_summary(group: &str, summary: &[Row], firsts: &[Row]) {
+    println!();
+    println!("{group}, {BUSY_THREADS} threads busy: cost of one read, share of a 200 ms tick");
+    println!(
+        "{:<11} {:<10} {:>12} {:>8} {:>12} {:>8}",
+        "heap", "read", "wall", "% tick", "cpu", "% tick"
+    );
+    let pct = |d: Duration| 100.0 * d.as_secs_f64() / TICK.as_secs_f64();
+    for (h, r, wall, cpu) in summary {
+        println!(
+            "{h:<11} {r:<12} {:>10.1}µs {:>7.3}% {:>10.1}µs {:>7.3}%",
+            wall.as_secs_f64() * 1e6,
+            pct(*wall),
+            cpu.as_secs_f64() * 1e6,
+            pct(*cpu)
+        );
+    }
+    println!("first read of a new tick reader (once per worker):");
+    for (h, r, wall, cpu) in firsts {
+        println!(
+            "{h:<11} {r:<12} {:>10.1}µs {:>10.1}µs cpu",
+            wall.as_secs_f64() * 1e6,
+            cpu.as_secs_f64() * 1e6
+        );
+    }
+}
+
 fn main() {
     let Some(name) = std::env::var_os(alloc::ALLOCATOR_ENV) else {
-        // one process per allocator
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("cannot find the bench binary to run it per allocator: {e}");
-                std::process::exit(1);
-            }
-        };
-        let args: Vec<_> = std::env::args_os().skip(1).collect();
-        let mut failed = false;
-        for a in ["jemalloc", "system"] {
-            let status = std::process::Command::new(&exe)
-                .args(&args)
-                .env(alloc::ALLOCATOR_ENV, a)
-                .status();
-            failed |= !status.is_ok_and(|s| s.success());
-        }
-        std::process::exit(i32::from(failed));
+        run_per_allocator();
     };
     let a = alloc::active();
     let group = match a {
@@ -230,8 +299,7 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(500))
         .configure_from_args();
-    let mut summary = Vec::new();
-    let mut firsts = Vec::new();
+    let (mut summary, mut firsts) = (Vec::new(), Vec::new());
     for (heap_name, build) in [
         ("plain", (256usize << 20, 16usize, 64usize << 10, 0.25f64)),
         ("fragmented", (192 << 20, 16, 256, 0.9)),
@@ -240,28 +308,7 @@ fn main() {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = busy(stop.clone());
         std::thread::sleep(Duration::from_millis(200));
-        for (read_name, f) in reads(a) {
-            c.bench_function(&format!("{group}/{heap_name}/{read_name}"), |b| b.iter(f));
-            // our own summary: wall and this thread's CPU over 50 reads
-            let n = 50;
-            let (w0, c0) = (Instant::now(), thread_cpu());
-            for _ in 0..n {
-                f();
-            }
-            let wall = w0.elapsed() / n;
-            let cpu = thread_cpu().saturating_sub(c0) / n;
-            summary.push((heap_name, read_name, wall, cpu));
-        }
-        for (read_name, detail) in TICK_READS {
-            let mut reader = HeapReader::new(a, TICK);
-            c.bench_function(&format!("{group}/{heap_name}/{read_name}"), |b| {
-                b.iter(|| black_box(reader.read(detail).ok()))
-            });
-            let mut reader = HeapReader::new(a, TICK);
-            let (first, (wall, cpu)) = ticks(&mut reader, detail);
-            firsts.push((heap_name, read_name, first.0, first.1));
-            summary.push((heap_name, read_name, wall, cpu));
-        }
+        measure_heap(&mut c, a, group, heap_name, (&mut summary, &mut firsts));
         stop.store(true, Ordering::Relaxed);
         for w in workers {
             let _ = w.join();
@@ -269,30 +316,7 @@ fn main() {
         drop(keep);
     }
     c.final_summary();
-    println!();
-    println!("{group}, {BUSY_THREADS} threads busy: cost of one read, share of a 200 ms tick");
-    println!(
-        "{:<11} {:<10} {:>12} {:>8} {:>12} {:>8}",
-        "heap", "read", "wall", "% tick", "cpu", "% tick"
-    );
-    let pct = |d: Duration| 100.0 * d.as_secs_f64() / TICK.as_secs_f64();
-    for (h, r, wall, cpu) in summary {
-        println!(
-            "{h:<11} {r:<12} {:>10.1}µs {:>7.3}% {:>10.1}µs {:>7.3}%",
-            wall.as_secs_f64() * 1e6,
-            pct(wall),
-            cpu.as_secs_f64() * 1e6,
-            pct(cpu)
-        );
-    }
-    println!("first read of a new tick reader (once per worker):");
-    for (h, r, wall, cpu) in firsts {
-        println!(
-            "{h:<11} {r:<12} {:>10.1}µs {:>10.1}µs cpu",
-            wall.as_secs_f64() * 1e6,
-            cpu.as_secs_f64() * 1e6
-        );
-    }
+    print_summary(group, &summary, &firsts);
     if a == Allocator::System {
         let (counted, direct) = alloc_path();
         println!(

@@ -28,20 +28,39 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut interval = Duration::from_millis(20);
-    let (mut hammer, mut forge, mut absurd) = (false, None, false);
-    let mut it = args.iter();
+/// What the command line asked for.
+struct Args {
+    interval: Duration,
+    hammer: bool,
+    absurd: bool,
+    forge: Option<String>,
+}
+
+fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
+    let mut args = Args {
+        interval: Duration::from_millis(20),
+        hammer: false,
+        absurd: false,
+        forge: None,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--interval-ms" => interval = Duration::from_millis(it.next().ok_or("N?")?.parse()?),
-            "--hammer" => hammer = true,
-            "--absurd" => absurd = true,
-            "--forge" => forge = Some(it.next().ok_or("KIND?")?.clone()),
+            "--interval-ms" => {
+                args.interval = Duration::from_millis(it.next().ok_or("N?")?.parse()?)
+            }
+            "--hammer" => args.hammer = true,
+            "--absurd" => args.absurd = true,
+            "--forge" => args.forge = Some(it.next().ok_or("KIND?")?.clone()),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
+    Ok(args)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -51,66 +70,77 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stop.store(true, Ordering::SeqCst);
         });
     }
-    if let Some(kind) = forge {
-        let _keep = forged(&kind)?;
+    if let Some(kind) = &args.forge {
+        let _keep = forged(kind)?;
         ready()?;
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(10));
         }
         return Ok(());
     }
-    let mut w = Writer::create(Some(Allocator::Jemalloc), interval)?;
+    let mut w = Writer::create(Some(Allocator::Jemalloc), args.interval)?;
     ready()?;
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
-        let mut stats: Stats = if hammer {
-            bytemuck::cast([n; STATS_WORDS])
-        } else if absurd {
-            let mut s: Stats = bytemuck::cast([u64::MAX; STATS_WORDS]);
-            s.publication.mono_ns = amm_record::sys::monotonic_ns();
-            s
-        } else {
-            let mut s = Stats::default();
-            s.publication.count = n;
-            s.publication.mono_ns = amm_record::sys::monotonic_ns();
-            s
-        };
-        let request = if hammer {
-            w.pending_request()
-        } else {
-            w.wait_for_request(interval)
-        };
-        if hammer {
-            // short, irregular pauses: reads overlap writes and still finish
-            let us = if n.is_multiple_of(64) {
-                1000
-            } else {
-                (n % 16) * 5
-            };
-            let until = std::time::Instant::now() + Duration::from_micros(us);
-            while std::time::Instant::now() < until {
-                std::hint::spin_loop();
-            }
-        }
-        if let Some(r) = request {
-            if absurd {
-                println!("purge requested by {}", r.requester_pid);
-            }
-            stats.purge.count = stats.purge.count.wrapping_add(1);
-            stats.purge.last = PurgeOutcome {
-                ticket: u64::from(r.ticket),
-                reason: PurgeReason::Request.code(),
-                requested_by_pid: u64::from(r.requester_pid),
-                ..PurgeOutcome::default()
-            };
-            w.publish(&stats);
-            w.answer(&r);
-        } else {
-            w.publish(&stats);
-        }
+        publish_once(&mut w, &args, n);
     }
     Ok(())
+}
+
+/// Publication `n`'s statistics: the counter, every word `n` (`--hammer`)
+/// or every word `u64::MAX` (`--absurd`).
+fn statistics(args: &Args, n: u64) -> Stats {
+    if args.hammer {
+        return bytemuck::cast([n; STATS_WORDS]);
+    }
+    let mut s: Stats = if args.absurd {
+        bytemuck::cast([u64::MAX; STATS_WORDS])
+    } else {
+        let mut s = Stats::default();
+        s.publication.count = n;
+        s
+    };
+    s.publication.mono_ns = amm_record::sys::monotonic_ns();
+    s
+}
+
+/// One publication, answering a purge request if one came.
+fn publish_once(w: &mut Writer, args: &Args, n: u64) {
+    let mut stats = statistics(args, n);
+    let request = if args.hammer {
+        w.pending_request()
+    } else {
+        w.wait_for_request(args.interval)
+    };
+    if args.hammer {
+        // short, irregular pauses: reads overlap writes and still finish
+        let us = if n.is_multiple_of(64) {
+            1000
+        } else {
+            (n % 16) * 5
+        };
+        let until = std::time::Instant::now() + Duration::from_micros(us);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+    let Some(r) = request else {
+        w.publish(&stats);
+        return;
+    };
+    if args.absurd {
+        println!("purge requested by {}", r.requester_pid);
+    }
+    stats.purge.count = stats.purge.count.wrapping_add(1);
+    stats.purge.last = PurgeOutcome {
+        ticket: u64::from(r.ticket),
+        reason: PurgeReason::Request.code(),
+        requested_by_pid: u64::from(r.requester_pid),
+        ..PurgeOutcome::default()
+    };
+    w.publish(&stats);
+    w.answer(&r);
 }
 
 fn ready() -> std::io::Result<()> {
