@@ -76,6 +76,8 @@ struct AttemptState {
     /// The level as polls and the kernel's events saw it.
     level: Level,
     last_poll: Option<Instant>,
+    /// When the last poll's measurement began (`CLOCK_MONOTONIC` ns).
+    last_tick_ns: u64,
     /// The kernel signalled it at the terminate page.
     kernel_signalled: bool,
     /// The nanny sent the terminate signal, at this instant.
@@ -328,15 +330,19 @@ impl AnyProgram {
         if let Some(t) = self.timeline.as_ref().filter(|_| !warming_up) {
             t.tick_at(began_ns, tick);
         }
-        if let Some(p) = purge {
+        if let Some((p, finished_ns)) = purge {
             tracing::info!(
                 pid,
                 reason = p.reason,
                 returned = p.returned_bytes,
                 "the program purged its allocator's hoard"
             );
-            self.record(Event::Purge(p));
+            let at = purge_time(finished_ns, self.state.last_tick_ns);
+            if let Some(t) = &self.timeline {
+                t.event_at(at, Event::Purge(p));
+            }
         }
+        self.state.last_tick_ns = began_ns;
         if level < Level::Terminate {
             self.pressure_purge(pid, level);
         }
@@ -465,6 +471,22 @@ impl AnyProgram {
                 }
             }
         }
+    }
+}
+
+/// Where a purge the program's record shows goes on the timeline: when it
+/// finished (`finished_ns`, the program's own word), so it lies before the
+/// tick whose statistics already show what it returned (written at the
+/// same poll, before it), as the agent's timelines place it. The program
+/// wrote that time: one before the previous poll began (the purge is new
+/// since then), 0, or later than now is not believed, and the purge is
+/// put now.
+fn purge_time(finished_ns: u64, previous_tick_ns: u64) -> u64 {
+    let now = crate::timeline::monotonic_ns();
+    if finished_ns > previous_tick_ns && finished_ns <= now {
+        finished_ns
+    } else {
+        now
     }
 }
 
@@ -623,5 +645,27 @@ impl Program for AnyProgram {
 
     fn exit_code(&self, last: &Attempt, _gave_up: bool) -> i32 {
         last.exit_code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_purge_is_placed_when_it_finished_unless_that_time_is_impossible() {
+        let now = crate::timeline::monotonic_ns();
+        let previous = now - 200_000_000;
+        let finished = now - 50_000_000;
+        assert_eq!(purge_time(finished, previous), finished);
+        // a broken or hostile record: never before the last poll, never
+        // in the future, never 0
+        for wrong in [0, previous - 1, previous, u64::MAX, now + 10_000_000_000] {
+            let at = purge_time(wrong, previous);
+            assert!(
+                at >= now && at <= crate::timeline::monotonic_ns(),
+                "{wrong} was placed at {at}, not now"
+            );
+        }
     }
 }

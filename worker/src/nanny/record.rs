@@ -95,8 +95,10 @@ impl ProgramRecord {
     }
 
     /// Reads the record into `tick` (statistics and split); returns the
-    /// purge the program ran since the last read, if any.
-    pub fn read_into(&mut self, tick: &mut Tick) -> Option<PurgeReport> {
+    /// purge the program ran since the last read, if any, with the
+    /// `CLOCK_MONOTONIC` time it finished as the program wrote it
+    /// (unchecked: see [`super::program`]'s `purge_time`).
+    pub fn read_into(&mut self, tick: &mut Tick) -> Option<(PurgeReport, u64)> {
         self.clear_answered();
         if self.warming_up() {
             self.follower.look_now();
@@ -130,7 +132,7 @@ impl ProgramRecord {
             self.governor.charge(p.cpu_us);
             self.pending = None;
         }
-        purge
+        purge.map(|p| (p, s.stats.purge.last.at_mono_ns))
     }
 
     /// Forgets the pending request once the program answered it (even an
