@@ -456,6 +456,84 @@ def parse_args():
     return args
 
 
+def prepare_worker_python(args, scratch):
+    """The workers' interpreter: a wrapper that logs each worker's pid
+    (restarts are counted from it). Returns the pid log's path."""
+    import multiprocessing
+
+    wrapper = os.path.join(scratch, "python-worker")
+    with open(wrapper, "w") as f:
+        f.write(WRAPPER)
+    os.chmod(wrapper, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    pid_log = os.path.join(scratch, "worker-pids")
+    os.environ["AMM_DASK_PYTHON"] = sys.executable
+    os.environ["AMM_DASK_PID_LOG"] = pid_log
+    os.environ["AMM_DASK_GATE_MS"] = str(max(0, args.worker_gate_ms))
+    multiprocessing.set_executable(wrapper)
+    return pid_log
+
+
+def configure_amm(args, result):
+    """amm_dask's config for an amm mode (`--amm-socket`), noted in the result."""
+    import dask
+    import amm_dask  # noqa: F401  (the amm: config defaults)
+
+    amm = {
+        "amm.socket": args.amm_socket,
+        "amm.nanny.allocator": args.allocator,
+        "amm.nanny.preload-library": args.preload_library,
+    }
+    if args.spill_mode:
+        amm["amm.spill"] = args.spill_mode
+    for kv in args.amm_config:
+        import yaml
+
+        k, _, v = kv.partition("=")
+        amm[f"amm.{k}"] = yaml.safe_load(v)
+    dask.config.set(amm)
+    result["amm"] = {
+        "allocator": args.allocator,
+        "spill": dask.config.get("amm.spill"),
+        "config": dask.config.get("amm"),
+    }
+
+
+def configure_dask(args, result):
+    """Dask's config for every mode, and the versions and thresholds in use."""
+    import dask
+    import distributed
+    import numpy
+
+    if args.poll_ms is not None:
+        dask.config.set({"distributed.worker.memory.monitor-interval": f"{args.poll_ms}ms"})
+    # LocalCluster (Dask's SpecCluster) closes a worker's nanny when a
+    # timer started at an EARLIER removal of that worker fires while a
+    # later incarnation is between its death and its restart
+    # (`_update_worker_status`: one `call_later(lost-worker-timeout)` per
+    # removal, never cancelled when the worker comes back). With a worker
+    # killed every few seconds, 15 s after one death can land in the ~1 s
+    # gap after another: the nanny closes, nothing restarts the worker
+    # and the trial hangs with its task queued (seen in 2 of ~60 amm
+    # spike trials, session 8). Every mode gets the same timeout, past
+    # any trial's length, so the modes stay side by side.
+    dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"})
+    if args.amm_socket:
+        configure_amm(args, result)
+    result["poll_ms"] = (
+        dask.utils.parse_timedelta(
+            dask.config.get("distributed.worker.memory.monitor-interval")
+        )
+        * 1000.0
+    )
+    result["dask_version"] = dask.__version__
+    result["distributed_version"] = distributed.__version__
+    result["numpy_version"] = numpy.__version__
+    result["thresholds"] = {
+        k: dask.config.get(f"distributed.worker.memory.{k}")
+        for k in ("target", "spill", "pause", "terminate")
+    }
+
+
 def main():
     args = parse_args()
     result = {
@@ -471,69 +549,8 @@ def main():
     }
     scratch = tempfile.mkdtemp(prefix="amm-dask-trial-")
     try:
-        import multiprocessing
-
-        wrapper = os.path.join(scratch, "python-worker")
-        with open(wrapper, "w") as f:
-            f.write(WRAPPER)
-        os.chmod(wrapper, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-        pid_log = os.path.join(scratch, "worker-pids")
-        os.environ["AMM_DASK_PYTHON"] = sys.executable
-        os.environ["AMM_DASK_PID_LOG"] = pid_log
-        os.environ["AMM_DASK_GATE_MS"] = str(max(0, args.worker_gate_ms))
-        multiprocessing.set_executable(wrapper)
-
-        import dask
-        import distributed
-        import numpy
-
-        if args.poll_ms is not None:
-            dask.config.set({"distributed.worker.memory.monitor-interval": f"{args.poll_ms}ms"})
-        # LocalCluster (Dask's SpecCluster) closes a worker's nanny when a
-        # timer started at an EARLIER removal of that worker fires while a
-        # later incarnation is between its death and its restart
-        # (`_update_worker_status`: one `call_later(lost-worker-timeout)` per
-        # removal, never cancelled when the worker comes back). With a worker
-        # killed every few seconds, 15 s after one death can land in the ~1 s
-        # gap after another: the nanny closes, nothing restarts the worker
-        # and the trial hangs with its task queued (seen in 2 of ~60 amm
-        # spike trials, session 8). Every mode gets the same timeout, past
-        # any trial's length, so the modes stay side by side.
-        dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"})
-        if args.amm_socket:
-            import amm_dask  # noqa: F401  (the amm: config defaults)
-
-            amm = {
-                "amm.socket": args.amm_socket,
-                "amm.nanny.allocator": args.allocator,
-                "amm.nanny.preload-library": args.preload_library,
-            }
-            if args.spill_mode:
-                amm["amm.spill"] = args.spill_mode
-            for kv in args.amm_config:
-                import yaml
-
-                k, _, v = kv.partition("=")
-                amm[f"amm.{k}"] = yaml.safe_load(v)
-            dask.config.set(amm)
-            result["amm"] = {
-                "allocator": args.allocator,
-                "spill": dask.config.get("amm.spill"),
-                "config": dask.config.get("amm"),
-            }
-        result["poll_ms"] = (
-            dask.utils.parse_timedelta(
-                dask.config.get("distributed.worker.memory.monitor-interval")
-            )
-            * 1000.0
-        )
-        result["dask_version"] = dask.__version__
-        result["distributed_version"] = distributed.__version__
-        result["numpy_version"] = numpy.__version__
-        result["thresholds"] = {
-            k: dask.config.get(f"distributed.worker.memory.{k}")
-            for k in ("target", "spill", "pause", "terminate")
-        }
+        pid_log = prepare_worker_python(args, scratch)
+        configure_dask(args, result)
         run(args, result, scratch)
         try:
             with open(pid_log) as f:
