@@ -30,6 +30,8 @@ pub struct KernelRecorder {
     start_ns: u64,
     page: u64,
     last: Option<Instant>,
+    /// When the last sample was taken (CLOCK_MONOTONIC ns; 0: none yet).
+    last_ns: u64,
     /// Which process of a followed parent's (0 for the first).
     attempt: u32,
     run: Run,
@@ -57,6 +59,7 @@ impl KernelRecorder {
             start_ns,
             page: amm_protocol::sys::page_size() as u64,
             last: None,
+            last_ns: 0,
             attempt: 0,
             run: Run::kernel(Some(thresholds.limit), levels),
         }
@@ -69,6 +72,7 @@ impl KernelRecorder {
         self.attempt += 1;
         self.purges_seen = 0;
         self.last = None;
+        self.last_ns = 0;
         let start = amm_timeline::Start {
             attempt: self.attempt,
             pid,
@@ -96,7 +100,9 @@ impl KernelRecorder {
             return;
         }
         self.last = Some(Instant::now());
-        let t = self.t(monotonic_ns());
+        let now_ns = monotonic_ns();
+        let after_ns = std::mem::replace(&mut self.last_ns, now_ns);
+        let t = self.t(now_ns);
         let info = crate::identity::ProcInfo::read(self.pid).ok();
         let faults = info.as_ref().map(|i| i.faults);
         let (process, anon, file_shmem) = match state {
@@ -119,17 +125,25 @@ impl KernelRecorder {
             ..Tick::default()
         };
         if let Some(snap) = record {
-            self.with_record(&mut tick, t, snap);
+            self.with_record(&mut tick, (after_ns, now_ns), snap);
         }
         self.run.push_tick_of(t, self.attempt, tick);
     }
 
     /// Adds the allocator record's statistics to a tick (the report derives
-    /// the split they give), and a new purge as an event.
-    fn with_record(&mut self, tick: &mut Tick, t: f64, snap: &amm_record::Snapshot) {
+    /// the split they give), and a new purge as an event when it finished
+    /// (within the time since the last sample, `after_ns..=now_ns`).
+    fn with_record(
+        &mut self,
+        tick: &mut Tick,
+        (after_ns, now_ns): (u64, u64),
+        snap: &amm_record::Snapshot,
+    ) {
         tick.add_record(snap);
         if let Some(p) = amm_timeline::PurgeReport::from_record(snap, self.purges_seen, None) {
-            self.push_event(t, Event::Purge(p));
+            let finished = snap.stats.purge.last.at_mono_ns;
+            let at = amm_timeline::record::purge_time_ns(finished, after_ns, now_ns);
+            self.push_event(self.t(at), Event::Purge(p));
         }
         self.purges_seen = snap.stats.purge.count;
     }
@@ -164,7 +178,11 @@ impl KernelRecorder {
     }
 
     /// Analyses what was recorded and writes the report; returns where.
-    pub fn finish(self) -> Result<PathBuf> {
+    /// Lines are put in time order first: a purge is placed when it
+    /// finished, before the sample that read it, and the kernel's events
+    /// reach the recorder after the samples taken meanwhile.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.run.sort();
         let report = amm_report::analyze(&self.run, &amm_report::Thresholds::default());
         let format = amm_report::Format::for_path(&self.path);
         let text = amm_report::render(&self.run, &report, format);

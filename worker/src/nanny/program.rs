@@ -337,7 +337,8 @@ impl AnyProgram {
                 returned = p.returned_bytes,
                 "the program purged its allocator's hoard"
             );
-            let at = purge_time(finished_ns, self.state.last_tick_ns);
+            let now = crate::timeline::monotonic_ns();
+            let at = amm_timeline::record::purge_time_ns(finished_ns, self.state.last_tick_ns, now);
             if let Some(t) = &self.timeline {
                 t.event_at(at, Event::Purge(p));
             }
@@ -471,22 +472,6 @@ impl AnyProgram {
                 }
             }
         }
-    }
-}
-
-/// Where a purge the program's record shows goes on the timeline: when it
-/// finished (`finished_ns`, the program's own word), so it lies before the
-/// tick whose statistics already show what it returned (written at the
-/// same poll, before it), as the agent's timelines place it. The program
-/// wrote that time: one before the previous poll began (the purge is new
-/// since then), 0, or later than now is not believed, and the purge is
-/// put now.
-fn purge_time(finished_ns: u64, previous_tick_ns: u64) -> u64 {
-    let now = crate::timeline::monotonic_ns();
-    if finished_ns > previous_tick_ns && finished_ns <= now {
-        finished_ns
-    } else {
-        now
     }
 }
 
@@ -645,27 +630,5 @@ impl Program for AnyProgram {
 
     fn exit_code(&self, last: &Attempt, _gave_up: bool) -> i32 {
         last.exit_code
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_purge_is_placed_when_it_finished_unless_that_time_is_impossible() {
-        let now = crate::timeline::monotonic_ns();
-        let previous = now - 200_000_000;
-        let finished = now - 50_000_000;
-        assert_eq!(purge_time(finished, previous), finished);
-        // a broken or hostile record: never before the last poll, never
-        // in the future, never 0
-        for wrong in [0, previous - 1, previous, u64::MAX, now + 10_000_000_000] {
-            let at = purge_time(wrong, previous);
-            assert!(
-                at >= now && at <= crate::timeline::monotonic_ns(),
-                "{wrong} was placed at {at}, not now"
-            );
-        }
     }
 }

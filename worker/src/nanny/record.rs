@@ -97,7 +97,7 @@ impl ProgramRecord {
     /// Reads the record into `tick` (statistics and split); returns the
     /// purge the program ran since the last read, if any, with the
     /// `CLOCK_MONOTONIC` time it finished as the program wrote it
-    /// (unchecked: see [`super::program`]'s `purge_time`).
+    /// (unchecked: [`amm_timeline::record::purge_time_ns`] bounds it).
     pub fn read_into(&mut self, tick: &mut Tick) -> Option<(PurgeReport, u64)> {
         self.clear_answered();
         if self.warming_up() {

@@ -24,6 +24,20 @@ fn b(v: u64) -> u64 {
     v.min(MAX_BYTES)
 }
 
+/// When a purge the record shows goes on a timeline: when it finished
+/// (`finished_ns`, the record's `at_mono_ns`), so that it lies before the
+/// reader's tick whose statistics already show what it returned. The
+/// process wrote that time: one not after `after_ns` (the reader's previous
+/// read began: the purge is new since then; 0 among them) or later than
+/// `now_ns` is not believed, and the purge is put at `now_ns`.
+pub fn purge_time_ns(finished_ns: u64, after_ns: u64, now_ns: u64) -> u64 {
+    if finished_ns > after_ns && finished_ns <= now_ns {
+        finished_ns
+    } else {
+        now_ns
+    }
+}
+
 impl Heap {
     /// The record's statistics (`None` when it names no allocator amm
     /// knows).
@@ -199,5 +213,17 @@ mod tests {
         st.purge.last.reason = PurgeReason::Threshold.code();
         let p = PurgeReport::from_record(&snapshot(Allocator::System, st), 0, None);
         assert_eq!(p.map(|p| p.reason), Some("threshold".to_string()));
+    }
+
+    #[test]
+    fn a_purge_is_placed_when_it_finished_unless_that_time_is_impossible() {
+        let (after, now) = (1_000_000_000, 1_200_000_000);
+        assert_eq!(purge_time_ns(1_150_000_000, after, now), 1_150_000_000);
+        assert_eq!(purge_time_ns(now, after, now), now);
+        // a broken or hostile record: never at or before the previous read,
+        // never in the future, never 0
+        for wrong in [0, after - 1, after, now + 1, u64::MAX] {
+            assert_eq!(purge_time_ns(wrong, after, now), now, "{wrong}");
+        }
     }
 }
