@@ -7,7 +7,7 @@
 //! is guessed.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use amm_ebpf::{EventKind, WatchState};
 use amm_protocol::{EventMessage, ThresholdBytes};
@@ -29,7 +29,6 @@ pub struct KernelRecorder {
     purges_seen: u64,
     start_ns: u64,
     page: u64,
-    last: Option<Instant>,
     /// When the last sample was taken (CLOCK_MONOTONIC ns; 0: none yet).
     last_ns: u64,
     /// Which process of a followed parent's (0 for the first).
@@ -58,7 +57,6 @@ impl KernelRecorder {
             purges_seen: 0,
             start_ns,
             page: amm_protocol::sys::page_size() as u64,
-            last: None,
             last_ns: 0,
             attempt: 0,
             run: Run::kernel(Some(thresholds.limit), levels),
@@ -71,7 +69,6 @@ impl KernelRecorder {
         self.pid = pid;
         self.attempt += 1;
         self.purges_seen = 0;
-        self.last = None;
         self.last_ns = 0;
         let start = amm_timeline::Start {
             attempt: self.attempt,
@@ -96,11 +93,11 @@ impl KernelRecorder {
     /// preload library (its statistics, the split they give and any new
     /// purge go into the report).
     pub fn sample(&mut self, state: Option<&WatchState>, record: Option<&amm_record::Snapshot>) {
-        if self.last.is_some_and(|l| l.elapsed() < SAMPLE_EVERY) {
+        let now_ns = monotonic_ns();
+        let every = SAMPLE_EVERY.as_nanos() as u64;
+        if self.last_ns != 0 && now_ns.saturating_sub(self.last_ns) < every {
             return;
         }
-        self.last = Some(Instant::now());
-        let now_ns = monotonic_ns();
         let after_ns = std::mem::replace(&mut self.last_ns, now_ns);
         let t = self.t(now_ns);
         let info = crate::identity::ProcInfo::read(self.pid).ok();

@@ -75,9 +75,9 @@ struct AttemptState {
     pid: u32,
     /// The level as polls and the kernel's events saw it.
     level: Level,
-    last_poll: Option<Instant>,
-    /// When the last poll's measurement began (`CLOCK_MONOTONIC` ns).
-    last_tick_ns: u64,
+    /// When the last poll's measurement began (`CLOCK_MONOTONIC` ns; 0:
+    /// none yet).
+    last_poll_ns: u64,
     /// The kernel signalled it at the terminate page.
     kernel_signalled: bool,
     /// The nanny sent the terminate signal, at this instant.
@@ -289,16 +289,17 @@ impl AnyProgram {
     /// One poll of the program's memory: a level, terminate, and a tick
     /// with the allocator record's statistics; a pressure purge.
     fn poll_memory(&mut self, pid: u32) {
-        let every = self.opts.memory.monitor_interval;
-        if self.state.last_poll.is_some_and(|t| t.elapsed() < every) {
-            return;
-        }
-        self.state.last_poll = Some(Instant::now());
+        let every = self.opts.memory.monitor_interval.as_nanos() as u64;
         // the tick's time is when its measurement began, as amm-worker's
         // own (`Accounting::began_ns`): the level, hook and terminate
         // events this read causes are written before the tick yet lie
         // after it on `t_ns`
         let began_ns = crate::timeline::monotonic_ns();
+        let previous_ns = self.state.last_poll_ns;
+        if previous_ns != 0 && began_ns.saturating_sub(previous_ns) < every {
+            return;
+        }
+        self.state.last_poll_ns = began_ns;
         let rss = match crate::proc::rss_of(pid) {
             // a zombie has no memory left to show: the wait will tell
             Ok(r) if r.total() > 0 => r,
@@ -338,12 +339,11 @@ impl AnyProgram {
                 "the program purged its allocator's hoard"
             );
             let now = crate::timeline::monotonic_ns();
-            let at = amm_timeline::record::purge_time_ns(finished_ns, self.state.last_tick_ns, now);
+            let at = amm_timeline::record::purge_time_ns(finished_ns, previous_ns, now);
             if let Some(t) = &self.timeline {
                 t.event_at(at, Event::Purge(p));
             }
         }
-        self.state.last_tick_ns = began_ns;
         if level < Level::Terminate {
             self.pressure_purge(pid, level);
         }
