@@ -222,6 +222,14 @@ fn open_buffer(opts: &WorkerOptions, target: Option<u64>) -> anyhow::Result<Arc<
         ))
     })?;
     tracing::info!(dir = %dir.path().display(), "spill directory");
+    if let Some(fs) = dir.in_memory() {
+        tracing::warn!(
+            dir = %dir.path().display(),
+            "the spill directory is on {fs}, which is memory: spilled values stay in RAM and \
+             count against this worker's cgroup limit, so spilling frees nothing and the kernel \
+             can OOM-kill the worker below pause; give --local-directory on a disk"
+        );
+    }
     Ok(Arc::new(SpillBuffer::new(
         dir,
         SpillOptions {

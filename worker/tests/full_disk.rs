@@ -121,6 +121,12 @@ fn below_pause_values_stay_in_memory_and_the_run_finishes() {
         "{}",
         tail(&r.stderr, 3000)
     );
+    assert_eq!(
+        r.stderr.matches("is on tmpfs, which is memory").count(),
+        1,
+        "a spill directory on tmpfs is named once at start: {}",
+        tail(&r.stderr, 3000)
+    );
     assert!(
         events(&t, "pause").is_empty(),
         "paused below the pause level"
@@ -179,14 +185,27 @@ fn spilling_resumes_when_the_disk_frees() {
         .status()
         .expect("dd");
     assert!(filler.exists(), "dd made no filler");
-    let cg = TestCgroup::new("fulldisk-resume", 384 * MIB);
+    // The worker's levels come from --memory-limit 384MiB; the cgroup's
+    // hard limit leaves room for the tmpfs on top of that. What the worker
+    // spills to a tmpfs is charged to its own cgroup and stays there: with
+    // the cgroup at 384 MiB, spilling back to target put ~90 MiB of files
+    // on top of a heap not yet returned, and the kernel OOM-killed the
+    // worker at 310 MiB of heap (about 1 run in 30, CI's too). Here the
+    // bound is terminate (365 MiB) + the whole disk (160 MiB) < 576 MiB.
+    let cg = TestCgroup::new("fulldisk-resume", 576 * MIB);
     // 340 MiB of values under 384 MiB: past pause (307 MiB); then dropped.
     let w = s.workload(
         "full",
         "[[phase]]\n[[phase.op]]\nop = \"allocate\"\nbytes = \"340MiB\"\nchunk = \"2MiB\"\n\
          keep = \"managed\"\nkey = \"d\"\n[[phase]]\n[[phase.op]]\nop = \"drop\"\nkey = \"d\"\n",
     );
-    let mut child = start(&s, &w, &disk, &cg, &["--spill-full-timeout", "false"]);
+    let mut child = start(
+        &s,
+        &w,
+        &disk,
+        &cg,
+        &["--spill-full-timeout", "false", "--memory-limit", "384MiB"],
+    );
     let mut err = BufReader::new(child.stderr.take().expect("stderr"));
     let mut seen = String::new();
     let mut line = String::new();
