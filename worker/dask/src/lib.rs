@@ -45,6 +45,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(story::kill_story, m)?)?;
     m.add_function(wrap_pyfunction!(running::replace_file, m)?)?;
     m.add_function(wrap_pyfunction!(monotonic_ns, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_backed_fs, m)?)?;
     Ok(())
 }
 
@@ -52,4 +53,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction]
 pub fn monotonic_ns() -> u64 {
     amm_timeline::monotonic_ns()
+}
+
+/// `"tmpfs"` or `"ramfs"` when the directory `path` is on a file system
+/// held in memory (where spilled data is charged to the writer's cgroup and
+/// frees nothing), else `None`; `None` too when it cannot be opened.
+#[pyfunction]
+pub fn memory_backed_fs(path: &str) -> Option<&'static str> {
+    let dir = std::fs::File::open(path).ok()?;
+    amm_cgroup::memory_backed_fs(&dir)
 }

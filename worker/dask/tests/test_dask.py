@@ -217,6 +217,29 @@ def test_a_spill_keeps_every_value_and_the_worker_below_the_spill_level(agent, c
     assert spilled > 0, spilled
 
 
+def test_a_local_directory_on_tmpfs_is_named_in_the_workers_log(cluster_factory, tmp_path):
+    """What Dask spills to a tmpfs stays in RAM, charged to the worker's own
+    cgroup: the worker says so at start; a worker on a disk does not."""
+    import subprocess
+
+    from amm_dask import _native
+
+    mem = tmp_path / "onmem"
+    mem.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mem)], check=True)
+    try:
+        c = cluster_factory(None)
+        c.add_worker("onmem", LIMIT)
+        c.add_worker("ondisk", LIMIT)
+        c.connect(2)
+        said = "is on tmpfs, which is memory"
+        wait_until(lambda: said in c.log("onmem"), "the tmpfs warning in the log", 60, 0.5)
+        if _native.memory_backed_fs(str(tmp_path)) is None:
+            assert said not in c.log("ondisk"), c.log("ondisk")
+    finally:  # lazily: the workers leave at the fixture's teardown
+        subprocess.run(["umount", "--lazy", str(mem)], check=False)
+
+
 def test_a_spill_mode_that_does_not_exist_is_refused_by_name():
     # DASK_AMM__SPILL=threads must not quietly run another mode
     from amm_dask.worker import Spiller

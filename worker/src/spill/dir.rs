@@ -33,7 +33,6 @@ use nix::dir::{Dir, Type};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, Flock, FlockArg, OFlag, open, openat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
-use nix::sys::statfs::{FsType, TMPFS_MAGIC, fstatfs};
 use nix::unistd::{UnlinkatFlags, geteuid, unlinkat};
 
 const PREFIX: &str = "amm-spill-";
@@ -41,8 +40,6 @@ const LOCK: &str = "lock";
 /// Deepest tree [`empty`] removes (a spill directory is flat; anything
 /// deeper was planted).
 const MAX_DEPTH: usize = 8;
-/// `statfs` type of ramfs (linux/magic.h; not in nix or libc).
-const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
 
 /// An open, locked spill directory.
 #[derive(Debug)]
@@ -406,15 +403,9 @@ impl SpillDir {
     }
 
     /// The memory-backed file system the directory is on (`"tmpfs"`,
-    /// `"ramfs"`), if it is one. What is spilled there stays in RAM and,
-    /// written by the worker, is charged to the worker's own cgroup, so a
-    /// spill moves memory from the heap to the file system and frees none.
+    /// `"ramfs"`), if it is one: see [`amm_cgroup::memory_backed_fs`].
     pub fn in_memory(&self) -> Option<&'static str> {
-        match fstatfs(&self.fd).ok()?.filesystem_type() {
-            TMPFS_MAGIC => Some("tmpfs"),
-            RAMFS_MAGIC => Some("ramfs"),
-            _ => None,
-        }
+        amm_cgroup::memory_backed_fs(&self.fd)
     }
 
     /// Removes the spill file `name` (not following a link).

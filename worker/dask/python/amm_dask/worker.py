@@ -350,6 +350,7 @@ class AmmWorkerPlugin(WorkerPlugin):
             self.levels = None
         else:
             self.levels = Levels(self.limit, mm)
+            self._warn_if_spill_is_memory(worker)
         self._running_file = RunningFile(self._state_path(worker))
         self._write_running()
         metrics.register(self)
@@ -379,6 +380,21 @@ class AmmWorkerPlugin(WorkerPlugin):
         worker.handlers["amm_purge"] = self._purge_handler
         if config.get_bool("register"):
             self._start_link(worker)
+
+    @staticmethod
+    def _warn_if_spill_is_memory(worker) -> None:
+        """Dask spills below its local directory: on tmpfs what it spills stays
+        in RAM, charged to this worker's own cgroup, and frees nothing."""
+        fs = _native.memory_backed_fs(worker.local_directory)
+        if fs:
+            logger.warning(
+                "amm: the worker's local directory %s is on %s, which is memory: what Dask "
+                "spills there stays in RAM and counts against this worker's cgroup limit, so "
+                "spilling frees nothing and the kernel can kill the worker below pause; give "
+                "--local-directory (or temporary-directory) on a disk",
+                worker.local_directory,
+                fs,
+            )
 
     def _state_path(self, worker) -> str:
         d = os.environ.get(STATE_DIR_ENV) or worker.local_directory

@@ -10,11 +10,16 @@
 //! its ancestors up to the mount's root give the limits. On a hybrid host
 //! (v1 memory controller plus a v2 hierarchy without it, as on the
 //! development VM) the v1 memory controller wins.
+//!
+//! [`memory_backed_fs`] says whether a directory is on tmpfs or ramfs, whose
+//! files are memory charged to the cgroup of their writer.
 
 use std::fs;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use nix::sys::statfs::{FsType, TMPFS_MAGIC, fstatfs};
 use procfs::FromRead;
 use procfs::ProcessCGroups;
 use procfs::process::MountInfos;
@@ -372,9 +377,31 @@ pub fn keyed(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// `statfs` type of ramfs (linux/magic.h; not in nix or libc).
+const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+
+/// The memory-backed file system (`"tmpfs"`, `"ramfs"`) that the directory
+/// or file `fd` is on, if it is one. A file written there stays in RAM (or
+/// swap) and is charged to the memory cgroup of the process that wrote it,
+/// so a worker that spills there moves memory from its heap to its page
+/// cache and frees none of what its cgroup's limit counts.
+pub fn memory_backed_fs(fd: impl AsFd) -> Option<&'static str> {
+    match fstatfs(fd).ok()?.filesystem_type() {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn procfs_is_not_a_memory_backed_file_system() {
+        let proc = fs::File::open("/proc").expect("open /proc");
+        assert_eq!(memory_backed_fs(&proc), None);
+    }
 
     #[test]
     fn unescapes_mountinfo() {
