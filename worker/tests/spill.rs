@@ -199,14 +199,6 @@ fn max_spill_fails_cleanly_and_keeps_the_value() {
     assert!(b.stats().disk <= 3 * MIB);
 }
 
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn eviction_on_a_full_disk_fails_cleanly() {
     if !require_root("eviction_on_a_full_disk_fails_cleanly") {
@@ -214,14 +206,7 @@ fn eviction_on_a_full_disk_fails_cleanly() {
     }
     let tmp = tempfile::tempdir().expect("tmp");
     let mnt = tmp.path().join("disk");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .expect("mount");
-    assert!(st.success());
-    let _fs = Tmpfs(mnt.clone());
+    let _fs = Tmpfs::mount(&mnt, "8m");
     let b = buffer(&mnt, None, None);
     for i in 0..16u8 {
         b.put(&format!("k{i:02}"), Value::bytes(vec![i; MIB as usize]));
