@@ -139,6 +139,24 @@ mod tests {
         }
     }
 
+    /// Waits (bounded) until nothing listens on `sock`. Other tests of this
+    /// binary spawn children, and a child holds a copy of every open
+    /// descriptor from its fork to its exec, so a listener dropped here
+    /// can accept for a moment more (the test failed 36 times in 600 runs
+    /// of the whole binary that way, never alone).
+    fn refused(sock: &Path) {
+        for _ in 0..1000 {
+            match std::os::unix::net::UnixStream::connect(sock) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => return,
+                _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        panic!(
+            "{} still accepts 5 s after its listener was dropped",
+            sock.display()
+        );
+    }
+
     #[tokio::test]
     async fn only_a_stale_socket_is_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -164,6 +182,7 @@ mod tests {
         let e = bind(&config(&sock)).expect_err("a live socket is refused");
         assert!(e.to_string().contains("already listens"), "{e}");
         drop(live);
+        refused(&sock);
         // the listener is gone, its file stays: stale, replaced
         let again = bind(&config(&sock)).expect("a stale socket is replaced");
         let mode = std::fs::metadata(&sock).expect("meta").mode() & 0o777;
