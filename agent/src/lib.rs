@@ -1,8 +1,9 @@
 //! amm-agent: the node's only privileged process.
 //!
-//! It loads amm's BPF program, attaches it to the kernel's RSS and page-fault
-//! tracepoints, accepts worker registrations on a Unix socket, and forwards
-//! each kernel memory event to the client that registered the process.
+//! It loads amm's BPF program, attaches it to the kernel's RSS and
+//! process-exit tracepoints, accepts worker registrations on a Unix socket,
+//! and forwards each kernel memory event to the client that registered the
+//! process.
 //!
 //! What it must never do: act on (signal, or configure the kernel to signal)
 //! a process that was not registered by itself or by its direct parent, as

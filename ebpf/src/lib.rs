@@ -3,9 +3,10 @@
 //! The program itself is C (`ebpf/c/amm.bpf.c`, structs in `ebpf/c/amm.h`),
 //! compiled by `cargo xtask build-ebpf` into [`OBJECT_RELATIVE_PATH`]. This
 //! crate holds the `#[repr(C)]` mirrors of the C structs, the levels and
-//! event kinds, and nothing that loads BPF: it has no aya dependency, so the
-//! unprivileged worker can use it. The mirrors are checked against the BTF in
-//! the compiled object by `tests/tests/layout.rs`.
+//! event kinds, and nothing that loads BPF: aya is an optional dependency
+//! (feature `aya`, only for its `Pod` trait), so the unprivileged worker can
+//! use it. The mirrors are checked against the BTF in the compiled object by
+//! `tests/tests/layout.rs`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

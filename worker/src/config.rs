@@ -8,7 +8,7 @@
 //! (`AMM_WORKER__MEMORY__TARGET=0.5` sets `worker.memory.target`: `__`
 //! separates levels, `_` stands for `-`), the flags of `amm-worker run`
 //! (with their `--help`) and the defaults are all derived from that table;
-//! adding a knob is one entry there (see ARCHITECTURE.md, "How to add").
+//! adding a knob is one entry there (see CONTRIBUTING.md, "A config key").
 //!
 //! ```toml
 //! [worker.memory]

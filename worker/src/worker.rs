@@ -85,8 +85,8 @@ fn record_exit(timeline: Option<&Timeline>, attempt: u32, code: i32, peak: u64) 
 
 /// Publishes this worker's allocator statistics in its allocator record
 /// every 100 ms, as the preload library does inside any program, so
-/// `amm-record show PID`, the agent and `amm-agent watch` read amm-worker
-/// the same way. Purging stays the memory manager's (the publisher makes no
+/// `amm-record show PID` and `amm-agent watch` read amm-worker the same
+/// way. Purging stays the memory manager's (the publisher makes no
 /// threshold purge and no decay of its own); a purge someone requests
 /// through the record is served. A worker that cannot publish still works.
 fn publish_record(allocator: Allocator) {

@@ -24,7 +24,8 @@
 //!
 //! Budget: `AMM_FUZZ_SECS` seconds per target (default 12; CI runs the
 //! default), `AMM_FUZZ_SEED` to replay a run. Release (see
-//! ARCHITECTURE.md): `AMM_FUZZ_SECS=1800 cargo test --release -p amm-fuzz`.
+//! `tests/README.md`, "Fuzzing"): `AMM_FUZZ_SECS=1800 cargo test --release
+//! -p amm-fuzz -- --test-threads 1`.
 
 use std::io::BufReader;
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -3,13 +3,18 @@
 //! (inside any program).
 //!
 //! - [`jemalloc`]: statistics through `tikv-jemalloc-ctl`, purge, decay.
-//! - [`glibc`]: `mallinfo2`, `malloc_info`, the arenas' residency, trim.
+//! - [`glibc`]: `mallinfo2`, `malloc_info`, the arenas' residency with
+//!   `mincore`, trim; [`glibc::counted`]: live bytes counted by the global
+//!   allocator; [`glibc::Sampler`]: the expensive reads within a CPU budget.
+//! - [`HeapReader`]: a tick's reads, kept from tick to tick.
 //! - [`reclaim`] / [`release_hoard`]: one purge or trim and what it
 //!   returned; [`Governor`]: when a threshold purge may run (the
-//!   `MALLOC_TRIM_THRESHOLD_` semantics, rate-limited and CPU-budgeted).
+//!   `MALLOC_TRIM_THRESHOLD_` semantics: threshold, interval, a 2 % CPU
+//!   budget).
 //! - [`publisher`]: the thread body that publishes these statistics into
 //!   the process's allocator record (`amm-record`) and serves purge
-//!   requests.
+//!   requests; [`host`]: runs it inside a foreign program (the preload
+//!   libraries: constructor, fork, exit; see `worker/preload/README.md`).
 //!
 //! It never chooses or installs an allocator (amm-worker's `Dispatch` and
 //! the preload library do): callers say which one serves the process.

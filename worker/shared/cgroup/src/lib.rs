@@ -1,7 +1,8 @@
 //! The memory cgroup of a process (v1 or v2): where it is, the limits that
-//! apply to it, its usage and its OOM kills. amm-worker reads its own
-//! ([`find`]); `amm-agent watch --limit auto` reads another process's
-//! ([`find_for_pid`]).
+//! apply to it ([`MemoryCgroup::limits`], [`MemoryCgroup::hard_limit`]), its
+//! usage, its OOM kills and its members ([`MemoryCgroup::pids`]).
+//! amm-worker reads its own ([`find`]); `amm-agent watch --limit auto`
+//! reads another process's ([`find_for_pid`]).
 //!
 //! Everything is read below a root directory (`/` in production, a fixture
 //! directory in tests): `<root>/proc/<self|PID>/cgroup` names the cgroup,
@@ -11,8 +12,15 @@
 //! (v1 memory controller plus a v2 hierarchy without it, as on the
 //! development VM) the v1 memory controller wins.
 //!
-//! [`memory_backed_fs`] says whether a directory is on tmpfs or ramfs, whose
-//! files are memory charged to the cgroup of their writer.
+//! [`memory_backed_fs`] (nix's `fstatfs`) says whether a directory is on
+//! tmpfs or ramfs, whose files are memory charged to the cgroup of their
+//! writer (a spill directory there frees nothing: amm-worker and amm_dask
+//! warn at start).
+//!
+//! This is the workspace's one cgroup reader: amm-worker (its limit, the
+//! memory manager, the nanny and the `-- CMD` supervisor), `amm-agent
+//! watch` (`--limit auto`, `--cgroup`, the OOM kills at a watch's end),
+//! amm_dask and the tests' support use it. It never writes a cgroup.
 
 use std::fs;
 use std::io;

@@ -6,8 +6,8 @@
 //! [`layout::RawRecord`]: a versioned header naming the task (pid and start
 //! time), a seqlock over the statistics ([`Stats`]), and the words through
 //! which a purge is requested. The publisher is a [`Writer`]; everyone else
-//! (the supervisor, `amm-agent watch`, the agent, the Dask plugin's native
-//! core) uses [`open`] / [`open_task`] and a [`Reader`].
+//! (the supervisor of `amm-worker -- CMD`, `amm-agent watch`, the
+//! `amm-record` tool) uses [`open`] / [`open_task`] and a [`Reader`].
 //!
 //! **Where the record lives.** A memfd named `amm-record`, created with
 //! `MFD_CLOEXEC` (an `exec` drops it; the new program publishes its own),
