@@ -7,7 +7,8 @@
 //! [`crate::http`] streams it to the page as [`Frame`]s.
 //!
 //! It holds what `amm-agent status` shows root: every process of every
-//! user. Whoever can reach the listener sees it (see SECURITY.md).
+//! user. Only holders of the agent's HTTP token see it, or whoever can
+//! reach the listener with `--http-public` (see SECURITY.md).
 
 use std::collections::{BTreeMap, VecDeque};
 
