@@ -76,7 +76,7 @@ impl KernelRecorder {
             writer: Some("amm-agent watch".into()),
             ..amm_timeline::Start::default()
         };
-        self.push_event(t, Event::Start(start));
+        self.push_event(t, Event::Start(Box::new(start)));
     }
 
     fn push_event(&mut self, t: f64, event: Event) {

@@ -213,8 +213,12 @@ fn check_allocator(allocator: Allocator) -> anyhow::Result<alloc::ServingCheck> 
 }
 
 /// Opens the spill directory (refused if another live worker has it) and
-/// the SpillBuffer on it.
-fn open_buffer(opts: &WorkerOptions, target: Option<u64>) -> anyhow::Result<Arc<SpillBuffer>> {
+/// the SpillBuffer on it; with the memory-backed file system it is on, if
+/// it is on one.
+fn open_buffer(
+    opts: &WorkerOptions,
+    target: Option<u64>,
+) -> anyhow::Result<(Arc<SpillBuffer>, Option<&'static str>)> {
     let dir = SpillDir::open(&opts.local_directory, &opts.name).map_err(|e| {
         Refused(format!(
             "cannot use a spill directory in {}: {e}",
@@ -222,7 +226,8 @@ fn open_buffer(opts: &WorkerOptions, target: Option<u64>) -> anyhow::Result<Arc<
         ))
     })?;
     tracing::info!(dir = %dir.path().display(), "spill directory");
-    if let Some(fs) = dir.in_memory() {
+    let in_memory = dir.in_memory();
+    if let Some(fs) = in_memory {
         tracing::warn!(
             dir = %dir.path().display(),
             "the spill directory is on {fs}, which is memory: spilled values stay in RAM and \
@@ -230,7 +235,7 @@ fn open_buffer(opts: &WorkerOptions, target: Option<u64>) -> anyhow::Result<Arc<
              can OOM-kill the worker below pause; give --local-directory on a disk"
         );
     }
-    Ok(Arc::new(SpillBuffer::new(
+    let buffer = SpillBuffer::new(
         dir,
         SpillOptions {
             target,
@@ -240,7 +245,8 @@ fn open_buffer(opts: &WorkerOptions, target: Option<u64>) -> anyhow::Result<Arc<
                 drop_cache: opts.memory.spill_drop_cache,
             },
         },
-    )))
+    );
+    Ok((Arc::new(buffer), in_memory))
 }
 
 /// Opens `--timeline` (appending after a restart) with this attempt's
@@ -250,12 +256,13 @@ fn open_timeline(
     allocator: Allocator,
     limit: Option<u64>,
     levels: Levels,
+    spill_in_memory: Option<&str>,
 ) -> anyhow::Result<Option<Arc<Timeline>>> {
     let Some(p) = &opts.timeline else {
         return Ok(None);
     };
     let t = Timeline::create(p, opts.attempt > 0)?;
-    t.event(Event::Start(Start {
+    t.event(Event::Start(Box::new(Start {
         attempt: opts.attempt,
         pid: std::process::id(),
         writer: Some("amm-worker".into()),
@@ -264,8 +271,9 @@ fn open_timeline(
         levels,
         probe_purge_ms: opts.memory.probe_purge.map(|d| d.as_millis() as u64),
         t0_monotonic_ns: Some(t.origin_monotonic_ns()),
+        spill_in_memory: spill_in_memory.map(str::to_string),
         ..Start::default()
-    }));
+    })));
     Ok(Some(Arc::new(t)))
 }
 
@@ -309,8 +317,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<i32> {
         interval_ms = opts.memory.monitor_interval.as_millis() as u64,
         "thresholds"
     );
-    let buffer = open_buffer(&opts, levels.target)?;
-    let timeline = open_timeline(&opts, allocator, limit.bytes, levels)?;
+    let (buffer, spill_in_memory) = open_buffer(&opts, levels.target)?;
+    let timeline = open_timeline(&opts, allocator, limit.bytes, levels, spill_in_memory)?;
     let gate = Arc::new(Gate::default());
     let base = Summary {
         workload: Some(opts.workload.name.clone().unwrap_or_default()),

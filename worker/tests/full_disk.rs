@@ -83,6 +83,9 @@ fn below_pause_values_stay_in_memory_and_the_run_finishes() {
     assert_eq!(r.code, Some(0), "{}", r.describe());
     assert_eq!(r.summary()["result_ok"], true, "{}", r.describe());
     let t = timeline(&s.path("tl.jsonl"));
+    // the timeline keeps it for the report (an OOM kill's cause)
+    let start = events(&t, "start");
+    assert_eq!(start[0]["spill_in_memory"], "tmpfs", "{start:?}");
     let failed = events(&t, "spill_failed");
     assert_eq!(failed.len(), 1, "logged once per state change: {failed:?}");
     let e = failed[0]["error"].as_str().unwrap_or_default();

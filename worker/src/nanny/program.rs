@@ -538,7 +538,7 @@ impl Program for AnyProgram {
             ..AttemptState::default()
         };
         let origin = self.timeline.as_ref().map(|t| t.origin_monotonic_ns());
-        self.record(Event::Start(Start {
+        self.record(Event::Start(Box::new(Start {
             attempt,
             pid: child.pid,
             writer: Some("amm-worker -- CMD".into()),
@@ -559,7 +559,7 @@ impl Program for AnyProgram {
                 .as_ref()
                 .map(|l| l.display().to_string()),
             ..Start::default()
-        }));
+        })));
         self.register(child.pid);
         self.await_registration();
         Ok(())

@@ -144,6 +144,10 @@ pub struct Killed {
     pub peak_rss_bytes: Option<u64>,
     /// `rss_bytes` as a fraction of the limit.
     pub limit_fraction: Option<f64>,
+    /// What explains the kill, when the run says (an OOM kill of a worker
+    /// that spilled into memory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 impl Killed {
@@ -164,6 +168,9 @@ impl Killed {
         }
         if let Some(p) = self.peak_rss_bytes {
             s.push_str(&format!(", exact peak {}", crate::units::bytes(p)));
+        }
+        if let Some(c) = &self.cause {
+            s.push_str(&format!("; {c}"));
         }
         s
     }

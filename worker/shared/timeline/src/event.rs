@@ -16,7 +16,7 @@ use crate::heap::Allocator;
 pub enum Event {
     /// A process started: the first line of every attempt. Times of the
     /// lines that follow (`t_ms`) start again at 0.
-    Start(Start),
+    Start(Box<Start>),
     /// A workload phase started.
     Phase(Phase),
     /// A result was checked against a direct computation.
@@ -144,6 +144,10 @@ pub struct Start {
     /// program amm did not write.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preload: Option<String>,
+    /// The memory-backed file system (`tmpfs`, `ramfs`) its spill directory
+    /// was on: what it spilled stayed in RAM, charged to its own cgroup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spill_in_memory: Option<String>,
 }
 
 /// A workload phase started.

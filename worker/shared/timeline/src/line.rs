@@ -127,7 +127,7 @@ mod tests {
         };
         assert_eq!(s.limit, Some(1000));
         assert_eq!(
-            s,
+            *s,
             Start {
                 limit: Some(1000),
                 allocator: Some(crate::Allocator::Jemalloc),

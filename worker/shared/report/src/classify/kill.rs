@@ -16,8 +16,13 @@ pub(super) fn kills(run: &Run) -> Vec<Killed> {
     let mut signalled: Option<(u32, u64)> = None;
     // the attempt amm's own terminate ended (its exit is that kill)
     let mut terminated: Option<u32> = None;
+    // (attempt, file system) when the attempt spilled into tmpfs or ramfs
+    let mut spill_in_memory: Option<(u32, &str)> = None;
     for e in &run.events {
         match &e.item {
+            Event::Start(s) => {
+                spill_in_memory = s.spill_in_memory.as_deref().map(|fs| (e.attempt, fs));
+            }
             Event::Level(l) if l.signalled && l.to == Level::Terminate => {
                 signalled = Some((e.attempt, l.rss));
             }
@@ -36,6 +41,7 @@ pub(super) fn kills(run: &Run) -> Vec<Killed> {
                     rss_bytes: Some(x.process),
                     peak_rss_bytes: None,
                     limit_fraction: fraction(x.process, run.limit),
+                    cause: None,
                 })
             }
             Event::Exit(x) if terminated == Some(e.attempt) => {
@@ -46,7 +52,14 @@ pub(super) fn kills(run: &Run) -> Vec<Killed> {
             }
             Event::Exit(x) => {
                 let at_page = signalled.filter(|s| s.0 == e.attempt).map(|s| s.1);
-                out.extend(of_exit(x, at_page, e.attempt, e.t, run.limit));
+                let mut kill = of_exit(x, at_page, e.attempt, e.t, run.limit);
+                if let (Some(k), Some((_, fs))) =
+                    (kill.as_mut(), spill_in_memory.filter(|s| s.0 == e.attempt))
+                    && matches!(x.by, Some(Killer::OomKill { .. }))
+                {
+                    k.cause = Some(spilled_into_memory(fs));
+                }
+                out.extend(kill);
             }
             _ => {}
         }
@@ -99,7 +112,17 @@ fn of_exit(
         rss_bytes: rss,
         peak_rss_bytes: x.peak_rss_bytes,
         limit_fraction: rss.and_then(|r| fraction(r, limit)),
+        cause: None,
     })
+}
+
+/// Why an OOM killer found a worker whose spill directory was on `fs`.
+fn spilled_into_memory(fs: &str) -> String {
+    format!(
+        "its spill directory was on {fs}, which is memory: what it spilled stayed in RAM, \
+         charged to its own cgroup, so spilling freed nothing the limit counts; give \
+         --local-directory on a disk"
+    )
 }
 
 /// Linux's SIGKILL, what the kernel's terminate sends by default.

@@ -919,6 +919,90 @@ fn a_killed_run_is_reported_as_killed_never_transient() {
 }
 
 #[test]
+fn an_oom_kill_of_a_worker_that_spilled_into_tmpfs_says_so() {
+    use amm_timeline::{Exit, Killer, Start};
+    let oom = || {
+        Event::Exit(Exit {
+            signal: Some(9),
+            by: Some(Killer::OomKill {
+                scope: Some("cgroup".into()),
+            }),
+            ..Exit::default()
+        })
+    };
+    let on = |fs: Option<&str>| {
+        Event::Start(Box::new(Start {
+            spill_in_memory: fs.map(str::to_string),
+            ..Start::default()
+        }))
+    };
+    let said = "spill directory was on tmpfs";
+    // spilled into tmpfs, then the OOM killer: the kill names the cause
+    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+    r.events.insert(
+        0,
+        crate::input::At {
+            t: 0.0,
+            attempt: 0,
+            item: on(Some("tmpfs")),
+        },
+    );
+    r.push_event(6.1, oom());
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Killed);
+    assert!(
+        rep.verdict.headline.contains(said),
+        "{}",
+        rep.verdict.headline
+    );
+    // on a disk: no such cause
+    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+    r.events.insert(
+        0,
+        crate::input::At {
+            t: 0.0,
+            attempt: 0,
+            item: on(None),
+        },
+    );
+    r.push_event(6.1, oom());
+    let rep = analyze(&r, &Thresholds::default());
+    assert!(
+        !rep.verdict.headline.contains(said),
+        "{}",
+        rep.verdict.headline
+    );
+    // a kill by another process is not the spill's doing
+    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+    r.events.insert(
+        0,
+        crate::input::At {
+            t: 0.0,
+            attempt: 0,
+            item: on(Some("tmpfs")),
+        },
+    );
+    r.push_event(
+        6.1,
+        Event::Exit(Exit {
+            signal: Some(9),
+            by: Some(Killer::Process {
+                pid: Some(1),
+                comm: Some("kill".into()),
+            }),
+            ..Exit::default()
+        }),
+    );
+    let rep = analyze(&r, &Thresholds::default());
+    assert_eq!(rep.verdict.kind, Kind::Killed);
+    assert!(
+        !rep.verdict.headline.contains(said),
+        "{}",
+        rep.verdict.headline
+    );
+}
+
+#[test]
 fn the_nannys_terminate_of_a_program_is_one_kill_with_its_signal_and_peak() {
     // amm-worker -- CMD: the nanny's poll saw terminate, sent SIGKILL, and
     // wrote the program's exit (by its supervisor, at terminate)
