@@ -921,85 +921,50 @@ fn a_killed_run_is_reported_as_killed_never_transient() {
 #[test]
 fn an_oom_kill_of_a_worker_that_spilled_into_tmpfs_says_so() {
     use amm_timeline::{Exit, Killer, Start};
-    let oom = || {
-        Event::Exit(Exit {
-            signal: Some(9),
-            by: Some(Killer::OomKill {
-                scope: Some("cgroup".into()),
-            }),
-            ..Exit::default()
-        })
-    };
-    let on = |fs: Option<&str>| {
-        Event::Start(Box::new(Start {
+    // the headline of a worker run whose spill directory was on `fs` and
+    // which `by` killed at 6.1 s
+    let headline = |fs: Option<&str>, by: Killer| {
+        let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
+        let start = Start {
             spill_in_memory: fs.map(str::to_string),
             ..Start::default()
-        }))
+        };
+        let item = Event::Start(Box::new(start));
+        r.events.insert(
+            0,
+            crate::input::At {
+                t: 0.0,
+                attempt: 0,
+                item,
+            },
+        );
+        let exit = Exit {
+            signal: Some(9),
+            by: Some(by),
+            ..Exit::default()
+        };
+        r.push_event(6.1, Event::Exit(exit));
+        let rep = analyze(&r, &Thresholds::default());
+        assert_eq!(rep.verdict.kind, Kind::Killed, "{}", rep.verdict.headline);
+        rep.verdict.headline
+    };
+    let oom = || Killer::OomKill {
+        scope: Some("cgroup".into()),
     };
     let said = "spill directory was on tmpfs";
     // spilled into tmpfs, then the OOM killer: the kill names the cause
-    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
-    r.events.insert(
-        0,
-        crate::input::At {
-            t: 0.0,
-            attempt: 0,
-            item: on(Some("tmpfs")),
-        },
-    );
-    r.push_event(6.1, oom());
-    let rep = analyze(&r, &Thresholds::default());
-    assert_eq!(rep.verdict.kind, Kind::Killed);
-    assert!(
-        rep.verdict.headline.contains(said),
-        "{}",
-        rep.verdict.headline
-    );
+    let h = headline(Some("tmpfs"), oom());
+    assert!(h.contains(said), "{h}");
     // on a disk: no such cause
-    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
-    r.events.insert(
-        0,
-        crate::input::At {
-            t: 0.0,
-            attempt: 0,
-            item: on(None),
-        },
-    );
-    r.push_event(6.1, oom());
-    let rep = analyze(&r, &Thresholds::default());
-    assert!(
-        !rep.verdict.headline.contains(said),
-        "{}",
-        rep.verdict.headline
-    );
+    let h = headline(None, oom());
+    assert!(!h.contains(said), "{h}");
     // a kill by another process is not the spill's doing
-    let mut r = worker_run(6.0, |_| (64 * MIB, 20 * MIB, 3 * MIB, 9 * MIB));
-    r.events.insert(
-        0,
-        crate::input::At {
-            t: 0.0,
-            attempt: 0,
-            item: on(Some("tmpfs")),
-        },
-    );
-    r.push_event(
-        6.1,
-        Event::Exit(Exit {
-            signal: Some(9),
-            by: Some(Killer::Process {
-                pid: Some(1),
-                comm: Some("kill".into()),
-            }),
-            ..Exit::default()
-        }),
-    );
-    let rep = analyze(&r, &Thresholds::default());
-    assert_eq!(rep.verdict.kind, Kind::Killed);
-    assert!(
-        !rep.verdict.headline.contains(said),
-        "{}",
-        rep.verdict.headline
-    );
+    let by = Killer::Process {
+        pid: Some(1),
+        comm: Some("kill".into()),
+    };
+    let h = headline(Some("tmpfs"), by);
+    assert!(!h.contains(said), "{h}");
 }
 
 #[test]
