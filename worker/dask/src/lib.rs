@@ -57,9 +57,16 @@ pub fn monotonic_ns() -> u64 {
 
 /// `"tmpfs"` or `"ramfs"` when the directory `path` is on a file system
 /// held in memory (where spilled data is charged to the writer's cgroup and
-/// frees nothing), else `None`; `None` too when it cannot be opened.
+/// frees nothing), else `None`; `None` too when it is not a directory it
+/// can open. Opened `O_DIRECTORY | O_NONBLOCK`: a FIFO planted at the path
+/// is refused, never waited on.
 #[pyfunction]
 pub fn memory_backed_fs(path: &str) -> Option<&'static str> {
-    let dir = std::fs::File::open(path).ok()?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
     amm_cgroup::memory_backed_fs(&dir)
 }

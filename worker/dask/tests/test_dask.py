@@ -240,6 +240,18 @@ def test_a_local_directory_on_tmpfs_is_named_in_the_workers_log(cluster_factory,
         subprocess.run(["umount", "--lazy", str(mem)], check=False)
 
 
+def test_the_memory_file_system_check_never_waits_on_a_planted_fifo(tmp_path):
+    """A FIFO at the local directory's path is not a directory: the check
+    says no at once instead of blocking the worker's setup on its open."""
+    from amm_dask import _native
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert _native.memory_backed_fs(str(fifo)) is None
+    assert _native.memory_backed_fs(str(tmp_path / "missing")) is None
+    assert _native.memory_backed_fs("/proc") is None
+
+
 def test_a_spill_mode_that_does_not_exist_is_refused_by_name():
     # DASK_AMM__SPILL=threads must not quietly run another mode
     from amm_dask.worker import Spiller
